@@ -1,0 +1,3 @@
+"""kinema: an open video generation engine."""
+
+__version__ = "0.1.0"
