@@ -47,6 +47,8 @@ class DiTConfig:
     rope_max_seq_len: int = 1024  # longest axis (in patches) the rotary table covers
     rope_theta: float = 10000.0  # rotary base frequency
     image_dim: int | None = None  # CLIP image-token width for Wan I2V (None: text only)
+    added_kv_proj_dim: int | None = None  # input width of the image key/value projections
+    pos_embed_seq_len: int | None = None  # image-token positions (first-last-frame models)
     num_train_timesteps: int = 1000  # timestep = sigma * num_train_timesteps
 
     @property

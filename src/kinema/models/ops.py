@@ -1,0 +1,115 @@
+"""Pure tensor functions shared by the models: attention, 3D rotary embeddings, timestep
+embeddings, patchify.
+
+Attention goes through one function, :func:`attention`, whose backend can be swapped with
+:func:`use_attention` (SDPA by default; sequence-parallel backends plug in here). All tensors
+in the attention path use the (B, S, H, D) layout: batch, sequence, heads, head channels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Torch's fused softmax attention: q (B, S, H, D), k/v (B, L, H, D) -> (B, S, H, D)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)  # (B, S, H, D)
+
+
+_ATTENTION: contextvars.ContextVar[AttentionFn] = contextvars.ContextVar(
+    "kinema_attention", default=sdpa_attention
+)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The one attention call of every model. q (B, S, H, D), k/v (B, L, H, D) -> (B, S, H, D)."""
+    return _ATTENTION.get()(q, k, v)
+
+
+@contextlib.contextmanager
+def use_attention(fn: AttentionFn) -> Iterator[None]:
+    """Run the enclosed code with ``fn`` as the attention backend (e.g. a sequence-parallel one)."""
+    token = _ATTENTION.set(fn)
+    try:
+        yield
+    finally:
+        _ATTENTION.reset(token)
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Channels of one head given to the t, h and w axes, as Wan splits them (44/42/42 of 128)."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_freqs_1d(dim: int, length: int, theta: float = 10000.0) -> Tensor:
+    """Rotation angles (length, dim // 2) for positions 0..length-1 (computed in float64)."""
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64)[: dim // 2] / dim))
+    return torch.outer(torch.arange(length, dtype=torch.float64), inv)
+
+
+def rope_3d(
+    grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0
+) -> tuple[Tensor, Tensor]:
+    """Cos and sin tables (F*H*W, 1, head_dim // 2) for a (F, H, W) grid of patches.
+
+    The head's channel pairs are split across time, height and width (:func:`rope_split`);
+    the token order is frames-major, then rows, then columns, as patchify flattens.
+    """
+    f, h, w = grid
+    dt, dh, dw = rope_split(head_dim)
+    ang_t = rope_freqs_1d(dt, f, theta)[:, None, None, :].expand(f, h, w, -1)
+    ang_h = rope_freqs_1d(dh, h, theta)[None, :, None, :].expand(f, h, w, -1)
+    ang_w = rope_freqs_1d(dw, w, theta)[None, None, :, :].expand(f, h, w, -1)
+    angles = torch.cat([ang_t, ang_h, ang_w], dim=-1).reshape(f * h * w, 1, head_dim // 2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent channel pairs of x (B, S, H, D) by the angles in cos/sin (S, 1, D/2)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, H, D/2) each
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)  # (B, S, H, D)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding (N, dim) of timesteps t (N,), as [cos | sin] (DDPM / Wan convention)."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / half)
+    args = t[:, None].float() * freqs[None]  # (N, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def unpatchify(x: Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> Tensor:
+    """Tokens (B, F*H*W, pt*ph*pw*C) back to a latent video (B, C, F*pt, H*ph, W*pw)."""
+    (f, h, w), (pt, ph, pw) = grid, patch
+    x = x.reshape(x.shape[0], f, h, w, pt, ph, pw, -1)  # (B, F, H, W, pt, ph, pw, C)
+    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, F, pt, H, ph, W, pw)
+    return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C, F*pt, H*ph, W*pw)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """AdaLN modulation x * (1 + scale) + shift, per frame group.
+
+    x (B, S, D) with S = G * n tokens in G equal groups (G = 1: one timestep per sample;
+    G = frames: one per latent frame); shift/scale (B, G, D).
+    """
+    g = shift.shape[1]
+    x = x.unflatten(1, (g, -1))  # (B, G, S/G, D)
+    return (x * (1 + scale[:, :, None]) + shift[:, :, None]).flatten(1, 2)
+
+
+def gate(x: Tensor, gate_: Tensor) -> Tensor:
+    """x (B, S, D) times a per-group gate (B, G, D), groups as in :func:`modulate`."""
+    return (x.unflatten(1, (gate_.shape[1], -1)) * gate_[:, :, None]).flatten(1, 2)
