@@ -289,3 +289,18 @@ class VideoDiT(nn.Module):
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> VideoDiT:
+        """Load a kinema, diffusers (``WanTransformer3DModel``) or original Wan folder."""
+        from kinema.io.checkpoint import load_dit
+
+        return load_dit(folder, device, dtype)
+
+    def save_pretrained(self, folder: str, dtype: torch.dtype | None = None) -> None:
+        """Write kinema's component folder: ``config.json`` + ``model.safetensors``."""
+        from kinema.io.checkpoint import save_component
+
+        save_component(self, folder, dtype)

@@ -1,0 +1,220 @@
+"""Checkpoints: kinema folders, diffusers folders and original Wan files.
+
+A **component folder** holds one model: kinema's (``config.json`` with ``"_class"`` plus
+``model.safetensors``) or diffusers' (``config.json`` with ``"_class_name"`` plus
+``diffusion_pytorch_model.safetensors``, possibly sharded with an ``.index.json``).
+
+Weights are read tensor by tensor straight onto the target device and dtype and assigned to a
+model built on the ``meta`` device, so no second full copy exists in memory. Every failure
+(missing, truncated or mismatched file) is a :class:`CheckpointError` naming the file or key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from kinema.configs import save_json
+
+M = TypeVar("M", bound=nn.Module)
+
+WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or key is missing, unreadable or does not fit the model."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading tensors
+# ---------------------------------------------------------------------------------------------
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of a component folder (resolving a shard index if present)."""
+    folder = Path(folder)
+    for name in WEIGHT_NAMES:
+        index = folder / f"{name}.index.json"
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            files = [folder / s for s in shards]
+            for f in files:
+                if not f.exists():
+                    raise CheckpointError(f"shard {f} listed in {index} is missing")
+            return files
+        if (folder / name).exists():
+            return [folder / name]
+    found = sorted(folder.glob("*.safetensors"))
+    if not found:
+        raise CheckpointError(f"no *.safetensors weights in {folder}")
+    return found
+
+
+def read_safetensors(
+    files: Iterable[Path],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    keep_fp32: Callable[[str], bool] = lambda key: False,
+) -> dict[str, torch.Tensor]:
+    """Read tensors one by one onto ``device``, cast floating ones to ``dtype``."""
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    state[key] = _cast(f.get_tensor(key), dtype, keep_fp32(key))
+        except (OSError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f"cannot read {path}: {err}") from err
+        except Exception as err:  # safetensors raises its own SafetensorError
+            raise CheckpointError(
+                f"cannot read {path} (truncated or not safetensors): {err}"
+            ) from err
+    return state
+
+
+def read_torch_file(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Read a ``.pth`` state dict (original Wan VAE / umT5 files) memory-mapped, weights only."""
+    if not path.exists():
+        raise CheckpointError(f"missing checkpoint file {path}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True, mmap=True)
+    except Exception as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from err
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None, keep_fp32: bool) -> torch.Tensor:
+    if dtype is None or not t.is_floating_point():
+        return t
+    return t.float() if keep_fp32 else t.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building models without a second copy
+# ---------------------------------------------------------------------------------------------
+
+
+def build_empty(factory: Callable[[], M]) -> M:
+    """Construct a module on the meta device (no memory for weights)."""
+    with torch.device("meta"):
+        return factory()
+
+
+def assign_state(model: M, state: dict[str, torch.Tensor], source: str | Path) -> M:
+    """Assign ``state`` to a (meta) model strictly; errors name the keys and ``source``."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not fit {type(model).__name__}: "
+            f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+            f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
+    for key, want in expected.items():
+        if tuple(state[key].shape) != tuple(want.shape):
+            raise CheckpointError(
+                f"{source}: key {key} has shape {tuple(state[key].shape)}, "
+                f"the model expects {tuple(want.shape)}"
+            )
+    model.load_state_dict(state, strict=True, assign=True)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"{source}: no weights for {leftover[:5]}")
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def save_component(module: nn.Module, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write ``folder/config.json`` (the module's config dataclass) and ``model.safetensors``.
+
+    Written into a temporary folder and renamed into place, so a crash leaves no half folder.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        state = {k: _cast(v.detach(), dtype, False).contiguous().cpu() for k, v in
+                 module.state_dict().items()}  # fmt: skip
+        save_file(state, str(tmp / "model.safetensors"))
+        save_json(module.config, tmp / "config.json", _class=type(module).__name__)
+        replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move folder ``src`` to ``dst``, replacing an existing ``dst`` as atomically as possible."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        dst.rename(old)
+        src.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        src.rename(dst)
+
+
+def read_config_json(folder: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a component folder, with a clear error when absent or broken."""
+    path = Path(folder) / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"missing {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# Components
+# ---------------------------------------------------------------------------------------------
+
+# Parameters kept in float32 when a DiT is loaded in half precision (as diffusers and Wan do).
+_DIT_FP32 = ("time_embedder", "scale_shift_table", ".norm1.", ".norm2.", ".norm3.")
+
+
+def load_dit(
+    folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+):
+    """A :class:`~kinema.models.dit.VideoDiT` from a kinema, diffusers or original Wan folder."""
+    from kinema.configs import DiTConfig, from_dict
+    from kinema.io.wan_keys import (
+        dit_config_from_diffusers,
+        dit_config_from_original,
+        is_original_layout,
+        original_to_kinema,
+    )
+    from kinema.models.dit import VideoDiT
+
+    raw = read_config_json(folder)
+    kind = raw.get("_class") or raw.get("_class_name")
+    plain = {k: v for k, v in raw.items() if not k.startswith("_")}
+    if kind == "VideoDiT":
+        config = from_dict(DiTConfig, plain)
+    elif kind == "WanTransformer3DModel":
+        config = dit_config_from_diffusers(raw)
+    elif "dim" in raw and "num_heads" in raw:
+        config = dit_config_from_original(raw)
+    else:
+        raise CheckpointError(f"{folder}/config.json is not a VideoDiT, diffusers or Wan config")
+    keep = lambda key: any(p in key for p in _DIT_FP32)
+    state = read_safetensors(weight_files(folder), device, dtype, keep_fp32=keep)
+    if is_original_layout(set(state)):
+        state = original_to_kinema(state)
+    return assign_state(build_empty(lambda: VideoDiT(config)), state, folder)

@@ -1,0 +1,85 @@
+"""Loading DiT components from diffusers, kinema and original-Wan folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kinema.io.checkpoint import CheckpointError, load_dit
+from kinema.io.wan_keys import kinema_to_original
+from kinema.models.dit import VideoDiT
+from tests.test_dit import tiny_reference
+
+
+def forward(model, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x, ctx = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 5, 32, generator=g)
+    with torch.no_grad():
+        return model(x, torch.tensor([400.0]), ctx)
+
+
+def test_sharded_diffusers_folder_loads_and_matches(tmp_path):
+    ref = tiny_reference(tmp_path)
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    ours = VideoDiT.from_pretrained(tmp_path / "sharded")
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        x, ctx = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 5, 32, generator=g)
+        want = ref(x, torch.tensor([400.0]), ctx, return_dict=False)[0]
+    assert (forward(ours) - want).abs().max() <= 1e-4
+
+
+def test_kinema_folder_round_trip_and_bf16(tmp_path):
+    tiny_reference(tmp_path)
+    ours = VideoDiT.from_pretrained(tmp_path / "transformer")
+    ours.save_pretrained(tmp_path / "kinema")
+    config = json.loads((tmp_path / "kinema" / "config.json").read_text())
+    assert config["_class"] == "VideoDiT" and config["num_heads"] == 2
+    again = VideoDiT.from_pretrained(tmp_path / "kinema")
+    assert torch.equal(forward(ours), forward(again))
+    half = VideoDiT.from_pretrained(tmp_path / "kinema", dtype=torch.bfloat16)
+    assert half.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert half.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+    assert half.blocks[0].scale_shift_table.dtype == torch.float32
+
+
+def test_original_wan_folder_loads(tmp_path):
+    ref = tiny_reference(tmp_path)
+    folder = tmp_path / "original"
+    folder.mkdir()
+    weights = str(folder / "diffusion_pytorch_model.safetensors")
+    save_file(kinema_to_original(ref.state_dict()), weights)
+    cfg = ref.config
+    (folder / "config.json").write_text(
+        json.dumps(
+            {"_class_name": "WanModel", "model_type": "t2v", "dim": 24, "num_heads": 2,
+             "ffn_dim": cfg.ffn_dim, "num_layers": cfg.num_layers, "text_dim": 32,
+             "freq_dim": 32, "in_dim": 16, "out_dim": 16, "eps": 1e-6}
+        )
+    )  # fmt: skip
+    ours = load_dit(folder)
+    twin = VideoDiT.from_pretrained(tmp_path / "transformer")
+    assert torch.allclose(forward(ours), forward(twin))
+
+
+def test_truncated_and_mismatched_files_name_the_problem(tmp_path):
+    tiny_reference(tmp_path)
+    weights = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors"):
+        load_dit(tmp_path / "transformer")
+    weights.write_bytes(data)
+    from safetensors.torch import load_file
+
+    sd = load_file(str(weights))
+    sd.pop("proj_out.weight")
+    save_file(sd, str(weights))
+    with pytest.raises(CheckpointError, match="missing keys \\['proj_out.weight'\\]"):
+        load_dit(tmp_path / "transformer")
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_dit(tmp_path / "nowhere")
