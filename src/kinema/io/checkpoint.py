@@ -218,3 +218,60 @@ def load_dit(
     if is_original_layout(set(state)):
         state = original_to_kinema(state)
     return assign_state(build_empty(lambda: VideoDiT(config)), state, folder)
+
+
+def load_vae(
+    source: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+):
+    """A :class:`~kinema.models.vae.CausalVAE` from a kinema or diffusers folder, or the
+    original ``Wan2.1_VAE.pth`` file."""
+    from kinema.configs import WAN21_VAE, VAEConfig, from_dict
+    from kinema.io.wan_vae_keys import original_to_diffusers
+    from kinema.models.vae import CausalVAE, config_from_diffusers
+
+    source = Path(source)
+    if source.suffix == ".pth":
+        config = WAN21_VAE
+        raw_state = read_torch_file(source)
+        state = {k: _cast(v, dtype, False).to(device) for k, v in raw_state.items()}
+        state = original_to_diffusers(state)
+    else:
+        raw = read_config_json(source)
+        kind = raw.get("_class") or raw.get("_class_name")
+        if kind == "CausalVAE":
+            config = from_dict(VAEConfig, {k: v for k, v in raw.items() if not k.startswith("_")})
+        elif kind == "AutoencoderKLWan":
+            config = config_from_diffusers(raw)
+        else:
+            raise CheckpointError(f"{source}/config.json is not a CausalVAE or AutoencoderKLWan")
+        state = read_safetensors(weight_files(source), device, dtype)
+    return assign_state(build_empty(lambda: CausalVAE(config)), state, source)
+
+
+def save_model_folder(
+    folder: str | Path,
+    *,
+    dit: nn.Module,
+    vae: nn.Module,
+    text_encoder: dict[str, Any],
+    sampling: Any,
+    name: str,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write a whole kinema model: ``kinema.json`` + ``transformer/`` + ``vae/``, atomically."""
+    import dataclasses
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        save_component(dit, tmp / "transformer", dtype)
+        save_component(vae, tmp / "vae", dtype)
+        meta = {"format": "kinema", "name": name, "text_encoder": text_encoder,
+                "sampling": dataclasses.asdict(sampling)}  # fmt: skip
+        (tmp / "kinema.json").write_text(json.dumps(meta, indent=2) + "\n")
+        replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

@@ -1,0 +1,232 @@
+"""The ``kinema`` command: arguments -> request -> pipeline; nothing else.
+
+Bad input of any kind ends with one line on stderr (``kinema: error: ...``) and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+EXIT_BAD_INPUT = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(message)
+
+
+def fail(message: str) -> NoReturn:
+    print(f"kinema: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_BAD_INPUT)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'832x480' -> (832, 480)."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be WIDTHxHEIGHT, e.g. 832x480")
+    return int(m.group(1)), int(m.group(2))
+
+
+def frames_for_seconds(seconds: float, fps: int, temporal: int = 4) -> int:
+    """The 4k+1 frame count closest to ``seconds`` at ``fps``."""
+    if seconds <= 0:
+        raise ValueError(f"seconds {seconds} must be > 0")
+    return max(1, round(seconds * fps / temporal)) * temporal + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------
+
+
+def add_generate(sub: Any) -> None:
+    p = sub.add_parser("generate", help="make a video from a text prompt")
+    p.add_argument("prompt", help="what the video shows")
+    p.add_argument("-o", "--output", default=None, help="output file: .mp4 .gif .webp or folder/")
+    p.add_argument("--model", default=None, help="model folder or name (default: kinema-tiny)")
+    p.add_argument("--negative", default=None, help="negative prompt (used when guidance > 1)")
+    p.add_argument("--size", type=parse_size, default=None, help="WIDTHxHEIGHT, e.g. 128x128")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--frames", type=int, default=None, help="frame count, 4k+1")
+    length.add_argument("--seconds", type=float, default=None, help="duration in seconds")
+    p.add_argument("--fps", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (>= 1)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (>= 0)")
+    p.add_argument("--shift", type=float, default=None, help="flow-matching schedule shift (> 0)")
+    p.add_argument("--sampler", default=None, help="unipc or euler")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: per device)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_generate)
+
+
+def default_output(prompt: str, seed: int) -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "video"
+    return Path("outputs") / f"{slug}-{seed}.mp4"
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from kinema.loading import load
+    from kinema.pipeline import Request
+
+    from_output_check(args.output)
+    pipe = load(args.model, device=args.device, dtype=args.dtype)
+    fps = args.fps or pipe.defaults.fps
+    frames = args.frames
+    if args.seconds is not None:
+        frames = frames_for_seconds(args.seconds, fps, pipe.temporal_factor)
+    width, height = args.size or (None, None)
+    request = Request(
+        prompt=args.prompt, negative_prompt=args.negative, width=width, height=height,
+        frames=frames, fps=fps, steps=args.steps, guidance=args.guidance, shift=args.shift,
+        sampler=args.sampler, seed=args.seed,
+    )  # fmt: skip
+    with progress_bar(args.quiet) as progress:
+        video = pipe.run(request, progress=progress)
+    out = video.save(args.output or default_output(args.prompt, args.seed))
+    total = video.info["timings"]["total"]
+    print(f"wrote {out} ({len(video.frames)} frames, {total:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def from_output_check(output: str | None) -> None:
+    """Refuse an output extension we cannot write before any work is done."""
+    if output is None:
+        return
+    suffix = Path(output).suffix.lower()
+    if suffix and suffix not in (".mp4", ".gif", ".webp"):
+        raise ValueError(
+            f"output {output!r}: unknown extension {suffix!r}; valid: .mp4 .gif .webp or a folder/"
+        )
+
+
+class progress_bar:
+    """A tqdm bar with ETA on stderr, as a ``progress(step, total)`` callback."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.bar = quiet, None
+
+    def __enter__(self) -> Callable[[int, int], None] | None:
+        return None if self.quiet else self.update
+
+    def update(self, step: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="denoise", unit="step", file=sys.stderr)
+        self.bar.update(step - self.bar.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# info / convert
+# ---------------------------------------------------------------------------------------------
+
+
+def add_info(sub: Any) -> None:
+    p = sub.add_parser("info", help="config, parameters and peak-memory estimate of a model")
+    p.add_argument("model", nargs="?", default=None)
+    p.add_argument("--size", type=parse_size, default=None)
+    p.add_argument("--frames", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=run_info)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from kinema.loading import load
+    from kinema.memory import estimate_peak_bytes
+
+    pipe = load(args.model, device="cpu", dtype="fp32")
+    width, height = args.size or (pipe.defaults.width, pipe.defaults.height)
+    frames = args.frames or pipe.defaults.frames
+    info = {
+        "name": pipe.name,
+        "transformer": dataclasses.asdict(pipe.dit.config),
+        "vae": {k: v for k, v in dataclasses.asdict(pipe.vae.config).items() if "latents" not in k},
+        "parameters": {
+            "transformer": sum(p.numel() for p in pipe.dit.parameters()),
+            "vae": sum(p.numel() for p in pipe.vae.parameters()),
+        },
+        "defaults": dataclasses.asdict(pipe.defaults),
+        "request": {"width": width, "height": height, "frames": frames},
+        "peak_memory_bytes": {
+            dt: estimate_peak_bytes(pipe, width, height, frames, dtype_bytes=n)
+            for dt, n in (("fp32", 4), ("bf16", 2))
+        },
+    }
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def format_info(info: dict[str, Any]) -> str:
+    gib = lambda n: f"{n / 2**30:.2f} GiB"
+    params = info["parameters"]
+    req = info["request"]
+    lines = [
+        f"model       {info['name']}",
+        f"transformer {params['transformer'] / 1e6:.1f} M parameters, "
+        f"{info['transformer']['num_layers']} layers, dim "
+        f"{info['transformer']['num_heads'] * info['transformer']['head_dim']}",
+        f"vae         {params['vae'] / 1e6:.1f} M parameters, z_dim {info['vae']['z_dim']}",
+        f"defaults    {info['defaults']}",
+        f"request     {req['width']}x{req['height']}, {req['frames']} frames",
+    ]
+    lines += [f"peak memory {k}: ~{gib(v)}" for k, v in info["peak_memory_bytes"].items()]
+    return "\n".join(lines)
+
+
+def add_convert(sub: Any) -> None:
+    p = sub.add_parser("convert", help="write a model (diffusers or original Wan) in kinema format")
+    p.add_argument("source")
+    p.add_argument("dest")
+    p.add_argument("--dtype", default=None, help="store weights as fp32, bf16 or fp16")
+    p.set_defaults(run=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from kinema.convert import convert
+
+    out = convert(args.source, args.dest, dtype=args.dtype)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="kinema", description="kinema: open video generation")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for add in (add_generate, add_info, add_convert):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as err:  # bad input, incl. CheckpointError: one line, exit 2
+        fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    except KeyboardInterrupt:
+        print("kinema: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

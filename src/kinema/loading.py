@@ -1,0 +1,161 @@
+"""``kinema.load``: a model name or folder -> a :class:`~kinema.pipeline.Pipeline` on a device.
+
+Three layouts are recognised by what the folder holds:
+
+* kinema's own (``kinema.json`` + ``transformer/`` + ``vae/``), e.g. the built-in kinema-tiny;
+* a diffusers Wan 2.1 folder (``model_index.json``, ``transformer/``, ``vae/``,
+  ``text_encoder/``, ``tokenizer/``, ``scheduler/``);
+* the original Wan 2.1 release (``config.json`` + ``diffusion_pytorch_model*.safetensors``,
+  ``Wan2.1_VAE.pth``, ``models_t5_umt5-xxl-enc-bf16.pth``, tokenizer in ``google/umt5-xxl``).
+
+Device and dtype policy lives here and nowhere else: weights go straight to their device.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kinema.configs import SamplingDefaults, from_dict
+from kinema.io.checkpoint import CheckpointError, load_dit, load_vae
+from kinema.pipeline import Pipeline
+
+BUILTIN = "kinema-tiny"
+ASSETS = Path(__file__).parent / "assets"
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The requested device, or the best one available (cuda, then mps, then cpu)."""
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps and mps.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N, mps") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} is not available here (no CUDA GPU); valid: cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} is not available here; valid: cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N, mps")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The requested dtype, or the device's default: bf16 on CUDA, fp16 on MPS, fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: fp32, bf16, fp16")
+    return DTYPES[dtype]
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """A model name or folder -> the folder; errors name what was looked for."""
+    if model is None or str(model) == BUILTIN:
+        path = ASSETS / BUILTIN
+        if not (path / "kinema.json").exists():
+            raise ValueError(
+                f"the built-in model {BUILTIN} is not in this install ({path}); "
+                "train it with scripts/train_tiny.sh or pass --model PATH"
+            )
+        return path
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ValueError(f"model {str(model)!r} not found: not a folder, and not {BUILTIN!r}")
+    return path
+
+
+def load(
+    model: str | Path | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> Pipeline:
+    """Load a model (``None`` = the built-in kinema-tiny) onto ``device`` in ``dtype``."""
+    start = time.perf_counter()
+    path = resolve_model_path(model)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if (path / "kinema.json").exists():
+        parts = _kinema_parts(path, dev, dt)
+    elif (path / "model_index.json").exists():
+        parts = _diffusers_parts(path, dev, dt)
+    elif (path / "Wan2.1_VAE.pth").exists():
+        parts = _original_parts(path, dev, dt)
+    else:
+        raise ValueError(
+            f"{path} is not a model folder: expected kinema.json (kinema), model_index.json "
+            "(diffusers) or Wan2.1_VAE.pth (original Wan 2.1 release)"
+        )
+    return Pipeline(**parts, load_seconds=time.perf_counter() - start)
+
+
+def _vae_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The VAE runs in float32 unless half precision was asked for on an accelerator."""
+    return torch.float32 if dtype == torch.float32 else dtype
+
+
+def _kinema_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
+    from kinema.models.text import load_text_encoder
+
+    meta = json.loads((path / "kinema.json").read_text())
+    text = dict(meta.get("text_encoder", {"kind": "minilm"}))
+    kind = text.pop("kind")
+    sub = text.pop("path", None)
+    encoder = load_text_encoder(kind, str(path / sub) if sub else None, dev, dt, **text)
+    return {
+        "dit": load_dit(path / "transformer", dev, dt),
+        "vae": load_vae(path / "vae", dev, _vae_dtype(dt)),
+        "text_encoder": encoder,
+        "name": meta.get("name", path.name),
+        "defaults": from_dict(SamplingDefaults, meta.get("sampling", {})),
+    }
+
+
+def _diffusers_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
+    from kinema.models.text import UMT5TextEncoder
+    from kinema.sampling import schedule_from_diffusers_config
+
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    if not scheduler.exists():
+        raise CheckpointError(f"missing {scheduler}")
+    sampler, shift = schedule_from_diffusers_config(json.loads(scheduler.read_text()))
+    return {
+        "dit": load_dit(path / "transformer", dev, dt),
+        "vae": load_vae(path / "vae", dev, _vae_dtype(dt)),
+        "text_encoder": UMT5TextEncoder.from_pretrained(path, device=dev, dtype=dt),
+        "name": path.name,
+        "defaults": SamplingDefaults(sampler=sampler, shift=shift),
+    }
+
+
+def _original_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
+    from kinema.models.text import UMT5TextEncoder
+
+    t5 = path / "models_t5_umt5-xxl-enc-bf16.pth"
+    tokenizer = path / "google" / "umt5-xxl"
+    return {
+        "dit": load_dit(path, dev, dt),
+        "vae": load_vae(path / "Wan2.1_VAE.pth", dev, _vae_dtype(dt)),
+        "text_encoder": UMT5TextEncoder.from_original(t5, tokenizer, device=dev, dtype=dt),
+        "name": path.name,
+        "defaults": SamplingDefaults(),
+    }
