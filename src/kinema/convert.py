@@ -1,0 +1,37 @@
+"""``kinema convert SRC DST``: any loadable model -> kinema's folder format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kinema.io.checkpoint import save_model_folder
+from kinema.loading import DTYPES, load
+
+
+def convert(source: str | Path, dest: str | Path, dtype: str | None = None) -> Path:
+    """Load ``source`` on the CPU and write it to ``dest`` as a kinema model folder.
+
+    The text encoder is stored beside the weights when it is a checkpoint of its own (umT5);
+    the built-in MiniLM encoder is referenced by name, since its package ships it.
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: fp32, bf16, fp16")
+    pipe = load(source, device="cpu", dtype=dtype or "fp32")
+    store = DTYPES[dtype] if dtype else None
+    dest = Path(dest)
+    spec = pipe.text_encoder.spec()
+    out = save_model_folder(
+        dest,
+        dit=pipe.dit,
+        vae=pipe.vae,
+        text_encoder=spec,
+        sampling=pipe.defaults,
+        name=pipe.name,
+        dtype=store,
+    )
+    if "path" in spec:
+        pipe.text_encoder.save_pretrained(out / spec["path"])
+    return out
+
+
+__all__ = ["convert"]
