@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 import kinema
+from kinema import timeline
 from kinema.conditioning import FrameCondition, condition_frames
 from kinema.configs import SamplingDefaults
 from kinema.sampling import SAMPLERS, cfg, count_calls, flow_schedule
@@ -35,7 +36,13 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class Request:
-    """Everything that decides the output. ``None`` fields take the model's defaults."""
+    """Everything that decides the output. ``None`` fields take the model's defaults.
+
+    Conditioning (one pipeline for every task): ``image`` starts the clip from a picture;
+    ``video`` + ``strength`` restyle a source clip (SDEdit); ``extend`` continues a clip (the
+    output is the source followed by ``frames`` new frames); ``prompts`` change the prompt at
+    given seconds. Images and videos are paths or uint8 arrays ((H, W, 3) / (T, H, W, 3)).
+    """
 
     prompt: str
     negative_prompt: str | None = None
@@ -48,6 +55,11 @@ class Request:
     shift: float | None = None
     sampler: str | None = None
     seed: int = 0
+    prompts: tuple[tuple[float, str], ...] = ()
+    image: Any = None
+    video: Any = None
+    strength: float | None = None
+    extend: Any = None
 
     def resolved(self, defaults: SamplingDefaults) -> Request:
         """This request with every ``None`` replaced by the model's default."""
@@ -58,9 +70,25 @@ class Request:
         }
         return dataclasses.replace(self, **fill)
 
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready fields (media given as arrays are summarised by shape)."""
+        media = lambda v: v if v is None or isinstance(v, str | int | float) else _describe(v)
+        return {f.name: media(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
-def validate(req: Request, spatial: int, temporal: int) -> None:
-    """Raise ValueError naming the first bad value of a resolved request and its valid range."""
+
+def _describe(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [list(v) if isinstance(v, tuple) else v for v in value]
+    return f"array{tuple(np.shape(value))}"
+
+
+def validate(req: Request, spatial: int, temporal: int, extension: bool = False) -> None:
+    """Raise ValueError naming the first bad value of a resolved request and its valid range.
+
+    An extension's ``frames`` counts new frames (a multiple of ``temporal``); any other
+    request's counts the whole clip (``temporal``k+1)."""
     if not isinstance(req.prompt, str):
         raise ValueError(f"prompt must be a string, got {type(req.prompt).__name__}")
     for name in ("width", "height"):
@@ -68,7 +96,9 @@ def validate(req: Request, spatial: int, temporal: int) -> None:
         if v < spatial or v % spatial:
             near = max(spatial, round(v / spatial) * spatial)
             raise ValueError(f"{name} {v} is not a multiple of {spatial}; nearest valid: {near}")
-    if req.frames < 1 or (req.frames - 1) % temporal:
+    if extension and (req.frames < temporal or req.frames % temporal):
+        raise ValueError(f"extension frames {req.frames} must be a positive multiple of {temporal}")
+    if not extension and (req.frames < 1 or (req.frames - 1) % temporal):
         near = max(1, round((req.frames - 1) / temporal)) * temporal + 1
         raise ValueError(
             f"frames {req.frames} is not {temporal}k+1 (1, {temporal + 1}, {2 * temporal + 1}, "
@@ -125,6 +155,8 @@ def to_uint8(video: Tensor) -> np.ndarray:
 class Pipeline:
     """A loaded model: DiT, VAE and text encoder on their devices, plus sampling defaults."""
 
+    context_latents = 2  # latent frames carried from one window (or source clip) to the next
+
     def __init__(
         self,
         dit: torch.nn.Module,
@@ -155,21 +187,151 @@ class Pipeline:
     def temporal_factor(self) -> int:
         return self.vae.config.temporal_factor * self.dit.config.patch_size[0]
 
+    @property
+    def context_frames(self) -> int:
+        """Pixel frames that make up :attr:`context_latents` latent frames (1 + t(k - 1))."""
+        return 1 + self.vae.config.temporal_factor * (self.context_latents - 1)
+
+    # -- entry points ------------------------------------------------------------------------------
+
     def generate(self, prompt: str, *, progress: Progress | None = None, **settings: Any) -> Video:
         """Make a video. ``settings`` are the :class:`Request` fields (width, frames, seed, ...)."""
         return self.run(Request(prompt=prompt, **settings), progress=progress)
 
+    def extend(self, video: Any, seconds: float, prompt: str, **settings: Any) -> Video:
+        """Continue ``video`` (path or (T, H, W, 3) uint8) by ``seconds`` under ``prompt``."""
+        fps = settings.pop("fps", None) or self._source_fps(video)
+        frames = max(1, round(seconds * fps / self.temporal_factor)) * self.temporal_factor
+        return self.run(Request(prompt=prompt, extend=video, frames=frames, fps=fps, **settings))
+
     def run(self, request: Request, progress: Progress | None = None) -> Video:
-        req = request.resolved(self.defaults)
-        validate(req, self.spatial_factor, self.temporal_factor)
-        clock = {"start": time.perf_counter()}
-        context, uncond = self.encode_text(req)
-        clock["text"] = time.perf_counter()
-        latents, evaluations = self.denoise(req, context, uncond, None, progress)
-        clock["denoise"] = time.perf_counter()
-        frames = to_uint8(self.decode(latents))
-        clock["decode"] = time.perf_counter()
+        """Generate what ``request`` asks for (text-, image-, video-to-video or extension)."""
+        req, media = self.prepare(request)
+        clock = Clock()
+        if req.video is not None:
+            frames, evaluations = self.restyle(req, media["video"], clock, progress)
+        else:
+            frames, evaluations = self.windows(req, media, clock, progress)
         return Video(frames, float(req.fps), self.describe(req, evaluations, clock))
+
+    # -- request preparation -----------------------------------------------------------------------
+
+    def prepare(self, request: Request) -> tuple[Request, dict[str, np.ndarray]]:
+        """Read and fit media, resolve defaults, validate; returns the request and media."""
+        from kinema import media as km
+
+        req, media = request, {}
+        if req.strength is not None and not 0 < req.strength <= 1:
+            raise ValueError(f"strength {req.strength} must be in (0, 1]")
+        if req.video is not None and req.extend is not None:
+            raise ValueError("give either video (video-to-video) or extend, not both")
+        if req.video is not None:
+            size = (self.defaults.width, self.defaults.height)
+            req, media["video"] = km.source_video(req, self.temporal_factor, size)
+            req = dataclasses.replace(req, strength=req.strength or 0.7)
+        if req.extend is not None:
+            extend = km.extension_source(req, self.context_frames, self.spatial_factor)
+            req, media["extend"] = extend
+        req = req.resolved(self.defaults)
+        validate(req, self.spatial_factor, self.temporal_factor, extension=req.extend is not None)
+        if req.image is not None:
+            media["image"] = km.fit_image(km.read_image_any(req.image), req.width, req.height)
+        return req, media
+
+    def _source_fps(self, video: Any) -> int:
+        from kinema import media as km
+
+        return km.source_fps(video, self.defaults.fps)
+
+    # -- the generation loop -----------------------------------------------------------------------
+
+    def windows(
+        self, req: Request, media: dict[str, np.ndarray], clock: Clock, progress: Progress | None
+    ) -> tuple[np.ndarray, int]:
+        """Text-/image-to-video, extension, long videos and timed prompts: window by window."""
+        source = media.get("extend")
+        plan = self.plan(req, extension=source is not None)
+        pieces = [source] if source is not None else []
+        tail, evaluations = source, 0
+        steps = Steps(progress, req.steps * len(plan))
+        for window in plan:
+            cond = self.window_condition(window, tail, media.get("image"), clock)
+            pixels, n = self.one_window(req, window, cond, clock, steps)
+            pieces.append(pixels[window.context :])
+            tail, evaluations = pixels, evaluations + n
+        return np.concatenate(pieces), evaluations
+
+    def plan(self, req: Request, extension: bool) -> list[timeline.Window]:
+        """The windows of a request (one for a plain clip within the model's window)."""
+        t = self.temporal_factor
+        duration = (req.frames - (0 if extension else 1)) / req.fps
+        switches = timeline.switch_frames(req.prompts, req.fps, duration, t)
+        segs = timeline.segments(req.prompt, switches, req.frames, first_has_start=not extension)
+        window = max(self.defaults.frames, self.context_frames + t)
+        return timeline.plan(segs, window, self.context_frames, req.seed, has_tail=extension)
+
+    def window_condition(
+        self, window: timeline.Window, tail: np.ndarray | None, image: np.ndarray | None,
+        clock: Clock,
+    ) -> FrameCondition | None:  # fmt: skip
+        """Clean latent frames for a window: the previous output's tail, or the first image."""
+        if window.context:
+            given = tail[-window.context :]
+        elif image is not None:
+            given = image[None]
+        else:
+            return None
+        latents = self.encode(given)  # (1, C, k, h, w)
+        clock.add("encode")
+        f = (window.frames - 1) // self.vae.config.temporal_factor + 1
+        mask = torch.zeros(f, dtype=torch.bool)
+        mask[: latents.shape[2]] = True
+        padded = torch.zeros(*latents.shape[:2], f, *latents.shape[3:], device=latents.device)
+        padded[:, :, : latents.shape[2]] = latents
+        return FrameCondition(padded, mask)
+
+    def one_window(
+        self, req: Request, window: timeline.Window, cond: FrameCondition | None, clock: Clock,
+        steps: Steps,
+    ) -> tuple[np.ndarray, int]:  # fmt: skip
+        """Denoise and decode one window; returns its frames (T, H, W, 3) and DiT calls."""
+        wreq = dataclasses.replace(
+            req, prompt=window.prompt, frames=window.frames, seed=window.seed
+        )
+        context, uncond = self.encode_text(wreq)
+        clock.add("text")
+        noise = initial_noise(wreq.seed, self.latent_shape(wreq)).to(self.device)
+        schedule = flow_schedule(req.steps, req.shift, req.sampler)
+        latents, calls = self.denoise(wreq, noise, schedule, context, uncond, cond, steps)
+        clock.add("denoise")
+        pixels = to_uint8(self.decode(latents))
+        clock.add("decode")
+        return pixels, calls
+
+    def restyle(
+        self, req: Request, source: np.ndarray, clock: Clock, progress: Progress | None
+    ) -> tuple[np.ndarray, int]:
+        """Video-to-video (SDEdit, Meng et al. 2022): noise the source's latents to the level
+        ``strength`` and denoise them under the new prompt."""
+        context, uncond = self.encode_text(req)
+        clock.add("text")
+        x0 = self.encode(source)
+        clock.add("encode")
+        full = flow_schedule(req.steps, req.shift, req.sampler)
+        start = int((full.sigmas[:-1] > req.strength + 1e-9).sum())
+        sigmas, timesteps = full.sigmas[start:], full.timesteps[start:]
+        noise = initial_noise(req.seed, tuple(x0.shape)).to(self.device)
+        s0 = float(sigmas[0])
+        x = (1 - s0) * x0.float() + s0 * noise
+        steps = Steps(progress, len(timesteps))
+        schedule = dataclasses.replace(full, sigmas=sigmas, timesteps=timesteps)
+        latents, calls = self.denoise(req, x, schedule, context, uncond, None, steps)
+        clock.add("denoise")
+        frames = to_uint8(self.decode(latents))
+        clock.add("decode")
+        return frames, calls
+
+    # -- building blocks ---------------------------------------------------------------------------
 
     def encode_text(self, req: Request) -> tuple[Tensor, Tensor | None]:
         """Context tokens (1, L, D) for the prompt, and for the negative prompt under guidance."""
@@ -192,27 +354,33 @@ class Pipeline:
     def denoise(
         self,
         req: Request,
+        x: Tensor,
+        schedule: Any,
         context: Tensor,
         uncond: Tensor | None,
         condition: FrameCondition | None,
-        progress: Progress | None,
+        steps: Steps,
     ) -> tuple[Tensor, int]:
-        """Run the sampler from the seed's noise; returns normalised latents and DiT calls."""
-        noise = initial_noise(req.seed, self.latent_shape(req)).to(self.device)
-        schedule = flow_schedule(req.steps, req.shift, req.sampler)
+        """Run the sampler from ``x``; returns normalised latents and the DiT calls made."""
         counted, calls = count_calls(self.velocity)
         if uncond is None:  # guidance <= 1: one conditional forward per step, as diffusers
             model_fn = cfg(counted, context, context, 1.0)
         else:
             model_fn = cfg(counted, context, uncond, req.guidance)
         model_fn = condition_frames(model_fn, condition)
-        callback = (lambda i, n, x: progress(i + 1, n)) if progress else None
+        sampler = SAMPLERS[req.sampler]
         with torch.inference_mode():
-            x = SAMPLERS[req.sampler](
-                model_fn, noise, schedule.sigmas, schedule.timesteps, callback=callback
-            )
+            x = sampler(model_fn, x, schedule.sigmas, schedule.timesteps, callback=steps.tick)
         x = condition.impose(x) if condition is not None else x
         return x, calls()
+
+    def encode(self, frames: np.ndarray) -> Tensor:
+        """Frames (T, H, W, 3) uint8 -> normalised latents (1, C, F, h, w) on the DiT's device."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        video = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
+        video = video.permute(3, 0, 1, 2)[None].to(vae_dtype) / 127.5 - 1  # (1, 3, T, H, W)
+        with torch.inference_mode():
+            return self.vae.normalize(self.vae.encode(video)).float()
 
     def decode(self, latents: Tensor) -> Tensor:
         """Normalised latents (1, C, F, h, w) -> video (1, 3, T, H, W) in [-1, 1]."""
@@ -220,18 +388,12 @@ class Pipeline:
         with torch.inference_mode():
             return self.vae.decode(self.vae.denormalize(latents.to(vae_dtype)))
 
-    def describe(self, req: Request, evaluations: int, clock: dict[str, float]) -> dict[str, Any]:
+    def describe(self, req: Request, evaluations: int, clock: Clock) -> dict[str, Any]:
         """The sidecar: request, model, versions, DiT evaluations and timings in seconds."""
-        start = clock["start"]
-        timings = {
-            "load": round(self.load_seconds, 4),
-            "text": round(clock["text"] - start, 4),
-            "denoise": round(clock["denoise"] - clock["text"], 4),
-            "decode": round(clock["decode"] - clock["denoise"], 4),
-        }
+        timings = {"load": round(self.load_seconds, 4), **clock.rounded()}
         timings["total"] = round(sum(timings.values()), 4)
         return {
-            **dataclasses.asdict(req),
+            **req.summary(),
             "model": self.name,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -243,3 +405,31 @@ class Pipeline:
                 "python": platform.python_version(),
             },
         }
+
+
+class Clock:
+    """Seconds spent per phase (text, encode, denoise, decode), summed over windows."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.spent = {"text": 0.0, "denoise": 0.0, "decode": 0.0}
+
+    def add(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.spent[phase] = self.spent.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self.spent.items()}
+
+
+class Steps:
+    """Counts sampler steps over all windows and reports (done, total) to ``progress``."""
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+
+    def tick(self, i: int, n: int, x: Tensor) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)

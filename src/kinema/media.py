@@ -1,0 +1,90 @@
+"""Images and videos a request is conditioned on: read, check and fit to the request.
+
+Policy (documented in the README): an image or source video is scaled to cover the requested
+size and centre-cropped; one smaller than half the request in either side is upscaled with a
+warning. Video-to-video takes the source's frame count and fps unless the request gives them;
+an extension keeps the source frames exactly as they are, so its size is the source's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kinema.io.video import probe, read_image, read_video, resize_center_crop
+
+
+def read_image_any(image: Any) -> np.ndarray:
+    """A path or uint8 array (H, W, 3) -> uint8 array (H, W, 3)."""
+    if isinstance(image, str | Path):
+        return read_image(image)
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"image array must be uint8 (H, W, 3), got {arr.dtype} {arr.shape}")
+    return arr
+
+
+def read_video_any(video: Any, fps: float | None = None) -> tuple[np.ndarray, float | None]:
+    """A path or uint8 array (T, H, W, 3) -> (frames, fps); arrays carry no fps."""
+    if isinstance(video, str | Path):
+        return read_video(video, fps=fps)
+    arr = np.asarray(video)
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] != 3:
+        raise ValueError(f"video array must be uint8 (T, H, W, 3), got {arr.dtype} {arr.shape}")
+    return arr, fps
+
+
+def fit_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Scale to cover (width, height) and centre-crop; warn when upscaling more than 2x."""
+    h, w = image.shape[-3:-1]
+    if w * 2 < width or h * 2 < height:
+        warnings.warn(
+            f"input {w}x{h} is far smaller than the request {width}x{height}; upscaling it",
+            stacklevel=3,
+        )
+    return resize_center_crop(image, width, height)
+
+
+def source_fps(video: Any, default: int) -> int:
+    """The frame rate of a source clip (``default`` for arrays)."""
+    if isinstance(video, str | Path):
+        return max(1, round(probe(video).fps))
+    return default
+
+
+def source_video(req: Any, temporal: int, size: tuple[int, int]) -> tuple[Any, np.ndarray]:
+    """Video-to-video: the source resampled, trimmed to tk+1 frames and fitted to the size.
+
+    Frame count and fps follow the source unless the request gives them; the size is the
+    request's (or ``size``, the model default)."""
+    frames, fps = read_video_any(req.video, fps=req.fps)
+    fps = req.fps or round(fps or 16)
+    count = req.frames or (len(frames) - 1) // temporal * temporal + 1
+    if len(frames) < count:
+        raise ValueError(f"source video has {len(frames)} frames; the request needs {count}")
+    width, height = req.width or size[0], req.height or size[1]
+    fitted = fit_image(frames[:count], width, height)
+    return dataclasses.replace(req, frames=count, fps=fps, width=width, height=height), fitted
+
+
+def extension_source(req: Any, context: int, spatial: int) -> tuple[Any, np.ndarray]:
+    """Extension: the source clip as it is (its size and, unless given, its fps)."""
+    frames, fps = read_video_any(req.extend, fps=req.fps)
+    if len(frames) < context:
+        raise ValueError(
+            f"video to extend has {len(frames)} frames; at least {context} are needed as context"
+        )
+    h, w = frames.shape[1:3]
+    if w % spatial or h % spatial:
+        raise ValueError(
+            f"video to extend is {w}x{h}; its sides must be multiples of {spatial} "
+            "(resize it first, or use video-to-video)"
+        )
+    if (req.width or w, req.height or h) != (w, h):
+        raise ValueError(f"an extension keeps the source size {w}x{h}; do not pass another size")
+    fps = req.fps or round(fps or 16)
+    return dataclasses.replace(req, width=w, height=h, fps=fps), frames
