@@ -96,12 +96,13 @@ _DIFFUSERS_CONFIG = {
     "rope_max_seq_len": "rope_max_seq_len",
     "pos_embed_seq_len": "pos_embed_seq_len",
 }
-_IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "window_size"}
+_IGNORED = {"window_size"}
 
 
 def dit_config_from_diffusers(d: dict[str, Any]) -> DiTConfig:
     """A DiTConfig from a diffusers ``transformer/config.json`` dict."""
     unknown = sorted(set(d) - set(_DIFFUSERS_CONFIG) - _IGNORED - {"qk_norm"})
+    unknown = [k for k in unknown if not k.startswith("_")]  # diffusers' own metadata
     if unknown:
         raise ValueError(f"unsupported WanTransformer3DModel config key(s): {unknown}")
     kw: dict[str, Any] = {_DIFFUSERS_CONFIG[k]: v for k, v in d.items() if k in _DIFFUSERS_CONFIG}
