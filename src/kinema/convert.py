@@ -20,7 +20,12 @@ def convert(source: str | Path, dest: str | Path, dtype: str | None = None) -> P
     store = DTYPES[dtype] if dtype else None
     dest = Path(dest)
     spec = pipe.text_encoder.spec()
-    out = save_model_folder(
+    save_text = (
+        (lambda tmp: pipe.text_encoder.save_pretrained(tmp / spec["path"]))
+        if "path" in spec
+        else None
+    )
+    return save_model_folder(
         dest,
         dit=pipe.dit,
         vae=pipe.vae,
@@ -28,10 +33,8 @@ def convert(source: str | Path, dest: str | Path, dtype: str | None = None) -> P
         sampling=pipe.defaults,
         name=pipe.name,
         dtype=store,
+        extra=save_text,
     )
-    if "path" in spec:
-        pipe.text_encoder.save_pretrained(out / spec["path"])
-    return out
 
 
 __all__ = ["convert"]

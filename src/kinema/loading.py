@@ -114,13 +114,14 @@ def _vae_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _kinema_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
-    from kinema.models.text import load_text_encoder
+    from kinema.models.text import CachedTextEncoder, load_text_encoder
 
     meta = json.loads((path / "kinema.json").read_text())
     text = dict(meta.get("text_encoder", {"kind": "minilm"}))
     kind = text.pop("kind")
     sub = text.pop("path", None)
     encoder = load_text_encoder(kind, str(path / sub) if sub else None, dev, dt, **text)
+    encoder = CachedTextEncoder(encoder)
     return {
         "dit": load_dit(path / "transformer", dev, dt),
         "vae": load_vae(path / "vae", dev, _vae_dtype(dt)),
@@ -131,7 +132,7 @@ def _kinema_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str, A
 
 
 def _diffusers_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
-    from kinema.models.text import UMT5TextEncoder
+    from kinema.models.text import CachedTextEncoder, UMT5TextEncoder
     from kinema.sampling import schedule_from_diffusers_config
 
     scheduler = path / "scheduler" / "scheduler_config.json"
@@ -141,21 +142,25 @@ def _diffusers_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str
     return {
         "dit": load_dit(path / "transformer", dev, dt),
         "vae": load_vae(path / "vae", dev, _vae_dtype(dt)),
-        "text_encoder": UMT5TextEncoder.from_pretrained(path, device=dev, dtype=dt),
+        "text_encoder": CachedTextEncoder(
+            UMT5TextEncoder.from_pretrained(path, device=dev, dtype=dt)
+        ),
         "name": path.name,
         "defaults": SamplingDefaults(sampler=sampler, shift=shift),
     }
 
 
 def _original_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
-    from kinema.models.text import UMT5TextEncoder
+    from kinema.models.text import CachedTextEncoder, UMT5TextEncoder
 
     t5 = path / "models_t5_umt5-xxl-enc-bf16.pth"
     tokenizer = path / "google" / "umt5-xxl"
     return {
         "dit": load_dit(path, dev, dt),
         "vae": load_vae(path / "Wan2.1_VAE.pth", dev, _vae_dtype(dt)),
-        "text_encoder": UMT5TextEncoder.from_original(t5, tokenizer, device=dev, dtype=dt),
+        "text_encoder": CachedTextEncoder(
+            UMT5TextEncoder.from_original(t5, tokenizer, device=dev, dtype=dt)
+        ),
         "name": path.name,
         "defaults": SamplingDefaults(),
     }

@@ -94,7 +94,7 @@ def validate(req: Request, spatial: int, temporal: int, extension: bool = False)
     for name in ("width", "height"):
         v = getattr(req, name)
         if v < spatial or v % spatial:
-            near = max(spatial, round(v / spatial) * spatial)
+            near = max(spatial, int(v / spatial + 0.5) * spatial)
             raise ValueError(f"{name} {v} is not a multiple of {spatial}; nearest valid: {near}")
     if extension and (req.frames < temporal or req.frames % temporal):
         raise ValueError(f"extension frames {req.frames} must be a positive multiple of {temporal}")

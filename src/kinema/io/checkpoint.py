@@ -257,8 +257,11 @@ def save_model_folder(
     sampling: Any,
     name: str,
     dtype: torch.dtype | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write a whole kinema model: ``kinema.json`` + ``transformer/`` + ``vae/``, atomically."""
+    """Write a whole kinema model: ``kinema.json`` + ``transformer/`` + ``vae/``, atomically.
+
+    ``extra(tmp_folder)`` may write more files (e.g. a text encoder) before the rename."""
     import dataclasses
 
     folder = Path(folder)
@@ -270,6 +273,8 @@ def save_model_folder(
         meta = {"format": "kinema", "name": name, "text_encoder": text_encoder,
                 "sampling": dataclasses.asdict(sampling)}  # fmt: skip
         (tmp / "kinema.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if extra is not None:
+            extra(tmp)
         replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -226,6 +226,15 @@ class UMT5TextEncoder:
         model = _umt5_from_state(config, state, pth_path)
         return cls(model, _tokenizer(tokenizer_path), max_length, dtype)
 
+    def spec(self) -> dict[str, Any]:
+        """How a kinema model folder names this encoder (it is stored beside the weights)."""
+        return {"kind": "umt5", "path": ".", "max_length": self.max_length}
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write ``folder/text_encoder`` and ``folder/tokenizer`` (diffusers layout)."""
+        self.model.save_pretrained(str(Path(folder) / "text_encoder"))
+        self.tokenizer.save_pretrained(str(Path(folder) / "tokenizer"))
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """prompts (B,) -> tokens (B, L, D) in ``dtype`` on the model's device, mask (B, L)."""
@@ -284,6 +293,10 @@ class MiniLMTextEncoder:
         self.max_length = check_max_length(max_length, limit)
         self.dim = int(self.model.config.hidden_size)
         self.device, self.dtype = torch.device(device), dtype
+
+    def spec(self) -> dict[str, Any]:
+        """How a kinema model folder names this encoder (the package ships its weights)."""
+        return {"kind": "minilm", "max_length": self.max_length}
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
@@ -347,6 +360,12 @@ class CachedTextEncoder:
 
     def clear(self) -> None:
         self.entries.clear()
+
+    def spec(self) -> dict[str, Any]:
+        return self.encoder.spec()
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        self.encoder.save_pretrained(folder)
 
 
 def load_text_encoder(
