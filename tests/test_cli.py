@@ -1,0 +1,109 @@
+"""The kinema command: bad input gives one line on stderr and exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kinema.cli import main
+from tests.wan_tiny import build_wan_folder
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory):
+    return build_wan_folder(tmp_path_factory.mktemp("wan") / "wan")
+
+
+def run(capsys, *argv: str) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+BASE = ["--size", "32x32", "--steps", "2", "-q"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--size", "40x32"], "width 40 is not a multiple of 16; nearest valid: 48"),
+        (["--size", "32"], "size '32' must be WIDTHxHEIGHT"),
+        (["--frames", "6"], "frames 6 is not 4k+1"),
+        (["--steps", "0"], "steps 0 must be >= 1"),
+        (["--guidance", "-2"], "guidance -2.0 must be >= 0"),
+        (["--seed", "-1"], "seed -1 must be in"),
+        (["--sampler", "ddim"], "unknown sampler 'ddim'; valid: ['euler', 'unipc']"),
+        (["--device", "cuda"], "device 'cuda' is not available here"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--dtype", "int8"], "unknown dtype 'int8'"),
+        (["--seconds", "0"], "seconds 0.0 must be > 0"),
+        (["-o", "clip.avi"], "unknown extension '.avi'"),
+    ],
+)
+def test_bad_generate_input(capsys, tmp_path, wan, args, message):
+    out = tmp_path / "out.mp4"
+    length = [] if {"--frames", "--seconds"} & set(args) else ["--frames", "5"]
+    argv = ["generate", "a cat", "--model", str(wan), "-o", str(out), *BASE, *length, *args]
+    code, err = run(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("kinema: error: ")
+    assert message in err
+    assert not out.exists() and not list(tmp_path.glob("*.mp4")) and "Traceback" not in err
+
+
+def test_missing_model(capsys, tmp_path):
+    code, err = run(capsys, "generate", "x", "--model", str(tmp_path / "nope"))
+    assert code == 2 and "not found" in err and err.count("\n") == 1
+
+
+def test_generate_writes_video_and_sidecar(tmp_path, wan):
+    out = tmp_path / "clip.mp4"
+    assert (
+        main(["generate", "a cat", "--model", str(wan), "-o", str(out), *BASE, "--frames", "5"])
+        == 0
+    )
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert info["frames"] == 5 and info["width"] == 32 and info["steps"] == 2
+    assert out.stat().st_size > 0
+
+
+def test_info_prints_parameters_and_memory(capsys, wan):
+    assert main(["info", str(wan), "--size", "64x32", "--frames", "9", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"]["transformer"] > 0 and info["request"]["width"] == 64
+    assert info["peak_memory_bytes"]["fp32"] > info["peak_memory_bytes"]["bf16"] > 0
+
+
+def test_convert_to_kinema_format_gives_the_same_video(tmp_path, wan):
+    import kinema
+
+    dest = tmp_path / "converted"
+    assert main(["convert", str(wan), str(dest)]) == 0
+    assert (dest / "kinema.json").exists() and (dest / "text_encoder" / "config.json").exists()
+    settings = dict(width=32, height=32, frames=5, steps=2, seed=1)
+    a = kinema.load(wan, device="cpu").generate("a dog", **settings)
+    b = kinema.load(dest, device="cpu").generate("a dog", **settings)
+    assert (a.frames == b.frames).all()
+
+
+def test_entry_point_exit_code(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kinema",
+            "generate",
+            "x",
+            "--frames",
+            "6",
+            "--model",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith("kinema: error: ")
