@@ -1,0 +1,866 @@
+"""The HTTP server: OpenAI's Videos API over kinema's one pipeline, and a web page at ``/``.
+
+``create_app(settings)`` loads the model, opens the job store in ``settings.data_dir``,
+recovers it after a crash, and returns a FastAPI app whose worker thread starts and stops with
+the app. Request bodies come as JSON or multipart (the ``openai`` SDK always sends multipart);
+both are checked against one pydantic model per endpoint, which is also what the OpenAPI
+document shows, so unknown fields are refused and the document stays true.
+
+Errors have OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kinema.serve import media
+from kinema.serve.jobs import VIDEO_FILE, Job, JobSpec, QueueFull, Store, Worker, new_folder
+from kinema.serve.jobs import new_id as new_video_id
+
+log = logging.getLogger("kinema.serve")
+WEB = Path(__file__).parent / "web"
+BUILTIN = "kinema-tiny"
+PUBLIC_PATHS = ("/", "/favicon.ico", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How ``kinema serve`` runs."""
+
+    data_dir: Path  # jobs.sqlite3 and the job folders
+    model: str | None = None  # model folder, or None for the built-in kinema-tiny
+    device: str | None = None  # cpu, cuda, cuda:N, mps (None: best available)
+    dtype: str | None = None  # fp32, bf16, fp16 (None: per device)
+    api_key: str | None = None  # when set, /v1 needs "Authorization: Bearer <key>"
+    max_queue: int = 32  # queued + running jobs before 429
+    max_upload_bytes: int = 32 * 2**20  # per uploaded file
+    max_upload_pixels: int = 4096 * 4096  # width x height of an uploaded image or video
+    max_upload_frames: int = 2000  # frames of an uploaded video
+    max_seconds: float = 60.0  # longest clip (or extension) a request may ask for
+    retention_s: int = 7 * 24 * 3600  # a finished job and its files expire after this
+    poll_after_ms: int = 250  # the openai-poll-after-ms hint on retrieve
+
+    @property
+    def model_id(self) -> str:
+        """The public model name: kinema-tiny, or the model folder's name."""
+        return BUILTIN if self.model in (None, BUILTIN) else Path(str(self.model)).name
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes (response models; FastAPI checks every response against them)
+# ---------------------------------------------------------------------------------------------
+
+
+class VideoError(BaseModel):
+    code: str
+    message: str
+
+
+class VideoObject(BaseModel):
+    """A video job, as the openai SDK's ``Video`` parses it."""
+
+    id: str
+    object: Literal["video"] = "video"
+    model: str
+    status: Literal["queued", "in_progress", "completed", "failed"]
+    progress: int = Field(ge=0, le=100)
+    created_at: int
+    completed_at: int | None
+    expires_at: int | None
+    prompt: str | None
+    seconds: str
+    size: str
+    remixed_from_video_id: str | None
+    error: VideoError | None
+
+
+class VideoList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[VideoObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class VideoDeleted(BaseModel):
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool
+
+
+class ModelDefaults(BaseModel):
+    size: str
+    seconds: str
+    fps: int
+    steps: int
+    guidance: float
+    size_multiple: int  # width and height must be multiples of this
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    defaults: ModelDefaults
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+# ---------------------------------------------------------------------------------------------
+# Request bodies (JSON or multipart; one model per endpoint, extra fields refused)
+# ---------------------------------------------------------------------------------------------
+
+
+class VideoReference(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(description="id of a completed video")
+
+
+class ImageReference(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image_url: str | None = Field(None, description="a base64 data URL; other URLs are refused")
+    file_id: str | None = Field(None, description="not supported: upload the file instead")
+
+
+class KinemaFields(BaseModel):
+    """kinema's own settings, accepted beside OpenAI's fields (None: the model's default)."""
+
+    model_config = ConfigDict(extra="forbid")
+    negative_prompt: str | None = Field(None, max_length=4000)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    steps: int | None = Field(None, ge=1, le=1000)
+    guidance: float | None = Field(None, ge=0, le=100)
+    shift: float | None = Field(None, gt=0, le=100)
+    sampler: str | None = Field(None, description="unipc or euler")
+    fps: int | None = Field(None, ge=1, le=120)
+    cache: str | float | bool | None = Field(
+        None, description="step cache setting, passed to the pipeline when it supports one"
+    )
+
+
+class CreateVideoBody(KinemaFields):
+    prompt: str = Field(min_length=1, max_length=4000)
+    model: str | None = None
+    seconds: str | float | None = Field(None, description='clip length, e.g. "4" or 2.5')
+    size: str | None = Field(None, pattern=r"^\d+x\d+$", description='"WIDTHxHEIGHT"')
+    input_reference: ImageReference | None = Field(
+        None, description="image-to-video: the first frame (a file in multipart)"
+    )
+
+
+class EditVideoBody(KinemaFields):
+    prompt: str = Field(min_length=1, max_length=4000)
+    video: VideoReference | None = Field(None, description="the source: {id} or a file")
+    model: str | None = None
+    size: str | None = Field(None, pattern=r"^\d+x\d+$")
+    strength: float | None = Field(None, gt=0, le=1, description="how much to change (SDEdit)")
+
+
+class ExtendVideoBody(KinemaFields):
+    prompt: str = Field(min_length=1, max_length=4000)
+    seconds: str | float = Field(description="length of the new segment in seconds")
+    video: VideoReference | None = Field(None, description="the clip to extend: {id} or a file")
+    model: str | None = None
+
+
+class RemixVideoBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1, max_length=4000)
+    strength: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+
+
+FILE_FIELDS = {CreateVideoBody: ("input_reference",), EditVideoBody: ("video",),
+               ExtendVideoBody: ("video",), RemixVideoBody: ()}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An HTTP error with OpenAI's error body."""
+
+    def __init__(
+        self, status: int, code: str, message: str, param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.code, self.message, self.param = status, code, message, param
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        body = {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+        return JSONResponse({"error": body}, self.status, headers=self.headers)
+
+
+def bad(param: str | None, message: str, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, code, message, param)
+
+
+def not_found(video_id: str) -> ApiError:
+    return ApiError(404, "not_found", f"no video with id {video_id!r}", "video_id")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+# Which request parameter a pipeline ValueError is about, by the start of its message.
+PARAM_OF_MESSAGE = (("width", "size"), ("height", "size"), ("an extension keeps", "size"),
+                    ("frames", "seconds"), ("extension frames", "seconds"),
+                    ("source video", "video"), ("video to extend", "video"),
+                    ("cannot decode image", "input_reference"), ("image", "input_reference"),
+                    ("strength", "strength"), ("steps", "steps"), ("guidance", "guidance"),
+                    ("seed", "seed"), ("unknown sampler", "sampler"), ("shift", "shift"),
+                    ("fps", "fps"), ("prompt", "prompt"))  # fmt: skip
+
+
+def param_of(message: str) -> str | None:
+    return next((p for start, p in PARAM_OF_MESSAGE if message.startswith(start)), None)
+
+
+def validation_error(err: ValidationError | RequestValidationError) -> ApiError:
+    """The first pydantic error as a 400 naming the field."""
+    first = err.errors()[0]
+    loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path")]
+    param = loc[0] if loc else None
+    if first.get("type") == "extra_forbidden":
+        return bad(param, f"unknown parameter {param!r}", "unknown_parameter")
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) or got is None else f" (got {str(got)[:80]!r})"
+    return bad(param, f"{'.'.join(loc) or 'body'}: {first.get('msg')}{shown}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading bodies
+# ---------------------------------------------------------------------------------------------
+
+
+def nest(fields: dict[str, Any]) -> dict[str, Any]:
+    """Multipart ``video[id]=x`` -> ``{"video": {"id": "x"}}``."""
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        if "[" in key and key.endswith("]"):
+            outer, inner = key[:-1].split("[", 1)
+            out.setdefault(outer, {})
+            if isinstance(out[outer], dict):
+                out[outer][inner] = value
+        else:
+            out[key] = value
+    return out
+
+
+async def read_body(request: Request, model: type[BaseModel]) -> tuple[Any, dict[str, bytes]]:
+    """The validated body and the bytes of its uploaded files (by field name)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        try:
+            raw = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise bad(None, f"body is not valid JSON: {err}", "invalid_json") from err
+        files: dict[str, bytes] = {}
+    elif ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        raw, files = await read_form(request, FILE_FIELDS[model])
+    else:
+        raise bad(None, f"content type {ctype or 'none'!r}: send application/json or "
+                  "multipart/form-data", "unsupported_content_type")  # fmt: skip
+    if not isinstance(raw, dict):
+        raise bad(None, "body must be a JSON object")
+    try:
+        return model.model_validate(raw), files
+    except ValidationError as err:
+        raise validation_error(err) from err
+
+
+async def read_form(request: Request, file_fields: tuple[str, ...]) -> tuple[dict, dict]:
+    """Plain fields (nested by brackets) and file parts' bytes, with the size limit checked."""
+    limit = request.app.state.settings.max_upload_bytes
+    try:
+        form = await request.form(max_files=4, max_fields=64, max_part_size=2**20)
+    except BodyTooLarge:
+        raise
+    except Exception as err:  # python-multipart / starlette parse errors
+        raise bad(None, f"malformed form body: {err}", "invalid_form") from err
+    fields, files = {}, {}
+    for key, value in form.multi_items():
+        if not isinstance(value, UploadFile):
+            fields[key] = value
+        elif key not in file_fields:
+            raise bad(key, f"{key!r} cannot be a file; file fields: {list(file_fields)}")
+        else:
+            files[key] = await read_upload(key, value, limit)
+    return nest(fields), files
+
+
+async def read_upload(key: str, upload: UploadFile, limit: int) -> bytes:
+    data = await upload.read(limit + 1)
+    await upload.close()
+    if len(data) > limit:
+        raise bad(key, f"{key}: the file is larger than the limit of {limit} bytes", "too_large")
+    if not data:
+        raise bad(key, f"{key}: the file is empty")
+    return data
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over ``limit`` bytes (413), by header or while reading."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.limit:
+            return await too_large(self.limit).response()(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise BodyTooLarge
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, "request_too_large", f"the request body is over {limit} bytes")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building jobs
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_seconds(value: str | float, limit: float) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise bad("seconds", f'seconds {value!r} is not a number, e.g. "4"') from None
+    if not math.isfinite(seconds) or seconds <= 0 or seconds > limit:
+        raise bad("seconds", f"seconds {value!r} must be > 0 and <= {limit:g}")
+    return seconds
+
+
+def parse_size(size: str | None) -> dict[str, int]:
+    if size is None:
+        return {}
+    w, h = (int(v) for v in size.split("x"))
+    if not (0 < w <= 8192 and 0 < h <= 8192):
+        raise bad("size", f"size {size!r}: each side must be in 1..8192")
+    return {"width": w, "height": h}
+
+
+def fmt_seconds(seconds: float) -> str:
+    return f"{round(seconds, 3):g}"
+
+
+def kinema_settings(body: BaseModel) -> dict[str, Any]:
+    """The Request fields given in ``body`` (cache only where the pipeline has it)."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(type_of_request())}
+    given = {k: v for k, v in body.model_dump(exclude_none=True).items() if k in KINEMA_KEYS}
+    for key in given:
+        if key not in known:
+            raise bad(key, f"{key} is not supported by this kinema version", "unsupported")
+    return given
+
+
+KINEMA_KEYS = set(KinemaFields.model_fields) | {"strength"}
+
+
+def type_of_request() -> type:
+    from kinema.pipeline import Request
+
+    return Request
+
+
+@dataclass
+class Draft:
+    """A job being built: its folder (inputs written there) and public fields."""
+
+    folder: str
+    spec: JobSpec
+    seconds: str | None = None
+    remixed_from: str | None = None
+
+
+class Service:
+    """What the endpoints do, apart from HTTP: the pipeline, the store and the worker."""
+
+    def __init__(self, settings: ServeSettings, pipe: Any) -> None:
+        self.settings, self.pipe = settings, pipe
+        self.store = Store(settings.data_dir)
+        self.store.recover()
+        self.worker = Worker(self.store, pipe, settings.retention_s)
+        self.started = int(time.time())
+
+    def job_dir(self, folder: str) -> Path:
+        return self.settings.data_dir / "jobs" / folder
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.settings.model_id:
+            raise bad("model", f"unknown model {model!r}; valid: {self.settings.model_id!r}")
+
+    def get_completed(self, video_id: str, param: str) -> Job:
+        job = self.store.get(video_id)
+        if job is None:
+            raise ApiError(404, "not_found", f"no video with id {video_id!r}", param)
+        if job.status != "completed":
+            raise ApiError(409, "video_not_ready", f"video {video_id} is {job.status}", param)
+        return job
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    def save_image(self, folder: str, data: bytes) -> str:
+        """Decode and re-encode an uploaded image as PNG in the job folder."""
+        try:
+            img = media.check_image(data, self.settings.max_upload_pixels)
+        except ValueError as err:
+            raise bad("input_reference", f"input_reference: {err}", "invalid_image") from err
+        img.save(self.job_dir(folder) / "input.png", format="PNG")
+        return "input.png"
+
+    def save_video(self, folder: str, data: bytes, param: str) -> str:
+        """Keep an uploaded video if every frame decodes (stored under the decoded format)."""
+        tmp = self.job_dir(folder) / "upload.tmp"
+        tmp.write_bytes(data)
+        s = self.settings
+        try:
+            probe = media.check_video(tmp, s.max_upload_frames, s.max_upload_pixels)
+        except ValueError as err:
+            raise bad(param, f"{param}: {err}", "invalid_video") from err
+        name = f"source{probe.extension}"
+        tmp.rename(self.job_dir(folder) / name)
+        return name
+
+    def copy_output(self, folder: str, source: Job) -> str:
+        shutil.copyfile(self.store.folder(source) / VIDEO_FILE, self.job_dir(folder) / "source.mp4")
+        return "source.mp4"
+
+    def source_video(self, folder: str, ref: VideoReference | None, data: bytes | None) -> str:
+        if data is not None:
+            return self.save_video(folder, data, "video")
+        if ref is None:
+            raise bad("video", 'video is required: upload a file or give {"id": ...}')
+        return self.copy_output(folder, self.get_completed(ref.id, "video"))
+
+    # -- submission ----------------------------------------------------------------------------
+
+    def submit(self, draft: Draft) -> Job:
+        """Validate with the pipeline (which reads the inputs), then queue (429 when full)."""
+        try:
+            resolved, inputs = self.pipe.prepare(self.request_of(draft))
+        except ValueError as err:
+            raise bad(param_of(str(err)), str(err)) from err
+        if draft.spec.kind == "extend":  # the stitched total: source plus new frames
+            draft.seconds = fmt_seconds((len(inputs["extend"]) + resolved.frames) / resolved.fps)
+        return self.queue(draft, draft.spec, resolved)
+
+    def request_of(self, draft: Draft) -> Any:
+        files = {k: str(self.job_dir(draft.folder) / v) for k, v in draft.spec.inputs.items()}
+        return type_of_request()(prompt=draft.spec.prompt, **draft.spec.settings, **files)
+
+    def queue(self, draft: Draft, spec: JobSpec, resolved: Any) -> Job:
+        seconds = draft.seconds or fmt_seconds(resolved.frames / resolved.fps)
+        job = Job(
+            seq=0, id=new_video_id(), folder=draft.folder, status="queued", progress=0,
+            created_at=int(time.time()), completed_at=None, expires_at=None,
+            model=self.settings.model_id, prompt=spec.prompt, seconds=seconds,
+            size=f"{resolved.width}x{resolved.height}", remixed_from=draft.remixed_from,
+            error_code=None, error_message=None, spec=spec,
+        )  # fmt: skip
+        try:
+            job = self.store.add(job, self.settings.max_queue)
+        except QueueFull as err:
+            wait = max(1, math.ceil(err.pending * self.store.mean_seconds()))
+            raise ApiError(429, "queue_full", f"{err}; retry later", None,
+                           {"Retry-After": str(wait)}) from err  # fmt: skip
+        self.worker.wake()
+        return job
+
+    def build(self, make: Callable[[str], Draft]) -> Job:
+        """Make a job folder, fill it with ``make(folder)``, submit; no folder left on error."""
+        folder = new_folder()
+        self.job_dir(folder).mkdir(parents=True)
+        try:
+            return self.submit(make(folder))
+        except BaseException:
+            shutil.rmtree(self.job_dir(folder), ignore_errors=True)
+            raise
+
+    # -- the four ways to make a video -----------------------------------------------------------
+
+    def create(self, body: CreateVideoBody, files: dict[str, bytes]) -> Job:
+        self.check_model(body.model)
+        settings = {**kinema_settings(body), **parse_size(body.size)}
+        seconds = None
+        if body.seconds is not None:
+            value = parse_seconds(body.seconds, self.settings.max_seconds)
+            fps = body.fps or self.pipe.defaults.fps
+            settings["frames"] = frames_for(value, fps, self.pipe.temporal_factor)
+            seconds = fmt_seconds(value)
+        image = files.get("input_reference") or self.image_from_json(body.input_reference)
+
+        def make(folder: str) -> Draft:
+            inputs = {"image": self.save_image(folder, image)} if image else {}
+            return Draft(folder, JobSpec("generate", body.prompt, settings, inputs), seconds)
+
+        return self.build(make)
+
+    def image_from_json(self, ref: ImageReference | None) -> bytes | None:
+        if ref is None:
+            return None
+        if ref.file_id is not None or ref.image_url is None:
+            raise bad("input_reference", "input_reference: file_id is not supported; upload the "
+                      "image or give a base64 data URL as image_url")  # fmt: skip
+        try:
+            return media.decode_data_url(ref.image_url)
+        except ValueError as err:
+            raise bad("input_reference", f"input_reference.image_url: {err}") from err
+
+    def edit(self, body: EditVideoBody, files: dict[str, bytes]) -> Job:
+        self.check_model(body.model)
+        settings = {**kinema_settings(body), **parse_size(body.size)}
+
+        def make(folder: str) -> Draft:
+            source = self.source_video(folder, body.video, files.get("video"))
+            return Draft(folder, JobSpec("edit", body.prompt, settings, {"video": source}))
+
+        return self.build(make)
+
+    def extend(self, body: ExtendVideoBody, files: dict[str, bytes]) -> Job:
+        self.check_model(body.model)
+        settings = kinema_settings(body)
+        seconds = parse_seconds(body.seconds, self.settings.max_seconds)
+
+        def make(folder: str) -> Draft:
+            source = self.source_video(folder, body.video, files.get("video"))
+            path = str(self.job_dir(folder) / source)
+            fps = body.fps or self.source_fps(path)
+            t = self.pipe.temporal_factor
+            frames = max(1, round(seconds * fps / t)) * t  # new frames: a multiple of t
+            extra = {"frames": frames, "fps": fps}
+            spec = JobSpec("extend", body.prompt, {**settings, **extra}, {"extend": source})
+            return Draft(folder, spec)
+
+        return self.build(make)
+
+    def source_fps(self, path: str) -> int:
+        from kinema.media import source_fps
+
+        try:
+            return source_fps(path, self.pipe.defaults.fps)
+        except ValueError as err:
+            raise bad("video", f"video: {err}") from err
+
+    def remix(self, video_id: str, body: RemixVideoBody) -> Job:
+        """Same settings as the source, a new prompt: video-to-video from the source's output."""
+        source = self.get_completed(video_id, "video_id")
+        keep = ("negative_prompt", "steps", "guidance", "shift", "sampler", "seed", "fps")
+        settings = {k: v for k, v in source.spec.settings.items() if k in keep}
+        w, h = (int(v) for v in source.size.split("x"))
+        settings.update(width=w, height=h, **body.model_dump(exclude_none=True, exclude={"prompt"}))
+
+        def make(folder: str) -> Draft:
+            inputs = {"video": self.copy_output(folder, source)}
+            spec = JobSpec("remix", body.prompt, settings, inputs)
+            return Draft(folder, spec, source.seconds, remixed_from=source.id)
+
+        return self.build(make)
+
+
+def frames_for(seconds: float, fps: int, temporal: int) -> int:
+    from kinema.cli import frames_for_seconds
+
+    return frames_for_seconds(seconds, fps, temporal)
+
+
+def model_defaults(pipe: Any) -> dict[str, Any]:
+    d = pipe.defaults
+    return {"size": f"{d.width}x{d.height}", "seconds": fmt_seconds(d.frames / d.fps),
+            "fps": d.fps, "steps": d.steps, "guidance": d.guidance,
+            "size_multiple": pipe.spatial_factor}  # fmt: skip
+
+
+def video_object(job: Job) -> dict[str, Any]:
+    """The public shape of a job (openai's ``Video``)."""
+    error = None
+    if job.status == "failed":
+        error = {"code": job.error_code or "failed", "message": job.error_message or ""}
+    return {
+        "id": job.id, "object": "video", "model": job.model, "status": job.status,
+        "progress": job.progress, "created_at": job.created_at,
+        "completed_at": job.completed_at, "expires_at": job.expires_at, "prompt": job.prompt,
+        "seconds": job.seconds, "size": job.size, "remixed_from_video_id": job.remixed_from,
+        "error": error,
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------------
+
+ERRORS = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in (
+        (400, "bad request: the error names the field in param"),
+        (401, "missing or wrong API key"),
+        (404, "unknown id"),
+        (409, "the video is not completed"),
+        (413, "request body too large"),
+        (429, "queue full; see Retry-After"),
+    )
+}
+
+
+def create_app(settings: ServeSettings, pipe: Any = None) -> FastAPI:
+    """The server for ``settings``; ``pipe`` is a loaded pipeline (default: load the model)."""
+    if pipe is None:
+        from kinema.loading import load
+
+        pipe = load(settings.model, device=settings.device, dtype=settings.dtype)
+    service = Service(settings, pipe)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.worker.start()
+        yield
+        await run_in_threadpool(service.worker.stop)
+        service.store.close()
+
+    app = FastAPI(title="kinema", version=_version(), lifespan=lifespan,
+                  summary="OpenAI-compatible Videos API for kinema")  # fmt: skip
+    app.state.settings, app.state.service = settings, service
+    install_errors(app)
+    install_auth(app, settings.api_key)
+    add_routes(app, service)
+    app.mount("/static", StaticFiles(directory=WEB), name="static")
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + 2**20)
+    app.openapi = lambda: build_openapi(app, settings.api_key is not None)
+    return app
+
+
+def _version() -> str:
+    import kinema
+
+    return kinema.__version__
+
+
+def install_errors(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        return validation_error(err).response()
+
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(request: Request, err: BodyTooLarge) -> JSONResponse:
+        return too_large(request.app.state.settings.max_upload_bytes).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        return ApiError(err.status_code, code, str(err.detail)).response()
+
+
+def install_auth(app: FastAPI, api_key: str | None) -> None:
+    """With an API key, everything but the page, its static files and the docs needs it."""
+    if api_key is None:
+        return
+    expected = f"Bearer {api_key}".encode()
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]):
+        path = request.url.path
+        if path in PUBLIC_PATHS or path.startswith("/static/"):
+            return await call_next(request)
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            err = ApiError(401, "invalid_api_key", "missing or wrong API key: send "
+                           "'Authorization: Bearer <key>'", None,
+                           {"WWW-Authenticate": "Bearer"})  # fmt: skip
+            return err.response()
+        return await call_next(request)
+
+
+def add_routes(app: FastAPI, service: Service) -> None:
+    """Every endpoint; handlers are thin: read, call the service, shape."""
+    settings = service.settings
+    dump = lambda job: video_object(job)
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(WEB / "index.html", media_type="text/html")
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
+    def list_models() -> dict[str, Any]:
+        """The served model; ``defaults`` (kinema's) are what a request leaves out."""
+        model = {"id": settings.model_id, "object": "model", "created": service.started,
+                 "owned_by": "kinema", "defaults": model_defaults(service.pipe)}  # fmt: skip
+        return {"object": "list", "data": [model]}
+
+    @app.post("/v1/videos", response_model=VideoObject, responses=ERRORS)
+    async def create_video(request: Request) -> dict[str, Any]:
+        """Create a video from a prompt (and optionally a first-frame image)."""
+        body, files = await read_body(request, CreateVideoBody)
+        return dump(await run_in_threadpool(service.create, body, files))
+
+    @app.post("/v1/videos/edits", response_model=VideoObject, responses=ERRORS)
+    async def edit_video(request: Request) -> dict[str, Any]:
+        """Video-to-video: restyle an uploaded video or a completed one ({"id"})."""
+        body, files = await read_body(request, EditVideoBody)
+        return dump(await run_in_threadpool(service.edit, body, files))
+
+    @app.post("/v1/videos/extensions", response_model=VideoObject, responses=ERRORS)
+    async def extend_video(request: Request) -> dict[str, Any]:
+        """Continue a video by ``seconds``; the result is the source plus the continuation."""
+        body, files = await read_body(request, ExtendVideoBody)
+        return dump(await run_in_threadpool(service.extend, body, files))
+
+    @app.get("/v1/videos", response_model=VideoList, responses=ERRORS)
+    def list_videos(
+        after: str | None = None,
+        limit: int = Query(20, ge=1, le=100),
+        order: Literal["asc", "desc"] = "desc",
+    ) -> dict[str, Any]:
+        anchor = service.store.get(after) if after else None
+        if after and anchor is None:
+            raise bad("after", f"after: no video with id {after!r}")
+        jobs, more = service.store.page(anchor, limit, order)
+        data = [dump(j) for j in jobs]
+        first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+        return {"object": "list", "data": data, "first_id": first, "last_id": last,
+                "has_more": more}  # fmt: skip
+
+    @app.get("/v1/videos/{video_id}", response_model=VideoObject, responses=ERRORS)
+    def retrieve_video(video_id: str, response: Response) -> dict[str, Any]:
+        job = service.store.get(video_id)
+        if job is None:
+            raise not_found(video_id)
+        response.headers["openai-poll-after-ms"] = str(settings.poll_after_ms)
+        return dump(job)
+
+    @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted, responses=ERRORS)
+    def delete_video(video_id: str) -> dict[str, Any]:
+        """Delete a video: a queued or running job is cancelled, its files removed."""
+        job = service.store.delete(video_id)
+        if job is None:
+            raise not_found(video_id)
+        if job.status != "in_progress":  # a running one is removed by the worker
+            shutil.rmtree(service.store.folder(job), ignore_errors=True)
+        return {"id": job.id, "object": "video.deleted", "deleted": True}
+
+    add_content_routes(app, service)
+
+
+def add_content_routes(app: FastAPI, service: Service) -> None:
+    content = {200: {"content": {t: {} for t in media.MEDIA_TYPES.values()},
+                     "description": "the file"}}  # fmt: skip
+
+    @app.get("/v1/videos/{video_id}/content", response_class=Response,
+             responses={**content, **ERRORS})  # fmt: skip
+    def download_content(
+        video_id: str, variant: Literal["video", "thumbnail", "spritesheet"] = "video"
+    ) -> FileResponse:
+        """The MP4, or its thumbnail (WebP) or spritesheet (JPEG)."""
+        job = service.get_completed(video_id, "video_id")
+        name = {"video": VIDEO_FILE, "thumbnail": media.THUMBNAIL,
+                "spritesheet": media.SPRITESHEET}[variant]  # fmt: skip
+        path = service.store.folder(job) / name
+        if not path.exists():  # expired or removed between the check and now
+            raise not_found(video_id)
+        filename = f"{job.id}{path.suffix}"
+        return FileResponse(path, media_type=media.MEDIA_TYPES[variant], filename=filename)
+
+    @app.post("/v1/videos/{video_id}/remix", response_model=VideoObject, responses=ERRORS)
+    async def remix_video(video_id: str, request: Request) -> dict[str, Any]:
+        """A new video from a completed one: same settings, new prompt."""
+        body, _ = await read_body(request, RemixVideoBody)
+        return video_object(await run_in_threadpool(service.remix, video_id, body))
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAPI: the request bodies, as JSON and as multipart
+# ---------------------------------------------------------------------------------------------
+
+BODIES = {("/v1/videos", "post"): CreateVideoBody, ("/v1/videos/edits", "post"): EditVideoBody,
+          ("/v1/videos/extensions", "post"): ExtendVideoBody,
+          ("/v1/videos/{video_id}/remix", "post"): RemixVideoBody}  # fmt: skip
+
+
+def build_openapi(app: FastAPI, secured: bool) -> dict[str, Any]:
+    """FastAPI's document plus the bodies it cannot see (read by hand in JSON or multipart)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    doc = get_openapi(title=app.title, version=app.version, summary=app.summary,
+                      routes=app.routes)  # fmt: skip
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for (path, method), model in BODIES.items():
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+        doc["paths"][path][method]["requestBody"] = {"required": True, "content": {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}},
+            "multipart/form-data": {"schema": multipart_schema(schema, FILE_FIELDS[model])},
+        }}  # fmt: skip
+    if secured:
+        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for ops in doc["paths"].values():
+            for op in ops.values():
+                op["security"] = [{"bearer": []}]
+    app.openapi_schema = doc
+    return doc
+
+
+def multipart_schema(schema: dict[str, Any], file_fields: tuple[str, ...]) -> dict[str, Any]:
+    """The JSON schema with file fields as binary parts (``video[id]`` also accepted)."""
+    props = dict(schema["properties"])
+    for name in file_fields:
+        props[name] = {"type": "string", "format": "binary", "description": "an uploaded file"}
+    return {**schema, "properties": props}

@@ -1,0 +1,96 @@
+"""``kinema serve``: the HTTP API and web page on one port (FastAPI + uvicorn).
+
+Wired into ``kinema.cli`` with ``add_serve(sub)``; also runnable alone as
+``python -m kinema.serve.cli [--host ...] [--port ...] ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "kinema" / "serve"
+
+
+def add_serve(sub: Any) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible Videos API and web page")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", default=None, help="model folder or name (default: kinema-tiny)")
+    p.add_argument("--data-dir", type=Path, default=None, help="job queue and outputs")
+    p.add_argument("--api-key", default=os.environ.get("KINEMA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (or $KINEMA_API_KEY)")  # fmt: skip
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: per device)")
+    p.add_argument("--max-queue", type=int, default=32, help="queued + running jobs before 429")
+    p.add_argument("--max-upload-mb", type=float, default=32.0, help="per uploaded file")
+    p.add_argument("--max-seconds", type=float, default=60.0, help="longest clip a request gets")
+    p.add_argument("--retention-hours", type=float, default=168.0, help="then jobs expire")
+    p.add_argument("--log-level", default="info", help="uvicorn log level")
+    p.set_defaults(run=run_serve)
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~kinema.serve.app.ServeSettings` of parsed arguments (ValueError if bad)."""
+    from kinema.serve.app import ServeSettings
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"port {args.port} must be in 0..65535")
+    for name in ("max_queue", "max_upload_mb", "max_seconds", "retention_hours"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be > 0")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key must not be empty")
+    return ServeSettings(
+        data_dir=(args.data_dir or default_data_dir()).expanduser(), model=args.model,
+        device=args.device, dtype=args.dtype, api_key=args.api_key, max_queue=args.max_queue,
+        max_upload_bytes=int(args.max_upload_mb * 2**20), max_seconds=args.max_seconds,
+        retention_s=int(args.retention_hours * 3600),
+    )  # fmt: skip
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kinema.serve.app import create_app
+
+    settings = settings_from_args(args)
+    if not is_loopback(args.host) and settings.api_key is None:
+        print(f"kinema: warning: serving on {args.host} without --api-key", file=sys.stderr)
+    app = create_app(settings)
+    print(f"kinema: serving {settings.model_id} on http://{args.host}:{args.port} "
+          f"(data in {settings.data_dir})", file=sys.stderr)  # fmt: skip
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m kinema.serve.cli ARGS``: the same as ``kinema serve ARGS``."""
+    from kinema.cli import Parser, fail
+
+    parser = Parser(prog="kinema")
+    add_serve(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.run(args)
+    except ValueError as err:
+        fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""Media for the server: upload checks by decoding, thumbnails and spritesheets.
+
+Uploads are trusted by what they decode to, never by their name or content type: an image must
+decode fully with Pillow (and is re-encoded as PNG), a video must decode with PyAV frame by
+frame. Previews are drawn from the generated frames, uint8 (T, H, W, 3), already in memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+THUMBNAIL = "thumbnail.webp"
+SPRITESHEET = "spritesheet.jpg"
+SPRITE_FRAMES = 16
+SPRITE_COLUMNS = 4
+MEDIA_TYPES = {"video": "video/mp4", "thumbnail": "image/webp", "spritesheet": "image/jpeg"}
+# ffmpeg container names (as PyAV reports them) -> the extension a checked upload is stored with
+CONTAINERS = {"mov,mp4,m4a,3gp,3g2,mj2": ".mp4", "matroska,webm": ".mkv", "gif": ".gif",
+              "avi": ".avi", "webp": ".webp"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class VideoProbe:
+    """What decoding an uploaded video found."""
+
+    width: int
+    height: int
+    frames: int
+    fps: float
+    extension: str  # e.g. ".mp4", from the decoded container format
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.fps
+
+
+# ---------------------------------------------------------------------------------------------
+# Uploads
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_data_url(url: str) -> bytes:
+    """The bytes of a ``data:<type>;base64,...`` URL. Other URLs are refused, never fetched."""
+    m = re.fullmatch(r"data:[\w.+/-]*(;[\w=.+-]+)*;base64,([A-Za-z0-9+/=\s]*)", url.strip())
+    if not m:
+        raise ValueError(
+            "only base64 data URLs (data:image/png;base64,...) are accepted; this server never "
+            "fetches a URL: upload the file instead"
+        )
+    try:
+        return base64.b64decode(m.group(2), validate=False)
+    except (binascii.Error, ValueError) as err:
+        raise ValueError(f"data URL is not valid base64: {err}") from err
+
+
+def check_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode ``data`` fully as an image (RGB); ValueError if it is not one or is too large."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ValueError(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+        img.load()
+        return img.convert("RGB")
+    except ValueError:
+        raise
+    except Exception as err:  # Pillow raises many kinds (UnidentifiedImageError, OSError, ...)
+        raise ValueError(f"not a decodable image ({type(err).__name__})") from err
+
+
+def check_video(path: Path, max_frames: int, max_pixels: int) -> VideoProbe:
+    """Decode every frame of the file at ``path``; ValueError if it is not a usable video."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            fmt = container.format.name
+            if not container.streams.video:
+                raise ValueError("the file has no video stream")
+            stream = container.streams.video[0]
+            frames, size = 0, None
+            for frame in container.decode(stream):
+                size = size or (frame.width, frame.height)
+                frames += 1
+                if frames > max_frames:
+                    raise ValueError(f"video has more than {max_frames} frames")
+            rate = float(stream.average_rate or stream.guessed_rate or 0)
+    except ValueError:
+        raise
+    except Exception as err:  # PyAV raises av.error.* (InvalidDataError, ...) and OSError
+        raise ValueError(f"not a decodable video ({type(err).__name__})") from err
+    return _probe(fmt, frames, size, rate, max_pixels)
+
+
+def _probe(fmt: str, frames: int, size: tuple[int, int] | None, rate: float, max_pixels: int):
+    if not frames or size is None:
+        raise ValueError("the video has no decodable frames")
+    if size[0] * size[1] > max_pixels:
+        raise ValueError(f"video is {size[0]}x{size[1]}; the limit is {max_pixels} pixels")
+    if fmt not in CONTAINERS:
+        raise ValueError(f"unsupported container {fmt!r}; valid: mp4, webm, mkv, gif, avi")
+    fps = rate if 0 < rate <= 240 else 16.0
+    return VideoProbe(size[0], size[1], frames, fps, CONTAINERS[fmt])
+
+
+# ---------------------------------------------------------------------------------------------
+# Previews
+# ---------------------------------------------------------------------------------------------
+
+
+def thumbnail(frames: np.ndarray) -> Image.Image:
+    """The middle frame of ``frames`` uint8 (T, H, W, 3)."""
+    return Image.fromarray(frames[len(frames) // 2])
+
+
+def spritesheet(
+    frames: np.ndarray, count: int = SPRITE_FRAMES, columns: int = SPRITE_COLUMNS
+) -> Image.Image:
+    """Up to ``count`` evenly spaced frames of (T, H, W, 3) in a grid, ``columns`` wide."""
+    t, h, w, _ = frames.shape
+    picks = np.unique(np.linspace(0, t - 1, min(count, t)).round().astype(int))
+    cols = min(columns, len(picks))
+    rows = -(-len(picks) // cols)
+    sheet = np.zeros((rows * h, cols * w, 3), np.uint8)  # (rows*H, cols*W, 3)
+    for k, i in enumerate(picks):
+        r, c = divmod(k, cols)
+        sheet[r * h : (r + 1) * h, c * w : (c + 1) * w] = frames[i]
+    return Image.fromarray(sheet)
+
+
+def save_previews(frames: np.ndarray, folder: Path) -> None:
+    """Write the thumbnail (WebP) and spritesheet (JPEG) of ``frames`` into ``folder``."""
+    thumbnail(frames).save(folder / THUMBNAIL, format="WEBP", quality=90)
+    spritesheet(frames).save(folder / SPRITESHEET, format="JPEG", quality=90)

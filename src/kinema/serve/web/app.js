@@ -1,0 +1,189 @@
+// kinema web page: plain JavaScript against the server's own /v1 API (no build step).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const POLL_MS = 300;
+const seen = { statuses: [], progress: [] }; // what the live view showed (read by tests)
+window.kinemaSeen = seen;
+
+function authHeaders() {
+  const key = $("api-key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+async function api(path, options = {}) {
+  const headers = { ...authHeaders(), ...(options.headers || {}) };
+  const response = await fetch(path, { ...options, headers });
+  if (!response.ok) {
+    let message = `${response.status} ${response.statusText}`;
+    try {
+      const body = await response.json();
+      if (body.error) message = body.error.message + (body.error.param ? ` (${body.error.param})` : "");
+    } catch (_) { /* not JSON */ }
+    throw new Error(message);
+  }
+  return response;
+}
+
+const getJSON = async (path) => (await api(path)).json();
+const postJSON = async (path, body) => (await api(path, {
+  method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+})).json();
+
+async function blobURL(id, variant) {
+  const response = await api(`/v1/videos/${encodeURIComponent(id)}/content?variant=${variant}`);
+  return URL.createObjectURL(await response.blob());
+}
+
+function say(text) { $("message").textContent = text || ""; }
+
+// -- the form ------------------------------------------------------------------------------
+
+async function loadModel() {
+  try {
+    const models = await getJSON("/v1/models");
+    const model = models.data[0];
+    $("model").textContent = model.id;
+    const d = model.defaults || {};
+    if (!$("size").value && d.size) $("size").value = d.size;
+    if (!$("seconds").value && d.seconds) $("seconds").value = d.seconds;
+    if (!$("steps").value && d.steps) $("steps").value = d.steps;
+  } catch (err) { say(err.message); }
+}
+
+function formBody() {
+  const body = new FormData();
+  body.append("prompt", $("prompt").value);
+  const fields = { negative_prompt: "negative", size: "size", seconds: "seconds", seed: "seed",
+                   steps: "steps" };
+  for (const [name, id] of Object.entries(fields)) {
+    const value = $(id).value.trim();
+    if (value) body.append(name, value);
+  }
+  const image = $("image").files[0];
+  if (image) body.append("input_reference", image, image.name);
+  return body;
+}
+
+async function submit(event) {
+  event.preventDefault();
+  say("");
+  try {
+    const video = await (await api("/v1/videos", { method: "POST", body: formBody() })).json();
+    track(video);
+    refreshGallery();
+  } catch (err) { say(err.message); }
+}
+
+// -- the live view -------------------------------------------------------------------------
+
+let tracking = null;
+
+function showStatus(video) {
+  $("current").hidden = false;
+  $("current-title").textContent = video.prompt || video.id;
+  $("progress").value = video.progress;
+  $("status").textContent = `${video.status} ${video.progress}%`;
+  seen.statuses.push(video.status);
+  seen.progress.push(video.progress);
+}
+
+async function track(video) {
+  tracking = video.id;
+  $("player").removeAttribute("src");
+  showStatus(video);
+  while (tracking === video.id && (video.status === "queued" || video.status === "in_progress")) {
+    await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+    try { video = await getJSON(`/v1/videos/${encodeURIComponent(video.id)}`); }
+    catch (err) { say(err.message); return; }
+    showStatus(video);
+  }
+  if (video.status === "completed") await play(video);
+  if (video.status === "failed") say(`failed: ${video.error ? video.error.message : "unknown"}`);
+  refreshGallery();
+}
+
+async function play(video) {
+  const player = $("player");
+  $("current").hidden = false;
+  $("current-title").textContent = video.prompt || video.id;
+  player.dataset.id = video.id;
+  player.src = await blobURL(video.id, "video");
+  try { await player.play(); } catch (_) { /* autoplay may be refused; controls remain */ }
+}
+
+// -- the gallery ---------------------------------------------------------------------------
+
+async function refreshGallery() {
+  let list;
+  try { list = await getJSON("/v1/videos?limit=50&order=desc"); }
+  catch (err) { say(err.message); return; }
+  const gallery = $("gallery");
+  gallery.replaceChildren(...list.data.map(card));
+}
+
+function card(video) {
+  const node = $("card").content.firstElementChild.cloneNode(true);
+  node.dataset.id = video.id;
+  node.dataset.status = video.status;
+  node.querySelector(".prompt").textContent = video.prompt || "";
+  node.querySelector(".meta").textContent =
+    `${video.status} · ${video.size} · ${video.seconds}s · ${new Date(video.created_at * 1000).toLocaleString()}`;
+  const done = video.status === "completed";
+  for (const cls of ["play", "download", "extend", "remix"]) {
+    node.querySelector(`.${cls}`).disabled = !done;
+  }
+  if (done) blobURL(video.id, "thumbnail").then((url) => { node.querySelector(".thumb").src = url; })
+    .catch(() => {});
+  node.querySelector(".play").onclick = () => play(video);
+  node.querySelector(".download").onclick = () => download(video);
+  node.querySelector(".extend").onclick = () => extend(video);
+  node.querySelector(".remix").onclick = () => remix(video);
+  node.querySelector(".delete").onclick = () => remove(video);
+  return node;
+}
+
+async function download(video) {
+  try {
+    const link = document.createElement("a");
+    link.href = await blobURL(video.id, "video");
+    link.download = `${video.id}.mp4`;
+    link.click();
+  } catch (err) { say(err.message); }
+}
+
+async function extend(video) {
+  const prompt = window.prompt("Prompt for the continuation", video.prompt || "");
+  if (prompt === null) return;
+  const seconds = $("seconds").value || "1";
+  try { track(await postJSON("/v1/videos/extensions", { prompt, seconds, video: { id: video.id } })); }
+  catch (err) { say(err.message); }
+  refreshGallery();
+}
+
+async function remix(video) {
+  const prompt = window.prompt("New prompt for the remix", video.prompt || "");
+  if (prompt === null) return;
+  try { track(await postJSON(`/v1/videos/${encodeURIComponent(video.id)}/remix`, { prompt })); }
+  catch (err) { say(err.message); }
+  refreshGallery();
+}
+
+async function remove(video) {
+  try { await api(`/v1/videos/${encodeURIComponent(video.id)}`, { method: "DELETE" }); }
+  catch (err) { say(err.message); }
+  if (tracking === video.id) tracking = null;
+  refreshGallery();
+}
+
+// -- start ---------------------------------------------------------------------------------
+
+$("api-key").value = localStorage.getItem("kinema-api-key") || "";
+$("api-key").addEventListener("change", () => {
+  localStorage.setItem("kinema-api-key", $("api-key").value.trim());
+  loadModel();
+  refreshGallery();
+});
+$("create").addEventListener("submit", submit);
+loadModel();
+refreshGallery();
