@@ -1,0 +1,408 @@
+"""Users' own videos for training: a folder of clips and their captions.
+
+Captions come from the first of these that exists in ``root``:
+
+1. ``metadata.jsonl``: one JSON object per line with a file column (``file_name``, ``video``
+   or ``path``, relative to ``root``) and a caption column (``caption``, ``text`` or
+   ``prompt``), the Hugging Face video-dataset layout;
+2. ``metadata.csv``: the same columns;
+3. a ``.txt`` sidecar per video with the same stem (``clip.mp4`` + ``clip.txt``); a video
+   without one gets the empty caption.
+
+Every video is probed (headers only) when the dataset is built; unreadable ones are skipped
+with a warning and listed in :attr:`VideoFolder.skipped`. A file that breaks later, during
+training, is skipped the same way and the next good item is returned instead (in a
+DataLoader worker that record lives in the worker's copy of the dataset).
+
+A clip is ``frames`` frames at ``fps`` from a random start, drawn by a generator seeded with
+``(seed, epoch, index)``, so an epoch replays exactly; call :meth:`VideoFolder.set_epoch` (or
+:meth:`BucketBatchSampler.set_epoch`, which also sets it) before each epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from kinema.io.video import VideoInfo, probe, read_clip, resize_center_crop
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".gif", ".webp")
+FILE_KEYS = ("file_name", "video", "path")
+CAPTION_KEYS = ("caption", "text", "prompt")
+RESIZE_MODES = ("crop", "bucket")
+
+Size = tuple[int, int]
+"""(width, height) in pixels."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions
+# ---------------------------------------------------------------------------------------------
+
+
+def _pick(row: dict[str, Any], keys: Sequence[str], where: str) -> str:
+    """The first of ``keys`` present in ``row``, as a string."""
+    for key in keys:
+        if row.get(key) is not None:
+            return str(row[key])
+    raise ValueError(f"{where} has none of the columns {list(keys)}; found {sorted(row)}")
+
+
+def _jsonl_rows(path: Path) -> list[tuple[str, str]]:
+    """(file name, caption) per non-empty line of a ``metadata.jsonl``."""
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {n} is not valid JSON: {e}") from e
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {n} is {type(row).__name__}; expected a JSON object")
+        where = f"{path} line {n}"
+        rows.append((_pick(row, FILE_KEYS, where), _pick(row, CAPTION_KEYS, where)))
+    return rows
+
+
+def _csv_rows(path: Path) -> list[tuple[str, str]]:
+    """(file name, caption) per row of a ``metadata.csv`` with a header line."""
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [
+        (_pick(row, FILE_KEYS, f"{path} row {n}"), _pick(row, CAPTION_KEYS, f"{path} row {n}"))
+        for n, row in enumerate(rows, start=2)
+    ]
+
+
+def _existing(root: Path, rows: list[tuple[str, str]], source: Path) -> list[tuple[Path, str]]:
+    """Rows whose file exists under ``root``; warn about the rest, fail if none is left."""
+    found = [(root / name, caption) for name, caption in rows if (root / name).is_file()]
+    missing = [name for name, _ in rows if not (root / name).is_file()]
+    if missing:
+        warnings.warn(
+            f"{source} names {len(missing)} file(s) that do not exist, skipped: {missing[:5]}",
+            stacklevel=3,
+        )
+    if not found:
+        raise ValueError(f"{source} names {len(rows)} video(s) but none exists under {root}")
+    return found
+
+
+def _is_video_name(path: Path) -> bool:
+    """A visible file with a video extension (hidden files are skipped: temp writes)."""
+    return path.suffix.lower() in VIDEO_SUFFIXES and not path.name.startswith(".")
+
+
+def _sidecar_items(root: Path) -> list[tuple[Path, str]]:
+    """Every video under ``root`` (recursively) with its ``.txt`` caption or ``""``."""
+    videos = sorted(p for p in root.rglob("*") if _is_video_name(p))
+    if not videos:
+        texts = list(root.rglob("*.txt"))
+        what = f"{len(texts)} caption file(s) but no videos" if texts else "no videos"
+        raise ValueError(f"video folder {root} has {what}; video extensions: {VIDEO_SUFFIXES}")
+    items = [(p, _read_caption(p.with_suffix(".txt"))) for p in videos]
+    uncaptioned = sum(1 for p in videos if not p.with_suffix(".txt").is_file())
+    if uncaptioned:
+        warnings.warn(f"{uncaptioned} video(s) in {root} have no .txt caption", stacklevel=3)
+    return items
+
+
+def _read_caption(path: Path) -> str:
+    """A sidecar caption, stripped, or ``""`` when there is no sidecar."""
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else ""
+
+
+def find_videos(root: str | Path) -> list[tuple[Path, str]]:
+    """(video path, caption) pairs of a folder, by the layouts in the module docstring.
+
+    Raises:
+        ValueError: the root does not exist, holds no videos, has caption files but no
+            videos, or its metadata names no existing file or lacks the needed columns.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"video folder {root} does not exist or is not a directory")
+    for name, reader in (("metadata.jsonl", _jsonl_rows), ("metadata.csv", _csv_rows)):
+        source = root / name
+        if source.is_file():
+            rows = reader(source)
+            if not rows:
+                raise ValueError(f"{source} has no rows; expected file_name and caption")
+            return _existing(root, rows, source)
+    return _sidecar_items(root)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and buckets
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_size(size: Any, name: str) -> Size:
+    """A (width, height) pair of positive ints, or ValueError naming it."""
+    ok = isinstance(size, (tuple, list)) and len(size) == 2
+    if not ok or not all(isinstance(v, int) and v > 0 for v in size):
+        raise ValueError(f"{name} {size!r} must be (width, height) with positive ints")
+    return int(size[0]), int(size[1])
+
+
+def nearest_bucket(width: int, height: int, buckets: Sequence[Size]) -> Size:
+    """The bucket (w, h) closest in aspect ratio to ``width / height`` (in log ratio)."""
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - aspect))
+
+
+def _resolve_sizes(
+    resize: str, size: Size | None, buckets: Sequence[Size] | None
+) -> tuple[Size, ...]:
+    """The output sizes a dataset may produce: ``(size,)`` or the buckets."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize {resize!r} is not one of {RESIZE_MODES}")
+    if resize == "crop":
+        if buckets is not None:
+            raise ValueError("buckets are used only with resize='bucket'")
+        if size is None:
+            raise ValueError("resize='crop' needs size=(width, height)")
+        return (_check_size(size, "size"),)
+    if not buckets:
+        raise ValueError(f"resize='bucket' needs a non-empty list of buckets; got {buckets!r}")
+    sizes = tuple(_check_size(b, "bucket") for b in buckets)
+    if size is not None and _check_size(size, "size") not in sizes:
+        raise ValueError(f"size {size!r} is not one of the buckets {list(sizes)}")
+    return sizes
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset
+# ---------------------------------------------------------------------------------------------
+
+
+def to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 frames (T, H, W, 3) -> float32 (3, T, H, W) in [-1, 1]."""
+    x = torch.from_numpy(frames).permute(3, 0, 1, 2)  # (3, T, H, W)
+    return x.float() / 127.5 - 1.0
+
+
+def pad_frames(frames: np.ndarray, count: int) -> np.ndarray:
+    """Frames (T, H, W, 3) padded to ``count`` by repeating the last frame."""
+    if len(frames) >= count:
+        return frames
+    tail = np.repeat(frames[-1:], count - len(frames), axis=0)  # (count - T, H, W, 3)
+    return np.concatenate([frames, tail])
+
+
+class VideoFolder(Dataset):
+    """Captioned clips from a folder of videos, as float tensors ready for the VAE.
+
+    Args:
+        root: the folder (see the module docstring for the caption layouts).
+        frames: frames per clip, >= 1 (Wan models want 4k + 1).
+        fps: the rate the clip is sampled at (nearest source frame), > 0.
+        size: (width, height) of every clip for ``resize="crop"``.
+        resize: ``"crop"`` (cover ``size``, centre-crop) or ``"bucket"`` (cover the bucket
+            nearest in aspect ratio to the video, centre-crop to it).
+        buckets: the (width, height) sizes for ``resize="bucket"``.
+        seed: with the epoch and the index, seeds each clip's random start; >= 0.
+
+    Items are dicts: ``video`` float (3, frames, H, W) in [-1, 1], ``caption`` str, ``path``
+    str. ``skipped`` lists ``(path, reason)`` for every unreadable file met so far.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        frames: int,
+        fps: float,
+        size: Size | None = None,
+        resize: str = "crop",
+        buckets: Sequence[Size] | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(frames, int) or frames < 1:
+            raise ValueError(f"frames {frames!r} must be an int >= 1")
+        if not (math.isfinite(fps) and fps > 0):
+            raise ValueError(f"fps {fps} must be a finite number > 0")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed {seed!r} must be an int >= 0")
+        self.root, self.frames, self.fps, self.seed = Path(root), frames, float(fps), seed
+        self.resize, self.sizes = resize, _resolve_sizes(resize, size, buckets)
+        self.epoch = 0
+        self.skipped: list[tuple[str, str]] = []
+        self._broken: set[int] = set()
+        self._warned_short = False
+        self.items, self.infos = self._probe_all(find_videos(self.root))
+        self._buckets = [nearest_bucket(i.width, i.height, self.sizes) for i in self.infos]
+
+    def _probe_all(
+        self, found: list[tuple[Path, str]]
+    ) -> tuple[list[tuple[Path, str]], list[VideoInfo]]:
+        """Keep the readable videos and their header facts; record the others as skipped."""
+        items, infos = [], []
+        for path, caption in found:
+            try:
+                infos.append(probe(path))
+                items.append((path, caption))
+            except ValueError as e:
+                self._record_skip(path, e)
+        if not items:
+            raise ValueError(f"all {len(found)} video(s) in {self.root} are unreadable")
+        return items, infos
+
+    def _record_skip(self, path: Path, error: Exception) -> None:
+        """Warn about an unreadable file and add it to :attr:`skipped`."""
+        warnings.warn(f"skipping unreadable video: {error}", stacklevel=3)
+        self.skipped.append((str(path), str(error)))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose clip starts :meth:`__getitem__` draws."""
+        self.epoch = int(epoch)
+
+    def bucket_of(self, index: int) -> Size:
+        """The (width, height) item ``index`` is resized to."""
+        return self._buckets[index]
+
+    def clip_start(self, index: int) -> float:
+        """The clip's start in seconds, drawn from ``(seed, epoch, index)``."""
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        room = self.infos[index].duration - self.frames / self.fps
+        return float(rng.uniform(0.0, room)) if room > 0 else 0.0
+
+    def _load(self, index: int, size: Size) -> dict[str, Any]:
+        """Decode, pad, resize and normalise item ``index`` to ``size``."""
+        path, caption = self.items[index]
+        clip = read_clip(path, start=self.clip_start(index), frames=self.frames, fps=self.fps)
+        if len(clip) < self.frames:
+            self._warn_short(path, len(clip))
+            clip = pad_frames(clip, self.frames)
+        clip = resize_center_crop(clip, *size)  # (T, H, W, 3)
+        return {"video": to_tensor(clip), "caption": caption, "path": str(path)}
+
+    def _warn_short(self, path: Path, got: int) -> None:
+        """Warn (once per dataset) that clips are padded with their last frame."""
+        if not self._warned_short:
+            self._warned_short = True
+            warnings.warn(
+                f"{path} gives {got} of {self.frames} frames at {self.fps} fps; short clips "
+                "are padded by repeating their last frame (warned once)",
+                stacklevel=3,
+            )
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Item ``index``, or the next readable one (resized to ``index``'s bucket)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} videos")
+        size = self.bucket_of(index)
+        for step in range(len(self)):
+            j = (index + step) % len(self)
+            if j in self._broken:
+                continue
+            try:
+                return self._load(j, size)
+            except ValueError as e:
+                self._broken.add(j)
+                self._record_skip(self.items[j][0], e)
+        raise RuntimeError(f"every video in {self.root} failed to decode; see .skipped")
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching
+# ---------------------------------------------------------------------------------------------
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of indices that share one bucket (so one output size), shuffled per epoch.
+
+    Each bucket's indices are shuffled and cut into batches, and the batches of all buckets
+    are shuffled together, by a generator seeded with ``(seed, epoch)``.
+    """
+
+    def __init__(
+        self,
+        dataset: VideoFolder,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size {batch_size!r} must be an int >= 1")
+        self.dataset, self.batch_size = dataset, batch_size
+        self.shuffle, self.drop_last, self.seed, self.epoch = shuffle, drop_last, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch here and on the dataset (clip starts change with it)."""
+        self.epoch = int(epoch)
+        self.dataset.set_epoch(epoch)
+
+    def _groups(self) -> list[list[int]]:
+        """Indices grouped by bucket, in bucket order."""
+        groups: dict[Size, list[int]] = {}
+        for i in range(len(self.dataset)):
+            groups.setdefault(self.dataset.bucket_of(i), []).append(i)
+        return [groups[size] for size in sorted(groups)]
+
+    def _batches(self) -> list[list[int]]:
+        """This epoch's batches."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        batches = []
+        for group in self._groups():
+            order = [group[k] for k in rng.permutation(len(group))] if self.shuffle else group
+            for s in range(0, len(order), self.batch_size):
+                batch = order[s : s + self.batch_size]
+                if len(batch) == self.batch_size or not self.drop_last:
+                    batches.append(batch)
+        return [batches[k] for k in rng.permutation(len(batches))] if self.shuffle else batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Items -> ``video`` (B, 3, T, H, W), ``caption`` list[str], ``path`` list[str]."""
+    shapes = {tuple(item["video"].shape) for item in items}
+    if len(shapes) != 1:
+        raise ValueError(f"items of one batch have shapes {sorted(shapes)}; batch by bucket")
+    return {
+        "video": torch.stack([item["video"] for item in items]),  # (B, 3, T, H, W)
+        "caption": [item["caption"] for item in items],
+        "path": [item["path"] for item in items],
+    }
+
+
+def make_loader(
+    dataset: VideoFolder,
+    batch_size: int,
+    num_workers: int = 2,
+    seed: int = 0,
+    *,
+    shuffle: bool = True,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader with bucketed batches, decoding in ``num_workers`` worker processes.
+
+    Call ``loader.batch_sampler.set_epoch(epoch)`` before each epoch for fresh order and
+    clip starts.
+    """
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers {num_workers!r} must be an int >= 0")
+    sampler = BucketBatchSampler(
+        dataset, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed
+    )
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate)

@@ -1,0 +1,666 @@
+"""Video and image I/O: PyAV for containers and codecs, Pillow for GIF, WebP and PNG.
+
+Frames are always ``uint8`` arrays ``(T, H, W, 3)`` in RGB order; images are ``(H, W, 3)``.
+
+Writing (:func:`write_video`) picks the format by the path:
+
+- ``.mp4``: H.264 (libx264, ``yuv420p``, ``+faststart``) that plays in browsers; width and
+  height must be even. The ``metadata`` dict goes into the container's metadata.
+- ``.gif``: looping, Pillow palette per frame; the metadata is stored as JSON in the comment.
+  GIF delays are whole centiseconds, so the frame rate is rounded to 100 / n fps.
+- ``.webp``: animated, looping, Pillow; the metadata is stored as JSON in the EXIF
+  ``ImageDescription`` tag.
+- a directory (no suffix, or a trailing ``/``): ``frame_00000.png`` ... with ``fps`` and the
+  metadata in each PNG's text chunks.
+
+Every write goes to a temporary name in the target directory and is renamed into place, so
+an exception never leaves a partial file behind.
+
+Reading (:func:`read_video`, :func:`read_clip`) turns any source into a timeline of
+``(seconds, frame)`` and picks, for each target time ``start + k / fps``, the frame whose
+timestamp is nearest (ties go to the earlier frame).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import av
+import numpy as np
+from PIL import Image, ImageOps, PngImagePlugin
+
+WRITE_FORMATS = (".mp4", ".gif", ".webp", "<directory>/")
+PILLOW_SUFFIXES = (".gif", ".webp")
+DEFAULT_FOLDER_FPS = 16.0
+"""Frame rate assumed for a PNG folder whose frames carry no ``fps`` text chunk."""
+
+# Keys the MP4 muxer writes as classic iTunes-style tags; others need ``use_metadata_tags``.
+MP4_STANDARD_KEYS = frozenset(
+    {"title", "artist", "album", "comment", "description", "copyright", "genre", "date"}
+)
+EXIF_IMAGE_DESCRIPTION = 0x010E
+_EPS = 1e-9
+
+Timeline = Iterator[tuple[float, Any]]
+"""Decoded frames in display order as ``(seconds from start, frame object)``."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What :func:`probe` learns from a file's headers without decoding it all.
+
+    Attributes:
+        width, height: frame size in pixels.
+        frames: frame count (from the header, or ``duration * fps`` when the header has none).
+        fps: the native frame rate.
+        duration: length in seconds.
+        codec: decoder name, e.g. ``"h264"``, ``"vp9"``, ``"gif"``, ``"webp"``, ``"png"``.
+    """
+
+    width: int
+    height: int
+    frames: int
+    fps: float
+    duration: float
+    codec: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------------------------
+
+
+def _temp_name(path: Path, suffix: str) -> Path:
+    """A fresh hidden name beside ``path`` (same suffix, so format sniffing still works)."""
+    return path.parent / f".{path.stem}.{secrets.token_hex(6)}.tmp{suffix}"
+
+
+def _atomic_file(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path, path.suffix)
+    try:
+        tmp.touch(exist_ok=False)  # mode 0o666 minus umask, unlike mkstemp's 0o600
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _atomic_dir(path: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary directory beside ``path`` with ``write(tmp)``, then swap it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path, "")
+    try:
+        tmp.mkdir()  # mode 0o777 minus umask, unlike mkdtemp's 0o700
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = _temp_name(path, ".old") if path.exists() else None
+    if old is not None:
+        os.replace(path, old)  # a directory cannot be replaced in one step: move it aside
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_dir_target(path: str | Path) -> bool:
+    """A path names a PNG folder when it ends in a separator, has no suffix, or is a dir."""
+    text = os.fspath(path)
+    return text.endswith(("/", os.sep)) or Path(text).suffix == "" or Path(text).is_dir()
+
+
+def _checked_frames(frames: np.ndarray | Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """Yield frames (H, W, 3) uint8, raising ValueError at the first one that is not."""
+    shape = None
+    for i, frame in enumerate(frames):
+        if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8:
+            kind = getattr(frame, "dtype", type(frame).__name__)
+            raise ValueError(f"frame {i} has dtype {kind}; expected uint8 (H, W, 3)")
+        if frame.ndim != 3 or frame.shape[2] != 3 or (shape and frame.shape != shape):
+            want = shape or "(H, W, 3)"
+            raise ValueError(f"frame {i} has shape {frame.shape}; expected {want}")
+        shape = frame.shape
+        yield np.ascontiguousarray(frame)
+    if shape is None:
+        raise ValueError("no frames to write; expected at least one (H, W, 3) uint8 frame")
+
+
+def _check_write_args(frames: Any, fps: float, crf: int, metadata: dict | None) -> None:
+    """Reject bad arguments of :func:`write_video` before any file is touched."""
+    if isinstance(frames, np.ndarray) and (frames.ndim != 4 or frames.shape[-1] != 3):
+        raise ValueError(f"frames shape {frames.shape} must be (T, H, W, 3)")
+    if not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps {fps} must be a finite number > 0")
+    if not 0 <= crf <= 51:
+        raise ValueError(f"crf {crf} must be in [0, 51]")
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError(f"metadata {key!r}: {value!r} must map str to str")
+
+
+def _mp4_options(metadata: dict[str, str]) -> dict[str, str]:
+    """Muxer options: fast start always; free-form metadata keys when any are non-standard."""
+    flags = "+faststart"
+    if set(metadata) - MP4_STANDARD_KEYS:
+        flags += "+use_metadata_tags"
+    return {"movflags": flags}
+
+
+def _write_mp4(
+    tmp: Path, frames: Iterator[np.ndarray], fps: float, metadata: dict[str, str], crf: int
+) -> None:
+    """Encode frames (H, W, 3) uint8 as H.264 yuv420p into an MP4 at ``tmp``."""
+    first = next(frames)
+    height, width = first.shape[:2]
+    if width % 2 or height % 2:
+        raise ValueError(f"mp4 (H.264 yuv420p) needs even width and height; got {width}x{height}")
+    with av.open(str(tmp), "w", format="mp4", options=_mp4_options(metadata)) as container:
+        container.metadata.update(metadata)
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for frame in _prepend(first, frames):
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            container.mux(stream.encode(video_frame))
+        container.mux(stream.encode(None))
+
+
+def _prepend(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """Yield ``first`` and then the rest."""
+    yield first
+    yield from rest
+
+
+def _pillow_frames(frames: Iterator[np.ndarray]) -> tuple[Image.Image, Iterator[Image.Image]]:
+    """The first frame as an image, and a lazy iterator over the remaining ones."""
+    first = Image.fromarray(next(frames))
+    return first, (Image.fromarray(f) for f in frames)
+
+
+def _write_gif(tmp: Path, frames: Iterator[np.ndarray], fps: float, metadata: dict) -> None:
+    """Looping GIF; the delay is rounded to whole centiseconds as the format stores it."""
+    first, rest = _pillow_frames(frames)
+    delay_ms = max(1, round(100 / fps)) * 10
+    options: dict[str, Any] = {"comment": json.dumps(metadata)} if metadata else {}
+    first.save(
+        tmp, format="GIF", save_all=True, append_images=rest, duration=delay_ms, loop=0, **options
+    )
+
+
+def _write_webp(tmp: Path, frames: Iterator[np.ndarray], fps: float, metadata: dict) -> None:
+    """Looping animated WebP (lossy, quality 90); metadata as JSON in EXIF."""
+    first, rest = _pillow_frames(frames)
+    exif = Image.Exif()
+    if metadata:
+        exif[EXIF_IMAGE_DESCRIPTION] = json.dumps(metadata)
+    first.save(
+        tmp,
+        format="WEBP",
+        save_all=True,
+        append_images=rest,
+        duration=round(1000 / fps),
+        loop=0,
+        quality=90,
+        exif=exif,
+    )
+
+
+def _write_png_folder(tmp: Path, frames: Iterator[np.ndarray], fps: float, metadata: dict) -> None:
+    """``frame_00000.png`` ... with ``fps`` and the metadata in each file's text chunks."""
+    text = PngImagePlugin.PngInfo()
+    for key, value in {**metadata, "fps": repr(float(fps))}.items():
+        text.add_text(key, value)
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(tmp / f"frame_{i:05d}.png", pnginfo=text)
+
+
+def write_video(
+    path: str | Path,
+    frames: np.ndarray | Iterable[np.ndarray],
+    fps: float,
+    *,
+    metadata: dict[str, str] | None = None,
+    crf: int = 18,
+) -> Path:
+    """Write frames to ``path``, the format chosen by its extension (see the module docstring).
+
+    Args:
+        path: ``*.mp4``, ``*.gif``, ``*.webp``, or a directory for PNG frames.
+        frames: uint8 (T, H, W, 3) RGB, or an iterable of (H, W, 3) uint8 frames (streamed,
+            so a long video need not be in memory at once for mp4 and PNG output).
+        fps: frames per second, > 0.
+        metadata: str -> str written into the file (e.g. ``title``: prompt, ``comment``: seed).
+        crf: x264 constant rate factor for mp4, 0 (lossless) .. 51; 18 is visually lossless.
+
+    Returns:
+        The path written. Nothing is left behind if an exception is raised.
+    """
+    _check_write_args(frames, fps, crf, metadata)
+    meta = dict(metadata or {})
+    checked = _checked_frames(frames)
+    if _is_dir_target(path):
+        return _atomic_dir(Path(path), lambda t: _write_png_folder(t, checked, fps, meta))
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".mp4":
+        return _atomic_file(path, lambda t: _write_mp4(t, checked, fps, meta, crf))
+    if suffix == ".gif":
+        return _atomic_file(path, lambda t: _write_gif(t, checked, fps, meta))
+    if suffix == ".webp":
+        return _atomic_file(path, lambda t: _write_webp(t, checked, fps, meta))
+    raise ValueError(f"unknown video extension {path.suffix!r} in {path}; valid: {WRITE_FORMATS}")
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """The ``.json`` file that sits beside a video or frame folder: ``clip.mp4 -> clip.json``."""
+    path = Path(os.fspath(path).rstrip("/" + os.sep))
+    return path.with_suffix(".json")
+
+
+def write_sidecar(path: str | Path, info: dict) -> Path:
+    """Write ``info`` as indented JSON to :func:`sidecar_path` (atomically); return that path."""
+    text = json.dumps(info, indent=2, sort_keys=True, default=str) + "\n"
+    return _atomic_file(sidecar_path(path), lambda t: t.write_text(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# Timelines: every source as (seconds, frame) pairs
+# ---------------------------------------------------------------------------------------------
+
+
+def _decode_error(path: str | Path, reason: object) -> ValueError:
+    """The one error type for a video that cannot be read."""
+    return ValueError(f"cannot decode video {path}: {reason}")
+
+
+def _open_av(path: Path) -> av.container.InputContainer:
+    """Open a container with a video stream, or raise the decode ValueError."""
+    if not path.is_file():
+        raise _decode_error(path, "no such file")
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
+        raise _decode_error(path, e) from e
+    if not container.streams.video:
+        container.close()
+        raise _decode_error(path, "no video stream")
+    return container
+
+
+def _stream_fps(stream: av.video.stream.VideoStream) -> float:
+    """The native frame rate of a stream (average, else guessed, else 16)."""
+    rate = stream.average_rate or stream.guessed_rate
+    return float(rate) if rate else DEFAULT_FOLDER_FPS
+
+
+def _stream_offset(stream: av.video.stream.VideoStream) -> float:
+    """Seconds of the stream's first timestamp, so timelines start at zero."""
+    if stream.start_time is None:
+        return 0.0
+    return float(stream.start_time * stream.time_base)
+
+
+def _av_timeline(container: av.container.InputContainer, start: float) -> Timeline:
+    """Decode the first video stream from about ``start`` seconds: (seconds, av.VideoFrame)."""
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    offset, fps = _stream_offset(stream), _stream_fps(stream)
+    if start > 0:
+        target = int((start + offset) / stream.time_base)
+        container.seek(target, stream=stream, backward=True)
+    for i, frame in enumerate(container.decode(stream)):
+        t = frame.time - offset if frame.time is not None else i / fps
+        yield t, frame
+
+
+def _pillow_durations(image: Image.Image) -> list[float]:
+    """Per-frame display time in seconds of an animated image (0 or missing -> 0.1 s)."""
+    durations = []
+    for k in range(getattr(image, "n_frames", 1)):
+        image.seek(k)
+        image.load()
+        durations.append((image.info.get("duration") or 100) / 1000)
+    return durations
+
+
+def _snap_fps(duration: float) -> float:
+    """The rate of a frame delay, snapped to whole fps when that fps rounds to the same ms."""
+    delay_ms = round(duration * 1000)
+    whole = round(1000 / delay_ms) if delay_ms else 0
+    return float(whole) if whole and round(1000 / whole) == delay_ms else 1 / duration
+
+
+def _pillow_timeline(image: Image.Image, durations: list[float]) -> Timeline:
+    """(seconds, RGB PIL image) for each frame of an animated GIF or WebP."""
+    t = 0.0
+    for k, duration in enumerate(durations):
+        image.seek(k)
+        yield t, image.convert("RGB")
+        t += duration
+
+
+def _png_files(folder: Path) -> list[Path]:
+    """The PNG frames of a folder in name order (at least one, else the decode error)."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png")
+    if not files:
+        raise _decode_error(folder, "folder has no .png frames")
+    return files
+
+
+def _png_fps(first: Path) -> float:
+    """The ``fps`` text chunk of a PNG frame, else :data:`DEFAULT_FOLDER_FPS`."""
+    with Image.open(first) as image:
+        value = image.info.get("fps")
+    try:
+        return float(value) if value is not None else DEFAULT_FOLDER_FPS
+    except ValueError:
+        return DEFAULT_FOLDER_FPS
+
+
+def _png_timeline(files: list[Path], fps: float, start: float) -> Timeline:
+    """(seconds, PNG path) for a frame folder, skipping files well before ``start``."""
+    first = max(0, int(start * fps) - 1)
+    for i in range(first, len(files)):
+        yield i / fps, files[i]
+
+
+# ---------------------------------------------------------------------------------------------
+# Nearest-frame resampling
+# ---------------------------------------------------------------------------------------------
+
+
+def _nearer_is_prev(prev_t: float, t: float, tau: float) -> bool:
+    """Whether the previous frame is at least as near to ``tau`` as the current one."""
+    return tau - prev_t <= t - tau + _EPS
+
+
+def _resample(
+    timeline: Timeline, start: float, fps: float, count: int | None, frame_duration: float
+) -> list[Any]:
+    """Pick the frame nearest to each time ``start + k / fps`` (k = 0 .. count-1).
+
+    With ``count`` None it stops at the end of the video: the last frame serves target times
+    up to ``frame_duration`` after its own. It may return fewer than ``count`` frames.
+    """
+    picked: list[Any] = []
+    prev: tuple[float, Any] | None = None
+    for t, frame in timeline:
+        while count is None or len(picked) < count:
+            tau = start + len(picked) / fps
+            if t < tau - _EPS:
+                break
+            near_prev = prev is not None and _nearer_is_prev(prev[0], t, tau)
+            picked.append(prev[1] if near_prev else frame)
+        if count is not None and len(picked) >= count:
+            return picked
+        prev = (t, frame)
+    while prev is not None and (count is None or len(picked) < count):
+        if start + len(picked) / fps >= prev[0] + frame_duration - _EPS:
+            break
+        picked.append(prev[1])
+    return picked
+
+
+def _to_rgb(frame: Any) -> np.ndarray:
+    """An av.VideoFrame, PIL image or image path as an (H, W, 3) uint8 array."""
+    if isinstance(frame, av.VideoFrame):
+        return frame.to_ndarray(format="rgb24")
+    if isinstance(frame, Path):
+        with Image.open(frame) as image:
+            return np.asarray(image.convert("RGB"))
+    return np.asarray(frame.convert("RGB"))
+
+
+def _stack(frames: list[Any], path: str | Path) -> np.ndarray:
+    """Frames as (T, H, W, 3) uint8; an empty list is a decode error."""
+    if not frames:
+        raise _decode_error(path, "no frames decoded")
+    return np.stack([_to_rgb(f) for f in frames])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+class _Source(NamedTuple):
+    """An opened video: its timeline from about ``start`` and its timing facts."""
+
+    timeline: Timeline
+    fps: float  # native frame rate
+    last_duration: float  # seconds the last frame is shown
+    constant_rate: bool  # False: keep decoded frames as they are when no fps is asked
+
+
+@contextmanager
+def _open_source(path: Path, start: float) -> Iterator[_Source]:
+    """Open a PNG folder, a GIF/WebP (Pillow) or any PyAV container as a :class:`_Source`."""
+    if path.is_dir():
+        files = _png_files(path)
+        fps = _png_fps(files[0])
+        yield _Source(_png_timeline(files, fps, start), fps, 1 / fps, True)
+    elif path.suffix.lower() in PILLOW_SUFFIXES:
+        with _open_pillow(path) as image:
+            durations = _pillow_durations(image)
+            fps = _snap_fps(min(durations))
+            yield _Source(_pillow_timeline(image, durations), fps, durations[-1], True)
+    else:
+        with _open_av(path) as container:
+            fps = _stream_fps(container.streams.video[0])
+            yield _Source(_av_timeline(container, start), fps, 1 / fps, False)
+
+
+def _read_timed(
+    path: Path, start: float, fps: float | None, count: int | None
+) -> tuple[np.ndarray, float]:
+    """Decode ``path`` and resample from ``start`` at ``fps`` (native frames when None)."""
+    try:
+        with _open_source(path, start) as source:
+            if fps is None and start == 0 and not source.constant_rate:
+                picked = [frame for _, frame in _take(source.timeline, count)]
+            else:
+                rate = fps or source.fps
+                picked = _resample(source.timeline, start, rate, count, source.last_duration)
+            return _stack(picked, path), fps or source.fps
+    except (OSError, EOFError, av.FFmpegError) as e:
+        raise _decode_error(path, e) from e
+
+
+def _take(timeline: Timeline, count: int | None) -> Iterator[tuple[float, Any]]:
+    """The first ``count`` items of a timeline (all when None)."""
+    for i, item in enumerate(timeline):
+        if count is not None and i >= count:
+            return
+        yield item
+
+
+def _open_pillow(path: Path) -> Image.Image:
+    """Open an image with Pillow, or raise the decode ValueError."""
+    try:
+        return Image.open(path)
+    except (OSError, ValueError) as e:
+        raise _decode_error(path, e) from e
+
+
+def _check_read_args(max_frames: int | None, fps: float | None, start: float = 0.0) -> None:
+    """Reject bad read arguments."""
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames {max_frames} must be >= 1 (or None for all)")
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps {fps} must be a finite number > 0 (or None for native)")
+    if not (math.isfinite(start) and start >= 0):
+        raise ValueError(f"start {start} must be a finite number of seconds >= 0")
+
+
+def read_video(
+    path: str | Path, *, max_frames: int | None = None, fps: float | None = None
+) -> tuple[np.ndarray, float]:
+    """Decode a video file (any PyAV container, GIF, WebP) or a PNG-frame folder.
+
+    Args:
+        path: the video file or folder.
+        max_frames: stop after this many output frames (None: all).
+        fps: resample in time to this rate by nearest frame (None: native frames and rate).
+
+    Returns:
+        frames uint8 (T, H, W, 3) RGB, and their frame rate.
+
+    Raises:
+        ValueError: ``cannot decode video {path}: ...`` for a missing or unreadable file.
+    """
+    _check_read_args(max_frames, fps)
+    return _read_timed(Path(path), 0.0, fps, max_frames)
+
+
+def read_clip(path: str | Path, *, start: float, frames: int, fps: float) -> np.ndarray:
+    """Decode ``frames`` frames at ``fps`` from ``start`` seconds (seeking, not decoding all).
+
+    Returns uint8 (T, H, W, 3) with ``T <= frames``: fewer when the video ends first.
+    Raises the same ValueError as :func:`read_video`.
+    """
+    _check_read_args(frames, fps, start)
+    return _read_timed(Path(path), start, fps, frames)[0]
+
+
+def _pillow_metadata(image: Image.Image) -> dict[str, str]:
+    """The JSON metadata kinema stores in a GIF comment or WebP EXIF description."""
+    raw = image.info.get("comment") or image.getexif().get(EXIF_IMAGE_DESCRIPTION)
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    try:
+        data = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        return {"comment": raw}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """Container metadata (MP4 tags, GIF/WebP JSON, PNG text chunks) as str -> str."""
+    path = Path(path)
+    if path.is_dir():
+        with Image.open(_png_files(path)[0]) as image:
+            return {k: str(v) for k, v in image.info.items() if isinstance(v, str) and k != "fps"}
+    if path.suffix.lower() in PILLOW_SUFFIXES:
+        with _open_pillow(path) as image:
+            return _pillow_metadata(image)
+    with _open_av(path) as container:
+        return dict(container.metadata)
+
+
+def _probe_av(path: Path) -> VideoInfo:
+    """Header facts of a PyAV-readable file."""
+    with _open_av(path) as container:
+        stream = container.streams.video[0]
+        fps = _stream_fps(stream)
+        if stream.duration is not None:
+            duration = float(stream.duration * stream.time_base)
+        else:
+            duration = (container.duration or 0) / av.time_base
+        frames = stream.frames or max(1, round(duration * fps))
+        name = stream.codec_context.name
+        return VideoInfo(stream.width, stream.height, frames, fps, duration, name)
+
+
+def _probe_pillow(path: Path) -> VideoInfo:
+    """Header facts of an animated GIF or WebP (frame count at the native rate)."""
+    with _open_pillow(path) as image:
+        durations = _pillow_durations(image)
+        fps, duration = _snap_fps(min(durations)), sum(durations)
+        frames = max(1, round(duration * fps))
+        codec = (image.format or path.suffix[1:]).lower()
+        return VideoInfo(image.width, image.height, frames, fps, duration, codec)
+
+
+def _probe_png(path: Path) -> VideoInfo:
+    """Header facts of a PNG-frame folder."""
+    files = _png_files(path)
+    fps = _png_fps(files[0])
+    with Image.open(files[0]) as image:
+        width, height = image.size
+    return VideoInfo(width, height, len(files), fps, len(files) / fps, "png")
+
+
+def probe(path: str | Path) -> VideoInfo:
+    """Size, frame count, rate, duration and codec from the headers (no full decode)."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return _probe_png(path)
+        if path.suffix.lower() in PILLOW_SUFFIXES:
+            return _probe_pillow(path)
+        return _probe_av(path)
+    except (OSError, EOFError, av.FFmpegError) as e:
+        raise _decode_error(path, e) from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Images and resizing
+# ---------------------------------------------------------------------------------------------
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Any Pillow-readable image as uint8 (H, W, 3) RGB, EXIF orientation applied."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot decode image {path}: {e}") from e
+
+
+def _cover_box(width: int, height: int, src_w: int, src_h: int) -> tuple[float, ...]:
+    """The centred source box with the target's aspect ratio that just fits the source."""
+    scale = max(width / src_w, height / src_h)
+    box_w, box_h = width / scale, height / scale
+    left, top = (src_w - box_w) / 2, (src_h - box_h) / 2
+    return (left, top, left + box_w, top + box_h)
+
+
+def _resize_one(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """One (H, W, 3) uint8 frame resized to cover (width, height) and centre-cropped."""
+    src_h, src_w = image.shape[:2]
+    if (src_w, src_h) == (width, height):
+        return image.copy()
+    box = _cover_box(width, height, src_w, src_h)
+    pil = Image.fromarray(image).resize((width, height), Image.Resampling.LANCZOS, box=box)
+    return np.asarray(pil)
+
+
+def resize_center_crop(frames: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Scale so (width, height) is covered, then centre-crop (Lanczos, one frame at a time).
+
+    Args:
+        frames: uint8 image (H, W, 3) or video (T, H, W, 3).
+        width, height: the output size, >= 1.
+
+    Returns:
+        uint8 (height, width, 3) or (T, height, width, 3).
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"size {width}x{height} must be at least 1x1")
+    if frames.dtype != np.uint8 or frames.ndim not in (3, 4) or frames.shape[-1] != 3:
+        raise ValueError(
+            f"frames {frames.dtype} {frames.shape} must be uint8 (H, W, 3) or (T, H, W, 3)"
+        )
+    if frames.ndim == 3:
+        return _resize_one(frames, width, height)
+    return np.stack([_resize_one(f, width, height) for f in frames])

@@ -1,0 +1,223 @@
+"""kinema.data.folder: caption layouts, clip sampling, buckets, broken files, DataLoader."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from kinema.data.folder import BucketBatchSampler, VideoFolder, collate, make_loader
+from kinema.io.video import write_video
+
+STEP = 8  # frame i of a test video has brightness STEP * i
+
+
+def brightness(frames: int, width: int, height: int) -> np.ndarray:
+    """uint8 (T, H, W, 3) where frame i is a flat grey of value STEP * i."""
+    values = (np.arange(frames) * STEP).astype(np.uint8)
+    return np.broadcast_to(values[:, None, None, None], (frames, height, width, 3)).copy()
+
+
+def write_webm(path: Path, frames: np.ndarray, fps: int) -> Path:
+    """A VP8 WebM written with PyAV directly (write_video has no WebM writer)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libvpx", rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt, stream.options = "yuv420p", {"crf": "4", "b:v": "1M"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+    return path
+
+
+def make_folder(root: Path) -> dict[str, str]:
+    """Three good videos of different shapes and one corrupted file; returns name -> caption."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_video(root / "wide.mp4", brightness(30, 64, 32), 30)
+    write_video(root / "tall.mp4", brightness(30, 32, 64), 30)
+    write_webm(root / "square.webm", brightness(30, 48, 48), 30)
+    (root / "broken.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
+    return {
+        "wide.mp4": "a wide shot",
+        "tall.mp4": "a tall shot",
+        "square.webm": "a square shot",
+        "broken.mp4": "never seen",
+    }
+
+
+def frame_indices(video: torch.Tensor) -> list[int]:
+    """Recover the source frame indices from a (3, T, H, W) item in [-1, 1]."""
+    grey = ((video + 1) * 127.5).mean(dim=(0, 2, 3))  # (T,)
+    return [int(round(v)) for v in (grey / STEP).tolist()]
+
+
+def load(root: Path, **kwargs) -> VideoFolder:
+    """A VideoFolder with the warnings about the corrupted file silenced."""
+    settings = {"frames": 5, "fps": 10.0, "size": (32, 32), **kwargs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return VideoFolder(root, **settings)
+
+
+@pytest.fixture(scope="module")
+def sidecar_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sidecar")
+    for name, caption in make_folder(root).items():
+        (root / name).with_suffix(".txt").write_text(caption + "\n")
+    return root
+
+
+def test_sidecar_captions_shapes_and_skips(sidecar_root):
+    with pytest.warns(UserWarning, match="skipping unreadable video: cannot decode video"):
+        ds = VideoFolder(sidecar_root, frames=5, fps=10, size=(32, 24))
+    assert len(ds) == 3 and len(ds.skipped) == 1
+    assert ds.skipped[0][0].endswith("broken.mp4")
+    captions = {Path(p).name: c for p, c in ds.items}
+    assert captions == {
+        "square.webm": "a square shot",
+        "tall.mp4": "a tall shot",
+        "wide.mp4": "a wide shot",
+    }
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["video"].shape == (3, 5, 24, 32) and item["video"].dtype == torch.float32
+        assert item["video"].min() >= -1 and item["video"].max() <= 1
+        assert item["caption"] == captions[Path(item["path"]).name]
+
+
+def test_clips_are_sampled_at_the_target_fps(sidecar_root):
+    ds = load(sidecar_root, frames=5, fps=10)
+    for i in range(len(ds)):
+        start = ds.clip_start(i)
+        assert 0 <= start <= 1.0 - 5 / 10  # the clip fits in the 1 s video
+        nearest = [int(np.floor((start + k / 10) * 30 + 0.5)) for k in range(5)]
+        assert frame_indices(ds[i]["video"]) == nearest  # 30 fps source -> every 3rd frame
+
+
+def test_sampling_is_reproducible_per_seed_and_epoch(sidecar_root):
+    a, b = load(sidecar_root, seed=3), load(sidecar_root, seed=3)
+    starts = [a.clip_start(i) for i in range(len(a))]
+    assert starts == [b.clip_start(i) for i in range(len(b))]
+    assert torch.equal(a[1]["video"], b[1]["video"])
+    assert starts != [load(sidecar_root, seed=4).clip_start(i) for i in range(len(a))]
+    a.set_epoch(1)
+    assert starts != [a.clip_start(i) for i in range(len(a))]
+
+
+def test_short_videos_are_padded_with_their_last_frame(sidecar_root):
+    ds = load(sidecar_root, frames=13, fps=10)  # 1.3 s wanted from 1 s videos
+    with pytest.warns(UserWarning, match="padded by repeating their last frame"):
+        item = ds[0]
+    assert frame_indices(item["video"]) == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29, 29, 29]
+
+
+def test_jsonl_takes_precedence_and_missing_files_are_skipped(tmp_path):
+    make_folder(tmp_path)
+    rows = [
+        {"file_name": "wide.mp4", "caption": "from jsonl"},
+        {"video": "square.webm", "text": "square from jsonl"},
+        {"path": "gone.mp4", "prompt": "missing"},
+    ]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "metadata.csv").write_text("file_name,caption\ntall.mp4,from csv\n")
+    (tmp_path / "wide.txt").write_text("from txt")
+    with pytest.warns(UserWarning, match=r"names 1 file\(s\) that do not exist.*gone\.mp4"):
+        ds = VideoFolder(tmp_path, frames=3, fps=10, size=(16, 16))
+    assert sorted((Path(p).name, c) for p, c in ds.items) == [
+        ("square.webm", "square from jsonl"),
+        ("wide.mp4", "from jsonl"),
+    ]
+
+
+def test_csv_layout(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "metadata.csv").write_text(
+        'video,text\ntall.mp4,"tall, from csv"\nbroken.mp4,bad\n'
+    )
+    ds = load(tmp_path, frames=3)
+    assert [(Path(p).name, c) for p, c in ds.items] == [("tall.mp4", "tall, from csv")]
+    assert len(ds.skipped) == 1 and ds[0]["caption"] == "tall, from csv"
+
+
+def test_file_broken_during_training_is_skipped(tmp_path):
+    make_folder(tmp_path)
+    ds = load(tmp_path)
+    assert len(ds.skipped) == 1
+    names = [Path(p).name for p, _ in ds.items]
+    victim = names.index("tall.mp4")
+    (tmp_path / "tall.mp4").write_bytes(b"\x00" * 2000)
+    with pytest.warns(UserWarning, match="skipping unreadable video"):
+        item = ds[victim]
+    assert Path(item["path"]).name == names[(victim + 1) % len(ds)]
+    assert len(ds.skipped) == 2 and ds.skipped[1][0].endswith("tall.mp4")
+    assert Path(ds[victim]["path"]).name != "tall.mp4"
+
+
+def test_buckets_choose_nearest_aspect(sidecar_root):
+    buckets = [(32, 16), (16, 32), (24, 24)]
+    ds = load(sidecar_root, resize="bucket", buckets=buckets, size=None)
+    by_name = {Path(p).name: ds.bucket_of(i) for i, (p, _) in enumerate(ds.items)}
+    assert by_name == {"wide.mp4": (32, 16), "tall.mp4": (16, 32), "square.webm": (24, 24)}
+    for i in range(len(ds)):
+        w, h = ds.bucket_of(i)
+        assert ds[i]["video"].shape == (3, 5, h, w)
+    sampler = BucketBatchSampler(ds, batch_size=2, seed=1)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == [0, 1, 2]
+    assert all(len({ds.bucket_of(i) for i in b}) == 1 for b in batches)
+
+
+def test_dataloader_with_worker_processes(sidecar_root):
+    ds = load(sidecar_root, frames=3, size=(16, 16))
+    loader = make_loader(ds, batch_size=2, num_workers=2, seed=0)
+    loader.batch_sampler.set_epoch(2)
+    assert ds.epoch == 2
+    batches = list(loader)
+    assert [b["video"].shape[0] for b in batches] == [2, 1]
+    assert batches[0]["video"].shape == (2, 3, 3, 16, 16)
+    seen = sorted(Path(p).name for b in batches for p in b["path"])
+    assert seen == ["square.webm", "tall.mp4", "wide.mp4"]
+    loader = make_loader(ds, batch_size=2, num_workers=0, seed=0)
+    loader.batch_sampler.set_epoch(2)
+    again = list(loader)
+    assert torch.equal(again[0]["video"], batches[0]["video"])  # same seed and epoch
+
+
+def test_collate_refuses_mixed_sizes():
+    a = {"video": torch.zeros(3, 2, 4, 4), "caption": "a", "path": "a"}
+    b = {"video": torch.zeros(3, 2, 4, 8), "caption": "b", "path": "b"}
+    assert collate([a, a])["video"].shape == (2, 3, 2, 4, 4)
+    with pytest.raises(ValueError, match="batch by bucket"):
+        collate([a, b])
+
+
+def test_bad_folders_and_arguments(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        VideoFolder(tmp_path / "nope", frames=3, fps=10, size=(16, 16))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no videos"):
+        VideoFolder(tmp_path / "empty", frames=3, fps=10, size=(16, 16))
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("a caption")
+    with pytest.raises(ValueError, match=r"has 1 caption file\(s\) but no videos"):
+        VideoFolder(tmp_path / "texts", frames=3, fps=10, size=(16, 16))
+    (tmp_path / "texts" / "metadata.jsonl").write_text('{"file_name": "a.mp4", "caption": "x"}\n')
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="none exists under"):
+        VideoFolder(tmp_path / "texts", frames=3, fps=10, size=(16, 16))
+    (tmp_path / "texts" / "metadata.jsonl").write_text('{"name": "a.mp4", "caption": "x"}\n')
+    with pytest.raises(ValueError, match=r"line 1 has none of the columns \['file_name'"):
+        VideoFolder(tmp_path / "texts", frames=3, fps=10, size=(16, 16))
+    make_folder(tmp_path / "ok")
+    with pytest.raises(ValueError, match=r"resize 'stretch' is not one of \('crop', 'bucket'\)"):
+        load(tmp_path / "ok", resize="stretch")
+    with pytest.raises(ValueError, match="needs a non-empty list of buckets"):
+        load(tmp_path / "ok", resize="bucket", size=None)
+    with pytest.raises(ValueError, match="frames 0 must be an int >= 1"):
+        load(tmp_path / "ok", frames=0)
+    with pytest.raises(ValueError, match=r"size \(16, -2\) must be"):
+        load(tmp_path / "ok", size=(16, -2))

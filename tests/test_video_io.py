@@ -1,0 +1,207 @@
+"""kinema.io.video: round trips through every format, timing, metadata, atomicity, errors."""
+
+from __future__ import annotations
+
+import json
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from kinema.io.video import (
+    probe,
+    read_clip,
+    read_image,
+    read_metadata,
+    read_video,
+    resize_center_crop,
+    write_sidecar,
+    write_video,
+)
+
+
+def smooth_clip(frames: int = 12, height: int = 48, width: int = 64) -> np.ndarray:
+    """A smooth moving colour pattern, uint8 (T, H, W, 3)."""
+    t, y, x = np.meshgrid(
+        np.arange(frames), np.arange(height), np.arange(width), indexing="ij"
+    )  # each (T, H, W)
+    r = 128 + 80 * np.sin(2 * np.pi * (x / width + t / frames))
+    g = 128 + 80 * np.cos(2 * np.pi * (y / height - t / frames))
+    b = 128 + 60 * np.sin(2 * np.pi * (x + y) / (width + height))
+    return np.stack([r, g, b], axis=-1).round().astype(np.uint8)
+
+
+def brightness_clip(frames: int, step: int = 8, size: int = 16) -> np.ndarray:
+    """Frame i is a flat grey of value ``step * i``: uint8 (T, size, size, 3)."""
+    values = (np.arange(frames) * step).astype(np.uint8)
+    return np.broadcast_to(values[:, None, None, None], (frames, size, size, 3)).copy()
+
+
+def frame_indices(video: np.ndarray, step: int = 8) -> list[int]:
+    """Recover i from frames made by :func:`brightness_clip`."""
+    return [int(round(v)) for v in video.reshape(len(video), -1).mean(axis=1) / step]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0**2 / mse)) if mse > 0 else float("inf")
+
+
+def test_mp4_round_trip_is_h264_yuv420p_faststart(tmp_path):
+    clip = smooth_clip()
+    out = write_video(tmp_path / "sub" / "clip.mp4", clip, 16)
+    frames, fps = read_video(out)
+    assert frames.shape == clip.shape and fps == 16
+    assert psnr(frames, clip) > 35
+    with av.open(str(out)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        assert stream.codec_context.pix_fmt == "yuv420p"
+    data = out.read_bytes()
+    assert data.index(b"moov") < data.index(b"mdat")  # +faststart
+    info = probe(out)
+    assert (info.width, info.height, info.frames, info.fps, info.codec) == (64, 48, 12, 16, "h264")
+    assert info.duration == pytest.approx(12 / 16)
+
+
+def test_mp4_metadata_round_trip(tmp_path):
+    meta = {"title": "a cat on a skateboard", "comment": "seed=7", "kinema_sampler": "unipc"}
+    out = write_video(tmp_path / "m.mp4", smooth_clip(4), 8, metadata=meta)
+    assert meta.items() <= read_metadata(out).items()
+
+
+@pytest.mark.parametrize("suffix, min_psnr", [(".gif", 25), (".webp", 30)])
+def test_animated_image_round_trip(tmp_path, suffix, min_psnr):
+    clip = smooth_clip()
+    clip[5] = clip[4]  # identical neighbours get merged by the encoders: count must survive
+    meta = {"title": "a dog", "comment": "seed=3"}
+    out = write_video(tmp_path / f"a{suffix}", clip, 20, metadata=meta)
+    frames, fps = read_video(out)
+    assert frames.shape == clip.shape and fps == 20
+    assert psnr(frames, clip) > min_psnr
+    assert read_metadata(out) == meta
+    info = probe(out)
+    assert (info.frames, info.fps, info.codec) == (12, 20, suffix[1:])
+    with Image.open(out) as image:
+        assert image.info["loop"] == 0
+
+
+def test_png_folder_round_trip_is_exact(tmp_path):
+    clip = smooth_clip(5)
+    out = write_video(str(tmp_path / "frames") + "/", clip, 12.5, metadata={"title": "x"})
+    assert sorted(p.name for p in out.iterdir()) == [f"frame_{i:05d}.png" for i in range(5)]
+    frames, fps = read_video(out)
+    assert np.array_equal(frames, clip) and fps == 12.5
+    assert read_metadata(out) == {"title": "x"}
+    assert probe(out).frames == 5
+    write_video(out, clip[:2], 12.5)  # rewriting replaces the whole folder
+    assert len(list(out.iterdir())) == 2
+
+
+def test_resample_to_fps_picks_nearest_frames(tmp_path):
+    out = write_video(tmp_path / "b.mp4", brightness_clip(30), 30)
+    down, fps = read_video(out, fps=10)
+    assert fps == 10 and frame_indices(down) == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27]
+    up, _ = read_video(out, fps=60, max_frames=7)
+    assert frame_indices(up) == [0, 0, 1, 1, 2, 2, 3]
+    assert frame_indices(read_video(out, max_frames=4)[0]) == [0, 1, 2, 3]
+
+
+def test_read_clip_seeks_and_stops_at_the_end(tmp_path):
+    path = tmp_path / "gop.mp4"  # short GOPs so that seeking lands on a real keyframe
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width = stream.height = 16
+        stream.pix_fmt, stream.codec_context.gop_size = "yuv420p", 4
+        for frame in brightness_clip(30):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+    clip = read_clip(path, start=0.5, frames=4, fps=10)
+    assert frame_indices(clip) == [15, 18, 21, 24]
+    assert frame_indices(read_clip(path, start=0.7, frames=5, fps=10)) == [21, 24, 27]
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path):
+    def frames():
+        yield np.zeros((16, 16, 3), np.uint8)
+        yield np.zeros((16, 18, 3), np.uint8)  # wrong size, met after the file was opened
+
+    for name in ("x.mp4", "x.gif", "x.webp", "x"):
+        with pytest.raises(ValueError, match=r"frame 1 has shape \(16, 18, 3\)"):
+            write_video(tmp_path / name, frames(), 8)
+    assert list(tmp_path.iterdir()) == []
+    keep = write_video(tmp_path / "keep.mp4", smooth_clip(2), 8)
+    before = keep.read_bytes()
+    with pytest.raises(ValueError):
+        write_video(keep, frames(), 8)
+    assert keep.read_bytes() == before and list(tmp_path.iterdir()) == [keep]
+
+
+def test_bad_writes_name_the_problem(tmp_path):
+    clip = smooth_clip(2)
+    with pytest.raises(ValueError, match=r"'\.avi'.*valid: \('\.mp4', '\.gif', '\.webp'"):
+        write_video(tmp_path / "x.avi", clip, 8)
+    with pytest.raises(ValueError, match="even width and height; got 33x32"):
+        write_video(tmp_path / "odd.mp4", smooth_clip(2, 32, 33), 8)
+    with pytest.raises(ValueError, match=r"frames shape \(48, 64, 3\) must be \(T, H, W, 3\)"):
+        write_video(tmp_path / "y.mp4", clip[0], 8)
+    with pytest.raises(ValueError, match="fps 0 must be"):
+        write_video(tmp_path / "y.mp4", clip, 0)
+    with pytest.raises(ValueError, match="dtype float32"):
+        write_video(tmp_path / "y.mp4", clip.astype(np.float32), 8)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupted_or_missing_video_raises_value_error(tmp_path):
+    bad = tmp_path / "x.mp4"
+    bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    for read in (read_video, probe, read_metadata):
+        with pytest.raises(ValueError, match=f"cannot decode video {bad}"):
+            read(bad)
+    with pytest.raises(ValueError, match="cannot decode video .*nope.webm: no such file"):
+        read_video(tmp_path / "nope.webm")
+    (tmp_path / "x.gif").write_bytes(b"GIF89a" + bytes(20))
+    with pytest.raises(ValueError, match="cannot decode video"):
+        read_video(tmp_path / "x.gif")
+
+
+def test_sidecar_sits_beside_the_output(tmp_path):
+    out = write_video(tmp_path / "cat.webp", smooth_clip(2), 8)
+    side = write_sidecar(out, {"prompt": "a cat", "seed": 7})
+    assert side == tmp_path / "cat.json"
+    assert json.loads(side.read_text()) == {"prompt": "a cat", "seed": 7}
+    assert write_sidecar(str(tmp_path / "frames") + "/", {}) == tmp_path / "frames.json"
+
+
+def test_read_image_converts_to_rgb(tmp_path):
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    Image.fromarray(gray, mode="L").save(tmp_path / "g.png")
+    rgb = read_image(tmp_path / "g.png")
+    assert rgb.shape == (3, 4, 3) and np.array_equal(rgb[..., 1], gray)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot decode image .*bad.jpg"):
+        read_image(tmp_path / "bad.jpg")
+
+
+def test_resize_center_crop_equals_resize_then_crop():
+    image = smooth_clip(1, 50, 100)[0]
+    ours = resize_center_crop(image, 24, 24)  # scale 0.48: 48 x 24, then columns 12..36
+    full = np.asarray(Image.fromarray(image).resize((48, 24), Image.Resampling.LANCZOS))
+    assert ours.shape == (24, 24, 3)
+    assert np.abs(ours.astype(int) - full[:, 12:36]).max() <= 1
+    tall = resize_center_crop(image, 10, 40)  # scale 0.8: 80 x 40, then columns 35..45
+    full = np.asarray(Image.fromarray(image).resize((80, 40), Image.Resampling.LANCZOS))
+    assert tall.shape == (40, 10, 3)
+    assert np.abs(tall.astype(int) - full[:, 35:45]).max() <= 1
+
+
+def test_resize_center_crop_shapes_and_errors():
+    video = resize_center_crop(smooth_clip(3), 32, 32)
+    assert video.shape == (3, 32, 32, 3) and video.dtype == np.uint8
+    same = smooth_clip(1)[0]
+    assert np.array_equal(resize_center_crop(same, 64, 48), same)
+    with pytest.raises(ValueError, match="size 0x4"):
+        resize_center_crop(same, 0, 4)
+    with pytest.raises(ValueError, match="must be uint8"):
+        resize_center_crop(same.astype(np.float32), 4, 4)
