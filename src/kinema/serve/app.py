@@ -15,6 +15,7 @@ import hmac
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -494,8 +495,9 @@ class Service:
         """Validate with the pipeline (which reads the inputs), then queue (429 when full)."""
         try:
             resolved, inputs = self.pipe.prepare(self.request_of(draft))
-        except ValueError as err:
-            raise bad(param_of(str(err)), str(err)) from err
+        except ValueError as err:  # messages name input files by their field, not their path
+            message = str(err).replace(f"{self.job_dir(draft.folder)}{os.sep}", "")
+            raise bad(param_of(message), message) from err
         if draft.spec.kind == "extend":  # the stitched total: source plus new frames
             draft.seconds = fmt_seconds((len(inputs["extend"]) + resolved.frames) / resolved.fps)
         return self.queue(draft, draft.spec, resolved)

@@ -403,7 +403,8 @@ class Worker:
             self.store.requeue(job)
         except Exception as err:
             log.warning("job %s failed: %s", job.id, err)
-            self.store.finish(job, "failed", self.expiry(), ("generation_failed", str(err)[:1000]))
+            message = str(err).replace(f"{self.store.folder(job)}{os.sep}", "")[:1000]
+            self.store.finish(job, "failed", self.expiry(), ("generation_failed", message))
 
     def report(self, job: Job, step: int, total: int) -> None:
         """The pipeline's progress callback: record the step, stop if deleted or stopping."""

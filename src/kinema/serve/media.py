@@ -27,6 +27,10 @@ CONTAINERS = {"mov,mp4,m4a,3gp,3g2,mj2": ".mp4", "matroska,webm": ".mkv", "gif":
               "avi": ".avi", "webp": ".webp"}  # fmt: skip
 
 
+class Rejected(ValueError):
+    """An upload decoded, but is not usable (too large, no video stream, ...)."""
+
+
 @dataclass(frozen=True)
 class VideoProbe:
     """What decoding an uploaded video found."""
@@ -67,10 +71,10 @@ def check_image(data: bytes, max_pixels: int) -> Image.Image:
         img = Image.open(io.BytesIO(data))
         w, h = img.size
         if w * h > max_pixels:
-            raise ValueError(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+            raise Rejected(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
         img.load()
         return img.convert("RGB")
-    except ValueError:
+    except Rejected:
         raise
     except Exception as err:  # Pillow raises many kinds (UnidentifiedImageError, OSError, ...)
         raise ValueError(f"not a decodable image ({type(err).__name__})") from err
@@ -84,18 +88,18 @@ def check_video(path: Path, max_frames: int, max_pixels: int) -> VideoProbe:
         with av.open(str(path)) as container:
             fmt = container.format.name
             if not container.streams.video:
-                raise ValueError("the file has no video stream")
+                raise Rejected("the file has no video stream")
             stream = container.streams.video[0]
             frames, size = 0, None
             for frame in container.decode(stream):
                 size = size or (frame.width, frame.height)
                 frames += 1
                 if frames > max_frames:
-                    raise ValueError(f"video has more than {max_frames} frames")
+                    raise Rejected(f"video has more than {max_frames} frames")
             rate = float(stream.average_rate or stream.guessed_rate or 0)
-    except ValueError:
+    except Rejected:
         raise
-    except Exception as err:  # PyAV raises av.error.* (InvalidDataError, ...) and OSError
+    except Exception as err:  # av.error.* (some are ValueErrors naming the path), OSError
         raise ValueError(f"not a decodable video ({type(err).__name__})") from err
     return _probe(fmt, frames, size, rate, max_pixels)
 

@@ -1,0 +1,272 @@
+"""End to end: a real `kinema serve` process on a loopback port, driven by the openai SDK."""
+
+from __future__ import annotations
+
+import io
+import time
+import warnings
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from kinema.cli import frames_for_seconds
+from kinema.io.video import read_video
+from tests.serve_helpers import Server, build_tiny_model, mp4_bytes, png_bytes
+
+KEY = "test-key"
+warnings.filterwarnings("ignore", category=DeprecationWarning)  # the SDK marks videos deprecated
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    model = build_tiny_model(root / "tiny-model")
+    with Server(model, root / "data", "--api-key", KEY, "--max-upload-mb", "0.05") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as c:  # fmt: skip
+        yield c
+
+
+@pytest.fixture(scope="module")
+def done(client):
+    """One completed video (4 steps, so that a remix has steps left to run)."""
+    return client.videos.create_and_poll(
+        prompt="a red ball", model="tiny-model", seconds="1", size="32x32",
+        extra_body={"seed": 3, "steps": 4}, poll_interval_ms=100,
+    )  # fmt: skip
+
+
+def wait(client, video_id, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        video = client.videos.retrieve(video_id)
+        if video.status in ("completed", "failed"):
+            return video
+        time.sleep(0.1)
+    raise AssertionError(f"{video_id} did not finish")
+
+
+def decode(data: bytes, tmp_path, name="out.mp4") -> np.ndarray:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return read_video(path)[0]
+
+
+def test_create_poll_retrieve_list_download(client, done, tmp_path):
+    assert done.status == "completed" and done.progress == 100 and done.error is None
+    assert (done.object, done.model, done.size, done.seconds) == (
+        "video",
+        "tiny-model",
+        "32x32",
+        "1",
+    )
+    assert done.created_at <= done.completed_at < done.expires_at
+    assert client.videos.retrieve(done.id).model_dump() == done.model_dump()
+    assert done.id in [v.id for v in client.videos.list(limit=100)]
+    frames = decode(client.videos.download_content(done.id).read(), tmp_path)
+    assert frames.shape == (frames_for_seconds(1, 8), 32, 32, 3)  # 9 frames at 8 fps
+    thumb = Image.open(
+        io.BytesIO(client.videos.download_content(done.id, variant="thumbnail").read())
+    )
+    assert (thumb.format, thumb.size) == ("WEBP", (32, 32))
+    sheet = client.videos.download_content(done.id, variant="spritesheet").read()
+    assert Image.open(io.BytesIO(sheet)).size == (4 * 32, 3 * 32)  # 9 frames, 4 per row
+
+
+def test_list_pagination(client, done):
+    ids = [client.videos.create(prompt=f"p{i}", seconds="0.5").id for i in range(3)]
+    page = client.videos.list(limit=2, order="asc", after=ids[0])
+    assert [v.id for v in page.data] == ids[1:]
+    first = client.videos.list(limit=2)  # newest first
+    assert [v.id for v in first.data] == ids[::-1][:2] and first.has_more
+    assert [v.id for v in first.get_next_page().data][0] == ids[0]
+    for i in ids:
+        wait(client, i)
+
+
+def test_remix_edit_extend(client, http, done, tmp_path):
+    remix = wait(client, client.videos.remix(done.id, prompt="a blue ball").id)
+    assert remix.status == "completed", remix.error
+    assert (remix.remixed_from_video_id, remix.size, remix.seconds) == (done.id, "32x32", "1")
+    # extension of an uploaded clip (the SDK sends files only): source + 1 s of new frames
+    source = client.videos.download_content(done.id).read()
+    ext = client.videos.extend(prompt="it rolls on", seconds="1", video=("clip.mp4", source))
+    ext = wait(client, ext.id)
+    assert ext.status == "completed", ext.error
+    frames = decode(client.videos.download_content(ext.id).read(), tmp_path)
+    assert frames.shape[0] == 9 + 8 and ext.seconds == "2.125"
+    # extension and edit by id, as JSON
+    by_id = http.post("/v1/videos/extensions", json={"prompt": "on", "seconds": "1",
+                                                     "video": {"id": done.id}})  # fmt: skip
+    assert by_id.status_code == 200, by_id.text
+    edit = http.post("/v1/videos/edits", json={"prompt": "green", "video": {"id": done.id},
+                                              "strength": 0.9, "steps": 4})  # fmt: skip
+    assert edit.status_code == 200, edit.text
+    for r in (by_id, edit):
+        finished = wait(client, r.json()["id"])
+        assert finished.status == "completed", finished.error
+
+
+def test_image_to_video_upload(client, tmp_path):
+    video = client.videos.create(prompt="from a picture", size="32x32",
+                                 input_reference=("start.png", png_bytes()))  # fmt: skip
+    video = wait(client, video.id)
+    assert video.status == "completed", video.error
+    assert decode(client.videos.download_content(video.id).read(), tmp_path).shape[1:] == (
+        32,
+        32,
+        3,
+    )
+
+
+def test_delete_cancels_and_removes(client, server):
+    slow = [client.videos.create(prompt="slow", extra_body={"steps": 30}) for _ in range(2)]
+    gone = client.videos.delete(slow[1].id)  # queued behind the first
+    assert (gone.id, gone.deleted, gone.object) == (slow[1].id, True, "video.deleted")
+    while client.videos.retrieve(slow[0].id).status == "queued":
+        time.sleep(0.05)
+    assert client.videos.delete(slow[0].id).deleted  # running: cancelled
+    for v in slow:
+        with pytest.raises(openai.NotFoundError):
+            client.videos.retrieve(v.id)
+    listed = {v.id for v in client.videos.list(limit=100)}
+    assert not listed & {v.id for v in slow}
+    with pytest.raises(openai.NotFoundError):
+        client.videos.delete(slow[0].id)
+
+
+def test_models(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny-model"]
+
+
+def test_auth(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.get(f"{server.url}/v1/videos", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{server.url}/").status_code == 200  # the page itself is public
+    assert httpx.get(f"{server.url}/static/app.js").status_code == 200
+
+
+def error_of(response: httpx.Response, status: int, param: str | None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param, error
+    return error
+
+
+@pytest.mark.parametrize(
+    "fields, param, message",
+    [
+        ({"size": "33x32"}, "size", "width 33 is not a multiple of 16; nearest valid: 32"),
+        ({"size": "big"}, "size", "size"),
+        ({"seconds": "0"}, "seconds", "must be > 0"),
+        ({"seconds": "ten"}, "seconds", "not a number"),
+        ({"seconds": "1000"}, "seconds", "<= 60"),
+        ({"steps": "-1"}, "steps", "greater than or equal to 1"),
+        ({"seed": "1.5"}, "seed", "integer"),
+        ({"sampler": "ddim"}, "sampler", "unknown sampler 'ddim'"),
+        ({"model": "sora-2"}, "model", "unknown model 'sora-2'"),
+        ({"colour": "red"}, "colour", "unknown parameter"),
+        ({"prompt": ""}, "prompt", "at least 1 character"),
+    ],
+)
+def test_bad_create_requests(http, fields, param, message):
+    body = {"prompt": "x", **fields}
+    for send in ({"data": body, "files": {"unused": ("", b"")}}, {"json": body}):
+        send = {k: v for k, v in send.items() if k != "files"}
+        error = error_of(http.post("/v1/videos", **send), 400, param)
+        assert message in error["message"]
+
+
+def test_bad_uploads(http):
+    not_image = http.post(
+        "/v1/videos",
+        data={"prompt": "x"},
+        files={"input_reference": ("cat.png", b"GIF89a not really", "image/png")},
+    )
+    assert "not a decodable image" in error_of(not_image, 400, "input_reference")["message"]
+    big = np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, format="PNG")  # ~120 kB, over the 0.05 MB limit
+    oversize = http.post(
+        "/v1/videos",
+        data={"prompt": "x"},
+        files={"input_reference": ("a.png", buf.getvalue(), "image/png")},
+    )
+    assert oversize.status_code in (400, 413)
+    error_of(
+        oversize, oversize.status_code, "input_reference" if oversize.status_code == 400 else None
+    )
+    url = http.post(
+        "/v1/videos",
+        json={"prompt": "x", "input_reference": {"image_url": "http://127.0.0.1:1/a.png"}},
+    )
+    assert "never fetches a URL" in error_of(url, 400, "input_reference")["message"]
+    not_video = http.post(
+        "/v1/videos/edits",
+        data={"prompt": "x"},
+        files={"video": ("a.mp4", b"\x00\x00\x00\x18ftypmp42" + b"junk" * 100, "video/mp4")},
+    )
+    assert "not a decodable video" in error_of(not_video, 400, "video")["message"]
+
+
+def test_unknown_ids(http, client):
+    for method, path in [("GET", "/v1/videos/video_nope"), ("DELETE", "/v1/videos/video_nope"),
+                         ("GET", "/v1/videos/../../etc/passwd/content"),
+                         ("GET", "/v1/videos/video_nope/content")]:  # fmt: skip
+        r = http.request(method, path)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    error_of(http.post("/v1/videos/video_nope/remix", json={"prompt": "x"}), 404, "video_id")
+    error_of(
+        http.post("/v1/videos/edits", json={"prompt": "x", "video": {"id": "nope"}}), 404, "video"
+    )
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve("video_0000")
+
+
+def test_openapi_is_true(http, done):
+    doc = http.get("/openapi.json").json()
+    served = {(p, m) for p, ops in doc["paths"].items() for m in ops}
+    assert served == {
+        ("/v1/models", "get"), ("/v1/videos", "post"), ("/v1/videos", "get"),
+        ("/v1/videos/{video_id}", "get"), ("/v1/videos/{video_id}", "delete"),
+        ("/v1/videos/{video_id}/content", "get"), ("/v1/videos/{video_id}/remix", "post"),
+        ("/v1/videos/edits", "post"), ("/v1/videos/extensions", "post"),
+    }  # fmt: skip
+    schemas = doc["components"]["schemas"]
+    real = http.get(f"/v1/videos/{done.id}").json()
+    assert set(schemas["VideoObject"]["properties"]) == set(real)
+    assert set(schemas["VideoObject"]["required"]) <= set(real)
+    create = doc["paths"]["/v1/videos"]["post"]["requestBody"]["content"]
+    assert set(create) == {"application/json", "multipart/form-data"}
+    documented = set(schemas["CreateVideoBody"]["properties"])
+    assert {"prompt", "model", "seconds", "size", "input_reference", "seed", "steps"} <= documented
+    assert (
+        create["multipart/form-data"]["schema"]["properties"]["input_reference"]["format"]
+        == "binary"
+    )
+    assert doc["paths"]["/v1/videos"]["post"]["security"] == [{"bearer": []}]
+    for status in ("400", "401", "404"):
+        assert status in doc["paths"]["/v1/videos/{video_id}"]["get"]["responses"]
+
+
+def test_extension_upload_of_other_sizes_is_checked(http, tmp_path):
+    data = mp4_bytes(tmp_path / "odd.mp4", size=24)
+    r = http.post("/v1/videos/extensions", data={"prompt": "x", "seconds": "1"},
+                  files={"video": ("odd.mp4", data, "video/mp4")})  # fmt: skip
+    assert "multiples of 16" in error_of(r, 400, "video")["message"]
