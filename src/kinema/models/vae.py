@@ -1,0 +1,650 @@
+"""The causal 3D VAE of Wan 2.1 (diffusers ``AutoencoderKLWan``): 8x spatial, 4x temporal.
+
+Every convolution is causal in time: frame ``t`` of the output sees input frames ``<= t`` only.
+Video is encoded chunk by chunk (first chunk 1 frame, then ``temporal_factor`` frames each) and
+decoded one latent frame at a time. Between chunks each causal layer needs a few of its most
+recent input frames; that context is a :class:`CausalCache`, passed in and returned explicitly,
+so memory stays flat in the video length and no module holds state.
+
+Module and parameter names equal diffusers' ``AutoencoderKLWan`` state-dict keys, so a diffusers
+``vae/diffusion_pytorch_model.safetensors`` loads with ``load_state_dict(strict=True)``.
+
+Convention inside this file: a *cached block* has an int ``cache_slots`` (how many cache entries
+it owns, a structural constant) and ``forward(x, cache) -> (x, new_cache)``, where ``cache`` is
+the block's own slice of entries (``None`` before the first chunk).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kinema.configs import VAEConfig, from_dict
+
+CACHE_FRAMES = 2  # input frames a 3-tap causal conv keeps from the previous chunk
+Slots = list[Tensor | None]  # one cache entry per causal layer, in execution order
+
+
+# ---------------------------------------------------------------------------------------------
+# Leaf modules
+# ---------------------------------------------------------------------------------------------
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d padded on the past side only in time: with zeros, or with cached past frames.
+
+    ``padding=(pt, ph, pw)`` pads ``2 * pt`` frames before the input and ``ph``/``pw`` on both
+    spatial sides, so a kernel of ``2 * pt + 1`` frames never looks at the future.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int, int],
+        stride: int | tuple[int, int, int] = 1,
+        padding: int | tuple[int, int, int] = 0,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0)
+        pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
+        self.past_frames = 2 * pt
+        self.spatial_pad = (pw, pw, ph, ph)
+
+    def forward(self, x: Tensor, past: Tensor | None = None) -> Tensor:
+        """(B, C, T, H, W), past (B, C, P <= past_frames, H, W) -> (B, C', T', H', W')."""
+        missing = self.past_frames
+        if past is not None and self.past_frames > 0:
+            x = torch.cat([past.to(x.device), x], dim=2)
+            missing -= past.shape[2]
+        return super().forward(F.pad(x, (*self.spatial_pad, missing, 0)))
+
+
+def newest_frames(x: Tensor, past: Tensor | None, n: int = CACHE_FRAMES) -> Tensor:
+    """The last ``n`` frames of ``x``; when ``x`` is shorter, topped up with the newest of ``past``.
+
+    x (B, C, T, H, W) -> (B, C, min(n, T + 1), H, W); cloned so the cache keeps no big views.
+    """
+    tail = x[:, :, -n:].clone()
+    if tail.shape[2] < n and past is not None:
+        tail = torch.cat([past[:, :, -1:].to(tail.device), tail], dim=2)
+    return tail
+
+
+def cached_conv(conv: CausalConv3d, x: Tensor, past: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Run a causal conv on one chunk; return its output and the context for the next chunk."""
+    return conv(x, past), newest_frames(x, past)
+
+
+def per_frame(module: nn.Module, x: Tensor) -> Tensor:
+    """Apply a 2D module to every frame: (B, C, T, H, W) -> (B, C', T, H', W')."""
+    b, c, t, h, w = x.shape
+    y = module(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))  # (B*T, C', H', W')
+    return y.view(b, t, *y.shape[1:]).permute(0, 2, 1, 3, 4)  # (B, C', T, H', W')
+
+
+def run_chain(
+    blocks: Iterable[nn.Module], x: Tensor, cache: Sequence[Tensor | None]
+) -> tuple[Tensor, Slots]:
+    """Run cached blocks in order, each on its own ``cache_slots`` entries of ``cache``.
+
+    Returns ``(x, new_cache)`` with ``new_cache`` laid out like ``cache``.
+    """
+    new: Slots = []
+    for block in blocks:
+        x, entries = block(x, cache[len(new) : len(new) + block.cache_slots])
+        new.extend(entries)
+    return x, new
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over channels (dim 1) with a learned per-channel gain, no bias.
+
+    ``x / ||x||_2 * sqrt(C) * gamma``; half-precision inputs are normalised in float32.
+    gamma has shape (C, 1, 1) for images (``spatial_dims=2``) or (C, 1, 1, 1) for video.
+    """
+
+    def __init__(self, dim: int, spatial_dims: int = 3) -> None:
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, *([1] * spatial_dims)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, ...) -> same shape."""
+        low_precision = x.element_size() < 4
+        normed = F.normalize(x.float() if low_precision else x, dim=1).to(x.dtype)
+        return normed * self.scale * self.gamma
+
+
+class Upsample2x(nn.Module):
+    """Nearest-exact 2x spatial upsampling, computed in float32: (N, C, H, W) -> (N, C, 2H, 2W)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.interpolate(x.float(), scale_factor=2.0, mode="nearest-exact").type_as(x)
+
+
+class Resample(nn.Module):
+    """Spatial 2x down/up sampling, optionally with 2x causal temporal down/up sampling.
+
+    Modes: ``downsample2d``, ``downsample3d``, ``upsample2d``, ``upsample3d``. Upsampling halves
+    the channels (``dim -> dim // 2``), as in Wan 2.1's decoder.
+    """
+
+    def __init__(self, dim: int, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.cache_slots = 1 if mode.endswith("3d") else 0
+        if mode.startswith("upsample"):
+            self.resample = nn.Sequential(Upsample2x(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+        elif mode.startswith("downsample"):
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, 2))
+        else:
+            raise ValueError(f"unknown resample mode {mode!r}")
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        elif mode == "downsample3d":
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+
+    def forward(self, x: Tensor, cache: Sequence[Tensor | None]) -> tuple[Tensor, Slots]:
+        """(B, C, T, H, W) -> (B, C', T', H*s, W*s) with s = 2 (up) or 1/2 (down)."""
+        new: Slots = []
+        if self.mode == "upsample3d":
+            x, past = self._double_time(x, cache[0])
+            new = [past]
+        x = per_frame(self.resample, x)
+        if self.mode == "downsample3d":
+            x, past = self._halve_time(x, cache[0])
+            new = [past]
+        return x, new
+
+    def _double_time(self, x: Tensor, past: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(B, C, T, H, W) -> (B, C, 2T, H, W); the very first chunk is left undoubled.
+
+        Each frame becomes two by a causal conv to 2C channels, split and interleaved in time.
+        After the first chunk the context starts as a zero frame (diffusers' ``"Rep"``).
+        """
+        if past is None:
+            return x, torch.zeros_like(x[:, :, -1:])
+        y = self.time_conv(x, past)  # (B, 2C, T, H, W)
+        b, c2, t, h, w = y.shape
+        y = y.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5)  # (B, C, T, 2, H, W)
+        return y.reshape(b, c2 // 2, 2 * t, h, w), newest_frames(x, past)
+
+    def _halve_time(self, x: Tensor, past: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(B, C, T, H, W) -> (B, C, T // 2, H, W) by a stride-2 conv over [last past frame, x].
+
+        The first chunk (one frame) passes through unchanged.
+        """
+        newest = x[:, :, -1:].clone()
+        if past is None:
+            return x, newest
+        return self.time_conv(torch.cat([past.to(x.device), x], dim=2)), newest
+
+
+class ResidualBlock(nn.Module):
+    """x + conv2(drop(silu(norm2(conv1(silu(norm1(x))))))), with a 1x1x1 conv shortcut when the
+    channel count changes. Two causal 3x3x3 convs, so two cache slots."""
+
+    cache_slots = 2
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(in_dim)
+        self.conv1 = CausalConv3d(in_dim, out_dim, 3, padding=1)
+        self.norm2 = RMSNorm(out_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = CausalConv3d(out_dim, out_dim, 3, padding=1)
+        shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+        self.conv_shortcut = shortcut
+
+    def forward(self, x: Tensor, cache: Sequence[Tensor | None]) -> tuple[Tensor, Slots]:
+        """(B, C_in, T, H, W) -> (B, C_out, T, H, W)."""
+        h, past1 = cached_conv(self.conv1, F.silu(self.norm1(x)), cache[0])
+        h = self.dropout(F.silu(self.norm2(h)))
+        h, past2 = cached_conv(self.conv2, h, cache[1])
+        return h + self.conv_shortcut(x), [past1, past2]
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the pixels of each frame (no attention across time)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, spatial_dims=2)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, T, H, W) -> same shape."""
+        b, c, t, h, w = x.shape
+        y = self.norm(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))  # (B*T, C, H, W)
+        qkv = self.to_qkv(y).flatten(2).transpose(1, 2).unsqueeze(1)  # (B*T, 1, H*W, 3C)
+        q, k, v = qkv.chunk(3, dim=-1)  # each (B*T, 1, H*W, C)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B*T, 1, H*W, C)
+        y = y.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)  # (B*T, C, H, W)
+        y = self.proj(y).view(b, t, c, h, w).permute(0, 2, 1, 3, 4)  # (B, C, T, H, W)
+        return x + y
+
+
+class MidBlock(nn.Module):
+    """Residual block, frame-wise attention, residual block (at the lowest resolution)."""
+
+    cache_slots = 2 * ResidualBlock.cache_slots
+
+    def __init__(self, dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.attentions = nn.ModuleList([AttentionBlock(dim)])
+        self.resnets = nn.ModuleList([ResidualBlock(dim, dim, dropout) for _ in range(2)])
+
+    def forward(self, x: Tensor, cache: Sequence[Tensor | None]) -> tuple[Tensor, Slots]:
+        """(B, C, T, H, W) -> same shape."""
+        x, first = self.resnets[0](x, cache[:2])
+        x, second = self.resnets[1](self.attentions[0](x), cache[2:])
+        return x, first + second
+
+
+class UpBlock(nn.Module):
+    """``num_res_blocks + 1`` residual blocks, then an optional :class:`Resample` upsampler."""
+
+    def __init__(
+        self, in_dim: int, out_dim: int, num_res_blocks: int, dropout: float, mode: str | None
+    ) -> None:
+        super().__init__()
+        dims = [in_dim] + [out_dim] * (num_res_blocks + 1)
+        self.resnets = nn.ModuleList(
+            ResidualBlock(i, o, dropout) for i, o in zip(dims[:-1], dims[1:], strict=True)
+        )
+        self.upsamplers = nn.ModuleList([Resample(out_dim, mode)]) if mode else None
+        self.cache_slots = sum(m.cache_slots for m in self._blocks())
+
+    def _blocks(self) -> list[nn.Module]:
+        return [*self.resnets, *(self.upsamplers or [])]
+
+    def forward(self, x: Tensor, cache: Sequence[Tensor | None]) -> tuple[Tensor, Slots]:
+        """(B, C_in, T, H, W) -> (B, C_out or C_out // 2, T or 2T, H or 2H, W or 2W)."""
+        return run_chain(self._blocks(), x, cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder and decoder
+# ---------------------------------------------------------------------------------------------
+
+
+class Encoder3d(nn.Module):
+    """Video (B, 3, T, H, W) -> posterior moments (B, 2 * z_dim, T', H / 8, W / 8).
+
+    conv_in; per stage ``num_res_blocks`` residual blocks then a downsampler (all but the last
+    stage; temporal too where ``temporal_downsample`` says so); mid block; RMS norm, SiLU,
+    conv_out. ``down_blocks`` is one flat list, as in diffusers.
+    """
+
+    def __init__(self, config: VAEConfig, in_channels: int = 3) -> None:
+        super().__init__()
+        dims = [config.base_dim * m for m in (1, *config.dim_mult)]
+        self.conv_in = CausalConv3d(in_channels, dims[0], 3, padding=1)
+        blocks: list[nn.Module] = []
+        last = len(config.dim_mult) - 1
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            for j in range(config.num_res_blocks):
+                blocks.append(ResidualBlock(in_dim if j == 0 else out_dim, out_dim, config.dropout))
+            if i != last:
+                temporal = config.temporal_downsample[i]
+                blocks.append(Resample(out_dim, "downsample3d" if temporal else "downsample2d"))
+        self.down_blocks = nn.ModuleList(blocks)
+        self.mid_block = MidBlock(dims[-1], config.dropout)
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = CausalConv3d(dims[-1], 2 * config.z_dim, 3, padding=1)
+        self.cache_slots = 2 + sum(b.cache_slots for b in (*self.down_blocks, self.mid_block))
+
+    def forward(self, x: Tensor, cache: Sequence[Tensor | None]) -> tuple[Tensor, Slots]:
+        """One chunk (B, 3, T, H, W) -> (B, 2 * z_dim, T', H / 8, W / 8) and its new cache."""
+        x, past_in = cached_conv(self.conv_in, x, cache[0])
+        x, middle = run_chain([*self.down_blocks, self.mid_block], x, cache[1:-1])
+        x, past_out = cached_conv(self.conv_out, F.silu(self.norm_out(x)), cache[-1])
+        return x, [past_in, *middle, past_out]
+
+
+class Decoder3d(nn.Module):
+    """Latents (B, z_dim, F, h, w) -> video (B, 3, T, 8h, 8w), unclamped.
+
+    conv_in; mid block; per stage an :class:`UpBlock` (the reverse of the encoder's stages, one
+    more residual block each, upsampling all but the last); RMS norm, SiLU, conv_out.
+    """
+
+    def __init__(self, config: VAEConfig, out_channels: int = 3) -> None:
+        super().__init__()
+        mult = config.dim_mult
+        dims = [config.base_dim * m for m in (mult[-1], *mult[::-1])]
+        temporal_upsample = config.temporal_downsample[::-1]
+        self.conv_in = CausalConv3d(config.z_dim, dims[0], 3, padding=1)
+        self.mid_block = MidBlock(dims[0], config.dropout)
+        blocks = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            in_dim = in_dim // 2 if i > 0 else in_dim  # the previous upsampler halved channels
+            mode = None
+            if i != len(mult) - 1:
+                mode = "upsample3d" if temporal_upsample[i] else "upsample2d"
+            blocks.append(UpBlock(in_dim, out_dim, config.num_res_blocks, config.dropout, mode))
+        self.up_blocks = nn.ModuleList(blocks)
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = CausalConv3d(dims[-1], out_channels, 3, padding=1)
+        self.cache_slots = 2 + sum(b.cache_slots for b in (self.mid_block, *self.up_blocks))
+
+    def forward(self, x: Tensor, cache: Sequence[Tensor | None]) -> tuple[Tensor, Slots]:
+        """One chunk (B, z_dim, F, h, w) -> (B, 3, T, 8h, 8w) and its new cache."""
+        x, past_in = cached_conv(self.conv_in, x, cache[0])
+        x, middle = run_chain([self.mid_block, *self.up_blocks], x, cache[1:-1])
+        x, past_out = cached_conv(self.conv_out, F.silu(self.norm_out(x)), cache[-1])
+        return x, [past_in, *middle, past_out]
+
+
+# ---------------------------------------------------------------------------------------------
+# Explicit state, tiling, and the VAE
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CausalCache:
+    """Temporal context carried from one chunk to the next.
+
+    ``frames[i]`` holds the newest input frames (B, C_i, <= 2, H_i, W_i) of the i-th causal layer,
+    in execution order; an encoder cache and a decoder cache have different lengths.
+    """
+
+    frames: tuple[Tensor | None, ...]
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    """Spatial tiling for large frames: square tiles of ``size`` pixels overlapping by
+    ``overlap`` pixels, blended linearly across the overlap. Both must be multiples of the
+    VAE's spatial factor (8), with ``0 <= overlap < size``."""
+
+    size: int = 256
+    overlap: int = 64
+
+    @property
+    def stride(self) -> int:
+        return self.size - self.overlap
+
+    def __post_init__(self) -> None:
+        if self.size <= 0 or not 0 <= self.overlap < self.size:
+            raise ValueError(
+                f"TileSpec needs size > 0 and 0 <= overlap < size, got size={self.size}, "
+                f"overlap={self.overlap}"
+            )
+
+
+def _blend(prev: Tensor, cur: Tensor, extent: int, dim: int) -> Tensor:
+    """Cross-fade the first ``extent`` rows of ``cur`` along ``dim`` with the last rows of
+    ``prev``: weight of ``cur`` rises linearly 0, 1/e, ..., (e-1)/e (as diffusers' blend_v/h)."""
+    e = min(prev.shape[dim], cur.shape[dim], extent)
+    if e <= 0:
+        return cur
+    shape = [1] * cur.ndim
+    shape[dim] = e
+    w = (torch.arange(e, device=cur.device, dtype=torch.float64) / e).to(cur.dtype).view(shape)
+    head = prev.narrow(dim, prev.shape[dim] - e, e) * (1 - w) + cur.narrow(dim, 0, e) * w
+    return torch.cat([head, cur.narrow(dim, e, cur.shape[dim] - e)], dim=dim)
+
+
+def tiled_apply(
+    fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, stride: int, scale: float
+) -> Tensor:
+    """Apply ``fn`` to overlapping spatial tiles of ``x`` and blend the results.
+
+    x (B, C, T, H, W); tiles of ``tile`` x ``tile`` start every ``stride`` rows/columns; ``fn``
+    maps a tile to (B, C', T', h * scale, w * scale). Each output tile is blended with the
+    (already blended) tile above and to its left, then cropped to ``stride * scale``.
+    Returns (B, C', T', H * scale, W * scale). A frame that fits one tile is not split
+    (as in diffusers).
+    """
+    height, width = x.shape[-2:]
+    if height <= tile and width <= tile:
+        return fn(x)
+    out_tile, keep = round(tile * scale), round(stride * scale)
+    rows, prev_row = [], []
+    for i in range(0, height, stride):
+        row: list[Tensor] = []
+        for j in range(0, width, stride):
+            out = fn(x[..., i : i + tile, j : j + tile])
+            if prev_row:
+                out = _blend(prev_row[len(row)], out, out_tile - keep, dim=-2)
+            if row:
+                out = _blend(row[-1], out, out_tile - keep, dim=-1)
+            row.append(out)
+        rows.append(torch.cat([t[..., :keep, :keep] for t in row], dim=-1))
+        prev_row = row
+    out = torch.cat(rows, dim=-2)
+    return out[..., : round(height * scale), : round(width * scale)]
+
+
+def _check_video(video: Tensor, t_factor: int, s_factor: int) -> None:
+    """Raise ValueError unless video is (B, 3, 1 + t_factor*k, H, W), H and W multiples of s."""
+    if video.ndim != 5 or video.shape[1] != 3:
+        raise ValueError(f"video must be (B, 3, T, H, W), got shape {tuple(video.shape)}")
+    t, h, w = video.shape[2:]
+    if (t - 1) % t_factor:
+        lower = 1 + (t - 1) // t_factor * t_factor
+        raise ValueError(
+            f"video frame count must be 1 + {t_factor}k, got T={t} "
+            f"(nearest valid: {lower} or {lower + t_factor})"
+        )
+    if h % s_factor or w % s_factor or h == 0 or w == 0:
+        raise ValueError(
+            f"video height and width must be positive multiples of {s_factor}, got H={h}, W={w}"
+        )
+
+
+def _check_tile(tile: TileSpec, s_factor: int) -> None:
+    if tile.size % s_factor or tile.overlap % s_factor:
+        raise ValueError(
+            f"tile size and overlap must be multiples of {s_factor} pixels, got "
+            f"size={tile.size}, overlap={tile.overlap}"
+        )
+
+
+class CausalVAE(nn.Module):
+    """The Wan 2.1 causal video VAE (same weights and outputs as diffusers ``AutoencoderKLWan``).
+
+    ``encode``: video (B, 3, 1 + 4k, H, W) in [-1, 1] -> posterior mean (B, z, 1 + k, H/8, W/8).
+    ``decode``: latents (B, z, F, h, w) -> video (B, 3, 1 + 4(F - 1), 8h, 8w) in [-1, 1].
+    Latents are unnormalised; :meth:`normalize` maps them to what the DiT sees.
+    """
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        if config.attn_scales:
+            raise ValueError(
+                f"attn_scales must be empty (Wan 2.1 uses none, diffusers' decoder ignores "
+                f"them), got {config.attn_scales}"
+            )
+        self.config = config
+        z = config.z_dim
+        self.encoder = Encoder3d(config)
+        self.quant_conv = CausalConv3d(2 * z, 2 * z, 1)
+        self.post_quant_conv = CausalConv3d(z, z, 1)
+        self.decoder = Decoder3d(config)
+
+    # --- explicit-state chunk steps ------------------------------------------------------
+
+    def _start(self, cache: CausalCache | None, slots: int, what: str) -> Slots:
+        """The cache entries to feed a chunk: all None for a first chunk."""
+        if cache is None:
+            return [None] * slots
+        if len(cache.frames) != slots:
+            raise ValueError(
+                f"{what} cache must have {slots} entries, got {len(cache.frames)} "
+                "(an encoder cache passed to the decoder, or the reverse?)"
+            )
+        return list(cache.frames)
+
+    def encode_chunk(
+        self, x: Tensor, cache: CausalCache | None = None
+    ) -> tuple[Tensor, CausalCache]:
+        """Encode one chunk: the first (``cache=None``) must be 1 frame, later ones a multiple
+        of ``temporal_factor`` frames. (B, 3, t, H, W) -> moments (B, 2z, t', H/8, W/8) (mean
+        then log-variance, unclamped), t' = 1 for the first chunk else t / temporal_factor."""
+        tf, t = self.config.temporal_factor, x.shape[2]
+        if (cache is None and t != 1) or (cache is not None and (t == 0 or t % tf)):
+            need = "1 frame" if cache is None else f"a positive multiple of {tf} frames"
+            raise ValueError(f"this encode chunk must have {need}, got {t}")
+        h, frames = self.encoder(x, self._start(cache, self.encoder.cache_slots, "encoder"))
+        return self.quant_conv(h), CausalCache(tuple(frames))
+
+    def decode_chunk(
+        self, z: Tensor, cache: CausalCache | None = None
+    ) -> tuple[Tensor, CausalCache]:
+        """Decode latent frames (the first chunk, ``cache=None``, must be 1 frame):
+        (B, z, f, h, w) -> (B, 3, t, 8h, 8w) clamped to [-1, 1], t = 1 for the first chunk
+        else ``temporal_factor * f``."""
+        if cache is None and z.shape[2] != 1:
+            raise ValueError(f"the first decode chunk must be 1 latent frame, got {z.shape[2]}")
+        slots = self._start(cache, self.decoder.cache_slots, "decoder")
+        x, frames = self.decoder(self.post_quant_conv(z), slots)
+        return x.clamp(-1.0, 1.0), CausalCache(tuple(frames))
+
+    # --- whole videos ----------------------------------------------------------------------
+
+    def _moments(self, video: Tensor) -> Tensor:
+        """(B, 3, 1 + 4k, H, W) -> (B, 2z, 1 + k, H/8, W/8), chunk by chunk."""
+        tf, cache, out = self.config.temporal_factor, None, []
+        for start in [0, *range(1, video.shape[2], tf)]:
+            end = 1 if start == 0 else start + tf
+            moments, cache = self.encode_chunk(video[:, :, start:end], cache)
+            out.append(moments)
+        return torch.cat(out, dim=2)
+
+    def _frames(self, latent: Tensor) -> Tensor:
+        """(B, z, F, h, w) -> (B, 3, 1 + 4(F - 1), 8h, 8w), one latent frame at a time."""
+        cache, out = None, []
+        for f in range(latent.shape[2]):
+            x, cache = self.decode_chunk(latent[:, :, f : f + 1], cache)
+            out.append(x)
+        return torch.cat(out, dim=2)
+
+    def encode_posterior(
+        self, video: Tensor, tile: TileSpec | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Video (B, 3, 1 + 4k, H, W) in [-1, 1] -> (mean, logvar), each (B, z, 1 + k, H/8, W/8);
+        logvar clamped to [-30, 20] as in diffusers' DiagonalGaussianDistribution."""
+        s = self.config.spatial_factor
+        _check_video(video, self.config.temporal_factor, s)
+        if tile is None:
+            moments = self._moments(video)
+        else:
+            _check_tile(tile, s)
+            moments = tiled_apply(self._moments, video, tile.size, tile.stride, 1 / s)
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def encode(self, video: Tensor, tile: TileSpec | None = None) -> Tensor:
+        """Video (B, 3, 1 + 4k, H, W) in [-1, 1] -> posterior mean (B, z, 1 + k, H/8, W/8)."""
+        return self.encode_posterior(video, tile)[0]
+
+    @staticmethod
+    def sample(mean: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """A draw from the diagonal Gaussian posterior: mean + exp(logvar / 2) * eps."""
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + torch.exp(0.5 * logvar) * eps
+
+    def decode(self, latent: Tensor, tile: TileSpec | None = None) -> Tensor:
+        """Latents (B, z, F, h, w), unnormalised -> video (B, 3, 1 + 4(F - 1), 8h, 8w) in
+        [-1, 1]. With ``tile`` (in output pixels), decodes overlapping tiles and blends them."""
+        if latent.ndim != 5 or latent.shape[1] != self.config.z_dim or latent.shape[2] < 1:
+            raise ValueError(
+                f"latent must be (B, {self.config.z_dim}, F >= 1, h, w), "
+                f"got shape {tuple(latent.shape)}"
+            )
+        if tile is None:
+            return self._frames(latent)
+        s = self.config.spatial_factor
+        _check_tile(tile, s)
+        return tiled_apply(self._frames, latent, tile.size // s, tile.stride // s, s)
+
+    # --- latent normalisation ---------------------------------------------------------------
+
+    def _stats(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-channel mean and std shaped (1, C, 1, 1, 1) on z's device and dtype."""
+        kw: dict[str, Any] = {"device": z.device, "dtype": z.dtype}
+        mean = torch.tensor(self.config.latents_mean, **kw).view(1, -1, 1, 1, 1)
+        return mean, torch.tensor(self.config.latents_std, **kw).view(1, -1, 1, 1, 1)
+
+    def normalize(self, z: Tensor) -> Tensor:
+        """(B, z, F, h, w) unnormalised -> (z - mean) / std per channel."""
+        mean, std = self._stats(z)
+        return (z - mean) / std
+
+    def denormalize(self, z: Tensor) -> Tensor:
+        """(B, z, F, h, w) normalised -> z * std + mean per channel."""
+        mean, std = self._stats(z)
+        return z * std + mean
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers config
+# ---------------------------------------------------------------------------------------------
+
+_DIFFUSERS_KEYS = {  # diffusers AutoencoderKLWan config key -> VAEConfig field
+    "base_dim": "base_dim",
+    "z_dim": "z_dim",
+    "dim_mult": "dim_mult",
+    "num_res_blocks": "num_res_blocks",
+    "attn_scales": "attn_scales",
+    "temperal_downsample": "temporal_downsample",
+    "dropout": "dropout",
+    "latents_mean": "latents_mean",
+    "latents_std": "latents_std",
+}
+
+
+def _wan22_key_is_default(key: str, value: Any, d: dict[str, Any]) -> bool:
+    """Whether a Wan 2.2-variant key holds its Wan 2.1 meaning (so it can be ignored)."""
+    if key == "decoder_base_dim":
+        return value is None or value == d.get("base_dim", 96)
+    if key == "patch_size":
+        return value in (None, 1)
+    defaults = {"is_residual": False, "in_channels": 3, "out_channels": 3,
+                "scale_factor_temporal": 4, "scale_factor_spatial": 8}  # fmt: skip
+    return key in defaults and value == defaults[key] and type(value) is type(defaults[key])
+
+
+def config_from_diffusers(d: dict[str, Any]) -> VAEConfig:
+    """A :class:`VAEConfig` from a diffusers ``AutoencoderKLWan`` ``config.json`` dict.
+
+    Metadata keys (``_class_name``, ``_diffusers_version``, any ``_*``) are ignored, and so are
+    Wan 2.2 keys that hold their Wan 2.1 defaults; anything else unknown raises ValueError.
+    """
+    fields, refused = {}, []
+    for key, value in d.items():
+        if key in _DIFFUSERS_KEYS:
+            fields[_DIFFUSERS_KEYS[key]] = value
+        elif not key.startswith("_") and not _wan22_key_is_default(key, value, d):
+            refused.append(f"{key}={value!r}")
+    if refused:
+        raise ValueError(
+            f"unsupported AutoencoderKLWan config (kinema runs the Wan 2.1 layout only): "
+            f"{', '.join(refused)}"
+        )
+    return from_dict(VAEConfig, fields)
+
+
+__all__ = [
+    "CausalVAE",
+    "CausalCache",
+    "TileSpec",
+    "config_from_diffusers",
+    "CausalConv3d",
+    "RMSNorm",
+    "Resample",
+    "ResidualBlock",
+    "AttentionBlock",
+    "MidBlock",
+    "UpBlock",
+    "Encoder3d",
+    "Decoder3d",
+]
