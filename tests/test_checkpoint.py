@@ -83,3 +83,15 @@ def test_truncated_and_mismatched_files_name_the_problem(tmp_path):
         load_dit(tmp_path / "transformer")
     with pytest.raises(CheckpointError, match="config.json"):
         load_dit(tmp_path / "nowhere")
+
+
+def test_wan_vae_preset_statistics_equal_diffusers_defaults():
+    import inspect
+
+    from diffusers import AutoencoderKLWan
+
+    from kinema.configs import WAN21_VAE
+
+    params = inspect.signature(AutoencoderKLWan.__init__).parameters
+    assert list(WAN21_VAE.latents_mean) == params["latents_mean"].default
+    assert list(WAN21_VAE.latents_std) == params["latents_std"].default
