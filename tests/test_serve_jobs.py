@@ -1,0 +1,163 @@
+"""The persistent queue: SQLite semantics, recovery, expiry, and kill -9 of a real server."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import time
+import warnings
+
+import httpx
+import openai
+import pytest
+
+from kinema.io.video import read_video
+from kinema.serve.jobs import Job, JobSpec, QueueFull, Store, Worker, new_folder, new_id
+from tests.serve_helpers import Server, build_tiny_model, png_bytes
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)  # the SDK marks videos deprecated
+
+
+def make_job(prompt: str = "p") -> Job:
+    return Job(
+        seq=0, id=new_id(), folder=new_folder(), status="queued", progress=0,
+        created_at=int(time.time()), completed_at=None, expires_at=None, model="m",
+        prompt=prompt, seconds="1", size="32x32", remixed_from=None, error_code=None,
+        error_message=None, spec=JobSpec("generate", prompt, {"seed": 1}),
+    )  # fmt: skip
+
+
+def test_store_lifecycle_and_order(tmp_path):
+    store = Store(tmp_path)
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    jobs = [store.add(make_job(f"p{i}"), max_pending=10) for i in range(3)]
+    assert [j.id for j in store.page(None, 10, "asc")[0]] == [j.id for j in jobs]
+    assert store.page(jobs[0], 1, "asc") == ([store.get(jobs[1].id)], True)
+    running = store.claim()
+    assert running.id == jobs[0].id and store.get(running.id).status == "in_progress"
+    assert store.set_progress(running, 40) and store.get(running.id).progress == 40
+    assert store.finish(running, "completed", int(time.time()) + 60, None)
+    done = store.get(running.id)
+    assert (done.status, done.progress, done.attempts) == ("completed", 100, 1)
+    assert store.get(jobs[1].id).spec == JobSpec("generate", "p1", {"seed": 1})
+
+
+def test_queue_bound(tmp_path):
+    store = Store(tmp_path)
+    store.add(make_job(), max_pending=2)
+    store.claim()  # running jobs count too
+    store.add(make_job(), max_pending=2)
+    with pytest.raises(QueueFull):
+        store.add(make_job(), max_pending=2)
+
+
+def test_delete_queued_at_once_running_by_worker(tmp_path):
+    store = Store(tmp_path)
+    a, b = store.add(make_job(), 10), store.add(make_job(), 10)
+    running = store.claim()
+    assert store.delete(b.id).status == "queued" and store.get(b.id) is None
+    assert store.delete(a.id).status == "in_progress"
+    assert store.get(a.id) is None  # hidden at once
+    assert not store.set_progress(running, 50)  # the worker learns it was deleted
+    assert store.delete("video_unknown") is None
+
+
+def test_recover_after_crash(tmp_path):
+    store = Store(tmp_path)
+    queued, crashed, deleted, poison = (store.add(make_job(), 10) for _ in range(4))
+    for job in (queued, crashed, deleted, poison):
+        store.folder(job).mkdir(parents=True)
+    store.db.execute("UPDATE videos SET status = 'in_progress', attempts = 1 WHERE id IN (?, ?)",
+                     (crashed.id, deleted.id))  # fmt: skip
+    store.db.execute("UPDATE videos SET status = 'in_progress', attempts = 3 WHERE id = ?",
+                     (poison.id,))  # fmt: skip
+    store.delete(deleted.id)
+    (tmp_path / "staging" / "half-written").mkdir()
+    (tmp_path / "jobs" / "orphan").mkdir()
+    store.close()
+
+    again = Store(tmp_path)  # the restarted server
+    again.recover()
+    assert again.get(queued.id).status == "queued"
+    assert again.get(crashed.id).status == "queued"  # re-run
+    assert again.get(poison.id).status == "failed"  # crashed the server three times
+    assert again.get(poison.id).error_code == "server_crashed"
+    assert again.get(deleted.id) is None and not again.folder(deleted).exists()
+    assert not any((tmp_path / "staging").iterdir())
+    assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == sorted(
+        j.folder for j in (queued, crashed, poison)
+    )
+
+
+def test_expired_jobs_are_removed_with_their_files(tmp_path):
+    store = Store(tmp_path)
+    old, fresh = store.add(make_job(), 10), store.add(make_job(), 10)
+    for job, expires in ((old, int(time.time()) - 1), (fresh, int(time.time()) + 3600)):
+        store.folder(job).mkdir(parents=True)
+        (store.folder(job) / "video.mp4").write_bytes(b"x")
+        store.finish(store.claim(), "completed", expires, None)
+    Worker(store, pipe=None, retention_s=0).sweep()
+    assert store.get(old.id) is None and not store.folder(old).exists()
+    assert store.get(fresh.id).status == "completed" and store.folder(fresh).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# kill -9 of a real server with jobs queued and running
+# ---------------------------------------------------------------------------------------------
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def wait_all(client, ids, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        videos = [client.videos.retrieve(i) for i in ids]
+        if all(v.status in ("completed", "failed") for v in videos):
+            return videos
+        time.sleep(0.2)
+    raise AssertionError(f"not finished: {[(v.id, v.status) for v in videos]}")
+
+
+def test_kill_and_restart_completes_every_job(tmp_path):
+    model = build_tiny_model(tmp_path / "tiny")
+    data = tmp_path / "data"
+    with Server(model, data, "--max-queue", "4") as first:
+        client = openai.OpenAI(base_url=f"{first.url}/v1", api_key="x", max_retries=0)
+        done = client.videos.create_and_poll(prompt="first", poll_interval_ms=50)
+        before = {v: client.videos.download_content(done.id, variant=v).read()
+                  for v in ("video", "thumbnail", "spritesheet")}  # fmt: skip
+        slow = [client.videos.create(prompt=f"slow {i}", extra_body={"steps": 60, "seed": i})
+                for i in range(2)]  # fmt: skip
+        broken = client.videos.create(prompt="img", input_reference=("a.png", png_bytes()))
+        last = client.videos.create(prompt="last")
+        with pytest.raises(openai.RateLimitError) as full:  # 4 queued or running: the limit
+            client.videos.create(prompt="one too many")
+        assert int(full.value.response.headers["retry-after"]) >= 1
+        assert full.value.response.json()["error"]["code"] == "queue_full"
+        while (v := client.videos.retrieve(slow[0].id)).status != "in_progress" or not v.progress:
+            time.sleep(0.02)
+        first.kill()  # mid-generation, with three jobs still queued
+    assert v.status == "in_progress" and 0 < v.progress < 100
+    with sqlite3.connect(data / "jobs.sqlite3") as db:  # make one job fail when it runs
+        (folder,) = db.execute("SELECT folder FROM videos WHERE id = ?", (broken.id,)).fetchone()
+    (data / "jobs" / folder / "input.png").unlink()
+
+    with Server(model, data) as second:
+        client = openai.OpenAI(base_url=f"{second.url}/v1", api_key="x", max_retries=0)
+        ids = [done.id, slow[0].id, slow[1].id, broken.id, last.id]
+        videos = {v.id: v for v in wait_all(client, ids)}
+        assert videos[broken.id].status == "failed"
+        assert "input.png" in videos[broken.id].error.message  # by name, not by server path
+        assert str(data) not in videos[broken.id].error.message
+        for i in (done.id, slow[0].id, slow[1].id, last.id):  # the worker carried on
+            assert videos[i].status == "completed", videos[i].error
+            clip = tmp_path / f"{i}.mp4"
+            clip.write_bytes(client.videos.download_content(i).read())
+            assert read_video(clip)[0].shape == (5, 32, 32, 3)
+        after = {v: client.videos.download_content(done.id, variant=v).read() for v in before}
+        assert {k: sha(b) for k, b in after.items()} == {k: sha(b) for k, b in before.items()}
+        assert videos[done.id].completed_at == done.completed_at
+        listed = httpx.get(f"{second.url}/v1/videos?limit=100").json()["data"]
+        assert {v["id"] for v in listed} == set(ids)
