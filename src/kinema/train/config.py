@@ -1,0 +1,227 @@
+"""Training recipes as frozen dataclasses, read from YAML or JSON.
+
+:class:`TrainConfig` trains the DiT (from scratch or ``init_from`` any checkpoint kinema can
+load), :class:`VAETrainConfig` the causal VAE. Both share the optimiser/checkpoint fields of
+:class:`OptimFields`. Every field is documented once, here. :func:`load_train_config` refuses
+unknown keys and wrong types with a ``ValueError`` that names the key path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from kinema.configs import DiTConfig, SamplingDefaults, VAEConfig, from_dict
+
+T = TypeVar("T")
+
+PRECISIONS = ("fp32", "bf16")
+LR_SCHEDULES = ("constant", "cosine")
+DATA_KINDS = ("synthetic", "folder")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training clips come from: the built-in synthetic world or a folder of videos."""
+
+    kind: str = "synthetic"  # "synthetic" (kinema.data.synthetic) or "folder" (VideoFolder)
+    root: str | None = None  # folder of videos + captions (kind "folder")
+    seed: int = 0  # seed of the synthetic world (clip i is a function of (seed, i))
+    num_clips: int = 4096  # clips used (synthetic); a folder uses min(this, its size)
+    width: int = 128  # clip width in pixels
+    height: int = 128  # clip height in pixels
+    frames: int = 33  # clip length in frames (4k + 1)
+    fps: int = 16  # frames per second the clips are sampled at
+
+    def __post_init__(self) -> None:
+        if self.kind not in DATA_KINDS:
+            raise ValueError(f"data.kind {self.kind!r} is not one of {DATA_KINDS}")
+        if self.kind == "folder" and not self.root:
+            raise ValueError("data.root is required when data.kind is 'folder'")
+        if self.frames < 1 or (self.frames - 1) % 4:
+            raise ValueError(f"data.frames {self.frames} must be 4k+1 (1, 5, 9, ..., 33, ...)")
+        if self.num_clips < 1:
+            raise ValueError(f"data.num_clips {self.num_clips} must be >= 1")
+
+
+@dataclass(frozen=True)
+class OptimFields:
+    """Optimiser, schedule, precision and bookkeeping shared by both training loops."""
+
+    out_dir: str = "runs/train"  # checkpoints, logs and samples go here; resumed if present
+    batch_size: int = 8  # clips per micro-batch
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 1e-4  # peak learning rate (AdamW)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    weight_decay: float = 0.01  # AdamW decoupled weight decay (matrices only)
+    warmup_steps: int = 100  # linear warm-up from 0 to lr
+    lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" (to min_lr_ratio*lr)
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    max_steps: int = 1000  # optimiser steps in total
+    grad_clip: float = 1.0  # global gradient-norm clip (0 disables)
+    ema_decay: float = 0.999  # EMA of the weights (0 disables: EMA = weights)
+    ema_warmup: bool = True  # decay ramps as min(decay, (1+n)/(10+n)) over the first updates
+    precision: str = "fp32"  # "fp32", or "bf16" autocast (CUDA only; fp32 elsewhere)
+    gradient_checkpointing: bool = False  # recompute activations in backward (CUDA only)
+    checkpoint_every: int = 200  # steps between checkpoints (also saved on Ctrl-C / SIGTERM)
+    keep_checkpoints: int = 2  # most recent checkpoints kept
+    log_every: int = 1  # steps between CSV log rows
+    seed: int = 0  # seeds weight init and every step's randomness
+    num_workers: int = 0  # DataLoader workers for on-the-fly clip decoding
+    device: str | None = None  # "cpu", "cuda", ...; None picks the best available
+    progress: bool = True  # show a tqdm progress bar
+
+    def check_optim(self) -> None:
+        """Raise ValueError naming the first bad optimiser field."""
+        positive = ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)} must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr {self.lr} must be > 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay {self.ema_decay} must be in [0, 1)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r} is not one of {LR_SCHEDULES}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints {self.keep_checkpoints} must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig(OptimFields):
+    """Flow-matching training of the video DiT on VAE latents of clips."""
+
+    name: str = "kinema-custom"  # model name written into the exported kinema.json
+    model: DiTConfig | None = None  # architecture to train from scratch
+    init_from: str | None = None  # or: a model/transformer folder to fine-tune (kinema, diffusers)
+    vae: str | None = None  # VAE component or model folder (None: the init_from model's VAE)
+    text_encoder: str = "minilm"  # text encoder kind (kinema.models.text.load_text_encoder)
+    text_encoder_path: str | None = None  # its weights, for kinds that need a path
+    text_max_length: int = 32  # tokens per caption
+    data: DataConfig = field(default_factory=DataConfig)
+    precompute: bool = True  # encode clips once into out_dir/cache, then train from the cache
+    caption_dropout: float = 0.1  # probability a caption is replaced by "" (for CFG)
+    logit_mean: float = 0.0  # logit-normal timestep sampling: mean of the normal
+    logit_std: float = 1.0  # ... and its standard deviation
+    shift: float = 3.0  # sigma shift: s -> shift*s / (1 + (shift-1)*s)
+    cond_probs: tuple[float, float, float] = (1.0, 0.0, 0.0)  # P(none, first frame, first k)
+    cond_max_frames: int = 3  # k of "first k latent frames" is uniform in [2, this]
+    sample_every: int = 0  # steps between sample videos in out_dir/samples (0: never)
+    sample_prompts: tuple[str, ...] = ()  # prompts of the sample videos
+    sample_steps: int = 12  # Euler steps of a sample video
+    sample_guidance: float = 4.0  # classifier-free guidance of a sample video
+    sampling: SamplingDefaults | None = None  # defaults written on export (None: from data)
+    export_dir: str | None = None  # where the final model folder goes (None: out_dir/model)
+
+    def __post_init__(self) -> None:
+        self.check_optim()
+        if (self.model is None) == (self.init_from is None):
+            raise ValueError("give exactly one of model (train from scratch) or init_from")
+        if self.vae is None and self.init_from is None:
+            raise ValueError("vae is required when training from scratch (model given)")
+        if len(self.cond_probs) != 3 or abs(sum(self.cond_probs) - 1) > 1e-6:
+            raise ValueError(f"cond_probs {self.cond_probs} must be 3 values summing to 1")
+        if min(self.cond_probs) < 0:
+            raise ValueError(f"cond_probs {self.cond_probs} must be >= 0")
+        if not 0 <= self.caption_dropout <= 1:
+            raise ValueError(f"caption_dropout {self.caption_dropout} must be in [0, 1]")
+        if self.shift <= 0 or self.logit_std <= 0:
+            raise ValueError(f"shift {self.shift} and logit_std {self.logit_std} must be > 0")
+        if self.cond_max_frames < 2:
+            raise ValueError(f"cond_max_frames {self.cond_max_frames} must be >= 2")
+
+
+@dataclass(frozen=True)
+class VAETrainConfig(OptimFields):
+    """Reconstruction training of the causal VAE on random crops of clips."""
+
+    model: VAEConfig | None = None  # architecture to train from scratch
+    init_from: str | None = None  # or: a VAE component/model folder to fine-tune
+    data: DataConfig = field(default_factory=DataConfig)
+    crop_size: int = 64  # square crop side in pixels (multiple of the spatial factor)
+    crop_frames: int = 9  # crop length in frames (4k + 1)
+    l1_weight: float = 1.0  # weight of the L1 reconstruction loss
+    mse_weight: float = 1.0  # weight of the MSE reconstruction loss
+    kl_weight: float = 1e-6  # weight of the KL to N(0, 1), per latent element
+    sample_posterior: bool = False  # decode a posterior sample (True) or its mean (False)
+    stats_clips: int = 64  # full clips encoded for the per-channel latent mean/std
+    export_dir: str | None = None  # where the final VAE folder goes (None: out_dir/vae)
+
+    def __post_init__(self) -> None:
+        self.check_optim()
+        if (self.model is None) == (self.init_from is None):
+            raise ValueError("give exactly one of model (train from scratch) or init_from")
+        if self.crop_frames < 1 or (self.crop_frames - 1) % 4:
+            raise ValueError(f"crop_frames {self.crop_frames} must be 4k+1 (1, 5, 9, ...)")
+        if self.crop_frames > self.data.frames:
+            raise ValueError(f"crop_frames {self.crop_frames} > data.frames {self.data.frames}")
+        side = min(self.data.width, self.data.height)
+        if not 8 <= self.crop_size <= side:
+            raise ValueError(f"crop_size {self.crop_size} must be in [8, {side}]")
+        if self.stats_clips < 1:
+            raise ValueError(f"stats_clips {self.stats_clips} must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+def _nested_dataclass(annotation: Any) -> type | None:
+    """The dataclass inside a field annotation (``X`` or ``X | None``), else None."""
+    options = typing.get_args(annotation) or (annotation,)
+    found = [o for o in options if dataclasses.is_dataclass(o)]
+    return found[0] if found else None
+
+
+def parse_config(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build ``cls`` from a dict, nested dataclasses included; errors name the key path."""
+    where = where or cls.__name__
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    built = dict(data)
+    for key, value in data.items():
+        sub = _nested_dataclass(hints[key]) if key in hints else None
+        if sub is not None and isinstance(value, dict):
+            built[key] = parse_config(sub, value, f"{where}.{key}")
+    try:
+        return from_dict(cls, built)
+    except (TypeError, ValueError) as err:
+        message = str(err) if str(err).startswith(where) else f"{where}: {err}"
+        raise ValueError(message) from err
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML (``.yaml``/``.yml``) or JSON file as a dict."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"config file {path} does not exist")
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    """A :class:`TrainConfig` from YAML or JSON."""
+    return parse_config(TrainConfig, read_mapping(path))
+
+
+def load_vae_train_config(path: str | Path) -> VAETrainConfig:
+    """A :class:`VAETrainConfig` from YAML or JSON."""
+    return parse_config(VAETrainConfig, read_mapping(path))
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a training config (for out_dir/train_config.json)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,638 @@
+"""The training engine and the DiT training loop.
+
+The engine (:func:`start_run`, :func:`train_loop`) is shared with the VAE loop: AdamW with
+warm-up and gradient clipping, an EMA, a CSV log (TensorBoard too when installed), a tqdm bar,
+and checkpoints every ``checkpoint_every`` steps and on Ctrl-C / SIGTERM that resume exactly
+(:mod:`kinema.train.state`).
+
+The DiT loop trains flow matching (:mod:`kinema.train.loss`) on normalised latents of clips
+encoded by a frozen VAE, captions encoded by a frozen text encoder. With ``precompute`` (the
+default) every clip is encoded once into ``out_dir/cache`` (safetensors shards of fp16 latents
+plus the text tokens of each unique caption) and training samples from that cache -- what makes
+training on a CPU feasible. Entry points: :func:`train_dit`, :func:`precompute`, :func:`export`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from kinema.configs import SamplingDefaults
+from kinema.train.config import DataConfig, OptimFields, TrainConfig, config_to_dict, parse_config
+from kinema.train.ema import EMA
+from kinema.train.loss import (
+    drop_captions,
+    flow_matching_loss,
+    sample_cond_mask,
+    sample_timesteps,
+)
+from kinema.train.state import (
+    PositionSampler,
+    Progress,
+    folder_size_mb,
+    latest_checkpoint,
+    load_ema,
+    load_training_state,
+    lr_at,
+    save_checkpoint,
+    step_generator,
+)
+
+Batch = dict[str, Any]
+LossFn = Callable[[Batch, torch.Generator], Tensor]
+
+# ---------------------------------------------------------------------------------------------
+# Clips
+# ---------------------------------------------------------------------------------------------
+
+
+def uint8_to_video(frames: Any) -> Tensor:
+    """uint8 frames (T, H, W, 3) -> float video (3, T, H, W) in [-1, 1]."""
+    x = torch.as_tensor(frames).permute(3, 0, 1, 2).float()  # (3, T, H, W)
+    return x / 127.5 - 1.0
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """``ds[i] -> (video (3, T, H, W) float in [-1, 1], caption)`` from a :class:`DataConfig`."""
+
+    def __init__(self, data: DataConfig, split: str = "train") -> None:
+        self.data = data
+        size = (data.width, data.height)
+        if data.kind == "synthetic":
+            from kinema.data.synthetic import SyntheticClips
+
+            self.source: Any = SyntheticClips(data.seed, size, data.frames, data.fps, split=split)
+            self.length = data.num_clips
+        else:
+            from kinema.data.folder import VideoFolder
+
+            self.source = VideoFolder(data.root, frames=data.frames, fps=data.fps, size=size)
+            self.length = min(data.num_clips, len(self.source))
+            if self.length == 0:
+                raise ValueError(f"data.root {data.root} holds no videos")
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, str]:
+        """``key``: a clip index, or (index, epoch) -- a folder clip's start depends on both."""
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
+        if self.data.kind == "synthetic":
+            frames, caption, _ = self.source[i]
+            return uint8_to_video(frames), caption
+        self.source.set_epoch(epoch)
+        item = self.source[i]
+        return item["video"].float(), item["caption"]
+
+
+def clip_stream(
+    ds: ClipDataset, start: int, batch: int, seed: int, workers: int
+) -> Iterator[Batch]:
+    """Endless micro-batches {"video": (B, 3, T, H, W), "captions": [B]} from position ``start``."""
+    sampler = PositionSampler(len(ds), seed, start, with_epoch=True)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True
+    )
+    for video, captions in loader:
+        yield {"video": video, "captions": list(captions)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine: a run, one optimiser step, the loop
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What a training loop mutates: model, EMA, optimiser and progress."""
+
+    config: OptimFields
+    model: nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    progress: Progress
+
+
+def pick_device(name: str | None) -> torch.device:
+    from kinema.loading import resolve_device
+
+    return resolve_device(name)
+
+
+def autocast(config: OptimFields, device: torch.device) -> Any:
+    """bf16 autocast on CUDA when asked for; a no-op elsewhere."""
+    if config.precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def build_optimizer(model: nn.Module, config: OptimFields) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on biases, norms and modulation tables)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.ndim >= 2 and "scale_shift_table" not in n]
+    rest = [p for n, p in params if not (p.ndim >= 2 and "scale_shift_table" not in n)]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": rest, "weight_decay": 0.0}]  # fmt: skip
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+
+
+def start_run(config: OptimFields, build_model: Callable[[Path | None], nn.Module]) -> Run:
+    """Build (or resume) a run: ``build_model(checkpoint or None)`` gives the weights, then the
+    EMA, optimiser, RNG states and progress are restored from the newest checkpoint if any."""
+    device = pick_device(config.device)
+    ckpt = latest_checkpoint(config.out_dir)
+    torch.manual_seed(config.seed)
+    model = build_model(ckpt).to(device).train().requires_grad_(True)
+    ema = EMA(model, config.ema_decay, config.ema_warmup)
+    optimizer = build_optimizer(model, config)
+    progress = Progress()
+    if ckpt is not None:
+        progress = load_training_state(ckpt, ema, optimizer, device)
+        print(f"resuming from {ckpt} (step {progress.step})")
+    return Run(config, model, ema, optimizer, device, progress)
+
+
+def optimizer_step(run: Run, stream: Iterator[Batch], loss_fn: LossFn) -> tuple[float, float]:
+    """One AdamW step over ``grad_accum`` micro-batches; returns (mean loss, gradient norm)."""
+    c, step = run.config, run.progress.step
+    lr = lr_at(step, c.lr, c.warmup_steps, c.max_steps, c.lr_schedule, c.min_lr_ratio)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    generator = step_generator(c.seed, step)
+    run.optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for _ in range(c.grad_accum):
+        loss = loss_fn(next(stream), generator)
+        (loss / c.grad_accum).backward()
+        total += loss.item() / c.grad_accum
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    norm = float(torch.nn.utils.clip_grad_norm_(params, c.grad_clip or math.inf))
+    if math.isfinite(norm):  # a non-finite gradient skips the update (logged as nan/inf)
+        run.optimizer.step()
+    run.ema.update(run.model)
+    return total, norm
+
+
+class StopSignals:
+    """Turns Ctrl-C and SIGTERM into a flag read between steps (a second Ctrl-C aborts)."""
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signum
+        print(f"\nsignal {signum}: saving a checkpoint after this step (Ctrl-C again to abort)")
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class TrainLog:
+    """``out_dir/log.csv`` (step, loss, lr, grad_norm, seconds), plus TensorBoard if installed.
+
+    On resume, rows after the resumed step (written before a kill) are dropped first.
+    """
+
+    FIELDS = ("step", "loss", "lr", "grad_norm", "seconds")
+
+    def __init__(self, out_dir: Path, resume_step: int) -> None:
+        self.path = out_dir / "log.csv"
+        rows = []
+        if self.path.exists():
+            with self.path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        self.file = self.path.open("w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.tb = _tensorboard(out_dir / "tensorboard")
+
+    def write(self, step: int, loss: float, lr: float, grad_norm: float, seconds: float) -> None:
+        row = {"step": step, "loss": f"{loss:.6g}", "lr": f"{lr:.6g}",
+               "grad_norm": f"{grad_norm:.6g}", "seconds": f"{seconds:.3f}"}  # fmt: skip
+        self.writer.writerow(row)
+        self.file.flush()
+        if self.tb is not None:
+            for key in ("loss", "lr", "grad_norm"):
+                self.tb.add_scalar(f"train/{key}", float(row[key]), step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _tensorboard(folder: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
+
+
+def read_log(out_dir: str | Path) -> list[dict[str, str]]:
+    """The rows of ``out_dir/log.csv``."""
+    with (Path(out_dir) / "log.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def train_loop(
+    run: Run,
+    stream: Iterator[Batch],
+    loss_fn: LossFn,
+    on_step: Callable[[int], None] | None = None,
+    stop_after: int | None = None,
+) -> int | None:
+    """Train until ``max_steps`` (or ``stop_after`` steps in all, or a signal), checkpointing
+    as configured. Returns the signal number that stopped it, else None."""
+    c, out = run.config, Path(run.config.out_dir)
+    last = min(c.max_steps, stop_after) if stop_after is not None else c.max_steps
+    out.mkdir(parents=True, exist_ok=True)
+    log = TrainLog(out, run.progress.step)
+    bar = tqdm(total=c.max_steps, initial=run.progress.step, disable=not c.progress)
+    try:
+        with StopSignals() as stop:
+            while run.progress.step < last and stop.requested is None:
+                start = time.perf_counter()
+                loss, norm = optimizer_step(run, stream, loss_fn)
+                lr = run.optimizer.param_groups[0]["lr"]
+                step = run.progress.step + 1
+                run.progress = Progress(
+                    step, run.progress.samples_seen + c.batch_size * c.grad_accum
+                )
+                if step % c.log_every == 0 or step == last:
+                    log.write(step, loss, lr, norm, time.perf_counter() - start)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                if step % c.checkpoint_every == 0 or step == last:
+                    save_run(run)
+                if on_step is not None:
+                    on_step(step)
+            if stop.requested is not None:
+                save_run(run)
+            return stop.requested
+    finally:
+        bar.close()
+        log.close()
+
+
+def save_run(run: Run) -> Path:
+    """Checkpoint the run now (a no-op when this step is already saved)."""
+    c = run.config
+    return save_checkpoint(
+        c.out_dir, run.progress, run.model, run.ema, run.optimizer, keep=c.keep_checkpoints
+    )
+
+
+def exit_on_signal(signum: int | None, out_dir: str | Path) -> None:
+    """After a Ctrl-C / SIGTERM stop: say how to resume and exit with 128 + signal."""
+    if signum is None:
+        return
+    print(f"stopped; checkpoint saved in {Path(out_dir) / 'checkpoints'}; run again to resume")
+    raise SystemExit(128 + signum)
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen parts: VAE and text encoder
+# ---------------------------------------------------------------------------------------------
+
+
+def component_folder(path: str | Path, component: str) -> Path:
+    """``path/component`` when ``path`` is a whole model folder, else ``path`` itself."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path} does not exist (expected a model or {component} folder)")
+    if (path / component).is_dir():
+        return path / component
+    if component == "vae" and (path / "Wan2.1_VAE.pth").exists():
+        return path / "Wan2.1_VAE.pth"
+    return path
+
+
+def vae_source(config: TrainConfig) -> Path:
+    """The VAE the DiT is trained against: ``vae``, or the ``init_from`` model's."""
+    return component_folder(config.vae or config.init_from, "vae")  # type: ignore[arg-type]
+
+
+def load_frozen_vae(path: str | Path, device: torch.device) -> nn.Module:
+    from kinema.io.checkpoint import load_vae
+
+    return load_vae(path, device, torch.float32).eval().requires_grad_(False)
+
+
+def load_text(config: TrainConfig, device: torch.device) -> Any:
+    """The frozen text encoder named by the config."""
+    from kinema.models.text import load_text_encoder
+
+    return load_text_encoder(
+        config.text_encoder, config.text_encoder_path, device, max_length=config.text_max_length
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent cache (precompute once, train many epochs)
+# ---------------------------------------------------------------------------------------------
+
+SHARD = "latents-{:05d}.safetensors"
+
+
+def cache_key(config: TrainConfig) -> dict[str, Any]:
+    """What the cached latents depend on; a mismatch with an existing cache is an error."""
+    return {
+        "data": dataclasses.asdict(config.data),
+        "vae": str(vae_source(config)),
+        "text_encoder": config.text_encoder,
+        "text_max_length": config.text_max_length,
+    }
+
+
+def check_cache_key(folder: Path, key: dict[str, Any]) -> None:
+    meta = folder / "meta.json"
+    if meta.exists() and json.loads(meta.read_text()) != key:
+        raise ValueError(
+            f"{folder} was built for other data / VAE / text settings; delete it to rebuild"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    meta.write_text(json.dumps(key, indent=2) + "\n")
+
+
+@torch.no_grad()
+def encode_clips(vae: nn.Module, video: Tensor, device: torch.device) -> Tensor:
+    """video (B, 3, T, H, W) in [-1, 1] -> normalised latents (B, z, 1+(T-1)/4, H/8, W/8)."""
+    return vae.normalize(vae.encode(video.to(device, torch.float32)))
+
+
+def write_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def encode_shard(ds: ClipDataset, indices: range, vae: nn.Module, device: torch.device,
+                 workers: int) -> tuple[Tensor, list[str]]:  # fmt: skip
+    """Latents (n, z, F, h, w) float16 and captions of clips ``indices``."""
+    subset = torch.utils.data.Subset(ds, list(indices))
+    loader = torch.utils.data.DataLoader(subset, batch_size=4, num_workers=workers)
+    latents, captions = [], []
+    for video, caps in loader:
+        latents.append(encode_clips(vae, video, device).half().cpu())
+        captions.extend(caps)
+    return torch.cat(latents), captions
+
+
+def encode_captions(text: Any, captions: list[str], folder: Path) -> None:
+    """Text tokens (U, L, D) float16 of each unique caption ("" included) -> text.safetensors."""
+    unique = sorted({"", *captions})
+    tokens = torch.cat([text.encode(unique[i : i + 64])[0].float().cpu()
+                        for i in range(0, len(unique), 64)])  # fmt: skip
+    write_atomic({"tokens": tokens.half()}, folder / "text.safetensors",
+                 {"captions": json.dumps(unique)})  # fmt: skip
+
+
+def precompute(
+    config: TrainConfig,
+    *,
+    vae: nn.Module | None = None,
+    text_encoder: Any = None,
+    shard_size: int = 256,
+) -> Path:
+    """Encode the config's clips once into ``out_dir/cache`` (resumable shard by shard)."""
+    folder = Path(config.out_dir) / "cache"
+    check_cache_key(folder, cache_key(config))
+    device = pick_device(config.device)
+    vae = vae or load_frozen_vae(vae_source(config), device)
+    ds = ClipDataset(config.data)
+    shards = range(0, len(ds), shard_size)
+    captions: list[str] = []
+    for n, start in enumerate(tqdm(shards, desc="precompute", disable=not config.progress)):
+        path = folder / SHARD.format(n)
+        if path.exists():
+            captions += json.loads(read_metadata(path)["captions"])
+            continue
+        latents, caps = encode_shard(ds, range(start, min(start + shard_size, len(ds))), vae,
+                                     device, config.num_workers)  # fmt: skip
+        write_atomic({"latents": latents}, path, {"captions": json.dumps(caps)})
+        captions += caps
+    if not (folder / "text.safetensors").exists():
+        encode_captions(text_encoder or load_text(config, device), captions, folder)
+    return folder
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+@dataclass
+class LatentCache:
+    """Precomputed latents (N, z, F, h, w) float16, captions [N], and tokens (U, L, D) of each
+    unique caption (row ``rows[caption]``)."""
+
+    latents: Tensor
+    captions: list[str]
+    tokens: Tensor
+    rows: dict[str, int]
+
+    @classmethod
+    def load(cls, folder: Path) -> LatentCache:
+        from safetensors.torch import load_file
+
+        shards = sorted(folder.glob("latents-*.safetensors"))
+        latents = torch.cat([load_file(str(p))["latents"] for p in shards])
+        captions = [c for p in shards for c in json.loads(read_metadata(p)["captions"])]
+        unique = json.loads(read_metadata(folder / "text.safetensors")["captions"])
+        tokens = load_file(str(folder / "text.safetensors"))["tokens"]
+        return cls(latents, captions, tokens, {c: i for i, c in enumerate(unique)})
+
+    def text(self, captions: list[str]) -> Tensor:
+        """Captions [B] -> tokens (B, L, D) float32."""
+        return self.tokens[[self.rows[c] for c in captions]].float()
+
+
+def cache_stream(cache: LatentCache, start: int, batch: int, seed: int) -> Iterator[Batch]:
+    """Endless micro-batches {"latents": (B, z, F, h, w), "captions": [B]} from ``start``."""
+    indices = iter(PositionSampler(len(cache.captions), seed, start))
+    while True:
+        idx = [next(indices) for _ in range(batch)]
+        yield {"latents": cache.latents[idx].float(), "captions": [cache.captions[i] for i in idx]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The DiT step, samples, export
+# ---------------------------------------------------------------------------------------------
+
+
+def dit_loss_fn(
+    config: TrainConfig,
+    model: nn.Module,
+    device: torch.device,
+    text: Callable[[list[str]], Tensor],
+    vae: nn.Module | None,
+) -> LossFn:
+    """The loss of one micro-batch; all randomness from the step's generator."""
+
+    def loss_fn(batch: Batch, g: torch.Generator) -> Tensor:
+        captions = drop_captions(batch["captions"], config.caption_dropout, g)
+        context = text(captions).to(device)
+        x0 = batch["latents"].to(device) if "latents" in batch else None
+        if x0 is None:
+            x0 = encode_clips(vae, batch["video"], device)  # type: ignore[arg-type]
+        b, _, f = x0.shape[:3]
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        sigmas = sample_timesteps(b, g, config.logit_mean, config.logit_std, config.shift)
+        mask = sample_cond_mask(b, f, config.cond_probs, g, config.cond_max_frames)
+        with autocast(config, device):
+            return flow_matching_loss(model, x0, noise, sigmas.to(device), context, mask)
+
+    return loss_fn
+
+
+def sampling_defaults(config: TrainConfig) -> SamplingDefaults:
+    """What the exported model recommends: ``config.sampling``, or the data's size."""
+    if config.sampling is not None:
+        return config.sampling
+    d = config.data
+    return SamplingDefaults(width=d.width, height=d.height, frames=d.frames, fps=d.fps,
+                            steps=20, guidance=config.sample_guidance, shift=config.shift,
+                            sampler="euler")  # fmt: skip
+
+
+def write_samples(config: TrainConfig, run: Run, vae: nn.Module, text_encoder: Any) -> None:
+    """Sample videos of the EMA weights into ``out_dir/samples/step-XXXXXXXX-i.mp4``."""
+    from kinema.pipeline import Pipeline
+
+    folder = Path(config.out_dir) / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    defaults = dataclasses.replace(sampling_defaults(config), steps=config.sample_steps,
+                                   guidance=config.sample_guidance, sampler="euler")  # fmt: skip
+    run.model.eval()
+    with run.ema.applied(run.model):
+        pipe = Pipeline(run.model, vae, text_encoder, name=config.name, defaults=defaults)
+        for i, prompt in enumerate(config.sample_prompts):
+            pipe.generate(prompt, seed=i).save(folder / f"step-{run.progress.step:08d}-{i}.mp4")
+    run.model.train()
+
+
+def build_dit(config: TrainConfig, ckpt: Path | None) -> nn.Module:
+    """The DiT to train: from a checkpoint, from ``init_from``, or fresh from ``model``."""
+    from kinema.io.checkpoint import load_dit
+    from kinema.models.dit import VideoDiT
+
+    if ckpt is not None:
+        return load_dit(ckpt / "model", dtype=torch.float32)
+    if config.init_from is not None:
+        return load_dit(component_folder(config.init_from, "transformer"), dtype=torch.float32)
+    return VideoDiT(config.model)  # type: ignore[arg-type]
+
+
+def dit_data(config: TrainConfig, run: Run, text_encoder: Any, vae: nn.Module) -> tuple[
+    Iterator[Batch], Callable[[list[str]], Tensor]]:  # fmt: skip
+    """The micro-batch stream from the run's data position, and captions -> tokens."""
+    start, b = run.progress.samples_seen, run.config.batch_size
+    seed = config.data.seed + config.seed
+    if config.precompute:
+        folder = precompute(config, vae=vae, text_encoder=text_encoder)
+        cache = LatentCache.load(folder)
+        return cache_stream(cache, start, b, seed), cache.text
+    from kinema.models.text import CachedTextEncoder
+
+    cached = CachedTextEncoder(text_encoder, maxsize=4096)
+    stream = clip_stream(ClipDataset(config.data), start, b, seed, config.num_workers)
+    return stream, lambda captions: cached.encode(captions)[0].float()
+
+
+def train_dit(
+    config: TrainConfig, *, text_encoder: Any = None, stop_after: int | None = None
+) -> Path:
+    """Train (or resume) the DiT; returns the exported model folder (or ``out_dir`` when
+    ``stop_after`` ended it early). Ctrl-C / SIGTERM save a checkpoint and exit 128 + signal.
+
+    ``text_encoder``: an already loaded encoder to use instead of loading ``config``'s.
+    """
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+    run = start_run(config, lambda ckpt: build_dit(config, ckpt))
+    run.model.gradient_checkpointing = config.gradient_checkpointing
+    vae = load_frozen_vae(vae_source(config), run.device)
+    text_encoder = text_encoder or load_text(config, run.device)
+    stream, text = dit_data(config, run, text_encoder, vae)
+    loss_fn = dit_loss_fn(config, run.model, run.device, text, vae)
+
+    def on_step(step: int) -> None:
+        if config.sample_every and config.sample_prompts and step % config.sample_every == 0:
+            write_samples(config, run, vae, text_encoder)
+
+    stopped = train_loop(run, stream, loss_fn, on_step, stop_after)
+    exit_on_signal(stopped, out)
+    if run.progress.step < config.max_steps:
+        return out
+    return export(out, config.export_dir)
+
+
+def fp16_is_lossless(module: nn.Module, tolerance: float = 1e-3) -> bool:
+    """True when every float tensor survives a float16 round trip within ``tolerance``
+    relative (L2) error and without overflow."""
+    for t in module.state_dict().values():
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        back = t.float().half().float()
+        if not torch.isfinite(back).all():
+            return False
+        if (back - t.float()).norm() > tolerance * t.float().norm().clamp(min=1e-12):
+            return False
+    return True
+
+
+def export(out_dir: str | Path, dest: str | Path | None = None) -> Path:
+    """Write the newest checkpoint's EMA weights as a kinema model folder (kinema.json +
+    transformer/ + vae/); float16 when lossless enough, else float32. Returns the folder."""
+    from kinema.io.checkpoint import load_dit, save_model_folder
+
+    out = Path(out_dir)
+    config = parse_config(TrainConfig, json.loads((out / "train_config.json").read_text()))
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise ValueError(f"{out} holds no checkpoint to export")
+    dit = load_dit(ckpt / "model", dtype=torch.float32)
+    ema = EMA(dit, 0.0)
+    load_ema(ckpt, ema)
+    ema.copy_to(dit)
+    vae = load_frozen_vae(vae_source(config), torch.device("cpu"))
+    dtype = torch.float16 if fp16_is_lossless(dit) and fp16_is_lossless(vae) else None
+    dest = Path(dest) if dest is not None else out / "model"
+    text = {"kind": config.text_encoder, "max_length": config.text_max_length}
+    sampling = sampling_defaults(config)
+    save_model_folder(
+        dest, dit=dit, vae=vae, text_encoder=text, sampling=sampling, name=config.name, dtype=dtype
+    )
+    kind = "float16" if dtype else "float32"
+    print(f"exported {dest} ({kind}, {folder_size_mb(dest):.1f} MB)")
+    return dest

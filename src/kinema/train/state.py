@@ -1,0 +1,209 @@
+"""Training checkpoints that resume exactly.
+
+A checkpoint is a folder ``out_dir/checkpoints/step-00001200/``:
+
+    model/            kinema component folder (config.json + model.safetensors), float32
+    ema.safetensors   the EMA shadow weights
+    optimizer.pt      optimiser state + torch / numpy / python RNG states (weights_only-safe)
+    state.json        step, samples seen, EMA update count, learning rate
+
+It is written into a hidden temporary folder and renamed into place, so a kill at any moment
+leaves either the previous checkpoint or the new one, never half of one. The learning rate is a
+pure function of the step and each step's randomness is a function of (seed, step), so model +
+optimiser + EMA + step + data position is the whole state of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kinema.io.checkpoint import save_component
+from kinema.train.ema import EMA
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands: optimiser steps done and clips consumed (the data position)."""
+
+    step: int = 0
+    samples_seen: int = 0
+
+
+def rng_state() -> dict[str, Any]:
+    """torch, numpy and python global RNG states, as tensors and plain values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first."""
+    root = Path(out_dir) / "checkpoints"
+    found = [p for p in root.glob("step-*") if STEP_DIR.match(p.name) and p.is_dir()]
+    return sorted(f for f in found if (f / "state.json").exists())
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    found = checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    progress: Progress,
+    model: nn.Module,
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    keep: int = 2,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``out_dir/checkpoints/step-XXXXXXXX`` atomically; keep the newest ``keep``."""
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{progress.step:08d}"
+    if final.exists():  # this exact state is already on disk
+        return final
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        save_component(model, tmp / "model")
+        save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / "optimizer.pt")
+        meta = {"step": progress.step, "samples_seen": progress.samples_seen,
+                "ema": {"decay": ema.decay, "warmup": ema.warmup, "updates": ema.updates},
+                **(extra or {})}  # fmt: skip
+        (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune(out_dir, keep)
+    return final
+
+
+def prune(out_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints and any leftover temporary folders."""
+    root = Path(out_dir) / "checkpoints"
+    for old in checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in root.glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "state.json").read_text())
+
+
+def load_ema(folder: Path, ema: EMA) -> None:
+    """Put a checkpoint's EMA weights and update count into ``ema``."""
+    meta = read_state(folder)["ema"]
+    ema.load_state_dict({**meta, "shadow": load_file(str(folder / "ema.safetensors"))})
+
+
+def load_training_state(
+    folder: Path, ema: EMA, optimizer: torch.optim.Optimizer, device: torch.device
+) -> Progress:
+    """Restore EMA, optimiser and RNG states from a checkpoint; returns its progress.
+
+    The model weights are loaded by the caller (from ``folder / "model"``) before the optimiser
+    is built, so the optimiser's parameters are the loaded ones.
+    """
+    load_ema(folder, ema)
+    for name in ema.shadow:
+        ema.shadow[name] = ema.shadow[name].to(device)
+    blob = torch.load(folder / "optimizer.pt", map_location=device, weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    set_rng_state({k: _cpu(v) if k != "cuda" else v for k, v in blob["rng"].items()})
+    meta = read_state(folder)
+    return Progress(step=int(meta["step"]), samples_seen=int(meta["samples_seen"]))
+
+
+def _cpu(value: Any) -> Any:
+    """RNG states must be CPU byte tensors even when loaded with a CUDA map_location."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, tuple):
+        return tuple(_cpu(v) for v in value)
+    return value
+
+
+def folder_size_mb(folder: Path) -> float:
+    """Total size of the files under ``folder`` in MB."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything else is a function of the step
+# ---------------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, lr: float, warmup: int, max_steps: int, schedule: str, floor: float) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): linear warm-up from lr/warmup to lr,
+    then constant, or cosine from lr down to ``floor * lr`` at ``max_steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    frac = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of one optimiser step: noise, sigmas, masks, dropout and crops."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
+
+
+def index_at(position: int, n: int, seed: int) -> int:
+    """Clip index at data position ``position``: epoch e = position // n walks a permutation
+    of range(n) drawn from (seed, e), so the data order is a pure function of the position."""
+    epoch, offset = divmod(position, n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return int(order[offset])
+
+
+class PositionSampler(torch.utils.data.Sampler):
+    """Endless clip indices from data position ``start`` on (see :func:`index_at`); with
+    ``with_epoch`` it yields ``(index, epoch)`` pairs for datasets whose clips vary by epoch."""
+
+    def __init__(self, n: int, seed: int, start: int = 0, with_epoch: bool = False) -> None:
+        self.n, self.seed, self.start, self.with_epoch = n, seed, start, with_epoch
+
+    def __iter__(self) -> Iterator[Any]:
+        position = self.start
+        while True:
+            epoch, offset = divmod(position, self.n)
+            generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            order = torch.randperm(self.n, generator=generator)[offset:].tolist()
+            yield from ((i, epoch) for i in order) if self.with_epoch else order
+            position = (epoch + 1) * self.n

@@ -1,0 +1,167 @@
+"""The VAE training loop: reconstruction of random crops, a small KL, then latent statistics.
+
+Each micro-batch takes clips at the run's data position and a random crop of each
+(``crop_frames`` x ``crop_size`` x ``crop_size``, offsets from the step's generator). The loss is
+
+    l1_weight * |x - D(z)| + mse_weight * (x - D(z))^2 + kl_weight * KL(q(z|x) || N(0, 1))
+
+with z the posterior mean (or a sample, ``sample_posterior``), all averaged per element. The
+decoder runs without the inference-time clamp to [-1, 1] so saturated pixels keep a gradient.
+At the end the EMA weights encode ``stats_clips`` full clips and the per-channel latent mean and
+std are written into the exported ``VAEConfig`` (``latents_mean`` / ``latents_std``), which is
+how the DiT's latents get normalised. Entry point: :func:`train_vae`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from kinema.train.config import VAETrainConfig, config_to_dict
+from kinema.train.ema import EMA
+from kinema.train.loop import (
+    Batch,
+    ClipDataset,
+    LossFn,
+    autocast,
+    clip_stream,
+    component_folder,
+    exit_on_signal,
+    start_run,
+    train_loop,
+)
+from kinema.train.state import latest_checkpoint, load_ema
+
+
+def random_crop(video: Tensor, size: int, frames: int, g: torch.Generator) -> Tensor:
+    """(B, 3, T, H, W) -> (B, 3, frames, size, size), each clip at its own random offset."""
+    b, _, t, h, w = video.shape
+    crops = []
+    for i in range(b):
+        t0 = int(torch.randint(0, t - frames + 1, (), generator=g))
+        y0 = int(torch.randint(0, h - size + 1, (), generator=g))
+        x0 = int(torch.randint(0, w - size + 1, (), generator=g))
+        crops.append(video[i, :, t0 : t0 + frames, y0 : y0 + size, x0 : x0 + size])
+    return torch.stack(crops)
+
+
+def decode_unclamped(vae: nn.Module, z: Tensor) -> Tensor:
+    """Latents (B, z, F, h, w) -> video (B, 3, 1 + 4(F-1), 8h, 8w), one latent frame at a time
+    with the causal cache, like ``CausalVAE.decode`` but without the final clamp."""
+    slots: list[Tensor | None] = [None] * vae.decoder.cache_slots
+    out = []
+    for f in range(z.shape[2]):
+        x, frames = vae.decoder(vae.post_quant_conv(z[:, :, f : f + 1]), slots)
+        slots = list(frames)
+        out.append(x)
+    return torch.cat(out, dim=2)  # (B, 3, T, H, W)
+
+
+def kl_to_standard_normal(mean: Tensor, logvar: Tensor) -> Tensor:
+    """Mean per element of KL(N(mean, exp(logvar)) || N(0, 1))."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+
+
+def vae_loss(config: VAETrainConfig, vae: nn.Module, video: Tensor, g: torch.Generator) -> Tensor:
+    """Weighted L1 + MSE reconstruction and KL of one crop batch (B, 3, T, H, W)."""
+    mean, logvar = vae.encode_posterior(video)
+    z = mean
+    if config.sample_posterior:
+        eps = torch.randn(mean.shape, generator=g).to(mean.device)
+        z = mean + torch.exp(0.5 * logvar) * eps
+    recon = decode_unclamped(vae, z)
+    err = recon.float() - video.float()
+    loss = config.l1_weight * err.abs().mean() + config.mse_weight * err.pow(2).mean()
+    return loss + config.kl_weight * kl_to_standard_normal(mean.float(), logvar.float())
+
+
+def vae_loss_fn(config: VAETrainConfig, vae: nn.Module, device: torch.device) -> LossFn:
+    """The loss of one micro-batch of clips: random crops, then :func:`vae_loss`."""
+
+    def loss_fn(batch: Batch, g: torch.Generator) -> Tensor:
+        crops = random_crop(batch["video"], config.crop_size, config.crop_frames, g)
+        with autocast(config, device):
+            return vae_loss(config, vae, crops.to(device), g)
+
+    return loss_fn
+
+
+@torch.no_grad()
+def latent_stats(
+    vae: nn.Module, clips: Iterable[Tensor]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of the posterior means of ``clips`` (each (B, 3, T, H, W))."""
+    total = sq = None
+    count = 0
+    device = next(vae.parameters()).device
+    for video in clips:
+        z = vae.encode(video.to(device, torch.float32)).double()  # (B, z, F, h, w)
+        s, s2 = z.sum(dim=(0, 2, 3, 4)), z.pow(2).sum(dim=(0, 2, 3, 4))
+        total, sq = (s, s2) if total is None else (total + s, sq + s2)
+        count += z.numel() // z.shape[1]
+    if total is None:
+        raise ValueError("latent_stats needs at least one clip")
+    mean = total / count
+    std = (sq / count - mean.pow(2)).clamp(min=1e-12).sqrt()
+    return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist())
+
+
+def stats_clips(config: VAETrainConfig, batch: int = 4) -> Iterable[Tensor]:
+    """The first ``stats_clips`` full clips of the data, in batches (B, 3, T, H, W)."""
+    ds = ClipDataset(config.data)
+    n = min(config.stats_clips, len(ds))
+    for start in range(0, n, batch):
+        yield torch.stack([ds[i][0] for i in range(start, min(start + batch, n))])
+
+
+def build_vae(config: VAETrainConfig, ckpt: Path | None) -> nn.Module:
+    """The VAE to train: from a checkpoint, from ``init_from``, or fresh from ``model``."""
+    from kinema.io.checkpoint import load_vae
+    from kinema.models.vae import CausalVAE
+
+    if ckpt is not None:
+        return load_vae(ckpt / "model", dtype=torch.float32)
+    if config.init_from is not None:
+        return load_vae(component_folder(config.init_from, "vae"), dtype=torch.float32)
+    return CausalVAE(config.model)  # type: ignore[arg-type]
+
+
+def export_vae(config: VAETrainConfig, dest: str | Path | None = None) -> Path:
+    """EMA weights of the newest checkpoint + measured latent stats -> a VAE component folder."""
+    from kinema.io.checkpoint import load_vae, save_component
+
+    ckpt = latest_checkpoint(config.out_dir)
+    if ckpt is None:
+        raise ValueError(f"{config.out_dir} holds no checkpoint to export")
+    vae = load_vae(ckpt / "model", dtype=torch.float32)
+    ema = EMA(vae, 0.0)
+    load_ema(ckpt, ema)
+    ema.copy_to(vae)
+    mean, std = latent_stats(vae, stats_clips(config))
+    vae.config = dataclasses.replace(vae.config, latents_mean=mean, latents_std=std)
+    dest = Path(dest or config.export_dir or Path(config.out_dir) / "vae")
+    save_component(vae, dest)
+    print(f"exported {dest}; latent mean {mean}, std {std}")
+    return dest
+
+
+def train_vae(config: VAETrainConfig, *, stop_after: int | None = None) -> Path:
+    """Train (or resume) the VAE; returns the exported VAE folder with latent statistics
+    (or ``out_dir`` when ``stop_after`` ended it early). Ctrl-C / SIGTERM save and exit."""
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+    run = start_run(config, lambda ckpt: build_vae(config, ckpt))
+    ds = ClipDataset(config.data)
+    seed = config.data.seed + config.seed
+    stream = clip_stream(ds, run.progress.samples_seen, config.batch_size, seed, config.num_workers)
+    stopped = train_loop(run, stream, vae_loss_fn(config, run.model, run.device), None, stop_after)
+    exit_on_signal(stopped, out)
+    if run.progress.step < config.max_steps:
+        return out
+    return export_vae(config)
