@@ -64,10 +64,33 @@ def add_generate(sub: Any) -> None:
     p.add_argument("--shift", type=float, default=None, help="flow-matching schedule shift (> 0)")
     p.add_argument("--sampler", default=None, help="unipc or euler")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image", default=None, help="start the clip from this image")
+    p.add_argument("--video", default=None, help="restyle this video (video-to-video)")
+    p.add_argument("--strength", type=float, default=None, help="video-to-video noise, (0, 1]")
+    p.add_argument(
+        "--at", action="append", type=parse_timed, default=[], metavar="SECONDS:PROMPT",
+        help="switch to PROMPT at SECONDS (repeatable)",
+    )  # fmt: skip
+    add_device_args(p)
+    p.set_defaults(run=run_generate)
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: per device)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=run_generate)
+
+
+def parse_timed(text: str) -> tuple[float, str]:
+    """'1.5:a yellow circle moving down' -> (1.5, 'a yellow circle moving down')."""
+    head, sep, prompt = text.partition(":")
+    try:
+        seconds = float(head)
+    except ValueError:
+        seconds = None
+    if not sep or seconds is None or not prompt.strip():
+        raise argparse.ArgumentTypeError(f"--at {text!r} must be SECONDS:PROMPT, e.g. 1.5:a cat")
+    return seconds, prompt.strip()
 
 
 def default_output(prompt: str, seed: int) -> Path:
@@ -81,19 +104,25 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from_output_check(args.output)
     pipe = load(args.model, device=args.device, dtype=args.dtype)
-    fps = args.fps or pipe.defaults.fps
+    fps = args.fps or (None if args.video else pipe.defaults.fps)
     frames = args.frames
     if args.seconds is not None:
-        frames = frames_for_seconds(args.seconds, fps, pipe.temporal_factor)
+        frames = frames_for_seconds(args.seconds, fps or pipe.defaults.fps, pipe.temporal_factor)
     width, height = args.size or (None, None)
     request = Request(
         prompt=args.prompt, negative_prompt=args.negative, width=width, height=height,
         frames=frames, fps=fps, steps=args.steps, guidance=args.guidance, shift=args.shift,
-        sampler=args.sampler, seed=args.seed,
+        sampler=args.sampler, seed=args.seed, prompts=tuple(args.at), image=args.image,
+        video=args.video, strength=args.strength,
     )  # fmt: skip
+    return finish(pipe, request, args.output or default_output(args.prompt, args.seed), args)
+
+
+def finish(pipe: Any, request: Any, output: str | Path, args: argparse.Namespace) -> int:
+    """Run a request with a progress bar and save the result (video + sidecar)."""
     with progress_bar(args.quiet) as progress:
         video = pipe.run(request, progress=progress)
-    out = video.save(args.output or default_output(args.prompt, args.seed))
+    out = video.save(output)
     total = video.info["timings"]["total"]
     print(f"wrote {out} ({len(video.frames)} frames, {total:.1f} s)", file=sys.stderr)
     return 0
@@ -129,6 +158,46 @@ class progress_bar:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def add_extend(sub: Any) -> None:
+    p = sub.add_parser("extend", help="continue a video by some seconds under a prompt")
+    p.add_argument("video", help="the clip to continue")
+    p.add_argument("--prompt", required=True, help="what happens next")
+    p.add_argument("--seconds", type=float, required=True, help="seconds to add")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--model", default=None)
+    p.add_argument("--negative", default=None)
+    p.add_argument("--fps", type=int, default=None, help="default: the source's")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--at", action="append", type=parse_timed, default=[], metavar="SECONDS:PROMPT",
+        help="switch to PROMPT at SECONDS after the start of the continuation",
+    )  # fmt: skip
+    add_device_args(p)
+    p.set_defaults(run=run_extend)
+
+
+def run_extend(args: argparse.Namespace) -> int:
+    from kinema.loading import load
+    from kinema.media import source_fps
+    from kinema.pipeline import Request
+
+    from_output_check(args.output)
+    pipe = load(args.model, device=args.device, dtype=args.dtype)
+    fps = args.fps or source_fps(args.video, pipe.defaults.fps)
+    t = pipe.temporal_factor
+    if args.seconds <= 0:
+        raise ValueError(f"seconds {args.seconds} must be > 0")
+    frames = max(1, round(args.seconds * fps / t)) * t
+    request = Request(
+        prompt=args.prompt, negative_prompt=args.negative, frames=frames, fps=fps,
+        steps=args.steps, guidance=args.guidance, seed=args.seed, prompts=tuple(args.at),
+        extend=args.video,
+    )  # fmt: skip
+    return finish(pipe, request, args.output, args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +281,7 @@ def run_convert(args: argparse.Namespace) -> int:
 def build_parser() -> Parser:
     parser = Parser(prog="kinema", description="kinema: open video generation")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for add in (add_generate, add_info, add_convert):
+    for add in (add_generate, add_extend, add_info, add_convert):
         add(sub)
     return parser
 

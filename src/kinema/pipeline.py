@@ -146,6 +146,21 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> Tensor:
     )
 
 
+def partial_schedule(full: Any, strength: float, num_train_timesteps: int = 1000) -> Any:
+    """The tail of a schedule that starts at noise level ``strength`` (SDEdit): ``strength``
+    itself, then the schedule's sigmas below it. Strength >= the first sigma keeps it all."""
+    if strength >= float(full.sigmas[0]):
+        return full
+    keep = full.sigmas[:-1] < strength
+    first_t = torch.tensor([strength * num_train_timesteps]).to(full.timesteps.dtype)
+    sigmas = torch.cat([torch.tensor([strength], dtype=full.sigmas.dtype), full.sigmas[:-1][keep]])
+    return dataclasses.replace(
+        full,
+        sigmas=torch.cat([sigmas, full.sigmas[-1:]]),
+        timesteps=torch.cat([first_t, full.timesteps[keep]]),
+    )
+
+
 def to_uint8(video: Tensor) -> np.ndarray:
     """Decoded video (1, 3, T, H, W) in [-1, 1] -> frames (T, H, W, 3) uint8."""
     x = ((video[0].float() + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0)  # (T, H, W, 3)
@@ -317,14 +332,11 @@ class Pipeline:
         clock.add("text")
         x0 = self.encode(source)
         clock.add("encode")
-        full = flow_schedule(req.steps, req.shift, req.sampler)
-        start = int((full.sigmas[:-1] > req.strength + 1e-9).sum())
-        sigmas, timesteps = full.sigmas[start:], full.timesteps[start:]
+        schedule = partial_schedule(flow_schedule(req.steps, req.shift, req.sampler), req.strength)
         noise = initial_noise(req.seed, tuple(x0.shape)).to(self.device)
-        s0 = float(sigmas[0])
+        s0 = float(schedule.sigmas[0])
         x = (1 - s0) * x0.float() + s0 * noise
-        steps = Steps(progress, len(timesteps))
-        schedule = dataclasses.replace(full, sigmas=sigmas, timesteps=timesteps)
+        steps = Steps(progress, len(schedule.timesteps))
         latents, calls = self.denoise(req, x, schedule, context, uncond, None, steps)
         clock.add("denoise")
         frames = to_uint8(self.decode(latents))
