@@ -276,12 +276,43 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------
+
+
+def add_train(sub: Any) -> None:
+    p = sub.add_parser("train", help="train or fine-tune the DiT from a YAML/JSON config")
+    p.add_argument("config", help="a TrainConfig file (see configs/kinema-tiny-dit.yaml)")
+    p.add_argument("--export", default=None, help="after training, write the model folder here")
+    p.set_defaults(run=run_train)
+    v = sub.add_parser("train-vae", help="train the causal VAE from a YAML/JSON config")
+    v.add_argument("config", help="a VAETrainConfig file (see configs/kinema-tiny-vae.yaml)")
+    v.set_defaults(run=run_train_vae)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from kinema.train import export, load_train_config, train_dit
+
+    out_dir = train_dit(load_train_config(args.config))
+    if args.export:
+        print(f"wrote {export(out_dir, args.export)}", file=sys.stderr)
+    return 0
+
+
+def run_train_vae(args: argparse.Namespace) -> int:
+    from kinema.train import load_vae_train_config, train_vae
+
+    print(f"wrote {train_vae(load_vae_train_config(args.config))}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> Parser:
     parser = Parser(prog="kinema", description="kinema: open video generation")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for add in (add_generate, add_extend, add_info, add_convert):
+    for add in (add_generate, add_extend, add_info, add_convert, add_train):
         add(sub)
     return parser
 
