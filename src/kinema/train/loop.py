@@ -77,7 +77,9 @@ class ClipDataset(torch.utils.data.Dataset):
         if data.kind == "synthetic":
             from kinema.data.synthetic import SyntheticClips
 
-            self.source: Any = SyntheticClips(data.seed, size, data.frames, data.fps, split=split)
+            self.source: Any = SyntheticClips(
+                data.seed, size=size, frames=data.frames, fps=data.fps, split=split
+            )
             self.length = data.num_clips
         else:
             from kinema.data.folder import VideoFolder

@@ -1,0 +1,318 @@
+"""kinema.train: the flow-matching loss, samplers, EMA, configs, and exact resume of real loops."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kinema.configs import DiTConfig, VAEConfig
+from kinema.io.checkpoint import load_dit, load_vae, save_component
+from kinema.models.dit import VideoDiT
+from kinema.models.vae import CausalVAE
+from kinema.train import (
+    EMA,
+    DataConfig,
+    TrainConfig,
+    VAETrainConfig,
+    flow_matching_loss,
+    load_train_config,
+    sample_cond_mask,
+    sample_timesteps,
+    train_dit,
+    train_vae,
+)
+from kinema.train.config import OptimFields
+from kinema.train.loop import read_log, start_run, train_loop
+from kinema.train.state import PositionSampler, index_at, latest_checkpoint, lr_at
+
+TINY_DIT = DiTConfig(num_heads=2, head_dim=16, in_channels=4, out_channels=4, text_dim=384,
+                     freq_dim=32, ffn_dim=64, num_layers=2)  # fmt: skip
+TINY_VAE = VAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
+                     latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)  # fmt: skip
+TINY_DATA = DataConfig(num_clips=6, width=32, height=32, frames=9, fps=8)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss, samplers
+# ---------------------------------------------------------------------------------------------
+
+
+def test_logit_normal_statistics() -> None:
+    s = sample_timesteps(40000, gen(), mean=0.5, std=0.8, shift=1.0)
+    logit = torch.log(s / (1 - s))
+    assert s.min() > 0 and s.max() < 1
+    assert abs(logit.mean().item() - 0.5) < 0.02 and abs(logit.std().item() - 0.8) < 0.02
+    shifted = sample_timesteps(40000, gen(), mean=0.0, std=1.0, shift=3.0)
+    assert abs(shifted.median().item() - 0.75) < 0.01  # median 0.5 -> 3*0.5/(1+2*0.5)
+
+
+def test_cond_mask_modes() -> None:
+    none = sample_cond_mask(64, 5, (1.0, 0.0, 0.0), gen())
+    first = sample_cond_mask(64, 5, (0.0, 1.0, 0.0), gen())
+    firstk = sample_cond_mask(2000, 5, (0.0, 0.0, 1.0), gen(), max_frames=3)
+    assert not none.any()
+    assert first[:, 0].all() and not first[:, 1:].any()
+    counts = firstk.sum(1)
+    assert set(counts.tolist()) == {2, 3}
+    assert torch.equal(firstk, torch.arange(5)[None] < counts[:, None])  # a prefix of frames
+    mix = sample_cond_mask(20000, 5, (0.6, 0.25, 0.15), gen()).sum(1)
+    freq = [(mix == 0).float().mean(), (mix == 1).float().mean(), (mix >= 2).float().mean()]
+    assert np.allclose(freq, (0.6, 0.25, 0.15), atol=0.015)
+
+
+def test_flow_matching_loss_conditioning() -> None:
+    x0, noise = torch.randn(2, 4, 3, 2, 2, generator=gen(1)), torch.randn(2, 4, 3, 2, 2)
+    sigmas = torch.tensor([0.3, 0.8])
+    mask = torch.tensor([[True, False, False], [True, True, False]])
+    seen = {}
+
+    def model_fn(x, t, context):  # exact velocity on free frames, garbage on given ones
+        seen["x"], seen["t"] = x, t
+        v = (noise - x0).clone()
+        v[mask[:, None].expand_as(v[:, :, :, 0, 0])] = 1e3
+        return v
+
+    loss = flow_matching_loss(model_fn, x0, noise, sigmas, torch.zeros(2, 1, 8), mask)
+    assert loss.item() == 0.0  # conditioned frames are not in the loss
+    assert torch.equal(seen["t"], torch.tensor([[0.0, 300.0, 300.0], [0.0, 0.0, 800.0]]))
+    assert torch.equal(seen["x"][0, :, 0], x0[0, :, 0]) and torch.equal(
+        seen["x"][1, :, :2], x0[1, :, :2]
+    )
+    assert torch.allclose(seen["x"][0, :, 1], 0.7 * x0[0, :, 1] + 0.3 * noise[0, :, 1])
+    zero = lambda x, t, c: torch.zeros_like(x)
+    want = ((noise - x0)[0, :, 1:].pow(2).sum() + (noise - x0)[1, :, 2:].pow(2).sum()) / (3 * 16)
+    got = flow_matching_loss(zero, x0, noise, sigmas, torch.zeros(2, 1, 8), mask)
+    assert torch.allclose(got, want)
+
+
+def test_real_model_loss_decreases() -> None:
+    torch.manual_seed(0)
+    model = VideoDiT(TINY_DIT)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x0, noise = (
+        torch.randn(2, 4, 3, 4, 4, generator=gen(1)),
+        torch.randn(2, 4, 3, 4, 4, generator=gen(2)),
+    )
+    sigmas, context = torch.tensor([0.4, 0.7]), torch.randn(2, 5, 384, generator=gen(3))
+    losses = []
+    for _ in range(30):
+        loss = flow_matching_loss(model, x0, noise, sigmas, context)
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None for p in model.parameters())
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# EMA, schedules, data positions
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ema_math() -> None:
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = EMA(model, decay=0.9, warmup=True)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    assert ema.update(model) == pytest.approx(0.1)  # warm-up: min(0.9, 1/10)
+    assert ema.shadow["weight"].item() == pytest.approx(0.1 * 1 + 0.9 * 3)
+    plain = EMA(model, decay=0.9, warmup=False)
+    with torch.no_grad():
+        model.weight.fill_(5.0)
+    plain.update(model)
+    assert plain.shadow["weight"].item() == pytest.approx(0.9 * 3 + 0.1 * 5)
+    restored = EMA(model, decay=0.5)
+    restored.load_state_dict(plain.state_dict())
+    assert restored.decay == 0.9 and restored.updates == 1
+    with restored.applied(model):
+        assert model.weight.item() == pytest.approx(3.2)
+    assert model.weight.item() == 5.0
+
+
+def test_lr_schedule_and_positions() -> None:
+    assert lr_at(0, 1.0, 4, 10, "constant", 0.1) == 0.25
+    assert lr_at(7, 1.0, 4, 10, "constant", 0.1) == 1.0
+    assert lr_at(4, 1.0, 4, 10, "cosine", 0.1) == 1.0
+    assert lr_at(10, 1.0, 4, 10, "cosine", 0.1) == pytest.approx(0.1)
+    stream = iter(PositionSampler(5, seed=3, start=7))
+    assert [next(stream) for _ in range(8)] == [index_at(p, 5, 3) for p in range(7, 15)]
+    assert sorted(index_at(p, 5, 3) for p in range(5, 10)) == list(range(5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("vae: v\nmodel: {num_layers: 2}\ndata: {frames: 9}\nbetas: [0.9, 0.95]\n")
+    config = load_train_config(good)
+    assert config.model.num_layers == 2 and config.data.frames == 9 and config.betas == (0.9, 0.95)
+    cases = {
+        "vae: v\nmodel: {}\nlearning_rate: 1\n": "learning_rate",
+        "vae: v\nmodel: {}\ndata: {fpss: 3}\n": "fpss",
+        "vae: v\nmodel: {num_layrs: 3}\n": "num_layrs",
+        "vae: v\nmodel: {}\nlr: fast\n": "TrainConfig.lr",
+        "vae: v\nmodel: {}\ndata: {frames: 8}\n": "data.frames",
+        "vae: v\nmodel: {}\ncond_probs: [0.5, 0.5, 0.5]\n": "cond_probs",
+    }
+    for i, (text, key) in enumerate(cases.items()):
+        path = tmp_path / f"bad{i}.yaml"
+        path.write_text(text)
+        with pytest.raises(ValueError, match=key):
+            load_train_config(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine: exact resume and signals
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_encoder():
+    from kinema.models.text import load_text_encoder
+
+    return load_text_encoder("minilm", max_length=8)
+
+
+@pytest.fixture(scope="module")
+def vae_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    return save_component(CausalVAE(TINY_VAE), tmp_path_factory.mktemp("vae") / "vae")
+
+
+def dit_config(out: Path, vae_path: Path, **kw) -> TrainConfig:
+    base = dict(out_dir=str(out), model=TINY_DIT, vae=str(vae_path), text_max_length=8,
+                data=TINY_DATA, batch_size=2, max_steps=6, warmup_steps=2, lr=1e-3,
+                checkpoint_every=2, cond_probs=(0.4, 0.3, 0.3), ema_decay=0.9,
+                progress=False)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def test_dit_resume_is_exact(tmp_path: Path, vae_folder: Path, text_encoder) -> None:
+    straight = train_dit(dit_config(tmp_path / "a", vae_folder), text_encoder=text_encoder)
+    assert (straight / "kinema.json").exists()
+    resumed = dit_config(tmp_path / "b", vae_folder)
+    assert train_dit(resumed, text_encoder=text_encoder, stop_after=3) == tmp_path / "b"
+    assert latest_checkpoint(tmp_path / "b").name == "step-00000003"
+    train_dit(resumed, text_encoder=text_encoder)  # a fresh loop resumes from step 3
+    a, b = latest_checkpoint(tmp_path / "a"), latest_checkpoint(tmp_path / "b")
+    assert a.name == b.name == "step-00000006"
+    for name in ("model/model.safetensors", "ema.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    drop = lambda rows: [{k: r[k] for k in ("step", "loss", "lr", "grad_norm")} for r in rows]
+    assert drop(read_log(tmp_path / "a")) == drop(read_log(tmp_path / "b"))
+    assert len(read_log(tmp_path / "a")) == 6
+    assert len(list((tmp_path / "a" / "checkpoints").glob("step-*"))) == 2  # keeps the last 2
+    dit = load_dit(straight / "transformer")
+    assert dit.proj_out.weight.dtype == torch.float16  # lossless enough for fp16
+
+
+def toy_run(out: Path, **kw):
+    config = OptimFields(out_dir=str(out), batch_size=1, max_steps=6, warmup_steps=0,
+                         checkpoint_every=100, progress=False, **kw)  # fmt: skip
+    run = start_run(config, lambda ckpt: _toy_model(ckpt))
+    data = torch.randn(64, 3, generator=gen(5))
+
+    def stream():
+        position = run.progress.samples_seen
+        while True:
+            yield {"x": data[position % 64 : position % 64 + 1]}
+            position += 1
+
+    def loss_fn(batch, g):
+        noise = torch.randn(batch["x"].shape, generator=g)
+        return (run.model(batch["x"] + noise) - batch["x"]).pow(2).mean()
+
+    return run, stream(), loss_fn
+
+
+def _toy_model(ckpt: Path | None) -> torch.nn.Module:
+    model = torch.nn.Linear(3, 3)
+    if ckpt is not None:
+        model.load_state_dict(load_file(str(ckpt / "model" / "model.safetensors")))
+    model.config = TINY_DATA  # save_component writes the module's config dataclass
+    return model
+
+
+def test_sigterm_saves_and_resumes(tmp_path: Path) -> None:
+    run, stream, loss_fn = toy_run(tmp_path)
+
+    def on_step(step: int) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    assert train_loop(run, stream, loss_fn, on_step) == signal.SIGTERM
+    assert latest_checkpoint(tmp_path).name == "step-00000002"  # saved despite checkpoint_every
+    run, stream, loss_fn = toy_run(tmp_path)
+    assert run.progress.step == 2 and run.progress.samples_seen == 2
+    assert train_loop(run, stream, loss_fn) is None
+    straight, s2, l2 = toy_run(tmp_path / "straight")
+    train_loop(straight, s2, l2)
+    assert torch.equal(run.model.weight, straight.model.weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning on a folder of videos; the VAE loop
+# ---------------------------------------------------------------------------------------------
+
+
+def make_video_folder(root: Path) -> Path:
+    from kinema.io.video import write_video
+
+    root.mkdir()
+    for i, colour in enumerate(([255, 0, 0], [0, 0, 255], [0, 200, 0])):
+        frames = np.zeros((12, 32, 32, 3), np.uint8)
+        for t in range(12):
+            frames[t, 8:16, 2 * t : 2 * t + 8] = colour
+        write_video(root / f"clip{i}.mp4", frames, 8)
+        (root / f"clip{i}.txt").write_text(f"a square number {i} moving right")
+    return root
+
+
+def test_folder_finetune_from_checkpoint(tmp_path: Path, vae_folder: Path, text_encoder) -> None:
+    from kinema.configs import SamplingDefaults
+    from kinema.io.checkpoint import save_model_folder
+
+    torch.manual_seed(1)
+    model = save_model_folder(tmp_path / "model", dit=VideoDiT(TINY_DIT), vae=load_vae(vae_folder),
+                              text_encoder={"kind": "minilm", "max_length": 8},
+                              sampling=SamplingDefaults(), name="tiny")  # fmt: skip
+    folder = make_video_folder(tmp_path / "videos")
+    data = DataConfig(kind="folder", root=str(folder), width=32, height=32, frames=9, fps=8)
+    config = dit_config(tmp_path / "ft", vae_folder, model=None, vae=None, init_from=str(model),
+                        data=data, precompute=False, max_steps=2, sample_every=2,
+                        sample_prompts=("a red square",), sample_steps=2)  # fmt: skip
+    out = train_dit(config, text_encoder=text_encoder)
+    assert [r["step"] for r in read_log(tmp_path / "ft")] == ["1", "2"]
+    assert (tmp_path / "ft" / "samples" / "step-00000002-0.mp4").stat().st_size > 0
+    tuned = load_dit(out / "transformer", dtype=torch.float32)
+    start = load_dit(model / "transformer", dtype=torch.float32)
+    assert not torch.equal(tuned.proj_out.weight, start.proj_out.weight)
+
+
+def test_vae_loop_exports_latent_stats(tmp_path: Path) -> None:
+    config = VAETrainConfig(out_dir=str(tmp_path), model=TINY_VAE, data=TINY_DATA, crop_size=16,
+                            crop_frames=5, batch_size=2, max_steps=2, warmup_steps=1,
+                            stats_clips=2, progress=False)  # fmt: skip
+    folder = train_vae(config)
+    vae = load_vae(folder)
+    assert vae.config.latents_mean != TINY_VAE.latents_mean
+    assert all(s > 0 and math.isfinite(s) for s in vae.config.latents_std)
+    assert [r["step"] for r in read_log(tmp_path)] == ["1", "2"]
