@@ -212,6 +212,12 @@ def test_bad_uploads(http):
     error_of(
         oversize, oversize.status_code, "input_reference" if oversize.status_code == 400 else None
     )
+    huge = http.post(
+        "/v1/videos",
+        data={"prompt": "x"},
+        files={"input_reference": ("a.png", b"0" * (2**20 + 2**17), "image/png")},
+    )
+    assert error_of(huge, 413, None)["code"] == "request_too_large"  # refused by its length
     url = http.post(
         "/v1/videos",
         json={"prompt": "x", "input_reference": {"image_url": "http://127.0.0.1:1/a.png"}},

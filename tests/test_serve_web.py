@@ -1,0 +1,61 @@
+"""The web page in a real Chromium (Debian's, driven by Playwright): submit, progress, play."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.serve_helpers import Server, build_tiny_model
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+
+playwright = pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not shutil.which("chromium"):
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def test_submit_progress_play_gallery(tmp_path, browser):
+    model = build_tiny_model(tmp_path / "tiny")
+    with Server(model, tmp_path / "data", "--api-key", "k") as server:
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server.url + "/")
+        page.fill("#api-key", "k")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_function("document.getElementById('size').value === '32x32'")
+        assert page.text_content("#model") == "tiny"
+        page.fill("#prompt", "a red ball bouncing")
+        page.fill("#size", "64x64")
+        page.fill("#seconds", "2")  # 17 frames at 8 fps
+        page.fill("#steps", "1000")  # a few seconds: long enough to watch the bar move
+        page.fill("#seed", "7")
+        page.click("#submit")
+        page.wait_for_function("window.kinemaSeen.progress.some(p => p > 0 && p < 100)",
+                               timeout=60_000)  # fmt: skip
+        page.wait_for_function(
+            "(() => { const v = document.getElementById('player');"
+            " return v.readyState >= 2 && v.duration > 0; })()", timeout=60_000,
+        )  # fmt: skip
+        assert page.evaluate("document.getElementById('progress').value") == 100
+        seen = page.evaluate("window.kinemaSeen.statuses")
+        assert "in_progress" in seen and seen[-1] == "completed"
+        video_id = page.get_attribute("#player", "data-id")
+        page.wait_for_selector(f'#gallery li[data-id="{video_id}"][data-status="completed"]')
+        assert "a red ball bouncing" in page.text_content(f'#gallery li[data-id="{video_id}"]')
+        duration = page.evaluate("document.getElementById('player').duration")
+        assert duration == pytest.approx(17 / 8, abs=0.15)
+        page.click(f'#gallery li[data-id="{video_id}"] .delete')
+        page.wait_for_selector(f'#gallery li[data-id="{video_id}"]', state="detached")
+        assert not errors
