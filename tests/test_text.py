@@ -319,3 +319,20 @@ def test_load_text_encoder(wan_folder: Path) -> None:
     mini = load_text_encoder("minilm", None, "cpu", torch.bfloat16, max_length=12)
     assert isinstance(mini, MiniLMTextEncoder) and mini.max_length == 12
     assert mini.encode(["a"])[0].dtype == torch.float32
+
+
+def test_native_minilm_equals_transformers_bert():
+    """kinema's own BERT (no transformers import at run time) equals transformers.BertModel."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from kinema.models.text import MiniLMTextEncoder, minilm_path
+
+    prompts = ["a red circle moving right", "A Crimson DISC drifts left, then up!", ""]
+    ours, mask = MiniLMTextEncoder(max_length=16).encode(prompts)
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
+    batch = tok(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    ref = AutoModel.from_pretrained(str(minilm_path()), local_files_only=True).eval()
+    with torch.no_grad():
+        want = ref(**batch).last_hidden_state * batch.attention_mask[..., None]
+    assert torch.equal(mask, batch.attention_mask.bool())
+    assert (ours - want).abs().max() <= 1e-5

@@ -280,18 +280,19 @@ class MiniLMTextEncoder:
         dtype: torch.dtype = torch.float32,
         max_length: int = MINILM_TEXT_LENGTH,
     ) -> None:
-        from transformers import AutoModel
+        from tokenizers import Tokenizer
+
+        from kinema.models.minilm import Bert
 
         folder = Path(path) if path is not None else minilm_path()
         if not (folder / "config.json").exists():
             raise CheckpointError(f"missing {folder / 'config.json'} (MiniLM text encoder)")
-        self.tokenizer = _tokenizer(folder)
-        with _no_progress_bars():
-            model = AutoModel.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
-        self.model = model.to(device).eval().requires_grad_(False)
-        limit = int(self.model.config.max_position_embeddings)
-        self.max_length = check_max_length(max_length, limit)
-        self.dim = int(self.model.config.hidden_size)
+        self.model = Bert.from_folder(folder, device).to(dtype).requires_grad_(False)
+        self.max_length = check_max_length(max_length, self.model.config.max_position_embeddings)
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer.enable_truncation(self.max_length)
+        self.tokenizer.enable_padding(length=self.max_length, pad_id=0, pad_token="[PAD]")
+        self.dim = self.model.config.hidden_size
         self.device, self.dtype = torch.device(device), dtype
 
     def spec(self) -> dict[str, Any]:
@@ -301,15 +302,11 @@ class MiniLMTextEncoder:
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """prompts (B,) -> tokens (B, L, 384) in ``dtype`` on ``device``, mask (B, L) bool."""
-        batch = self.tokenizer(
-            check_prompts(prompts),
-            padding="max_length",
-            max_length=self.max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).to(self.device)
-        hidden = self.model(**batch).last_hidden_state.to(self.dtype)  # (B, L, 384)
-        return keep_prompt_tokens(hidden, batch.attention_mask)
+        batch = self.tokenizer.encode_batch(check_prompts(prompts))
+        ids = torch.tensor([e.ids for e in batch], device=self.device)  # (B, L)
+        mask = torch.tensor([e.attention_mask for e in batch], device=self.device)
+        hidden = self.model(ids, mask).to(self.dtype)  # (B, L, 384)
+        return keep_prompt_tokens(hidden, mask)
 
 
 # ---------------------------------------------------------------------------------------------
