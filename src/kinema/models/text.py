@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import html
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -104,20 +102,6 @@ def keep_prompt_tokens(hidden: Tensor, attention_mask: Tensor) -> tuple[Tensor, 
     positions = torch.arange(hidden.shape[1], device=hidden.device)  # (L,)
     mask = positions[None, :] < lengths[:, None]  # (B, L)
     return torch.where(mask[..., None], hidden, hidden.new_zeros(())), mask
-
-
-@contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """Silence transformers' "Loading weights" bar for one load, then restore its setting."""
-    from transformers.utils import logging
-
-    was_on = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            logging.enable_progress_bar()
 
 
 def _tokenizer(path: str | Path) -> Any:
