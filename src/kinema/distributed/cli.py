@@ -1,0 +1,135 @@
+"""CLI pieces for scale-out: ``kinema generate --devices N`` (and under torchrun), and
+``kinema batch``. :mod:`kinema.cli` wires them in; this module holds no argument logic of the
+single-process path."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from typing import Any
+
+from kinema.configs import SamplingDefaults
+
+
+def add_generate_options(p: argparse.ArgumentParser) -> None:
+    """The multi-process options of ``kinema generate``."""
+    p.add_argument("--devices", type=int, default=1, help="processes (GPUs) for one video")
+    p.add_argument("--parallel", default="auto", help="auto, ulysses or ring (with --devices)")
+    p.add_argument(
+        "--no-cfg-parallel", dest="cfg_parallel", action="store_false",
+        help="do not split the guidance branches over two halves of the devices",
+    )  # fmt: skip
+    p.add_argument("--decode-tile", type=int, default=None, help="split the VAE decode by tiles")
+
+
+def world_size() -> int:
+    """Processes of the torchrun job this process belongs to (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def distributed_generate(args: argparse.Namespace) -> int | None:
+    """Handle ``kinema generate`` when it is multi-process; ``None`` means: run it normally.
+
+    Under torchrun (WORLD_SIZE > 1) every rank runs the parallel pipeline and rank 0 writes;
+    outside it, ``--devices N > 1`` re-launches this command under torchrun with N processes.
+    """
+    devices = getattr(args, "devices", 1)
+    if devices < 1:
+        raise ValueError(f"--devices {devices} must be >= 1")
+    if world_size() > 1:
+        return run_parallel_generate(args)
+    if devices > 1:
+        return launch_torchrun(devices, list(getattr(args, "argv", None) or sys.argv[1:]))
+    return None
+
+
+def launch_torchrun(devices: int, argv: list[str]) -> int:
+    """Run ``python -m kinema ARGV`` as ``devices`` torchrun processes; returns its exit code."""
+    import torch
+
+    if torch.cuda.is_available() and devices > torch.cuda.device_count():
+        raise ValueError(f"--devices {devices} > {torch.cuda.device_count()} visible GPUs")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={devices}", "-m", "kinema", *argv]  # fmt: skip
+    return subprocess.call(cmd)
+
+
+def request_from_args(args: argparse.Namespace, defaults: SamplingDefaults, temporal: int) -> Any:
+    """The :class:`~kinema.pipeline.Request` of ``kinema generate``'s arguments."""
+    from kinema.cli import frames_for_seconds
+    from kinema.pipeline import Request
+
+    fps = args.fps or defaults.fps
+    frames = args.frames
+    if args.seconds is not None:
+        frames = frames_for_seconds(args.seconds, fps, temporal)
+    width, height = args.size or (None, None)
+    return Request(
+        prompt=args.prompt, negative_prompt=args.negative, width=width, height=height,
+        frames=frames, fps=fps, steps=args.steps, guidance=args.guidance, shift=args.shift,
+        sampler=args.sampler, seed=args.seed,
+    )  # fmt: skip
+
+
+def run_parallel_generate(args: argparse.Namespace) -> int:
+    """One rank of a torchrun ``kinema generate``: rank 0 shows progress and writes the file."""
+    import torch.distributed as dist
+
+    from kinema.cli import default_output, from_output_check, progress_bar
+    from kinema.distributed.generate import generate, load_parallel
+
+    from_output_check(args.output)
+    tile = None
+    if getattr(args, "decode_tile", None):
+        from kinema.models.vae import TileSpec
+
+        tile = TileSpec(args.decode_tile, args.decode_tile // 4)
+    pipe, mesh = load_parallel(args.model, mode=getattr(args, "parallel", "auto"),
+                               cfg_parallel=getattr(args, "cfg_parallel", True),
+                               dtype=args.dtype, decode_tile=tile)  # fmt: skip
+    request = request_from_args(args, pipe.defaults, pipe.temporal_factor)
+    out = args.output or default_output(args.prompt, args.seed)
+    with progress_bar(args.quiet or mesh.rank != 0) as progress:
+        video = generate(pipe, mesh, request, out, progress)
+    if mesh.rank == 0:
+        total = video.info["timings"]["total"]
+        print(f"wrote {out} ({len(video.frames)} frames, {total:.1f} s, {mesh.config})",
+              file=sys.stderr)  # fmt: skip
+    dist.destroy_process_group()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# kinema batch
+# ---------------------------------------------------------------------------------------------
+
+
+def add_batch(subparsers: Any) -> None:
+    """``kinema batch REQUESTS.jsonl --out DIR [--ray [ADDRESS]]``."""
+    p = subparsers.add_parser("batch", help="run a file of requests (JSON lines), resumably")
+    p.add_argument("requests", help="JSON lines file: one request per line (API fields)")
+    p.add_argument("--out", required=True, help="output folder (finished outputs are skipped)")
+    p.add_argument("--model", default=None, help="model folder or name (default: kinema-tiny)")
+    p.add_argument("--format", default="mp4", help="output format: mp4, gif or webp")
+    p.add_argument("--device", default=None, help="local run: cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: per device)")
+    p.add_argument(
+        "--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+        help="spread over a Ray cluster (default address: auto; 'local' starts one)",
+    )  # fmt: skip
+    p.add_argument("--workers", type=int, default=None, help="Ray actors (default: GPUs or CPUs)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_batch)
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    """Run the batch; exit code 0 when every request finished, 1 when some failed."""
+    from kinema.batch import BatchOptions, run
+
+    options = BatchOptions(model=args.model, device=args.device, dtype=args.dtype,
+                           format=args.format, ray=args.ray, workers=args.workers)  # fmt: skip
+    summary = run(args.requests, args.out, options, show_progress=not args.quiet)
+    print(summary.line(), file=sys.stderr)
+    return 0 if summary.failed == 0 else 1

@@ -1,0 +1,73 @@
+"""One video on N processes: the same :class:`~kinema.pipeline.Pipeline`, with its DiT run
+sequence- and CFG-parallel, its text encoded on rank 0 and broadcast, and (with a tile size)
+its VAE decode split by tiles over the ranks.
+
+Every rank runs the sampler on the full latent (it is small); only the DiT forward is split,
+so every rank ends with the same video and rank 0 writes it. Launch with
+``torchrun --nproc-per-node N -m kinema generate ...`` or ``kinema generate --devices N``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from kinema.distributed.parallel import (
+    BroadcastTextEncoder,
+    Mesh,
+    ParallelDiT,
+    SplitDecodeVAE,
+    build_mesh,
+    init_distributed,
+    plan_parallel,
+)
+from kinema.pipeline import Pipeline, Progress, Request, Video
+
+
+def parallel_pipeline(pipe: Pipeline, mesh: Mesh, decode_tile: Any = None) -> Pipeline:
+    """``pipe`` with a :class:`ParallelDiT`, a rank-0 text encoder and (given a ``TileSpec``)
+    a split VAE decode. Rank 0 keeps the text encoder; the other ranks drop theirs."""
+    text = BroadcastTextEncoder(pipe.text_encoder if mesh.rank == 0 else None, pipe.device)
+    vae = SplitDecodeVAE(pipe.vae, decode_tile) if decode_tile is not None else pipe.vae
+    return Pipeline(
+        ParallelDiT(pipe.dit, mesh), vae, text,
+        name=pipe.name, defaults=pipe.defaults, load_seconds=pipe.load_seconds,
+    )  # fmt: skip
+
+
+def load_parallel(
+    model: str | Path | None = None,
+    *,
+    mode: str = "auto",
+    cfg_parallel: bool = True,
+    dtype: str | None = None,
+    decode_tile: Any = None,
+    backend: str | None = None,
+) -> tuple[Pipeline, Mesh]:
+    """Join the torchrun process group, load the model on this rank's device and wrap it.
+
+    ``mode``: "auto", "ulysses" or "ring" (see :func:`plan_parallel`); ``cfg_parallel`` puts
+    the conditional and unconditional branches on two halves of the world (even worlds).
+    """
+    from kinema.loading import load
+
+    device = init_distributed(backend)
+    pipe = load(model, device=device, dtype=dtype)
+    world, heads = dist.get_world_size(), pipe.dit.config.num_heads
+    mesh = build_mesh(plan_parallel(world, heads, cfg_parallel, mode))
+    return parallel_pipeline(pipe, mesh, decode_tile), mesh
+
+
+def generate(
+    pipe: Pipeline, mesh: Mesh, request: Request, output: str | Path | None = None,
+    progress: Progress | None = None,
+) -> Video:  # fmt: skip
+    """Run ``request`` on every rank; rank 0 saves it to ``output`` (when given)."""
+    video = pipe.run(request, progress=progress if mesh.rank == 0 else None)
+    video.info["parallel"] = {"world": mesh.config.world, **mesh.config.__dict__}
+    if output is not None and mesh.rank == 0:
+        video.save(output)
+    dist.barrier()
+    return video
