@@ -40,14 +40,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_command() -> list[str]:
+    """``-m kinema serve`` once the main CLI has the command, else ``-m kinema.serve.cli``."""
+    import argparse
+
+    from kinema.cli import build_parser
+
+    subs = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    wired = any("serve" in a.choices for a in subs)
+    return ["-m", "kinema", "serve"] if wired else ["-m", "kinema.serve.cli"]
+
+
 class Server:
-    """``python -m kinema.serve.cli`` on a free loopback port, as a real child process."""
+    """``python -m kinema serve`` on a free loopback port, as a real child process."""
 
     def __init__(self, model: Path, data_dir: Path, *extra: str, port: int | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = data_dir.parent / f"server-{self.port}-{time.monotonic_ns()}.log"
-        cmd = [sys.executable, "-m", "kinema.serve.cli", "--model", str(model),
+        cmd = [sys.executable, *serve_command(), "--model", str(model),
                "--data-dir", str(data_dir), "--port", str(self.port), "--device", "cpu",
                "--log-level", "warning", *extra]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}

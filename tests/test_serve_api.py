@@ -276,3 +276,17 @@ def test_extension_upload_of_other_sizes_is_checked(http, tmp_path):
     r = http.post("/v1/videos/extensions", data={"prompt": "x", "seconds": "1"},
                   files={"video": ("odd.mp4", data, "video/mp4")})  # fmt: skip
     assert "multiples of 16" in error_of(r, 400, "video")["message"]
+
+
+def test_cli_binds_loopback_by_default(tmp_path):
+    from kinema.cli import Parser
+    from kinema.serve.cli import add_serve, settings_from_args
+
+    parser = Parser(prog="kinema")
+    add_serve(parser.add_subparsers(dest="command", parser_class=Parser))
+    args = parser.parse_args(["serve", "--data-dir", str(tmp_path)])
+    assert (args.host, args.port) == ("127.0.0.1", 8000)
+    settings = settings_from_args(args)
+    assert settings.model_id == "kinema-tiny" and settings.data_dir == tmp_path
+    with pytest.raises(ValueError, match="--max-queue 0 must be > 0"):
+        settings_from_args(parser.parse_args(["serve", "--max-queue", "0"]))

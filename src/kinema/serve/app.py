@@ -500,6 +500,10 @@ class Service:
             raise bad(param_of(message), message) from err
         if draft.spec.kind == "extend":  # the stitched total: source plus new frames
             draft.seconds = fmt_seconds((len(inputs["extend"]) + resolved.frames) / resolved.fps)
+        elif resolved.frames / resolved.fps > self.settings.max_seconds:  # e.g. a long upload
+            param = "seconds" if draft.spec.kind == "generate" else "video"
+            raise bad(param, f"{param}: {resolved.frames / resolved.fps:g} s is over the limit "
+                      f"of {self.settings.max_seconds:g} s")  # fmt: skip
         return self.queue(draft, draft.spec, resolved)
 
     def request_of(self, draft: Draft) -> Any:
