@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.kinema-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint format setup clean
+.PHONY: demo test lint format setup clean chromium
 
 setup: $(STAMP)
 
@@ -15,11 +15,17 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	touch $(STAMP)
 
+# The browser test drives Debian's Chromium with Playwright (no browser download).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
 demo: $(STAMP)
 	mkdir -p outputs
 	$(VENV)/bin/kinema generate "a red circle moving right on a blue background" -o outputs/demo.mp4
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(PY) -m pytest -q tests

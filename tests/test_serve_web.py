@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import playwright.sync_api as playwright
 import pytest
 
 from tests.serve_helpers import Server, build_tiny_model
@@ -12,13 +13,10 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
 
-playwright = pytest.importorskip("playwright.sync_api")
-
 
 @pytest.fixture(scope="module")
 def browser():
-    if not shutil.which("chromium"):
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    assert shutil.which("chromium"), "chromium is missing: `make test` installs it with apt-get"
     with playwright.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         yield b

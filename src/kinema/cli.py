@@ -312,7 +312,9 @@ def run_train_vae(args: argparse.Namespace) -> int:
 def build_parser() -> Parser:
     parser = Parser(prog="kinema", description="kinema: open video generation")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for add in (add_generate, add_extend, add_info, add_convert, add_train):
+    from kinema.serve.cli import add_serve
+
+    for add in (add_generate, add_extend, add_info, add_convert, add_train, add_serve):
         add(sub)
     return parser
 
