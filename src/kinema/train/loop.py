@@ -230,10 +230,14 @@ class TrainLog:
         if self.path.exists():
             with self.path.open() as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        self.file = self.path.open("w", newline="")
+        tmp = self.path.with_name(".log.csv.tmp")  # rewrite atomically, then append
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(self.path)
+        self.file = self.path.open("a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS)
-        self.writer.writeheader()
-        self.writer.writerows(rows)
         self.tb = _tensorboard(out_dir / "tensorboard")
 
     def write(self, step: int, loss: float, lr: float, grad_norm: float, seconds: float) -> None:
