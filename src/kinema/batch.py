@@ -1,0 +1,342 @@
+"""``kinema batch``: many videos from a JSON-lines file, resumably, locally or over Ray.
+
+Each line is one request with the API's fields (:class:`~kinema.pipeline.Request` fields, plus
+``id``, ``size`` "WxH" and ``seconds``). Outputs go to ``OUT/ID.FORMAT`` with the ``OUT/ID.json``
+sidecar written last, so a request is finished exactly when its sidecar exists: a rerun skips
+it. A request that fails is recorded in ``OUT/ID.error.json`` (retried on the next run) and the
+batch goes on; ``OUT/batch.log.jsonl`` gets one line per outcome.
+
+With Ray, one :class:`Worker` actor per GPU (or per CPU on a CPU cluster) loads the model once
+and renders requests; the driver alone writes files, so each output is written once. An actor
+that dies is restarted by Ray and its request is handed out again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kinema.pipeline import Request, Video
+
+EXTRA_FIELDS = {"id", "size", "seconds", "model"}
+REQUEST_FIELDS = {f.name for f in dataclasses.fields(Request)}
+FORMATS = ("mp4", "gif", "webp")
+MAX_WORKER_DEATHS = 3  # a request whose worker died this often is recorded as failed
+
+OnResult = Callable[[str, str], None]  # (request id, "done" | "failed")
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """How a batch runs."""
+
+    model: str | None = None  # model folder or name (None: the built-in kinema-tiny)
+    device: str | None = None  # local runs only; Ray actors take their GPU or the CPU
+    dtype: str | None = None  # fp32, bf16 or fp16 (None: the device's default)
+    format: str = "mp4"  # output container: mp4, gif or webp
+    ray: str | None = None  # Ray address ("auto", "local", "ray://host:port"); None: local
+    workers: int | None = None  # Ray actors (None: one per GPU, else one per CPU)
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"format {self.format!r}; valid: {', '.join(FORMATS)}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers {self.workers} must be >= 1")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One line of the requests file: its id, its JSON fields, or why it cannot run."""
+
+    id: str
+    fields: dict[str, Any]
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a batch run did."""
+
+    total: int
+    skipped: int
+    done: int
+    failed: int
+
+    def line(self) -> str:
+        return (f"batch: {self.done} done, {self.skipped} already finished, "
+                f"{self.failed} failed, of {self.total}")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading requests
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_line(text: str, line_no: int) -> Item:
+    """One JSON line -> :class:`Item` (with ``error`` set when the line is not a request)."""
+    fallback = f"{line_no:05d}"
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as err:
+        return Item(fallback, {}, f"line {line_no}: not JSON ({err.msg})")
+    if not isinstance(fields, dict):
+        return Item(fallback, {}, f"line {line_no}: expected a JSON object")
+    rid = str(fields.get("id", fallback))
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", rid):
+        return Item(fallback, fields, f"line {line_no}: id {rid!r} must match [A-Za-z0-9._-]+")
+    unknown = sorted(set(fields) - REQUEST_FIELDS - EXTRA_FIELDS)
+    if unknown:
+        valid = ", ".join(sorted(REQUEST_FIELDS | EXTRA_FIELDS))
+        return Item(rid, fields, f"unknown field(s) {unknown}; valid: {valid}")
+    if not isinstance(fields.get("prompt"), str):
+        return Item(rid, fields, "prompt (a string) is required")
+    return Item(rid, fields)
+
+
+def read_requests(path: str | Path) -> list[Item]:
+    """Every non-blank line of a JSON-lines file; a repeated id makes the later one fail."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"requests file {str(path)!r} not found")
+    items, seen = [], set()
+    for n, text in enumerate(path.read_text().splitlines(), start=1):
+        if not text.strip():
+            continue
+        item = parse_line(text, n)
+        if item.id in seen:
+            item = Item(f"{item.id}.line{n}", item.fields, f"duplicate id {item.id!r}")
+        seen.add(item.id)
+        items.append(item)
+    return items
+
+
+def build_request(fields: dict[str, Any], pipe: Any) -> Request:
+    """API fields -> :class:`Request` for ``pipe`` (``size`` and ``seconds`` resolved)."""
+    from kinema.cli import frames_for_seconds, parse_size
+
+    kw = {k: v for k, v in fields.items() if k in REQUEST_FIELDS}
+    if "size" in fields:
+        kw["width"], kw["height"] = parse_size(str(fields["size"]))
+    if "seconds" in fields:
+        if "frames" in fields:
+            raise ValueError("give frames or seconds, not both")
+        fps = kw.get("fps") or pipe.defaults.fps
+        kw["frames"] = frames_for_seconds(float(fields["seconds"]), fps, pipe.temporal_factor)
+    if "prompts" in kw:
+        kw["prompts"] = tuple((float(s), str(p)) for s, p in kw["prompts"])
+    return Request(**kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folder: what is finished, recording outcomes
+# ---------------------------------------------------------------------------------------------
+
+
+def output_path(out: Path, rid: str, fmt: str) -> Path:
+    return out / f"{rid}.{fmt}"
+
+
+def is_finished(out: Path, rid: str, fmt: str) -> bool:
+    """A request is finished when its video and its sidecar (written last) both exist."""
+    return output_path(out, rid, fmt).exists() and (out / f"{rid}.json").exists()
+
+
+def record(out: Path, rid: str, status: str, **extra: Any) -> None:
+    """Append an outcome ("done", "failed", or "requeued" after a worker died) to
+    ``batch.log.jsonl``; ``ID.error.json`` exists exactly while the request's last outcome is
+    a failure."""
+    error_file = out / f"{rid}.error.json"
+    entry = {"id": rid, "status": status, "time": round(time.time(), 3), **extra}
+    if status == "failed":
+        error_file.write_text(json.dumps(entry, indent=2) + "\n")
+    elif status == "done":
+        error_file.unlink(missing_ok=True)
+    with (out / "batch.log.jsonl").open("a") as log:
+        log.write(json.dumps(entry) + "\n")
+
+
+def save_result(out: Path, item: Item, fmt: str, video: Video) -> None:
+    video.info["batch_id"] = item.id
+    video.save(output_path(out, item.id, fmt))
+    record(out, item.id, "done", seconds=video.info.get("timings", {}).get("total"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers
+# ---------------------------------------------------------------------------------------------
+
+
+class Worker:
+    """Holds one loaded pipeline and renders requests with it (a Ray actor under ``--ray``)."""
+
+    def __init__(self, model: str | None, device: str | None, dtype: str | None) -> None:
+        from kinema.loading import load
+
+        self.model = model
+        self.pipe = load(model, device=device, dtype=dtype)
+
+    def render(self, fields: dict[str, Any]) -> Video:
+        """Make the video of one request's fields (ValueError for a bad request)."""
+        wanted = fields.get("model")
+        if wanted is not None and wanted not in (self.model, self.pipe.name):
+            raise ValueError(f"model {wanted!r}: this batch runs {self.model or self.pipe.name!r}")
+        return self.pipe.run(build_request(fields, self.pipe))
+
+
+def error_text(err: BaseException) -> str:
+    """One line naming the error (the original exception for a Ray task error)."""
+    cause = getattr(err, "cause", None) or err
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"
+
+
+def run_local(items: list[Item], out: Path, opts: BatchOptions, tick: OnResult) -> None:
+    """Render ``items`` one after another in this process."""
+    worker = Worker(opts.model, opts.device, opts.dtype)
+    for item in items:
+        try:
+            video = worker.render(item.fields)
+        except Exception as err:  # a failed request is recorded; the batch goes on
+            record(out, item.id, "failed", error=error_text(err))
+            tick(item.id, "failed")
+            continue
+        save_result(out, item, opts.format, video)
+        tick(item.id, "done")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+# ---------------------------------------------------------------------------------------------
+
+
+def connect_ray(address: str) -> bool:
+    """Connect to (or, for "local", start) a Ray cluster; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=None if address == "local" else address, log_to_driver=False)
+    except ConnectionError as err:
+        raise ValueError(f"no Ray cluster at {address!r} ({err}); use --ray local") from err
+    return True
+
+
+def start_actors(opts: BatchOptions, wanted: int) -> list[Any]:
+    """One model-holding actor per GPU (or CPU), at most ``wanted``; Ray restarts dead ones."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    count = min(wanted, opts.workers or gpus or cpus)
+    need = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+    device = None if gpus else "cpu"
+    cls = ray.remote(max_restarts=-1, max_task_retries=0, **need)(Worker)
+    return [cls.options(name=f"kinema-batch-{i}").remote(opts.model, device, opts.dtype)
+            for i in range(count)]  # fmt: skip
+
+
+def run_ray(items: list[Item], out: Path, opts: BatchOptions, tick: OnResult) -> None:
+    """Hand ``items`` to the actors as they free up; requeue a request whose actor died."""
+    import ray
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    started = connect_ray(opts.ray or "auto")
+    actors = start_actors(opts, len(items))
+    queue, idle = deque(items), deque(actors)
+    running: dict[Any, tuple[Any, Item]] = {}
+    deaths: dict[str, int] = {}
+    try:
+        while queue or running:
+            while queue and idle:
+                actor, item = idle.popleft(), queue.popleft()
+                running[actor.render.remote(item.fields)] = (actor, item)
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            actor, item = running.pop(ref)
+            idle.append(actor)
+            try:
+                video = ray.get(ref)
+            except (RayActorError, ActorDiedError, ActorUnavailableError) as err:
+                deaths[item.id] = deaths.get(item.id, 0) + 1
+                if deaths[item.id] < MAX_WORKER_DEATHS:
+                    record(out, item.id, "requeued", error=f"worker died: {error_text(err)}")
+                    queue.appendleft(item)
+                    continue
+                record(out, item.id, "failed", error=f"worker died: {error_text(err)}")
+                tick(item.id, "failed")
+                continue
+            except Exception as err:  # the request itself failed
+                record(out, item.id, "failed", error=error_text(err))
+                tick(item.id, "failed")
+                continue
+            save_result(out, item, opts.format, video)
+            tick(item.id, "done")
+    finally:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        if started:
+            ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+class _Bar:
+    """tqdm over the requests to do, counting done and failed; calls ``on_result`` too."""
+
+    def __init__(self, total: int, show: bool, on_result: OnResult | None) -> None:
+        self.counts = {"done": 0, "failed": 0}
+        self.on_result, self.bar = on_result, None
+        if show and total:
+            import sys
+
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="batch", unit="video", file=sys.stderr)
+
+    def __call__(self, rid: str, status: str) -> None:
+        self.counts[status] += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(failed=self.counts["failed"])
+        if self.on_result is not None:
+            self.on_result(rid, status)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(
+    requests: str | Path,
+    out: str | Path,
+    options: BatchOptions = BatchOptions(),
+    *,
+    show_progress: bool = True,
+    on_result: OnResult | None = None,
+) -> Summary:
+    """Run every unfinished request of ``requests`` into ``out``; returns the counts."""
+    items = read_requests(requests)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in items if not is_finished(out, i.id, options.format)]
+    bar = _Bar(len(todo), show_progress, on_result)
+    for item in (i for i in todo if i.error is not None):
+        record(out, item.id, "failed", error=item.error)
+        bar(item.id, "failed")
+    runnable = [i for i in todo if i.error is None]
+    try:
+        if runnable:
+            (run_ray if options.ray else run_local)(runnable, out, options, bar)
+    finally:
+        bar.close()
+    return Summary(len(items), len(items) - len(todo), bar.counts["done"], bar.counts["failed"])

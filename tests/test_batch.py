@@ -1,0 +1,106 @@
+"""``kinema batch``: request parsing, a resumable local run through the CLI function, and a run
+on a 2-CPU local Ray cluster where a worker is killed mid-request."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kinema.batch import BatchOptions, read_requests, run
+from kinema.configs import DiTConfig, SamplingDefaults, VAEConfig
+from kinema.distributed.cli import add_batch
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from kinema.io.checkpoint import save_model_folder
+    from kinema.models.dit import VideoDiT
+    from kinema.models.vae import CausalVAE
+
+    torch.manual_seed(0)
+    dit = VideoDiT(DiTConfig(num_heads=2, head_dim=8, text_dim=384, freq_dim=16, ffn_dim=32,
+                             num_layers=1))  # fmt: skip
+    vae = CausalVAE(VAEConfig(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1, z_dim=16))
+    sampling = SamplingDefaults(width=32, height=32, frames=5, fps=8, steps=2, guidance=1.0)
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    return save_model_folder(folder, dit=dit, vae=vae, sampling=sampling, name="tiny",
+                             text_encoder={"kind": "minilm", "max_length": 16})  # fmt: skip
+
+
+def write_lines(path: Path, rows: list[dict | str]) -> Path:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def log_entries(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "batch.log.jsonl").read_text().splitlines()]
+
+
+def test_read_requests_records_bad_lines(tmp_path: Path) -> None:
+    rows = [{"id": "a", "prompt": "x"}, "not json", {"prompt": "y", "colour": 1},
+            {"id": "a", "prompt": "again"}, {"id": "../up", "prompt": "z"},
+            {"seed": 1}]  # fmt: skip
+    items = read_requests(write_lines(tmp_path / "r.jsonl", rows))
+    assert [i.error is None for i in items] == [True, False, False, False, False, False]
+    assert "not JSON" in items[1].error and "colour" in items[2].error
+    assert "duplicate id 'a'" in items[3].error and "must match" in items[4].error
+    assert "prompt" in items[5].error
+    with pytest.raises(ValueError, match="not found"):
+        read_requests(tmp_path / "missing.jsonl")
+
+
+def test_local_batch_is_resumable(tmp_path: Path, tiny_model: Path) -> None:
+    rows = [{"id": "a", "prompt": "a red ball", "seed": 1},
+            {"id": "b", "prompt": "a blue ball", "size": "32x32", "seconds": 0.5},
+            {"id": "bad", "prompt": "x", "frames": 6}]  # fmt: skip
+    requests = write_lines(tmp_path / "r.jsonl", rows)
+    out = tmp_path / "out"
+    parser = argparse.ArgumentParser()
+    add_batch(parser.add_subparsers())
+    args = parser.parse_args(["batch", str(requests), "--out", str(out), "--model",
+                              str(tiny_model), "--format", "gif", "-q"])  # fmt: skip
+    assert args.run(args) == 1  # one request failed, the others went on
+    assert (out / "a.gif").exists() and (out / "b.json").exists()
+    assert json.loads((out / "b.json").read_text())["frames"] == 5  # 0.5 s at 8 fps -> 4k+1
+    assert "frames 6" in json.loads((out / "bad.error.json").read_text())["error"]
+    write_lines(requests, rows[:2] + [{"id": "bad", "prompt": "x", "frames": 9}])
+    summary = run(requests, out, BatchOptions(model=str(tiny_model), format="gif"),
+                  show_progress=False)  # fmt: skip
+    assert (summary.skipped, summary.done, summary.failed) == (2, 1, 0)
+    assert not (out / "bad.error.json").exists()
+    done = [e["id"] for e in log_entries(out) if e["status"] == "done"]
+    assert sorted(done) == ["a", "b", "bad"]
+
+
+def test_ray_batch_survives_a_killed_worker(tmp_path: Path, tiny_model: Path) -> None:
+    ray = pytest.importorskip("ray")
+    slow = {"id": "slow", "prompt": "a big one", "size": "256x256", "frames": 9}  # ~3 s
+    rows = [slow] + [{"id": f"r{i}", "prompt": f"ball {i}", "seed": i} for i in range(5)]
+    requests = write_lines(tmp_path / "r.jsonl", rows)
+    out = tmp_path / "out"
+    killed: list[str] = []
+
+    def kill_first_worker(rid: str, status: str) -> None:
+        """At the first result, kill the actor still busy with the slow request."""
+        if not killed:
+            killed.append(rid)
+            ray.kill(ray.get_actor("kinema-batch-0"), no_restart=False)
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        options = BatchOptions(model=str(tiny_model), ray="auto")
+        summary = run(requests, out, options, show_progress=False, on_result=kill_first_worker)
+        assert (summary.done, summary.failed) == (6, 0)
+        entries = log_entries(out)
+        done = sorted(e["id"] for e in entries if e["status"] == "done")
+        assert done == sorted(r["id"] for r in rows)  # every request done exactly once
+        assert [e["id"] for e in entries if e["status"] == "requeued"] == ["slow"]
+        assert killed and killed[0] != "slow"
+        again = run(requests, out, options, show_progress=False)
+        assert (again.skipped, again.done) == (6, 0)
+    finally:
+        ray.shutdown()
