@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from kinema.cli import main
@@ -107,3 +108,20 @@ def test_entry_point_exit_code(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2 and proc.stderr.startswith("kinema: error: ")
+
+
+def test_devices_two_relaunches_under_torchrun_and_matches(tmp_path, wan):
+    """`kinema generate --devices 2` runs 2 gloo processes (CFG-parallel); rank 0 writes."""
+    from kinema.io.video import read_video
+
+    args = ["generate", "a cat", "--model", str(wan), *BASE, "--frames", "5", "--guidance", "3"]
+    run = lambda *extra: subprocess.run(
+        [sys.executable, "-m", "kinema", *args, *extra], capture_output=True, text=True, timeout=300
+    )
+    one = run("-o", f"{tmp_path}/one/")
+    two = run("--devices", "2", "-o", f"{tmp_path}/two/")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert "cfg=2" in two.stderr
+    a, _ = read_video(tmp_path / "one")
+    b, _ = read_video(tmp_path / "two")
+    assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1

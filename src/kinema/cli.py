@@ -72,6 +72,9 @@ def add_generate(sub: Any) -> None:
         help="switch to PROMPT at SECONDS (repeatable)",
     )  # fmt: skip
     add_device_args(p)
+    from kinema.distributed.cli import add_generate_options
+
+    add_generate_options(p)
     p.set_defaults(run=run_generate)
 
 
@@ -99,23 +102,32 @@ def default_output(prompt: str, seed: int) -> Path:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from kinema.distributed.cli import distributed_generate
     from kinema.loading import load
-    from kinema.pipeline import Request
 
+    if (code := distributed_generate(args)) is not None:
+        return code
     from_output_check(args.output)
     pipe = load(args.model, device=args.device, dtype=args.dtype)
-    fps = args.fps or (None if args.video else pipe.defaults.fps)
+    request = request_from_args(args, pipe.defaults, pipe.temporal_factor)
+    return finish(pipe, request, args.output or default_output(args.prompt, args.seed), args)
+
+
+def request_from_args(args: argparse.Namespace, defaults: Any, temporal: int) -> Any:
+    """The :class:`~kinema.pipeline.Request` of ``kinema generate``'s arguments."""
+    from kinema.pipeline import Request
+
+    fps = args.fps or (None if args.video else defaults.fps)
     frames = args.frames
     if args.seconds is not None:
-        frames = frames_for_seconds(args.seconds, fps or pipe.defaults.fps, pipe.temporal_factor)
+        frames = frames_for_seconds(args.seconds, fps or defaults.fps, temporal)
     width, height = args.size or (None, None)
-    request = Request(
+    return Request(
         prompt=args.prompt, negative_prompt=args.negative, width=width, height=height,
         frames=frames, fps=fps, steps=args.steps, guidance=args.guidance, shift=args.shift,
         sampler=args.sampler, seed=args.seed, prompts=tuple(args.at), image=args.image,
         video=args.video, strength=args.strength,
     )  # fmt: skip
-    return finish(pipe, request, args.output or default_output(args.prompt, args.seed), args)
 
 
 def finish(pipe: Any, request: Any, output: str | Path, args: argparse.Namespace) -> int:
@@ -312,15 +324,18 @@ def run_train_vae(args: argparse.Namespace) -> int:
 def build_parser() -> Parser:
     parser = Parser(prog="kinema", description="kinema: open video generation")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    from kinema.distributed.cli import add_batch
     from kinema.serve.cli import add_serve
 
-    for add in (add_generate, add_extend, add_info, add_convert, add_train, add_serve):
+    adders = (add_generate, add_extend, add_info, add_convert, add_train, add_serve, add_batch)
+    for add in adders:
         add(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # for --devices re-launch
     try:
         return args.run(args)
     except ValueError as err:  # bad input, incl. CheckpointError: one line, exit 2

@@ -10,8 +10,6 @@ import subprocess
 import sys
 from typing import Any
 
-from kinema.configs import SamplingDefaults
-
 
 def add_generate_options(p: argparse.ArgumentParser) -> None:
     """The multi-process options of ``kinema generate``."""
@@ -56,28 +54,11 @@ def launch_torchrun(devices: int, argv: list[str]) -> int:
     return subprocess.call(cmd)
 
 
-def request_from_args(args: argparse.Namespace, defaults: SamplingDefaults, temporal: int) -> Any:
-    """The :class:`~kinema.pipeline.Request` of ``kinema generate``'s arguments."""
-    from kinema.cli import frames_for_seconds
-    from kinema.pipeline import Request
-
-    fps = args.fps or defaults.fps
-    frames = args.frames
-    if args.seconds is not None:
-        frames = frames_for_seconds(args.seconds, fps, temporal)
-    width, height = args.size or (None, None)
-    return Request(
-        prompt=args.prompt, negative_prompt=args.negative, width=width, height=height,
-        frames=frames, fps=fps, steps=args.steps, guidance=args.guidance, shift=args.shift,
-        sampler=args.sampler, seed=args.seed,
-    )  # fmt: skip
-
-
 def run_parallel_generate(args: argparse.Namespace) -> int:
     """One rank of a torchrun ``kinema generate``: rank 0 shows progress and writes the file."""
     import torch.distributed as dist
 
-    from kinema.cli import default_output, from_output_check, progress_bar
+    from kinema.cli import default_output, from_output_check, progress_bar, request_from_args
     from kinema.distributed.generate import generate, load_parallel
 
     from_output_check(args.output)
