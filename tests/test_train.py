@@ -36,7 +36,7 @@ TINY_DIT = DiTConfig(num_heads=2, head_dim=16, in_channels=4, out_channels=4, te
                      freq_dim=32, ffn_dim=64, num_layers=2)  # fmt: skip
 TINY_VAE = VAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
                      latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)  # fmt: skip
-TINY_DATA = DataConfig(num_clips=6, width=32, height=32, frames=9, fps=8)
+TINY_DATA = DataConfig(num_clips=6, width=32, height=32, frames=9, fps=8)  # a config only
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -196,6 +196,13 @@ def vae_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_component(CausalVAE(TINY_VAE), tmp_path_factory.mktemp("vae") / "vae")
 
 
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory: pytest.TempPathFactory) -> DataConfig:
+    """Three generated 12-frame clips with .txt captions, as a folder DataConfig."""
+    root = make_video_folder(tmp_path_factory.mktemp("data") / "videos")
+    return DataConfig(kind="folder", root=str(root), width=32, height=32, frames=9, fps=8)
+
+
 def dit_config(out: Path, vae_path: Path, **kw) -> TrainConfig:
     base = dict(out_dir=str(out), model=TINY_DIT, vae=str(vae_path), text_max_length=8,
                 data=TINY_DATA, batch_size=2, max_steps=6, warmup_steps=2, lr=1e-3,
@@ -204,10 +211,11 @@ def dit_config(out: Path, vae_path: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def test_dit_resume_is_exact(tmp_path: Path, vae_folder: Path, text_encoder) -> None:
-    straight = train_dit(dit_config(tmp_path / "a", vae_folder), text_encoder=text_encoder)
+def test_dit_resume_is_exact(tmp_path: Path, vae_folder: Path, text_encoder, videos) -> None:
+    config = dit_config(tmp_path / "a", vae_folder, data=videos)  # precomputed latent cache
+    straight = train_dit(config, text_encoder=text_encoder)
     assert (straight / "kinema.json").exists()
-    resumed = dit_config(tmp_path / "b", vae_folder)
+    resumed = dit_config(tmp_path / "b", vae_folder, data=videos)
     assert train_dit(resumed, text_encoder=text_encoder, stop_after=3) == tmp_path / "b"
     assert latest_checkpoint(tmp_path / "b").name == "step-00000003"
     train_dit(resumed, text_encoder=text_encoder)  # a fresh loop resumes from step 3
@@ -286,7 +294,9 @@ def make_video_folder(root: Path) -> Path:
     return root
 
 
-def test_folder_finetune_from_checkpoint(tmp_path: Path, vae_folder: Path, text_encoder) -> None:
+def test_folder_finetune_from_checkpoint(
+    tmp_path: Path, vae_folder: Path, text_encoder, videos: DataConfig
+) -> None:
     from kinema.configs import SamplingDefaults
     from kinema.io.checkpoint import save_model_folder
 
@@ -294,10 +304,8 @@ def test_folder_finetune_from_checkpoint(tmp_path: Path, vae_folder: Path, text_
     model = save_model_folder(tmp_path / "model", dit=VideoDiT(TINY_DIT), vae=load_vae(vae_folder),
                               text_encoder={"kind": "minilm", "max_length": 8},
                               sampling=SamplingDefaults(), name="tiny")  # fmt: skip
-    folder = make_video_folder(tmp_path / "videos")
-    data = DataConfig(kind="folder", root=str(folder), width=32, height=32, frames=9, fps=8)
     config = dit_config(tmp_path / "ft", vae_folder, model=None, vae=None, init_from=str(model),
-                        data=data, precompute=False, max_steps=2, sample_every=2,
+                        data=videos, precompute=False, max_steps=2, sample_every=2,
                         sample_prompts=("a red square",), sample_steps=2)  # fmt: skip
     out = train_dit(config, text_encoder=text_encoder)
     assert [r["step"] for r in read_log(tmp_path / "ft")] == ["1", "2"]
@@ -307,8 +315,8 @@ def test_folder_finetune_from_checkpoint(tmp_path: Path, vae_folder: Path, text_
     assert not torch.equal(tuned.proj_out.weight, start.proj_out.weight)
 
 
-def test_vae_loop_exports_latent_stats(tmp_path: Path) -> None:
-    config = VAETrainConfig(out_dir=str(tmp_path), model=TINY_VAE, data=TINY_DATA, crop_size=16,
+def test_vae_loop_exports_latent_stats(tmp_path: Path, videos: DataConfig) -> None:
+    config = VAETrainConfig(out_dir=str(tmp_path), model=TINY_VAE, data=videos, crop_size=16,
                             crop_frames=5, batch_size=2, max_steps=2, warmup_steps=1,
                             stats_clips=2, progress=False)  # fmt: skip
     folder = train_vae(config)
