@@ -497,16 +497,16 @@ class CausalVAE(nn.Module):
         return self.quant_conv(h), CausalCache(tuple(frames))
 
     def decode_chunk(
-        self, z: Tensor, cache: CausalCache | None = None
+        self, z: Tensor, cache: CausalCache | None = None, clamp: bool = True
     ) -> tuple[Tensor, CausalCache]:
         """Decode latent frames (the first chunk, ``cache=None``, must be 1 frame):
-        (B, z, f, h, w) -> (B, 3, t, 8h, 8w) clamped to [-1, 1], t = 1 for the first chunk
-        else ``temporal_factor * f``."""
+        (B, z, f, h, w) -> (B, 3, t, 8h, 8w) clamped to [-1, 1] (unless ``clamp`` is False, as
+        training wants), t = 1 for the first chunk else ``temporal_factor * f``."""
         if cache is None and z.shape[2] != 1:
             raise ValueError(f"the first decode chunk must be 1 latent frame, got {z.shape[2]}")
         slots = self._start(cache, self.decoder.cache_slots, "decoder")
         x, frames = self.decoder(self.post_quant_conv(z), slots)
-        return x.clamp(-1.0, 1.0), CausalCache(tuple(frames))
+        return (x.clamp(-1.0, 1.0) if clamp else x), CausalCache(tuple(frames))
 
     # --- whole videos ----------------------------------------------------------------------
 
@@ -519,11 +519,11 @@ class CausalVAE(nn.Module):
             out.append(moments)
         return torch.cat(out, dim=2)
 
-    def _frames(self, latent: Tensor) -> Tensor:
+    def _frames(self, latent: Tensor, clamp: bool = True) -> Tensor:
         """(B, z, F, h, w) -> (B, 3, 1 + 4(F - 1), 8h, 8w), one latent frame at a time."""
         cache, out = None, []
         for f in range(latent.shape[2]):
-            x, cache = self.decode_chunk(latent[:, :, f : f + 1], cache)
+            x, cache = self.decode_chunk(latent[:, :, f : f + 1], cache, clamp)
             out.append(x)
         return torch.cat(out, dim=2)
 
@@ -552,19 +552,21 @@ class CausalVAE(nn.Module):
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return mean + torch.exp(0.5 * logvar) * eps
 
-    def decode(self, latent: Tensor, tile: TileSpec | None = None) -> Tensor:
+    def decode(self, latent: Tensor, tile: TileSpec | None = None, clamp: bool = True) -> Tensor:
         """Latents (B, z, F, h, w), unnormalised -> video (B, 3, 1 + 4(F - 1), 8h, 8w) in
-        [-1, 1]. With ``tile`` (in output pixels), decodes overlapping tiles and blends them."""
+        [-1, 1]. With ``tile`` (in output pixels), decodes overlapping tiles and blends them.
+        ``clamp=False`` keeps values outside [-1, 1] (training needs their gradient)."""
         if latent.ndim != 5 or latent.shape[1] != self.config.z_dim or latent.shape[2] < 1:
             raise ValueError(
                 f"latent must be (B, {self.config.z_dim}, F >= 1, h, w), "
                 f"got shape {tuple(latent.shape)}"
             )
+        frames = lambda z: self._frames(z, clamp)
         if tile is None:
-            return self._frames(latent)
+            return frames(latent)
         s = self.config.spatial_factor
         _check_tile(tile, s)
-        return tiled_apply(self._frames, latent, tile.size // s, tile.stride // s, s)
+        return tiled_apply(frames, latent, tile.size // s, tile.stride // s, s)
 
     # --- latent normalisation ---------------------------------------------------------------
 

@@ -50,18 +50,6 @@ def random_crop(video: Tensor, size: int, frames: int, g: torch.Generator) -> Te
     return torch.stack(crops)
 
 
-def decode_unclamped(vae: nn.Module, z: Tensor) -> Tensor:
-    """Latents (B, z, F, h, w) -> video (B, 3, 1 + 4(F-1), 8h, 8w), one latent frame at a time
-    with the causal cache, like ``CausalVAE.decode`` but without the final clamp."""
-    slots: list[Tensor | None] = [None] * vae.decoder.cache_slots
-    out = []
-    for f in range(z.shape[2]):
-        x, frames = vae.decoder(vae.post_quant_conv(z[:, :, f : f + 1]), slots)
-        slots = list(frames)
-        out.append(x)
-    return torch.cat(out, dim=2)  # (B, 3, T, H, W)
-
-
 def kl_to_standard_normal(mean: Tensor, logvar: Tensor) -> Tensor:
     """Mean per element of KL(N(mean, exp(logvar)) || N(0, 1))."""
     return 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
@@ -74,7 +62,7 @@ def vae_loss(config: VAETrainConfig, vae: nn.Module, video: Tensor, g: torch.Gen
     if config.sample_posterior:
         eps = torch.randn(mean.shape, generator=g).to(mean.device)
         z = mean + torch.exp(0.5 * logvar) * eps
-    recon = decode_unclamped(vae, z)
+    recon = vae.decode(z, clamp=False)
     err = recon.float() - video.float()
     loss = config.l1_weight * err.abs().mean() + config.mse_weight * err.pow(2).mean()
     return loss + config.kl_weight * kl_to_standard_normal(mean.float(), logvar.float())
