@@ -288,6 +288,37 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# eval
+# ---------------------------------------------------------------------------------------------
+
+
+def add_eval(sub: Any) -> None:
+    p = sub.add_parser("eval", help="judge prompt adherence on held-out synthetic prompts")
+    p.add_argument("--model", default=None, help="model folder (default: kinema-tiny)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="4 prompts per set instead of 8")
+    p.add_argument("--out", default="outputs/eval.json", help="JSON results")
+    p.add_argument("--device", default=None)
+    p.add_argument("-v", "--verbose", action="store_true", help="print every verdict")
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from kinema.eval.run import evaluate, table, write_json
+    from kinema.loading import load
+
+    if args.seeds < 1:
+        raise ValueError(f"seeds {args.seeds} must be >= 1")
+    pipe = load(args.model, device=args.device)
+    log = (lambda line: print(line, file=sys.stderr)) if args.verbose else (lambda line: None)
+    results = evaluate(pipe, seeds=args.seeds, steps=args.steps, quick=args.quick, log=log)
+    print(table(results))
+    print(f"wrote {write_json(results, args.out)}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------
 
@@ -327,7 +358,9 @@ def build_parser() -> Parser:
     from kinema.distributed.cli import add_batch
     from kinema.serve.cli import add_serve
 
-    adders = (add_generate, add_extend, add_info, add_convert, add_train, add_serve, add_batch)
+    adders = (
+        add_generate, add_extend, add_info, add_convert, add_train, add_eval, add_serve, add_batch
+    )  # fmt: skip
     for add in adders:
         add(sub)
     return parser

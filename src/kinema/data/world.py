@@ -127,7 +127,11 @@ def sample_clip(
 ) -> ClipSpec:  # fmt: skip
     n = 1 + int(rng.integers(max_objects)) if rng.random() < 0.35 else 1
     change = rng.random() < 0.2 and n == 1
-    objects = tuple(sample_object(rng, split, change) for _ in range(n))
+    objects: tuple[ObjectSpec, ...] = ()
+    while len(objects) < n:  # distinct colours, so every object can be named unambiguously
+        o = sample_object(rng, split, change)
+        if o.colour not in {p.colour for p in objects}:
+            objects += (o,)
     if n == 2:  # side by side
         a, b = objects
         objects = (_place(a, 0.3), _place(b, 0.7))
@@ -256,3 +260,41 @@ class SyntheticClips:
     def __getitem__(self, i: int) -> tuple[np.ndarray, str, ClipSpec]:
         spec, rng = self.spec(i)
         return render(spec), caption(spec, rng), spec
+
+
+def _vocabulary() -> dict[str, tuple[str, str]]:
+    """Surface phrase -> (attribute, value), for colours, shapes and motions incl. paraphrases."""
+    vocab: dict[str, tuple[str, str]] = {f"{b} background": ("background", b) for b in BACKGROUNDS}
+    vocab.update({c: ("colour", c) for c in COLOURS})
+    vocab.update({s: ("shape", s) for s in SHAPES})
+    for motion, words in MOTION_WORDS.items():
+        vocab.update({w: ("motion", motion) for w in words})
+    for attr, table in PARAPHRASE.items():
+        vocab.update({w: (attr, v) for v, w in table.items()})
+    return vocab
+
+
+def parse_prompt(prompt: str) -> list[dict[str, str]]:
+    """The objects a prompt of this world asks for: [{colour, shape, motion, then?}], in order.
+
+    Longest phrases match first ("moving up and to the left" before "moving up"); an object
+    starts at each colour word; a "then ..." motion becomes ``then``."""
+    text = " " + prompt.lower().replace(",", " ") + " "
+    vocab = _vocabulary()
+    found: list[tuple[int, str, str]] = []
+    for phrase in sorted(vocab, key=len, reverse=True):
+        start = text.find(f" {phrase} ")
+        while start >= 0:
+            found.append((start, *vocab[phrase]))
+            text = text[:start] + " " + "#" * len(phrase) + text[start + len(phrase) + 1 :]
+            start = text.find(f" {phrase} ")
+    objects: list[dict[str, str]] = []
+    for _, attr, value in sorted(found):
+        if attr == "background":
+            continue
+        if attr == "colour" or not objects:
+            objects.append({})
+        obj = objects[-1]
+        key = "then" if attr == "motion" and "motion" in obj else attr
+        obj.setdefault(key, value)
+    return objects
