@@ -95,3 +95,39 @@ def test_wan_vae_preset_statistics_equal_diffusers_defaults():
     params = inspect.signature(AutoencoderKLWan.__init__).parameters
     assert list(WAN21_VAE.latents_mean) == params["latents_mean"].default
     assert list(WAN21_VAE.latents_std) == params["latents_std"].default
+
+
+def test_original_wan_release_folder_loads_and_matches_diffusers(tmp_path):
+    """kinema.load on the original release layout (DiT safetensors with original names,
+    Wan2.1_VAE.pth, the umT5 .pth and its tokenizer) gives the diffusers folder's video."""
+    import kinema
+    from kinema.io.umt5_keys import transformers_to_original
+    from kinema.io.wan_vae_keys import diffusers_to_original
+    from tests.wan_tiny import build_wan_folder
+
+    wan = build_wan_folder(tmp_path / "diffusers", wan_stats=True)
+    orig = tmp_path / "original"
+    (orig / "google").mkdir(parents=True)
+    dit = VideoDiT.from_pretrained(wan / "transformer")
+    save_file(
+        kinema_to_original(dit.state_dict()), str(orig / "diffusion_pytorch_model.safetensors")
+    )
+    c = dit.config
+    (orig / "config.json").write_text(json.dumps({
+        "_class_name": "WanModel", "model_type": "t2v", "dim": c.dim, "num_heads": c.num_heads,
+        "ffn_dim": c.ffn_dim, "num_layers": c.num_layers, "text_dim": c.text_dim,
+        "freq_dim": c.freq_dim, "in_dim": 16, "out_dim": 16}))  # fmt: skip
+    from safetensors.torch import load_file
+
+    vae = load_file(str(wan / "vae" / "diffusion_pytorch_model.safetensors"))
+    torch.save(diffusers_to_original(vae), orig / "Wan2.1_VAE.pth")
+    t5 = load_file(str(wan / "text_encoder" / "model.safetensors"))
+    layers = json.loads((wan / "text_encoder" / "config.json").read_text())["num_layers"]
+    torch.save(transformers_to_original(t5, layers), orig / "models_t5_umt5-xxl-enc-bf16.pth")
+    import shutil
+
+    shutil.copytree(wan / "tokenizer", orig / "google" / "umt5-xxl")
+    settings = dict(width=32, height=32, frames=5, steps=2, guidance=3.0, seed=4)
+    want = kinema.load(wan, device="cpu").generate("a red circle", **settings).frames
+    got = kinema.load(orig, device="cpu").generate("a red circle", **settings).frames
+    assert abs(got.astype(int) - want.astype(int)).max() <= 1

