@@ -23,7 +23,7 @@ chromium:
 
 demo: $(STAMP)
 	mkdir -p outputs
-	$(VENV)/bin/kinema generate "a red circle moving right on a blue background" -o outputs/demo.mp4
+	$(VENV)/bin/kinema generate "a red circle moving right on a navy background" -o outputs/demo.mp4
 
 test: $(STAMP) chromium
 	$(VENV)/bin/ruff check src tests benchmarks
