@@ -154,6 +154,36 @@ class Attention(nn.Module):
     def heads_of(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.heads, -1))  # (B, S, H, Dh)
 
+    def fuse_projections(self) -> None:
+        """Concatenate [to_q; to_k; to_v] and [to_k; to_v] into single projections, so one GEMM
+        serves q, k, v (self-attention) or k, v (cross-attention).
+
+        The fused copies are non-persistent buffers: the state dict keeps diffusers' separate
+        to_q/to_k/to_v keys, and loading new weights needs a new ``fuse_projections()``.
+        """
+        projections = (self.to_q, self.to_k, self.to_v)
+        weight = torch.cat([m.weight.detach() for m in projections])  # (3D, D)
+        bias = torch.cat([m.bias.detach() for m in projections])  # (3D,)
+        self.register_buffer("qkv_weight", weight, persistent=False)
+        self.register_buffer("qkv_bias", bias, persistent=False)
+
+    def unfuse_projections(self) -> None:
+        """Drop the fused copies: back to the separate projections."""
+        for name in ("qkv_weight", "qkv_bias"):
+            self._buffers.pop(name, None)
+
+    def project(self, x: Tensor, kv_in: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """q from x (B, S, D); k, v from ``kv_in`` (B, L, D) or from x when None -> (B, *, D)."""
+        fused = self._buffers.get("qkv_weight")
+        if fused is None:
+            kv_in = x if kv_in is None else kv_in
+            return self.to_q(x), self.to_k(kv_in), self.to_v(kv_in)
+        w, b, d = fused, self._buffers["qkv_bias"], fused.shape[1]
+        if kv_in is None:
+            return F.linear(x, w, b).chunk(3, dim=-1)  # 3 x (B, S, D)
+        k, v = F.linear(kv_in, w[d:], b[d:]).chunk(2, dim=-1)  # 2 x (B, L, D)
+        return F.linear(x, w[:d], b[:d]), k, v
+
     def forward(
         self,
         x: Tensor,
@@ -162,10 +192,8 @@ class Attention(nn.Module):
         image: Tensor | None = None,
     ) -> Tensor:
         """x (B, S, D); context (B, L, D) or None for self-attention -> (B, S, D)."""
-        kv_in = x if context is None else context
-        q = self.heads_of(self.norm_q(self.to_q(x)))
-        k = self.heads_of(self.norm_k(self.to_k(kv_in)))
-        v = self.heads_of(self.to_v(kv_in))
+        q, k, v = self.project(x, context)
+        q, k, v = self.heads_of(self.norm_q(q)), self.heads_of(self.norm_k(k)), self.heads_of(v)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attention(q, k, v).flatten(2).type_as(q)  # (B, S, D)
@@ -285,6 +313,28 @@ class VideoDiT(nn.Module):
         h = modulate(self.norm_out(tokens.float()), shift, scale).type_as(tokens)
         h = self.proj_out(h)  # (B, N, pt*ph*pw*C)
         return unpatchify(h, grid, self.config.patch_size)
+
+    def fuse_projections(self) -> VideoDiT:
+        """Fuse each attention's q/k/v projections into one GEMM (an inference speed-up with
+        the same outputs; see :meth:`Attention.fuse_projections`). Returns self."""
+        for block in self.blocks:
+            block.attn1.fuse_projections()
+            block.attn2.fuse_projections()
+        return self
+
+    def compile_blocks(self, **options: object) -> VideoDiT:
+        """``torch.compile`` each transformer block (regional compilation: one graph reused by
+        every block, so compiling takes seconds, not minutes). Same outputs. Returns self."""
+        for block in self.blocks:
+            block.compile(dynamic=False, **options)
+        return self
+
+    def unfuse_projections(self) -> VideoDiT:
+        """Undo :meth:`fuse_projections` (e.g. before training). Returns self."""
+        for block in self.blocks:
+            block.attn1.unfuse_projections()
+            block.attn2.unfuse_projections()
+        return self
 
     @property
     def num_parameters(self) -> int:
