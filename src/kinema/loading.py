@@ -4,7 +4,8 @@ Three layouts are recognised by what the folder holds:
 
 * kinema's own (``kinema.json`` + ``transformer/`` + ``vae/``), e.g. the built-in kinema-tiny;
 * a diffusers Wan 2.1 folder (``model_index.json``, ``transformer/``, ``vae/``,
-  ``text_encoder/``, ``tokenizer/``, ``scheduler/``);
+  ``text_encoder/``, ``tokenizer/``, ``scheduler/``; image-to-video ones also
+  ``image_encoder/`` + ``image_processor/``, the CLIP vision tower);
 * the original Wan 2.1 release (``config.json`` + ``diffusion_pytorch_model*.safetensors``,
   ``Wan2.1_VAE.pth``, ``models_t5_umt5-xxl-enc-bf16.pth``, tokenizer in ``google/umt5-xxl``).
 
@@ -132,6 +133,7 @@ def _kinema_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str, A
 
 
 def _diffusers_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
+    from kinema.i2v import CLIPImageEncoder, needs_image_encoder
     from kinema.models.text import CachedTextEncoder, UMT5TextEncoder
     from kinema.sampling import schedule_from_diffusers_config
 
@@ -139,7 +141,7 @@ def _diffusers_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str
     if not scheduler.exists():
         raise CheckpointError(f"missing {scheduler}")
     sampler, shift = schedule_from_diffusers_config(json.loads(scheduler.read_text()))
-    return {
+    parts = {
         "dit": load_dit(path / "transformer", dev, dt),
         "vae": load_vae(path / "vae", dev, _vae_dtype(dt)),
         "text_encoder": CachedTextEncoder(
@@ -148,6 +150,11 @@ def _diffusers_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str
         "name": path.name,
         "defaults": SamplingDefaults(sampler=sampler, shift=shift),
     }
+    if needs_image_encoder(path):  # Wan 2.1 image-to-video: CLIP image tokens
+        if not (path / "image_encoder").is_dir():
+            raise CheckpointError(f"missing {path / 'image_encoder'} (the DiT reads CLIP tokens)")
+        parts["image_encoder"] = CLIPImageEncoder.from_pretrained(path, dev)
+    return parts
 
 
 def _original_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str, Any]:

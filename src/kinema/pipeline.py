@@ -29,6 +29,7 @@ import kinema
 from kinema import timeline
 from kinema.conditioning import FrameCondition, condition_frames
 from kinema.configs import SamplingDefaults
+from kinema.i2v import ImageCondition, build_condition, image_conditioned
 from kinema.sampling import SAMPLERS, cfg, count_calls, flow_schedule
 
 Progress = Callable[[int, int], None]
@@ -38,7 +39,8 @@ Progress = Callable[[int, int], None]
 class Request:
     """Everything that decides the output. ``None`` fields take the model's defaults.
 
-    Conditioning (one pipeline for every task): ``image`` starts the clip from a picture;
+    Conditioning (one pipeline for every task): ``image`` starts the clip from a picture
+    (``last_image`` also ends it, on first-last-frame image-to-video checkpoints);
     ``video`` + ``strength`` restyle a source clip (SDEdit); ``extend`` continues a clip (the
     output is the source followed by ``frames`` new frames); ``prompts`` change the prompt at
     given seconds. Images and videos are paths or uint8 arrays ((H, W, 3) / (T, H, W, 3)).
@@ -57,6 +59,7 @@ class Request:
     seed: int = 0
     prompts: tuple[tuple[float, str], ...] = ()
     image: Any = None
+    last_image: Any = None
     video: Any = None
     strength: float | None = None
     extend: Any = None
@@ -168,7 +171,10 @@ def to_uint8(video: Tensor) -> np.ndarray:
 
 
 class Pipeline:
-    """A loaded model: DiT, VAE and text encoder on their devices, plus sampling defaults."""
+    """A loaded model: DiT, VAE and text encoder on their devices, plus sampling defaults.
+
+    ``image_encoder`` (a :class:`kinema.i2v.CLIPImageEncoder`) comes with Wan 2.1
+    image-to-video checkpoints, whose DiT takes CLIP image tokens."""
 
     context_latents = 2  # latent frames carried from one window (or source clip) to the next
 
@@ -181,8 +187,10 @@ class Pipeline:
         name: str,
         defaults: SamplingDefaults,
         load_seconds: float = 0.0,
+        image_encoder: Any = None,
     ) -> None:
         self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
+        self.image_encoder = image_encoder
         self.name, self.defaults, self.load_seconds = name, defaults, load_seconds
 
     @property
@@ -201,6 +209,11 @@ class Pipeline:
     @property
     def temporal_factor(self) -> int:
         return self.vae.config.temporal_factor * self.dit.config.patch_size[0]
+
+    @property
+    def image_channels(self) -> bool:
+        """True for an image-to-video DiT (Wan I2V): it takes the condition as extra channels."""
+        return self.dit.config.in_channels > self.vae.config.z_dim
 
     @property
     def context_frames(self) -> int:
@@ -249,9 +262,30 @@ class Pipeline:
             req, media["extend"] = extend
         req = req.resolved(self.defaults)
         validate(req, self.spatial_factor, self.temporal_factor, extension=req.extend is not None)
-        if req.image is not None:
-            media["image"] = km.fit_image(km.read_image_any(req.image), req.width, req.height)
+        self.check_image_inputs(req)
+        for name in ("image", "last_image"):
+            if getattr(req, name) is not None:
+                image = km.read_image_any(getattr(req, name))
+                media[name] = km.fit_image(image, req.width, req.height)
         return req, media
+
+    def check_image_inputs(self, req: Request) -> None:
+        """Raise ValueError when the request's images do not fit this checkpoint."""
+        first_last = getattr(self.dit.config, "pos_embed_seq_len", None) is not None
+        if self.image_channels and req.image is None and req.extend is None and req.video is None:
+            raise ValueError(
+                f"this model needs --image: {self.name} is an image-to-video checkpoint "
+                "(give image=, or a clip to extend / restyle)"
+            )
+        if req.last_image is not None and (req.image is None or req.video is not None):
+            raise ValueError("last_image ends an image-to-video clip: give image= too, no video=")
+        if req.last_image is not None and not first_last:
+            raise ValueError(
+                f"last_image needs a first-last-frame image-to-video checkpoint; {self.name} "
+                "is not one"
+            )
+        if first_last and req.last_image is None:
+            raise ValueError(f"this model needs --last-image: {self.name} is first-last-frame")
 
     def _source_fps(self, video: Any) -> int:
         from kinema import media as km
@@ -270,7 +304,7 @@ class Pipeline:
         tail, evaluations = source, 0
         steps = Steps(progress, req.steps * len(plan))
         for window in plan:
-            cond = self.window_condition(window, tail, media.get("image"), clock)
+            cond = self.window_condition(window, tail, media, clock, final=window is plan[-1])
             pixels, n = self.one_window(req, window, cond, clock, steps)
             pieces.append(pixels[window.context :])
             tail, evaluations = pixels, evaluations + n
@@ -286,10 +320,19 @@ class Pipeline:
         return timeline.plan(segs, window, self.context_frames, req.seed, has_tail=extension)
 
     def window_condition(
-        self, window: timeline.Window, tail: np.ndarray | None, image: np.ndarray | None,
-        clock: Clock,
-    ) -> FrameCondition | None:  # fmt: skip
-        """Clean latent frames for a window: the previous output's tail, or the first image."""
+        self, window: timeline.Window, tail: np.ndarray | None, media: dict[str, np.ndarray],
+        clock: Clock, final: bool = False,
+    ) -> FrameCondition | ImageCondition | None:  # fmt: skip
+        """Clean latent frames for a window: the previous output's tail, or the first image
+        (as extra channels on image-to-video checkpoints, with the last image on ``final``)."""
+        image = media.get("image")
+        if self.image_channels:
+            given = dict(enumerate(tail[-window.context :])) if window.context else {0: image}
+            if final and "last_image" in media:
+                given[window.frames - 1] = media["last_image"]
+            cond = self.image_condition(given, window.frames, media.get("last_image"))
+            clock.add("encode")
+            return cond
         if window.context:
             given = tail[-window.context :]
         elif image is not None:
@@ -331,13 +374,14 @@ class Pipeline:
         context, uncond = self.encode_text(req)
         clock.add("text")
         x0 = self.encode(source)
+        cond = self.image_condition({0: source[0]}, len(source)) if self.image_channels else None
         clock.add("encode")
         schedule = partial_schedule(flow_schedule(req.steps, req.shift, req.sampler), req.strength)
         noise = initial_noise(req.seed, tuple(x0.shape)).to(self.device)
         s0 = float(schedule.sigmas[0])
         x = (1 - s0) * x0.float() + s0 * noise
         steps = Steps(progress, len(schedule.timesteps))
-        latents, calls = self.denoise(req, x, schedule, context, uncond, None, steps)
+        latents, calls = self.denoise(req, x, schedule, context, uncond, cond, steps)
         clock.add("denoise")
         frames = to_uint8(self.decode(latents))
         clock.add("decode")
@@ -357,11 +401,28 @@ class Pipeline:
         f = (req.frames - 1) // t + 1
         return (1, self.vae.config.z_dim, f, req.height // s, req.width // s)
 
-    def velocity(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        """The DiT as a function of (x (B, C, F, H, W), t (), (B,) or (B, F), context)."""
+    def image_condition(
+        self, given: dict[int, np.ndarray], frames: int, last_image: np.ndarray | None = None
+    ) -> ImageCondition:
+        """Image-to-video checkpoints: the ``given`` pixel frames {index: (H, W, 3) uint8} of a
+        ``frames``-frame clip as mask + latent channels, and CLIP tokens of its first frame
+        (and of ``last_image`` on first-last-frame checkpoints)."""
+        tokens = None
+        if self.image_encoder is not None:
+            anchors = [given[0]] + ([last_image] if last_image is not None else [])
+            tokens = self.image_encoder.encode(anchors)  # (N, L, image_dim)
+        return build_condition(self.vae, given, frames, tokens, self.device)
+
+    def velocity(
+        self, x: Tensor, t: Tensor, context: Tensor, image: Tensor | None = None
+    ) -> Tensor:
+        """The DiT as a function of (x (B, C, F, H, W), t (), (B,) or (B, F), context), and
+        CLIP image tokens (B N, L, image_dim) for image-to-video checkpoints."""
         b = x.shape[0]
         t = t.reshape(-1).expand(b) if t.ndim <= 1 else t.repeat(b // t.shape[0], 1)
-        return self.dit(x.to(self.dtype), t.to(x.device), context)
+        if image is None:
+            return self.dit(x.to(self.dtype), t.to(x.device), context)
+        return self.dit(x.to(self.dtype), t.to(x.device), context, image=image.to(self.dtype))
 
     def denoise(
         self,
@@ -370,11 +431,14 @@ class Pipeline:
         schedule: Any,
         context: Tensor,
         uncond: Tensor | None,
-        condition: FrameCondition | None,
+        condition: FrameCondition | ImageCondition | None,
         steps: Steps,
     ) -> tuple[Tensor, int]:
         """Run the sampler from ``x``; returns normalised latents and the DiT calls made."""
-        counted, calls = count_calls(self.velocity)
+        velocity = self.velocity
+        if isinstance(condition, ImageCondition):  # extra input channels, not clean frames
+            velocity, condition = image_conditioned(self.velocity, condition), None
+        counted, calls = count_calls(velocity)
         if uncond is None:  # guidance <= 1: one conditional forward per step, as diffusers
             model_fn = cfg(counted, context, context, 1.0)
         else:
