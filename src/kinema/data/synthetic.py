@@ -15,8 +15,8 @@ bottom RGB); equal ends = flat), ``HELDOUT`` (held-out (colour, shape, motion) t
 max_objects=3, change_prob=0.2) -> ClipSpec``
     ``split="train"`` never yields a ``HELDOUT`` triple (neither as the first motion nor as
     the motion after a change); ``split="heldout"`` yields objects whose first motion is one.
-    ``change_prob`` is the chance that a clip's objects change motion part-way (0 gives
-    first-motion-only clips).
+    ``change_prob`` is the chance that a clip's first object changes motion part-way (0
+    gives first-motion-only clips).
 ``render(spec) -> np.ndarray``
     uint8 (T, H, W, 3); drawn with Pillow at 2x and box-downsampled (anti-aliased).
 ``trajectory(obj, frames, fps) -> (x, y, r, angle)``
@@ -45,7 +45,8 @@ World rules
   rebounds elastically (1.3-1.8 bounces per clip); rotating turns 0.3-0.45 of a turn and is
   never given to circles. Objects stay fully inside the frame and never overlap.
 * A motion change (``then_motion`` from ``switch_frame`` on) turns a left/right motion into
-  up/down or the other way round, between 40 % and 60 % of the clip.
+  up/down or the other way round, between 40 % and 60 % of the clip; only a clip's first
+  object changes, in a fraction ``change_prob`` of the clips.
 * ``HELDOUT``: the triple (colour i, shape j, motion k), indices into ``COLOURS``,
   ``SHAPES``, ``MOTIONS``, is held out when ``(3 i + 5 j + 7 k) % 10 == 3`` -- 59 of the
   576 valid triples (about 10 %), spread over every colour, shape and motion.
@@ -364,15 +365,18 @@ def annotations(spec: ClipSpec) -> list[list[dict]]:
 # --- sampling ----------------------------------------------------------------------------------
 
 
-def _triple(rng: np.random.Generator, split: str, taken: set[str]) -> tuple[str, str, str]:
-    """(colour, shape, motion) for one object; colours in ``taken`` are avoided."""
+def _triple(
+    rng: np.random.Generator, split: str, taken: set[str], motions: tuple[str, ...] = MOTIONS
+) -> tuple[str, str, str]:
+    """(colour, shape, motion) for one object, motion from ``motions``; colours in ``taken``
+    are avoided."""
     if split == "heldout":
-        pool = [t for t in sorted(HELDOUT) if t[0] not in taken]
+        pool = [t for t in sorted(HELDOUT) if t[0] not in taken and t[2] in motions]
         return pool[int(rng.integers(len(pool)))]
     while True:
         c = list(COLOURS)[int(rng.integers(len(COLOURS)))]
         s = SHAPES[int(rng.integers(len(SHAPES)))]
-        m = MOTIONS[int(rng.integers(len(MOTIONS)))]
+        m = motions[int(rng.integers(len(motions)))]
         if c not in taken and (c, s, m) not in HELDOUT and (s, m) != ("circle", "rotating"):
             return c, s, m
 
@@ -401,10 +405,11 @@ def _then(rng: np.random.Generator, motion: str, colour: str, shape: str, split:
 def _draft(
     rng: np.random.Generator, split: str, taken: set[str], change: bool, frames: int, fps: int
 ) -> ObjectSpec:
-    """An object placed at the centre; ``_place`` moves it to a valid start."""
-    colour, shape, motion = _triple(rng, split, taken)
+    """An object placed at the centre (``_place`` moves it to a valid start). When ``change``
+    its motion is one that can change (``CHANGES``) and gets a ``then_motion``."""
+    colour, shape, motion = _triple(rng, split, taken, tuple(CHANGES) if change else MOTIONS)
     speed, size = _speed_and_size(rng, motion, (frames - 1) / fps)
-    then = _then(rng, motion, colour, shape, split) if change and motion in CHANGES else ""
+    then = _then(rng, motion, colour, shape, split) if change else ""
     switch = int(round(rng.uniform(0.4, 0.6) * (frames - 1))) if then else None
     if then:
         speed *= 1.15  # two legs share the travel; keep each clearly visible
@@ -462,7 +467,7 @@ def sample_clip_spec(
     for _ in range(12 * n):
         if len(objects) == n:
             break
-        o = _draft(rng, split, {p.colour for p in objects}, change, frames, fps)
+        o = _draft(rng, split, {p.colour for p in objects}, change and not objects, frames, fps)
         o = replace(o, size=o.size * (1 - 0.12 * (n - 1)))
         placed = _place(rng, o, boxes, (width, height), frames, fps)
         if placed is not None:
