@@ -65,6 +65,7 @@ def add_generate(sub: Any) -> None:
     p.add_argument("--sampler", default=None, help="unipc or euler")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image", default=None, help="start the clip from this image")
+    p.add_argument("--last-image", default=None, help="end on this image (first-last-frame)")
     p.add_argument("--video", default=None, help="restyle this video (video-to-video)")
     p.add_argument("--strength", type=float, default=None, help="video-to-video noise, (0, 1]")
     p.add_argument(
@@ -126,7 +127,7 @@ def request_from_args(args: argparse.Namespace, defaults: Any, temporal: int) ->
         prompt=args.prompt, negative_prompt=args.negative, width=width, height=height,
         frames=frames, fps=fps, steps=args.steps, guidance=args.guidance, shift=args.shift,
         sampler=args.sampler, seed=args.seed, prompts=tuple(args.at), image=args.image,
-        video=args.video, strength=args.strength,
+        last_image=args.last_image, video=args.video, strength=args.strength,
     )  # fmt: skip
 
 

@@ -34,6 +34,7 @@ def parallel_pipeline(pipe: Pipeline, mesh: Mesh, decode_tile: Any = None) -> Pi
     return Pipeline(
         ParallelDiT(pipe.dit, mesh), vae, text,
         name=pipe.name, defaults=pipe.defaults, load_seconds=pipe.load_seconds,
+        image_encoder=pipe.image_encoder,
     )  # fmt: skip
 
 
