@@ -20,14 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from kinema.data.world import HELDOUT, MOTION_WORDS, SyntheticClips, caption, parse_prompt
+from kinema.data.synthetic import HELDOUT, TRAIN_WORDS, SyntheticClips, caption, parse_prompt
 from kinema.eval.judge import judge
 
 ATTRIBUTES = ("colour_ok", "shape_ok", "motion_ok", "count_ok")
 
 
-def heldout_prompts() -> list[str]:
-    return [f"a {c} {s} {MOTION_WORDS[m][0]}" for c, s, m in sorted(HELDOUT)]
+def heldout_prompts(count: int) -> list[str]:
+    """``count`` held-out (colour, shape, motion) triples, spread over the sorted list."""
+    triples = sorted(HELDOUT)
+    picks = [triples[i * len(triples) // count] for i in range(count)]
+    return [f"a {c} {s} {TRAIN_WORDS['motion'][m][0]}" for c, s, m in picks]
 
 
 def seen_prompts(count: int, paraphrase: bool, seed: int = 11) -> list[str]:
@@ -36,8 +39,8 @@ def seen_prompts(count: int, paraphrase: bool, seed: int = 11) -> list[str]:
     while len(out) < count:
         spec, rng = ds.spec(i)
         i += 1
-        if len(spec.objects) == 1 and spec.objects[0].then is None:
-            out.append(caption(spec, rng, paraphrase=paraphrase))
+        if len(spec.objects) == 1 and spec.objects[0].then_motion is None:
+            out.append(caption(spec, rng, "paraphrase" if paraphrase else "train"))
     return out
 
 
@@ -85,7 +88,7 @@ def evaluate(
     settings = {"steps": steps} if steps else {}
     per_set = 4 if quick else 8
     sets = {
-        "heldout": heldout_prompts()[:per_set],
+        "heldout": heldout_prompts(per_set),
         "paraphrase": seen_prompts(per_set, paraphrase=True),
         "seen": seen_prompts(per_set, paraphrase=False),
     }

@@ -30,7 +30,7 @@ DATA_KINDS = ("synthetic", "folder")
 class DataConfig:
     """Where training clips come from: the built-in synthetic world or a folder of videos."""
 
-    kind: str = "synthetic"  # "synthetic" (kinema.data.world) or "folder" (VideoFolder)
+    kind: str = "synthetic"  # "synthetic" (kinema.data.synthetic) or "folder" (VideoFolder)
     root: str | None = None  # folder of videos + captions (kind "folder")
     seed: int = 0  # seed of the synthetic world (clip i is a function of (seed, i))
     num_clips: int = 4096  # clips used (synthetic); a folder uses min(this, its size)

@@ -75,7 +75,7 @@ class ClipDataset(torch.utils.data.Dataset):
         self.data = data
         size = (data.width, data.height)
         if data.kind == "synthetic":
-            from kinema.data.world import SyntheticClips
+            from kinema.data.synthetic import SyntheticClips
 
             self.source: Any = SyntheticClips(
                 data.seed, size=size, frames=data.frames, fps=data.fps, split=split
