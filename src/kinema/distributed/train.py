@@ -94,7 +94,7 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
 
 def mean_over_ranks(value: Tensor) -> Tensor:
     """The mean of a scalar over all ranks (a copy; ``value`` itself is untouched)."""
-    out = value.detach().clone().float()
+    out = value.detach().clone().double()
     if world()[1] > 1:
         dist.all_reduce(out)  # sum (gloo has no AVG)
         out /= world()[1]
@@ -170,3 +170,87 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The whole (unsharded) model state on the CPU, on every rank, for export."""
     model_sd, _ = get_state_dict(model, [], options=StateDictOptions(full_state_dict=True))
     return {k: v.detach().cpu() for k, v in model_sd.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces for the training loop (kinema.train.loop) on N processes
+# ---------------------------------------------------------------------------------------------
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when ``model``'s parameters are DTensors (an FSDP2 module)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """The whole tensor of a DTensor (a collective: every rank must call it), else ``t``."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(full: Tensor, like: Tensor) -> Tensor:
+    """``full`` laid out like ``like``: the same DTensor sharding, or as is for a plain tensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return full.to(like.device)
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements)
+
+
+def clip_grad_norm(params: Sequence[Tensor], max_norm: float) -> float:
+    """Clip the global gradient norm to ``max_norm`` (sharded gradients included); returns the
+    norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(full_tensor(norm))
+
+
+def any_rank(flag: int | None) -> int | None:
+    """The largest ``flag`` over all ranks (None where no rank has one): a stop signal seen by
+    one rank stops every rank after the same step."""
+    if world()[1] == 1:
+        return flag
+    value = torch.tensor([-1 if flag is None else flag], dtype=torch.int64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return None if int(value) < 0 else int(value)
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op outside a process group)."""
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def save_optimizer_sharded(
+    folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
+    """Every rank writes its shard of the optimiser state (keyed by parameter names) to the DCP
+    folder ``folder``; it loads with any number of ranks (:func:`load_optimizer_sharded`)."""
+    _, optim_sd = get_state_dict(model, [optimizer])
+    dcp.save({"optimizer": optim_sd}, checkpoint_id=str(folder))
+
+
+def load_optimizer_sharded(
+    folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
+    """Load :func:`save_optimizer_sharded`'s folder into ``optimizer`` (plain, DDP or FSDP)."""
+    _, optim_sd = get_state_dict(model, [optimizer])
+    state = {"optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, [optimizer], model_state_dict={}, optim_state_dict=state["optimizer"])
+
+
+def load_full_optimizer(
+    model: nn.Module, optimizer: torch.optim.Optimizer, full: dict[str, Any]
+) -> None:
+    """Load a plain ``optimizer.state_dict()`` (of a one-process run, parameters by index)
+    into ``optimizer`` of a sharded ``model`` (same parameter order, now DTensors)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in full["param_groups"]]
+    state = {order[i]: s for i, s in full["state"].items()}
+    full_sd = {"state": state, "param_groups": groups}
+    opts = StateDictOptions(full_state_dict=True)
+    set_state_dict(model, [optimizer], model_state_dict={}, optim_state_dict=full_sd, options=opts)

@@ -24,6 +24,7 @@ T = TypeVar("T")
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 DATA_KINDS = ("synthetic", "folder")
+PARALLEL = ("none", "ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -120,11 +121,14 @@ class TrainConfig(OptimFields):
     sample_guidance: float = 4.0  # classifier-free guidance of a sample video
     sampling: SamplingDefaults | None = None  # defaults written on export (None: from data)
     export_dir: str | None = None  # where the final model folder goes (None: out_dir/model)
+    parallel: str = "none"  # under torchrun: "ddp" or "fsdp" (FSDP2); "none" means ddp there
 
     def __post_init__(self) -> None:
         self.check_optim()
         if (self.model is None) == (self.init_from is None):
             raise ValueError("give exactly one of model (train from scratch) or init_from")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel {self.parallel!r} is not one of {PARALLEL}")
         if self.vae is None and self.init_from is None:
             raise ValueError("vae is required when training from scratch (model given)")
         if len(self.cond_probs) != 3 or abs(sum(self.cond_probs) - 1) > 1e-6:

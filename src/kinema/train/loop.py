@@ -18,6 +18,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from kinema.configs import SamplingDefaults
+from kinema.distributed import train as dt
 from kinema.train.config import DataConfig, OptimFields, TrainConfig, config_to_dict, parse_config
 from kinema.train.ema import EMA
 from kinema.train.loss import (
@@ -51,6 +53,7 @@ from kinema.train.state import (
     load_training_state,
     lr_at,
     save_checkpoint,
+    save_checkpoint_parallel,
     step_generator,
 )
 
@@ -130,6 +133,12 @@ class Run:
     optimizer: torch.optim.Optimizer
     device: torch.device
     progress: Progress
+    net: nn.Module | None = None  # what the forward runs through (DDP wrapper); None: model
+
+    @property
+    def parallel(self) -> bool:
+        """True on a data-parallel run of more than one process."""
+        return dt.world()[1] > 1
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -155,20 +164,31 @@ def build_optimizer(model: nn.Module, config: OptimFields) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
 
 
-def start_run(config: OptimFields, build_model: Callable[[Path | None], nn.Module]) -> Run:
+def start_run(
+    config: OptimFields,
+    build_model: Callable[[Path | None], nn.Module],
+    strategy: str = "none",
+    device: torch.device | None = None,
+) -> Run:
     """Build (or resume) a run: ``build_model(checkpoint or None)`` gives the weights, then the
-    EMA, optimiser, RNG states and progress are restored from the newest checkpoint if any."""
-    device = pick_device(config.device)
+    EMA, optimiser, RNG states and progress are restored from the newest checkpoint if any.
+
+    ``strategy`` ("none", "ddp", "fsdp") wraps the model for data-parallel training
+    (:func:`kinema.distributed.train.wrap_model`) before the EMA and optimiser are built.
+    """
+    device = device or pick_device(config.device)
     ckpt = latest_checkpoint(config.out_dir)
     torch.manual_seed(config.seed)
     model = build_model(ckpt).to(device).train().requires_grad_(True)
+    net = dt.wrap_model(model, strategy, device)  # FSDP shards ``model`` in place
     ema = EMA(model, config.ema_decay, config.ema_warmup)
     optimizer = build_optimizer(model, config)
     progress = Progress()
     if ckpt is not None:
-        progress = load_training_state(ckpt, ema, optimizer, device)
-        print(f"resuming from {ckpt} (step {progress.step})")
-    return Run(config, model, ema, optimizer, device, progress)
+        progress = load_training_state(ckpt, ema, optimizer, device, model)
+        if dt.world()[0] == 0:
+            print(f"resuming from {ckpt} (step {progress.step})")
+    return Run(config, model, ema, optimizer, device, progress, net)
 
 
 def optimizer_step(run: Run, stream: Iterator[Batch], loss_fn: LossFn) -> tuple[float, float]:
@@ -180,12 +200,15 @@ def optimizer_step(run: Run, stream: Iterator[Batch], loss_fn: LossFn) -> tuple[
     generator = step_generator(c.seed, step)
     run.optimizer.zero_grad(set_to_none=True)
     total = 0.0
-    for _ in range(c.grad_accum):
-        loss = loss_fn(next(stream), generator)
-        (loss / c.grad_accum).backward()
+    for i in range(c.grad_accum):  # gradients synchronise across ranks on the last only
+        with dt.gradient_sync(run.net or run.model, enabled=i == c.grad_accum - 1):
+            loss = loss_fn(next(stream), generator)
+            (loss / c.grad_accum).backward()
         total += loss.item() / c.grad_accum
+    if run.parallel:
+        total = float(dt.mean_over_ranks(torch.tensor(total, dtype=torch.float64)))
     params = [p for p in run.model.parameters() if p.requires_grad]
-    norm = float(torch.nn.utils.clip_grad_norm_(params, c.grad_clip or math.inf))
+    norm = dt.clip_grad_norm(params, c.grad_clip or math.inf)
     if math.isfinite(norm):  # a non-finite gradient skips the update (logged as nan/inf)
         run.optimizer.step()
     run.ema.update(run.model)
@@ -281,11 +304,12 @@ def train_loop(
     c, out = run.config, Path(run.config.out_dir)
     last = min(c.max_steps, stop_after) if stop_after is not None else c.max_steps
     out.mkdir(parents=True, exist_ok=True)
-    log = TrainLog(out, run.progress.step)
-    bar = tqdm(total=c.max_steps, initial=run.progress.step, disable=not c.progress)
+    main = dt.world()[0] == 0  # rank 0 alone logs
+    log = TrainLog(out, run.progress.step) if main else None
+    bar = tqdm(total=c.max_steps, initial=run.progress.step, disable=not (c.progress and main))
     try:
         with StopSignals() as stop:
-            while run.progress.step < last and stop.requested is None:
+            while run.progress.step < last and dt.any_rank(stop.requested) is None:
                 start = time.perf_counter()
                 loss, norm = optimizer_step(run, stream, loss_fn)
                 lr = run.optimizer.param_groups[0]["lr"]
@@ -293,7 +317,7 @@ def train_loop(
                 run.progress = Progress(
                     step, run.progress.samples_seen + c.batch_size * c.grad_accum
                 )
-                if step % c.log_every == 0 or step == last:
+                if log is not None and (step % c.log_every == 0 or step == last):
                     log.write(step, loss, lr, norm, time.perf_counter() - start)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
@@ -301,20 +325,21 @@ def train_loop(
                     save_run(run)
                 if on_step is not None:
                     on_step(step)
-            if stop.requested is not None:
+            stopped = dt.any_rank(stop.requested)
+            if stopped is not None:
                 save_run(run)
-            return stop.requested
+            return stopped
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
 
 
 def save_run(run: Run) -> Path:
     """Checkpoint the run now (a no-op when this step is already saved)."""
     c = run.config
-    return save_checkpoint(
-        c.out_dir, run.progress, run.model, run.ema, run.optimizer, keep=c.keep_checkpoints
-    )
+    save = save_checkpoint_parallel if run.parallel else save_checkpoint
+    return save(c.out_dir, run.progress, run.model, run.ema, run.optimizer, keep=c.keep_checkpoints)
 
 
 def exit_on_signal(signum: int | None, out_dir: str | Path) -> None:
@@ -502,7 +527,14 @@ def dit_loss_fn(
     text: Callable[[list[str]], Tensor],
     vae: nn.Module | None,
 ) -> LossFn:
-    """The loss of one micro-batch; all randomness from the step's generator."""
+    """The loss of one micro-batch; all randomness from the step's generator.
+
+    On N processes every rank draws the randomness of the whole (global) micro-batch, then
+    trains on its rows (:func:`kinema.distributed.train.rank_slice`), so N processes compute
+    the gradient of one process on the same batch.
+    """
+    if dt.world()[1] > 1:
+        return rank_loss_fn(config, model, device, text, vae)
 
     def loss_fn(batch: Batch, g: torch.Generator) -> Tensor:
         captions = drop_captions(batch["captions"], config.caption_dropout, g)
@@ -516,6 +548,38 @@ def dit_loss_fn(
         mask = sample_cond_mask(b, f, config.cond_probs, g, config.cond_max_frames)
         with autocast(config, device):
             return flow_matching_loss(model, x0, noise, sigmas.to(device), context, mask)
+
+    return loss_fn
+
+
+def rank_loss_fn(
+    config: TrainConfig,
+    model: nn.Module,
+    device: torch.device,
+    text: Callable[[list[str]], Tensor],
+    vae: nn.Module | None,
+) -> LossFn:
+    """:func:`dit_loss_fn` on this rank's rows of a global micro-batch of B clips.
+
+    The loss is the rank's share of the global mean, times the world size (the gradient
+    all-reduce averages): sum over its free frames / the global count of free frames * N.
+    """
+
+    def loss_fn(batch: Batch, g: torch.Generator) -> Tensor:
+        b, rows = len(batch["captions"]), dt.rank_slice(len(batch["captions"]))
+        captions = drop_captions(batch["captions"], config.caption_dropout, g)[rows]
+        if "latents" in batch:
+            x0 = batch["latents"][rows].to(device)  # (B/N, z, F, h, w)
+        else:
+            x0 = encode_clips(vae, batch["video"][rows], device)  # type: ignore[arg-type]
+        noise = torch.randn((b, *x0.shape[1:]), generator=g)[rows].to(device)
+        sigmas = sample_timesteps(b, g, config.logit_mean, config.logit_std, config.shift)
+        mask = sample_cond_mask(b, x0.shape[2], config.cond_probs, g, config.cond_max_frames)
+        free, mine = (~mask).sum().clamp(min=1), (~mask[rows]).sum().clamp(min=1)
+        with autocast(config, device):
+            loss = flow_matching_loss(model, x0, noise, sigmas[rows].to(device),
+                                      text(captions).to(device), mask[rows])  # fmt: skip
+        return loss * (mine * dt.world()[1] / free).to(loss.device)
 
     return loss_fn
 
@@ -564,7 +628,10 @@ def dit_data(config: TrainConfig, run: Run, text_encoder: Any, vae: nn.Module) -
     start, b = run.progress.samples_seen, run.config.batch_size
     seed = config.data.seed + config.seed
     if config.precompute:
-        folder = precompute(config, vae=vae, text_encoder=text_encoder)
+        folder = Path(config.out_dir) / "cache"
+        if dt.world()[0] == 0:  # one rank encodes; the others wait, then read the same cache
+            precompute(config, vae=vae, text_encoder=text_encoder)
+        dt.barrier()
         cache = LatentCache.load(folder)
         return cache_stream(cache, start, b, seed), cache.text
     from kinema.models.text import CachedTextEncoder
@@ -574,6 +641,14 @@ def dit_data(config: TrainConfig, run: Run, text_encoder: Any, vae: nn.Module) -
     return stream, lambda captions: cached.encode(captions)[0].float()
 
 
+def parallel_strategy(config: TrainConfig) -> str:
+    """ "none" for one process; under torchrun (WORLD_SIZE > 1) ``config.parallel``, "ddp" when
+    that is "none"."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return "none"
+    return "ddp" if config.parallel == "none" else config.parallel
+
+
 def train_dit(
     config: TrainConfig, *, text_encoder: Any = None, stop_after: int | None = None
 ) -> Path:
@@ -581,26 +656,71 @@ def train_dit(
     ``stop_after`` ended it early). Ctrl-C / SIGTERM save a checkpoint and exit 128 + signal.
 
     ``text_encoder``: an already loaded encoder to use instead of loading ``config``'s.
+    Under ``torchrun --nproc-per-node N`` (WORLD_SIZE > 1) it joins the process group (NCCL on
+    CUDA, gloo on the CPU), wraps the DiT per ``config.parallel`` and gives each rank 1/N of
+    every micro-batch of ``batch_size`` clips; rank 0 alone logs, samples and exports.
     """
-    out = Path(config.out_dir)
+    strategy = parallel_strategy(config)
+    if strategy == "none":
+        return _train_dit(config, text_encoder, stop_after, strategy, None)
+    from kinema.distributed.parallel import init_distributed
+
+    joined = not torch.distributed.is_initialized()
+    device = init_distributed("gloo" if config.device == "cpu" else None)
+    try:
+        return _train_dit(config, text_encoder, stop_after, strategy, device)
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def _train_dit(config: TrainConfig, text_encoder: Any, stop_after: int | None, strategy: str,
+               device: torch.device | None) -> Path:  # fmt: skip
+    if config.batch_size % dt.world()[1]:
+        raise ValueError(f"batch_size {config.batch_size} must divide by the {dt.world()[1]} "
+                         "processes (each takes an equal share of every micro-batch)")  # fmt: skip
+    out, main = Path(config.out_dir), dt.world()[0] == 0
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
-    run = start_run(config, lambda ckpt: build_dit(config, ckpt))
+    if main:
+        (out / "train_config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+    run = start_run(config, lambda ckpt: build_dit(config, ckpt), strategy, device)
     run.model.gradient_checkpointing = config.gradient_checkpointing
     vae = load_frozen_vae(vae_source(config), run.device)
     text_encoder = text_encoder or load_text(config, run.device)
     stream, text = dit_data(config, run, text_encoder, vae)
-    loss_fn = dit_loss_fn(config, run.model, run.device, text, vae)
+    loss_fn = dit_loss_fn(config, run.net or run.model, run.device, text, vae)
 
     def on_step(step: int) -> None:
         if config.sample_every and config.sample_prompts and step % config.sample_every == 0:
-            write_samples(config, run, vae, text_encoder)
+            sampler = sample_run(run)
+            if sampler is not None:
+                write_samples(config, sampler, vae, text_encoder)
 
     stopped = train_loop(run, stream, loss_fn, on_step, stop_after)
     exit_on_signal(stopped, out)
     if run.progress.step < config.max_steps:
         return out
-    return export(out, config.export_dir)
+    dest = export(out, config.export_dir) if main else None
+    dt.barrier()
+    return dest or Path(config.export_dir or out / "model")
+
+
+def sample_run(run: Run) -> Run | None:
+    """The run rank 0 samples from (None on other ranks): the run itself, or for a sharded
+    (FSDP) model a plain copy with the gathered weights and EMA (every rank must call it)."""
+    if not dt.is_sharded(run.model):
+        return run if dt.world()[0] == 0 else None
+    weights = dt.full_state_dict(run.model)
+    shadow = {k: dt.full_tensor(v).detach() for k, v in run.ema.shadow.items()}
+    if dt.world()[0] != 0:
+        return None
+    from kinema.models.dit import VideoDiT
+
+    plain = VideoDiT(run.model.config)
+    plain.load_state_dict(weights)
+    ema = EMA(plain.to(run.device), 0.0)
+    ema.shadow = shadow
+    return dataclasses.replace(run, model=plain, ema=ema, net=None)
 
 
 def fp16_is_lossless(module: nn.Module, tolerance: float = 1e-3) -> bool:

@@ -112,6 +112,71 @@ def save_checkpoint(
     return final
 
 
+def save_checkpoint_parallel(
+    out_dir: str | Path,
+    progress: Progress,
+    model: nn.Module,
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    keep: int = 2,
+) -> Path:
+    """:func:`save_checkpoint` from every rank of a data-parallel run; it loads with any number
+    of processes. DDP (replicated state): rank 0 writes the one-process checkpoint. FSDP: the
+    model and EMA are gathered into the usual ``model/`` and ``ema.safetensors`` (for export),
+    the optimiser state is written sharded by every rank into the DCP folder ``optimizer/``,
+    the RNG states go to ``rng.pt``. Collective: every rank calls it."""
+    from kinema.distributed import train as dt
+
+    rank = dt.world()[0]
+    root = Path(out_dir) / "checkpoints"
+    final, tmp = root / f"step-{progress.step:08d}", root / f".tmp-step-{progress.step:08d}"
+    if not dt.is_sharded(model):
+        if rank == 0:
+            save_checkpoint(out_dir, progress, model, ema, optimizer, keep)
+        dt.barrier()
+        return final
+    if final.exists():
+        return final
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dt.barrier()
+    dt.save_optimizer_sharded(tmp / "optimizer", model, optimizer)
+    weights = dt.full_state_dict(model)
+    shadow = {k: dt.full_tensor(v).detach().cpu().contiguous() for k, v in ema.shadow.items()}
+    if rank == 0:
+        _write_full(tmp, progress, model, weights, shadow, ema)
+        tmp.rename(final)
+        prune(out_dir, keep)
+    dt.barrier()
+    return final
+
+
+def _write_full(tmp: Path, progress: Progress, model: nn.Module, weights: dict[str, torch.Tensor],
+                shadow: dict[str, torch.Tensor], ema: EMA) -> None:  # fmt: skip
+    """Rank 0's part of an FSDP checkpoint: model folder, EMA, RNG and state.json."""
+    from kinema.configs import save_json
+
+    (tmp / "model").mkdir()
+    state = {k: v.contiguous() for k, v in weights.items()}
+    save_file(state, str(tmp / "model" / "model.safetensors"))
+    save_json(model.config, tmp / "model" / "config.json", _class=_plain_class(model).__name__)
+    save_file(shadow, str(tmp / "ema.safetensors"))
+    torch.save({"rng": rng_state()}, tmp / "rng.pt")
+    meta = {"step": progress.step, "samples_seen": progress.samples_seen,
+            "ema": {"decay": ema.decay, "warmup": ema.warmup, "updates": ema.updates}}  # fmt: skip
+    (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _plain_class(model: nn.Module) -> type:
+    """The model's own class under FSDP2's wrapper class (``FSDPVideoDiT`` -> ``VideoDiT``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return type(model)
+    return next(c for c in type(model).__mro__[1:] if not issubclass(c, FSDPModule))
+
+
 def prune(out_dir: str | Path, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints and any leftover temporary folders."""
     root = Path(out_dir) / "checkpoints"
@@ -132,21 +197,43 @@ def load_ema(folder: Path, ema: EMA) -> None:
 
 
 def load_training_state(
-    folder: Path, ema: EMA, optimizer: torch.optim.Optimizer, device: torch.device
+    folder: Path,
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    model: nn.Module | None = None,
 ) -> Progress:
     """Restore EMA, optimiser and RNG states from a checkpoint; returns its progress.
 
     The model weights are loaded by the caller (from ``folder / "model"``) before the optimiser
-    is built, so the optimiser's parameters are the loaded ones.
+    is built, so the optimiser's parameters are the loaded ones. ``model`` (needed for a
+    sharded optimiser folder or an FSDP model) is the module the optimiser updates: the EMA
+    and optimiser state are then laid out like its parameters, whatever wrote the checkpoint.
     """
+    from kinema.distributed import train as dt
+
     load_ema(folder, ema)
-    for name in ema.shadow:
-        ema.shadow[name] = ema.shadow[name].to(device)
-    blob = torch.load(folder / "optimizer.pt", map_location=device, weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
+    params = dict(model.named_parameters()) if model is not None else {}
+    for name, value in ema.shadow.items():
+        value = value.to(device)
+        ema.shadow[name] = dt.shard_like(value, params[name].detach()) if name in params else value
+    rng_file = folder / ("optimizer.pt" if (folder / "optimizer.pt").exists() else "rng.pt")
+    blob = torch.load(rng_file, map_location=device, weights_only=True)
+    if (folder / "optimizer").is_dir():
+        dt.load_optimizer_sharded(folder / "optimizer", _need(model), optimizer)
+    elif model is not None and dt.is_sharded(model):
+        dt.load_full_optimizer(model, optimizer, blob["optimizer"])
+    else:
+        optimizer.load_state_dict(blob["optimizer"])
     set_rng_state({k: _cpu(v) if k != "cuda" else v for k, v in blob["rng"].items()})
     meta = read_state(folder)
     return Progress(step=int(meta["step"]), samples_seen=int(meta["samples_seen"]))
+
+
+def _need(model: nn.Module | None) -> nn.Module:
+    if model is None:
+        raise ValueError("a sharded optimiser checkpoint needs the model to load into")
+    return model
 
 
 def _cpu(value: Any) -> Any:
