@@ -10,6 +10,10 @@ encoded by a frozen VAE, captions encoded by a frozen text encoder. With ``preco
 default) every clip is encoded once into ``out_dir/cache`` (safetensors shards of fp16 latents
 plus the text tokens of each unique caption) and training samples from that cache -- what makes
 training on a CPU feasible. Entry points: :func:`train_dit`, :func:`precompute`, :func:`export`.
+
+Under ``torchrun --nproc-per-node N -m kinema train CONFIG`` the same loop runs data-parallel
+(DDP or FSDP2, ``TrainConfig.parallel``): each rank trains on 1/N of every micro-batch with the
+randomness of the whole micro-batch, so N processes follow the one-process run.
 """
 
 from __future__ import annotations
