@@ -87,16 +87,27 @@ def per_frame(module: nn.Module, x: Tensor) -> Tensor:
     return y.view(b, t, *y.shape[1:]).permute(0, 2, 1, 3, 4)  # (B, C', T, H', W')
 
 
-def run_chain(
-    blocks: Iterable[nn.Module], x: Tensor, cache: Sequence[Tensor | None]
-) -> tuple[Tensor, Slots]:
-    """Run cached blocks in order, each on its own ``cache_slots`` entries of ``cache``.
+def take(cache: Sequence[Tensor | None], start: int, n: int) -> Slots:
+    """Entries ``start .. start + n`` of ``cache``. When ``cache`` is a list they are also
+    cleared there, so a caller that owns the list frees old context as the new one is made
+    (the way diffusers overwrites its feature cache in place)."""
+    own = list(cache[start : start + n])
+    if isinstance(cache, list):
+        cache[start : start + n] = [None] * n
+    return own
 
-    Returns ``(x, new_cache)`` with ``new_cache`` laid out like ``cache``.
+
+def run_chain(
+    blocks: Iterable[nn.Module], x: Tensor, cache: Sequence[Tensor | None], start: int = 0
+) -> tuple[Tensor, Slots]:
+    """Run cached blocks in order, each on its own ``cache_slots`` entries of ``cache`` (from
+    ``start`` on; see :func:`take`).
+
+    Returns ``(x, new_cache)`` with ``new_cache`` laid out like the entries used.
     """
     new: Slots = []
     for block in blocks:
-        x, entries = block(x, cache[len(new) : len(new) + block.cache_slots])
+        x, entries = block(x, take(cache, start + len(new), block.cache_slots))
         new.extend(entries)
     return x, new
 
@@ -333,13 +344,31 @@ class Decoder3d(nn.Module):
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], out_channels, 3, padding=1)
         self.cache_slots = 2 + sum(b.cache_slots for b in (self.mid_block, *self.up_blocks))
+        upsamples_time = [i for i, m in enumerate(temporal_upsample) if m and i < len(blocks) - 1]
+        self.late_start = upsamples_time[-1] + 1 if upsamples_time else 0
 
-    def forward(self, x: Tensor, cache: Sequence[Tensor | None]) -> tuple[Tensor, Slots]:
-        """One chunk (B, z_dim, F, h, w) -> (B, 3, T, 8h, 8w) and its new cache."""
-        x, past_in = cached_conv(self.conv_in, x, cache[0])
-        x, middle = run_chain([self.mid_block, *self.up_blocks], x, cache[1:-1])
-        x, past_out = cached_conv(self.conv_out, F.silu(self.norm_out(x)), cache[-1])
-        return x, [past_in, *middle, past_out]
+    def forward(
+        self, x: Tensor, cache: Sequence[Tensor | None], piece: int | None = 1
+    ) -> tuple[Tensor, Slots]:
+        """One chunk (B, z_dim, F, h, w) -> (B, 3, T, 8h, 8w) and its new cache.
+
+        The stages after the last temporal upsampler (the widest, at full resolution) run
+        ``piece`` output frames at a time (None: the whole chunk at once). Every layer there is
+        causal in time or per frame, so the result is the same while their activations shrink
+        by T / piece (4x for Wan's 4-frame chunks).
+        """
+        x, past_in = cached_conv(self.conv_in, x, take(cache, 0, 1)[0])
+        early = [self.mid_block, *self.up_blocks[: self.late_start]]
+        n_early = sum(b.cache_slots for b in early)
+        x, middle = run_chain(early, x, cache, start=1)
+        late = take(cache, 1 + n_early, len(cache) - 2 - n_early)
+        past_out = take(cache, len(cache) - 1, 1)[0]
+        outs = []
+        for part in [x] if piece is None else x.split(piece, dim=2):
+            y, late = run_chain(self.up_blocks[self.late_start :], part, late)
+            y, past_out = cached_conv(self.conv_out, F.silu(self.norm_out(y)), past_out)
+            outs.append(y)
+        return torch.cat(outs, dim=2), [past_in, *middle, *late, past_out]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,16 +526,24 @@ class CausalVAE(nn.Module):
         return self.quant_conv(h), CausalCache(tuple(frames))
 
     def decode_chunk(
-        self, z: Tensor, cache: CausalCache | None = None, clamp: bool = True
+        self, z: Tensor, cache: CausalCache | None = None, clamp: bool = True, piece: int | None = 1
     ) -> tuple[Tensor, CausalCache]:
         """Decode latent frames (the first chunk, ``cache=None``, must be 1 frame):
         (B, z, f, h, w) -> (B, 3, t, 8h, 8w) clamped to [-1, 1] (unless ``clamp`` is False, as
-        training wants), t = 1 for the first chunk else ``temporal_factor * f``."""
+        training wants), t = 1 for the first chunk else ``temporal_factor * f``. ``piece``: output
+        frames per pass through the full-resolution stages (see :meth:`Decoder3d.forward`)."""
         if cache is None and z.shape[2] != 1:
             raise ValueError(f"the first decode chunk must be 1 latent frame, got {z.shape[2]}")
         slots = self._start(cache, self.decoder.cache_slots, "decoder")
-        x, frames = self.decoder(self.post_quant_conv(z), slots)
-        return (x.clamp(-1.0, 1.0) if clamp else x), CausalCache(tuple(frames))
+        x, frames = self._decode_owned(z, slots, clamp, piece)
+        return x, CausalCache(tuple(frames))
+
+    def _decode_owned(
+        self, z: Tensor, slots: Slots, clamp: bool, piece: int | None
+    ) -> tuple[Tensor, Slots]:
+        """:meth:`decode_chunk` on a cache list the caller hands over (emptied as it is used)."""
+        x, frames = self.decoder(self.post_quant_conv(z), slots, piece)
+        return (x.clamp(-1.0, 1.0) if clamp else x), frames
 
     # --- whole videos ----------------------------------------------------------------------
 
@@ -519,11 +556,12 @@ class CausalVAE(nn.Module):
             out.append(moments)
         return torch.cat(out, dim=2)
 
-    def _frames(self, latent: Tensor, clamp: bool = True) -> Tensor:
+    def _frames(self, latent: Tensor, clamp: bool = True, piece: int | None = 1) -> Tensor:
         """(B, z, F, h, w) -> (B, 3, 1 + 4(F - 1), 8h, 8w), one latent frame at a time."""
-        cache, out = None, []
+        cache: Slots = [None] * self.decoder.cache_slots
+        out = []
         for f in range(latent.shape[2]):
-            x, cache = self.decode_chunk(latent[:, :, f : f + 1], cache, clamp)
+            x, cache = self._decode_owned(latent[:, :, f : f + 1], cache, clamp, piece)
             out.append(x)
         return torch.cat(out, dim=2)
 
@@ -552,16 +590,25 @@ class CausalVAE(nn.Module):
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return mean + torch.exp(0.5 * logvar) * eps
 
-    def decode(self, latent: Tensor, tile: TileSpec | None = None, clamp: bool = True) -> Tensor:
+    def decode(
+        self,
+        latent: Tensor,
+        tile: TileSpec | None = None,
+        clamp: bool = True,
+        split_time: bool = True,
+    ) -> Tensor:
         """Latents (B, z, F, h, w), unnormalised -> video (B, 3, 1 + 4(F - 1), 8h, 8w) in
         [-1, 1]. With ``tile`` (in output pixels), decodes overlapping tiles and blends them.
-        ``clamp=False`` keeps values outside [-1, 1] (training needs their gradient)."""
+        ``clamp=False`` keeps values outside [-1, 1] (training needs their gradient).
+        ``split_time`` (default): the full-resolution stages run one output frame at a time --
+        same result, about a quarter of their activation memory."""
         if latent.ndim != 5 or latent.shape[1] != self.config.z_dim or latent.shape[2] < 1:
             raise ValueError(
                 f"latent must be (B, {self.config.z_dim}, F >= 1, h, w), "
                 f"got shape {tuple(latent.shape)}"
             )
-        frames = lambda z: self._frames(z, clamp)
+        piece = 1 if split_time else None
+        frames = lambda z: self._frames(z, clamp, piece)
         if tile is None:
             return frames(latent)
         s = self.config.spatial_factor

@@ -1,0 +1,658 @@
+"""Side-by-side benchmarks against diffusers (``kinema bench``, ``benchmarks/harness.py``).
+
+The same random weights go into kinema and into diffusers (``WanTransformer3DModel``,
+``AutoencoderKLWan``, ``WanPipeline``; diffusers is a benchmark-only dependency). Every
+measurement alternates the two in one process, so background load hits both alike, and reports
+medians and their ratio (kinema / diffusers; below 1 is faster). Outputs are compared in the same
+run. Peak memory is ``max_memory_allocated`` on CUDA and the resident set size (RSS, sampled by a
+thread, above the RSS before the call) on the CPU. Achieved FLOP/s use an analytic FLOP count of
+the forward (:func:`dit_flops`); MFU is that against a matmul peak measured on the same machine
+and dtype (:func:`matmul_peak`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kinema.configs import WAN21_T2V_1_3B, WAN21_VAE, DiTConfig, VAEConfig
+
+# ---------------------------------------------------------------------------------------------
+# Shapes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    """One benchmark configuration: model shapes (random weights) and the request size."""
+
+    name: str
+    dit: DiTConfig
+    vae: VAEConfig
+    width: int
+    height: int
+    frames: int
+    context_len: int  # text tokens per prompt
+    steps: int = 20
+    guidance: float = 4.0
+    shift: float = 2.0
+    gpu_only: bool = False  # too big to benchmark on a CPU
+
+
+TINY_DIT = DiTConfig(num_heads=4, head_dim=64, text_dim=384, freq_dim=128, ffn_dim=1024,
+                     num_layers=8)  # fmt: skip
+TINY_VAE = VAEConfig(base_dim=16, num_res_blocks=1)
+SHAPES = {
+    "kinema-tiny": BenchShape("kinema-tiny", TINY_DIT, TINY_VAE, 128, 128, 33, 32),
+    "small-wan": BenchShape(
+        "small-wan",
+        DiTConfig(num_heads=6, head_dim=64, ffn_dim=1536, num_layers=6, text_dim=512),
+        VAEConfig(base_dim=24, num_res_blocks=1),
+        256,
+        256,
+        17,
+        64,
+        steps=10,
+    ),  # fmt: skip
+    "wan2.1-1.3b": BenchShape(
+        "wan2.1-1.3b",
+        WAN21_T2V_1_3B,
+        WAN21_VAE,
+        832,
+        480,
+        81,
+        512,
+        steps=50,
+        guidance=5.0,
+        shift=3.0,
+        gpu_only=True,
+    ),  # fmt: skip
+}
+
+
+def latent_shape(s: BenchShape, batch: int = 1) -> tuple[int, int, int, int, int]:
+    """(B, z, F, h, w) of a request of shape ``s``."""
+    f = (s.frames - 1) // s.vae.temporal_factor + 1
+    sf = s.vae.spatial_factor
+    return (batch, s.dit.in_channels, f, s.height // sf, s.width // sf)
+
+
+def tokens_of(s: BenchShape) -> int:
+    _, _, f, h, w = latent_shape(s)
+    pt, ph, pw = s.dit.patch_size
+    return (f // pt) * (h // ph) * (w // pw)
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine, FLOPs and the matmul peak
+# ---------------------------------------------------------------------------------------------
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on: CPU model, cores, threads, GPU, versions."""
+    cpu = platform.processor() or "unknown"
+    if Path("/proc/cpuinfo").exists():
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
+                 .splitlines() if ln.startswith("model name")]  # fmt: skip
+        cpu = names[0] if names else cpu
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "device": str(device)}  # fmt: skip
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import diffusers
+
+        info["diffusers"] = diffusers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def dit_flops(c: DiTConfig, tokens: int, context_len: int, batch: int) -> int:
+    """FLOPs of one DiT forward (matmuls and attention; 2 per multiply-add).
+
+    Per block: q/k/v/out of self-attention and q/out of cross-attention (8 N D^2 + 4 N D^2),
+    cross k/v on the text (4 L D^2), the FFN (4 N D F), self-attention (4 N^2 D) and
+    cross-attention (4 N L D); plus the text embedder and the output projection. One Wan 2.1
+    1.3B forward at 480x832x81 (N = 32,760, L = 512) is ~283 TFLOP, 70 % in attention.
+    """
+    n, d, f, ell = tokens, c.dim, c.ffn_dim, context_len
+    block = 12 * n * d * d + 4 * ell * d * d + 4 * n * d * f + 4 * n * n * d + 4 * n * ell * d
+    text = 2 * ell * (c.text_dim * d + d * d)
+    head = 2 * n * d * c.out_channels * int(np.prod(c.patch_size))
+    patch = 2 * n * d * c.in_channels * int(np.prod(c.patch_size))
+    return batch * (c.num_layers * block + text + head + patch)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Measured FLOP/s of an n x n x n matmul (median of ``repeats``) on this device/dtype."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = timed(lambda: a @ b, repeats, device)
+    return 2 * n**3 / statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and memory
+# ---------------------------------------------------------------------------------------------
+
+
+def timed(
+    fn: Callable[[], Any], repeats: int, device: torch.device, warmup: int = 1
+) -> list[float]:
+    """Seconds per call of ``fn`` (after ``warmup`` untimed calls)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def alternate(
+    fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Time several functions in turn (a, b, a, b, ...): seconds per call for each name."""
+    for fn in fns.values():
+        timed(fn, 0, device, warmup)
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            out[name] += timed(fn, 1, device, warmup=0)
+    return out
+
+
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def return_freed_memory() -> None:
+    """Make freed host memory leave the RSS (glibc: big blocks by mmap, trim the heap)."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB: big tensors are unmapped on free
+        libc.malloc_trim(0)
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+class RSSPeak:
+    """Peak RSS above the starting RSS while the ``with`` body runs (sampled every ~0.5 ms)."""
+
+    def __enter__(self) -> RSSPeak:
+        return_freed_memory()
+        self.start = self.peak = rss_bytes()
+        self.running = True
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.0005)
+
+    def __exit__(self, *exc: object) -> None:
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def bytes(self) -> int:
+        return self.peak - self.start
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int]:
+    """Run ``fn``; return its result and the peak memory it added (bytes; see module notes)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        synchronize(device)
+        return out, torch.cuda.max_memory_allocated(device) - base
+    with RSSPeak() as meter:
+        out = fn()
+    return out, meter.bytes
+
+
+def summary(times: list[float]) -> dict[str, float]:
+    return {"median_s": statistics.median(times), "min_s": min(times), "n": len(times)}
+
+
+def ratio(ours: list[float], theirs: list[float]) -> float:
+    """Median kinema time over median diffusers time."""
+    return statistics.median(ours) / statistics.median(theirs)
+
+
+def psnr(a: Tensor | np.ndarray, b: Tensor | np.ndarray, peak: float) -> float:
+    """Peak signal-to-noise ratio in dB of ``a`` against ``b`` (inf when equal)."""
+    a, b = torch.as_tensor(np.asarray(a)).double(), torch.as_tensor(np.asarray(b)).double()
+    mse = float(((a - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
+
+
+# ---------------------------------------------------------------------------------------------
+# Twins: the same weights in kinema and diffusers
+# ---------------------------------------------------------------------------------------------
+
+
+def diffusers_dit_kwargs(c: DiTConfig) -> dict[str, Any]:
+    """``WanTransformer3DModel`` arguments for a kinema :class:`DiTConfig`."""
+    return dict(
+        patch_size=c.patch_size, num_attention_heads=c.num_heads, attention_head_dim=c.head_dim,
+        in_channels=c.in_channels, out_channels=c.out_channels, text_dim=c.text_dim,
+        freq_dim=c.freq_dim, ffn_dim=c.ffn_dim, num_layers=c.num_layers,
+        cross_attn_norm=c.cross_attn_norm, qk_norm="rms_norm_across_heads" if c.qk_norm else None,
+        eps=c.eps, rope_max_seq_len=c.rope_max_seq_len,
+    )  # fmt: skip
+
+
+def diffusers_vae_kwargs(c: VAEConfig) -> dict[str, Any]:
+    """``AutoencoderKLWan`` arguments for a kinema :class:`VAEConfig`."""
+    return dict(
+        base_dim=c.base_dim, z_dim=c.z_dim, dim_mult=list(c.dim_mult),
+        num_res_blocks=c.num_res_blocks, attn_scales=list(c.attn_scales),
+        temperal_downsample=list(c.temporal_downsample), dropout=c.dropout,
+        latents_mean=list(c.latents_mean), latents_std=list(c.latents_std),
+    )  # fmt: skip
+
+
+def twin_dits(c: DiTConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> tuple:
+    """(kinema VideoDiT, diffusers WanTransformer3DModel) with the same random weights."""
+    from diffusers import WanTransformer3DModel
+
+    from kinema.models.dit import VideoDiT
+
+    torch.manual_seed(seed)
+    theirs = WanTransformer3DModel(**diffusers_dit_kwargs(c)).eval()
+    ours = VideoDiT(c).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return ours.to(device, dtype), theirs.to(device, dtype)
+
+
+def twin_vaes(c: VAEConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> tuple:
+    """(kinema CausalVAE, diffusers AutoencoderKLWan) with the same random weights."""
+    from diffusers import AutoencoderKLWan
+
+    from kinema.models.vae import CausalVAE
+
+    torch.manual_seed(seed)
+    theirs = AutoencoderKLWan(**diffusers_vae_kwargs(c)).eval()
+    ours = CausalVAE(c).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return ours.to(device, dtype), theirs.to(device, dtype)
+
+
+def inputs(s: BenchShape, device: torch.device, dtype: torch.dtype, batch: int = 2) -> tuple:
+    """Latents (B, C, F, h, w), timesteps (B,) and text (B, L, text_dim) for one forward."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(latent_shape(s, batch), generator=g)
+    ctx = torch.randn(batch, s.context_len, s.dit.text_dim, generator=g)
+    t = torch.full((batch,), 700.0)
+    return x.to(device, dtype), t.to(device), ctx.to(device, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmarks
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    """What to run and how often."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    repeats: int = 5
+    compile: bool = False  # also time kinema with compile_blocks()
+
+
+def bench_forward(s: BenchShape, st: Settings) -> dict[str, Any]:
+    """DiT forward with the CFG batch of 2: time, ratio, FLOP/s, MFU, peak memory, equality."""
+    ours, theirs = twin_dits(s.dit, st.device, st.dtype)
+    ours.fuse_projections()
+    x, t, ctx = inputs(s, st.device, st.dtype)
+    with torch.inference_mode():
+        fns = {"kinema": lambda: ours(x, t, ctx),
+               "diffusers": lambda: theirs(x, t, ctx, return_dict=False)[0]}  # fmt: skip
+        if st.compile:
+            compiled = _compiled_twin(s, st)
+            fns["kinema_compiled"] = lambda: compiled(x, t, ctx)
+        times = alternate(fns, st.repeats, st.device)
+        (a, mem_a), (b, mem_b) = (peak_memory(fns[k], st.device) for k in ("kinema", "diffusers"))
+    flops = dit_flops(s.dit, tokens_of(s), s.context_len, batch=2)
+    return _forward_report(s, st, times, flops, (mem_a, mem_b), _diff(a, b))
+
+
+def _compiled_twin(s: BenchShape, st: Settings) -> Any:
+    ours, _ = twin_dits(s.dit, st.device, st.dtype)
+    return ours.fuse_projections().compile_blocks()
+
+
+def _diff(a: Tensor, b: Tensor) -> dict[str, float]:
+    err = (a.float() - b.float()).abs()
+    return {"max_abs_diff": float(err.max()), "ref_max_abs": float(b.float().abs().max())}
+
+
+def _forward_report(
+    s: BenchShape, st: Settings, times: dict[str, list[float]], flops: int,
+    mem: tuple[int, int], diff: dict[str, float],
+) -> dict[str, Any]:  # fmt: skip
+    peak = matmul_peak(st.device, st.dtype)
+    achieved = {k: flops / statistics.median(v) for k, v in times.items()}
+    return {
+        "shape": s.name, "tokens": tokens_of(s), "batch": 2, "flops": flops,
+        "times": {k: summary(v) for k, v in times.items()},
+        "ratio": {k: ratio(v, times["diffusers"]) for k, v in times.items() if k != "diffusers"},
+        "flops_per_s": achieved, "matmul_peak_flops_per_s": peak,
+        "mfu": {k: v / peak for k, v in achieved.items()},
+        "peak_memory_bytes": {"kinema": mem[0], "diffusers": mem[1]}, **diff,
+    }  # fmt: skip
+
+
+class FixedTextEncoder:
+    """Hands out given prompt embeddings (both libraries get the same ones): ``prompt`` -> the
+    conditional tokens, anything else -> the unconditional ones."""
+
+    def __init__(self, prompt: str, cond: Tensor, uncond: Tensor) -> None:
+        self.prompt, self.cond, self.uncond = prompt, cond, uncond
+        self.dim, self.max_length = cond.shape[-1], cond.shape[-2]
+
+    def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        rows = [self.cond[0] if p == self.prompt else self.uncond[0] for p in prompts]
+        tokens = torch.stack(rows)  # (B, L, D)
+        return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool)
+
+
+def twin_pipelines(s: BenchShape, st: Settings) -> tuple:
+    """(kinema Pipeline, diffusers WanPipeline, (cond, uncond) embeddings), same weights."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    from kinema.configs import SamplingDefaults
+    from kinema.pipeline import Pipeline
+
+    dit, dit_ref = twin_dits(s.dit, st.device, st.dtype)
+    vae, vae_ref = twin_vaes(s.vae, st.device, torch.float32)
+    _, _, ctx = inputs(s, st.device, st.dtype)
+    cond, uncond = ctx[:1], ctx[1:]
+    defaults = SamplingDefaults(width=s.width, height=s.height, frames=s.frames, steps=s.steps,
+                                guidance=s.guidance, shift=s.shift, sampler="unipc")  # fmt: skip
+    ours = Pipeline(dit.fuse_projections(), vae, FixedTextEncoder("bench", cond, uncond),
+                    name=s.name, defaults=defaults)  # fmt: skip
+    sched = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=s.shift
+    )
+    theirs = WanPipeline(tokenizer=None, text_encoder=None, vae=vae_ref, transformer=dit_ref,
+                         scheduler=sched)  # fmt: skip
+    return ours, theirs, (cond, uncond)
+
+
+class StepClock:
+    """Timestamps of sampler steps (kinema progress / diffusers step-end callbacks)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.stamps = device, []
+
+    def tick(self, *args: Any) -> Any:
+        synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+        return args[-1] if len(args) == 4 else None  # diffusers wants callback_kwargs back
+
+    def per_step(self) -> list[float]:
+        return list(np.diff(self.stamps))
+
+
+def bench_end_to_end(s: BenchShape, st: Settings, seed: int = 0) -> dict[str, Any]:
+    """Whole request (denoise + decode; same prompt embeddings): time per step, total time,
+    peak memory, and the two videos compared (max uint8 difference, PSNR)."""
+    from kinema.pipeline import Request
+
+    ours, theirs, (cond, uncond) = twin_pipelines(s, st)
+    req = Request(prompt="bench", negative_prompt="", seed=seed)
+    runs: dict[str, list[dict[str, Any]]] = {"kinema": [], "diffusers": []}
+
+    def kinema_run() -> np.ndarray:
+        clock = StepClock(st.device)
+        (video, mem), t = _timed_peak(lambda: ours.run(req, progress=clock.tick), st.device)
+        runs["kinema"].append({"total_s": t, "steps_s": clock.per_step(), "peak": mem})
+        return video.frames
+
+    def diffusers_run() -> np.ndarray:
+        clock = StepClock(st.device)
+        gen = torch.Generator("cpu").manual_seed(seed)
+        call = lambda: theirs(
+            prompt_embeds=cond, negative_prompt_embeds=uncond, height=s.height, width=s.width,
+            num_frames=s.frames, num_inference_steps=s.steps, guidance_scale=s.guidance,
+            generator=gen, output_type="np", callback_on_step_end=clock.tick,
+        )  # fmt: skip
+        (out, mem), t = _timed_peak(call, st.device)
+        runs["diffusers"].append({"total_s": t, "steps_s": clock.per_step(), "peak": mem})
+        return (out.frames[0] * 255).round().astype(np.uint8)
+
+    frames = _alternate_runs(kinema_run, diffusers_run, max(1, st.repeats // 2))
+    return _e2e_report(s, ours, runs, frames)
+
+
+def _timed_peak(fn: Callable[[], Any], device: torch.device) -> tuple[tuple[Any, int], float]:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = peak_memory(fn, device)
+    return out, time.perf_counter() - start
+
+
+def _alternate_runs(a: Callable[[], Any], b: Callable[[], Any], repeats: int) -> tuple[Any, Any]:
+    for _ in range(repeats):
+        out_a, out_b = a(), b()
+    return out_a, out_b
+
+
+def _e2e_report(s: BenchShape, pipe: Any, runs: dict[str, list], frames: tuple) -> dict[str, Any]:
+    from kinema.memory import estimate_peak_bytes, weight_bytes
+
+    med = lambda name, key: statistics.median(r[key] for r in runs[name])
+    step = lambda name: statistics.median(x for r in runs[name] for x in r["steps_s"])
+    weights = weight_bytes(pipe.dit) + weight_bytes(pipe.vae)
+    nbytes = torch.finfo(pipe.dtype).bits // 8
+    estimate = estimate_peak_bytes(pipe, s.width, s.height, s.frames, nbytes)
+    measured = weights + max(r["peak"] for r in runs["kinema"])
+    a, b = (f.astype(np.int16) for f in frames)
+    return {
+        "shape": s.name, "steps": s.steps, "size": [s.width, s.height, s.frames],
+        "total": {k: med(k, "total_s") for k in runs}, "step": {k: step(k) for k in runs},
+        "ratio_total": med("kinema", "total_s") / med("diffusers", "total_s"),
+        "ratio_step": step("kinema") / step("diffusers"),
+        "peak_memory_bytes": {k: max(r["peak"] for r in runs[k]) for k in runs},
+        "kinema_weights_bytes": weights, "kinema_measured_peak_bytes": measured,
+        "info_estimate_bytes": estimate, "estimate_over_measured": estimate / measured,
+        "video_max_uint8_diff": int(np.abs(a - b).max()), "video_psnr_db": psnr(a, b, 255.0),
+    }  # fmt: skip
+
+
+def bench_vae_decode(s: BenchShape, st: Settings, tile: Any = "auto") -> dict[str, Any]:
+    """VAE decode: kinema's default (chunked/tiled) vs diffusers' untiled decode: time, peak
+    memory, PSNR of kinema's default against the untiled result, untiled equality."""
+    ours, theirs = twin_vaes(s.vae, st.device, torch.float32)
+    z = torch.randn(latent_shape(s), generator=torch.Generator().manual_seed(2)).to(st.device)
+    with torch.inference_mode():
+        fns = {
+            "kinema": lambda: ours.decode(z) if tile == "auto" else ours.decode(z, tile),
+            "kinema_plain": lambda: ours.decode(z, split_time=False),
+            "diffusers": lambda: theirs.decode(z, return_dict=False)[0].clamp(-1, 1),
+        }
+        times = alternate(fns, max(2, st.repeats // 2), st.device)
+        outs = {k: peak_memory(fn, st.device) for k, fn in fns.items()}
+    default, plain, ref = (outs[k][0] for k in ("kinema", "kinema_plain", "diffusers"))
+    return {
+        "shape": s.name, "latent": list(z.shape),
+        "times": {k: summary(v) for k, v in times.items()},
+        "ratio_time": ratio(times["kinema"], times["diffusers"]),
+        "peak_memory_bytes": {k: v[1] for k, v in outs.items()},
+        "ratio_memory": outs["kinema"][1] / max(1, outs["diffusers"][1]),
+        "psnr_default_vs_untiled_db": psnr(default, plain, 2.0),
+        **_diff(plain, ref),
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """Tables of a results dict (as :func:`run` returns it), with the machine named."""
+    m = results["machine"]
+    lines = [f"Machine: {m.get('gpu', m['cpu'])} ({m['cores']} cores, {m['torch_threads']} "
+             f"torch threads), torch {m['torch']}, diffusers {m.get('diffusers', '-')}, "
+             f"{results['dtype']}. Ratios are kinema / diffusers medians, alternated in one "
+             "process (< 1: kinema faster).", ""]  # fmt: skip
+    lines += _forward_table(results.get("forward", []))
+    lines += _e2e_table(results.get("end_to_end", []))
+    lines += _vae_table(results.get("vae_decode", []))
+    return "\n".join(lines) + "\n"
+
+
+def _forward_table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    out = ["### DiT forward (CFG batch of 2)", "",
+           "| config | tokens | kinema | diffusers | ratio | compiled ratio | kinema TFLOP/s | "
+           "MFU | peak mem kinema / diffusers | max abs diff |",
+           "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        t, rt = r["times"], r["ratio"]
+        comp = f"{rt['kinema_compiled']:.2f}" if "kinema_compiled" in rt else "-"
+        mem = r["peak_memory_bytes"]
+        out.append(
+            f"| {r['shape']} | {r['tokens']} | {t['kinema']['median_s'] * 1e3:.1f} ms | "
+            f"{t['diffusers']['median_s'] * 1e3:.1f} ms | {rt['kinema']:.2f} | {comp} | "
+            f"{r['flops_per_s']['kinema'] / 1e12:.3f} | {r['mfu']['kinema']:.0%} | "
+            f"{_gib(mem['kinema'])} / {_gib(mem['diffusers'])} | {r['max_abs_diff']:.1e} |"
+        )
+    return [*out, ""]
+
+
+def _e2e_table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    out = ["### End to end (denoise + decode, same prompt embeddings)", "",
+           "| config | steps | step kinema / diffusers | step ratio | total ratio | "
+           "peak mem kinema / diffusers | `kinema info` estimate / measured | video max diff |",
+           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        st, mem = r["step"], r["peak_memory_bytes"]
+        out.append(
+            f"| {r['shape']} | {r['steps']} | {st['kinema'] * 1e3:.0f} / "
+            f"{st['diffusers'] * 1e3:.0f} ms | {r['ratio_step']:.2f} | {r['ratio_total']:.2f} | "
+            f"{_gib(mem['kinema'])} / {_gib(mem['diffusers'])} | "
+            f"{r['estimate_over_measured']:.2f} | {r['video_max_uint8_diff']} / 255 |"
+        )
+    return [*out, ""]
+
+
+def _vae_table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    out = ["### VAE decode (kinema default vs diffusers untiled)", "",
+           "| config | latent | time ratio | peak mem kinema / diffusers | memory ratio | "
+           "PSNR vs untiled | untiled max diff |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        mem = r["peak_memory_bytes"]
+        out.append(
+            f"| {r['shape']} | {'x'.join(map(str, r['latent'][2:]))} | {r['ratio_time']:.2f} | "
+            f"{_gib(mem['kinema'])} / {_gib(mem['diffusers'])} | {r['ratio_memory']:.2f} | "
+            f"{r['psnr_default_vs_untiled_db']:.1f} dB | {r['max_abs_diff']:.1e} |"
+        )
+    return [*out, ""]
+
+
+def run(shapes: list[str], st: Settings, parts: tuple[str, ...]) -> dict[str, Any]:
+    """Run ``parts`` (forward, end_to_end, vae_decode) for each named shape; results dict.
+
+    Raises ValueError for an unknown shape or part, or a GPU-only shape on a CPU.
+    """
+    bad = [n for n in shapes if n not in SHAPES]
+    if bad:
+        raise ValueError(f"unknown benchmark config(s) {bad}; valid: {sorted(SHAPES)}")
+    benches = {"forward": bench_forward, "end_to_end": bench_end_to_end,
+               "vae_decode": bench_vae_decode}  # fmt: skip
+    if any(p not in benches for p in parts):
+        raise ValueError(f"unknown part in {parts}; valid: {sorted(benches)}")
+    for n in shapes:
+        if SHAPES[n].gpu_only and st.device.type != "cuda":
+            raise ValueError(f"config {n!r} needs a CUDA device (got {st.device})")
+    out: dict[str, Any] = {"machine": machine(st.device), "dtype": str(st.dtype)[6:]}
+    for part in parts:
+        out[part] = [benches[part](SHAPES[n], st) for n in shapes]
+    return out
+
+
+def write(results: dict[str, Any], folder: str | Path, stem: str) -> tuple[Path, Path]:
+    """Write ``stem.json`` and ``stem.md`` into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    js, md = folder / f"{stem}.json", folder / f"{stem}.md"
+    js.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    md.write_text(markdown(results))
+    return js, md
+
+
+def shape_with(name: str, **changes: Any) -> BenchShape:
+    """A named shape with some fields replaced (e.g. fewer steps for a quick run)."""
+    return replace(SHAPES[name], **changes)
+
+
+__all__ = [
+    "SHAPES",
+    "BenchShape",
+    "Settings",
+    "alternate",
+    "bench_end_to_end",
+    "bench_forward",
+    "bench_vae_decode",
+    "dit_flops",
+    "machine",
+    "markdown",
+    "matmul_peak",
+    "peak_memory",
+    "psnr",
+    "run",
+    "twin_dits",
+    "twin_vaes",
+    "write",
+]

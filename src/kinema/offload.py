@@ -1,0 +1,177 @@
+"""Offload policies for GPUs too small to hold every weight: explicit objects, no global state.
+
+* :class:`ModelOffload` -- whole-model: a module lives on its ``home`` device (the CPU) and
+  visits the compute device only inside ``with policy.use(module):`` (text encoder for the
+  prompt, DiT for the sampling loop, VAE for the decode). Peak weight memory is the largest
+  single component instead of their sum.
+* :class:`BlockOffload` -- block-level: the model's small parts (embeddings, head) move to the
+  compute device for good, while its transformer blocks stay in (pinned) CPU memory and are
+  streamed in one at a time by forward hooks. On CUDA the copy of block ``i + 1`` runs on a
+  side stream while block ``i`` computes (overlapping transfer with compute), so at most two
+  blocks are resident. Detaching restores the model exactly as it was.
+
+Neither changes what the model computes: outputs equal the plain model's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N") from err
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class ModelOffload:
+    """Whole-model offload between ``home`` (default CPU) and ``device``."""
+
+    def __init__(self, device: str | torch.device, home: str | torch.device = "cpu") -> None:
+        self.device, self.home = _device(device), _device(home)
+
+    @contextlib.contextmanager
+    def use(self, module: nn.Module) -> Iterator[nn.Module]:
+        """Move ``module`` to the compute device for the enclosed code, then back home."""
+        module.to(self.device)
+        try:
+            yield module
+        finally:
+            module.to(self.home)
+            _empty_cache(self.device)
+
+
+class _Resident:
+    """One block's weights: CPU originals (pinned on CUDA) and, while loaded, device copies."""
+
+    def __init__(self, block: nn.Module, device: torch.device) -> None:
+        self.tensors = [*block.parameters(), *block.buffers()]
+        pin = device.type == "cuda"
+        self.home = [t.data.pin_memory() if pin else t.data for t in self.tensors]
+        self.originals = [t.data for t in self.tensors]
+        self.ready: torch.cuda.Event | None = None
+
+    def load(self, device: torch.device, stream: Any) -> None:
+        """Start copying to ``device`` (on ``stream`` when given) and point the block at it.
+
+        Copies made on the side stream are marked as used by the compute stream, so the
+        allocator does not hand their memory to the next prefetch while compute still reads it.
+        """
+        if stream is None:
+            copies = [h.to(device, non_blocking=True, copy=True) for h in self.home]
+        else:
+            compute = torch.cuda.current_stream(device)
+            with torch.cuda.stream(stream):
+                copies = [h.to(device, non_blocking=True, copy=True) for h in self.home]
+                self.ready = torch.cuda.Event()
+                self.ready.record(stream)
+            for c in copies:
+                c.record_stream(compute)
+        for t, c in zip(self.tensors, copies, strict=True):
+            t.data = c
+
+    def wait(self) -> None:
+        """Make the compute stream wait for this block's copy."""
+        if self.ready is not None:
+            torch.cuda.current_stream().wait_event(self.ready)
+            self.ready = None
+
+    def unload(self) -> None:
+        """Point the block back at its CPU weights (the device copies are freed)."""
+        for t, h in zip(self.tensors, self.home, strict=True):
+            t.data = h
+
+    def restore(self) -> None:
+        for t, o in zip(self.tensors, self.originals, strict=True):
+            t.data = o
+
+
+class BlockOffload:
+    """Block-level offload with prefetch; use as ``with BlockOffload(dit, "cuda"): ...``.
+
+    ``blocks`` defaults to ``model.blocks``; every other parameter moves to ``device`` while
+    attached. ``prefetch``: copy the next block during the current one (CUDA side stream).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: str | torch.device,
+        blocks: Sequence[nn.Module] | None = None,
+        prefetch: bool = True,
+    ) -> None:
+        self.model, self.device, self.prefetch = model, _device(device), prefetch
+        self.blocks = list(model.blocks if blocks is None else blocks)
+        if not self.blocks:
+            raise ValueError("BlockOffload needs at least one block to stream")
+        self.residents: list[_Resident] = []
+        self.hooks: list[Any] = []
+        self.others: list[tuple[Tensor, Tensor]] = []
+        cuda = self.device.type == "cuda" and prefetch
+        self.stream = torch.cuda.Stream(self.device) if cuda else None
+
+    def attach(self) -> BlockOffload:
+        """Move the non-block weights to the device and hook the blocks; returns self."""
+        in_blocks = {id(t) for b in self.blocks for t in (*b.parameters(), *b.buffers())}
+        for t in (*self.model.parameters(), *self.model.buffers()):
+            if id(t) not in in_blocks:
+                self.others.append((t, t.data))
+                t.data = t.data.to(self.device)
+        self.residents = [_Resident(b, self.device) for b in self.blocks]
+        for i, block in enumerate(self.blocks):
+            self.hooks.append(block.register_forward_pre_hook(self._before(i)))
+            self.hooks.append(block.register_forward_hook(self._after(i)))
+        return self
+
+    def _before(self, i: int) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            resident = self.residents[i]
+            if resident.ready is None and not self._loaded(i):
+                resident.load(self.device, None)
+            resident.wait()
+            nxt = i + 1
+            if self.stream is not None and nxt < len(self.residents):
+                self.residents[nxt].load(self.device, self.stream)
+
+        return hook
+
+    def _after(self, i: int) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self.residents[i].unload()
+
+        return hook
+
+    def _loaded(self, i: int) -> bool:
+        tensors = self.residents[i].tensors
+        return bool(tensors) and tensors[0].device == self.device and self.device.type != "cpu"
+
+    def detach(self) -> None:
+        """Remove the hooks and put every weight back where it was before :meth:`attach`."""
+        for h in self.hooks:
+            h.remove()
+        for r in self.residents:
+            r.restore()
+        for t, original in self.others:
+            t.data = original
+        self.hooks, self.residents, self.others = [], [], []
+        _empty_cache(self.device)
+
+    def __enter__(self) -> BlockOffload:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+
+__all__ = ["BlockOffload", "ModelOffload"]

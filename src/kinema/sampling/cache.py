@@ -1,0 +1,199 @@
+"""Step caching: skip transformer evaluations while the model's input has barely changed.
+
+The TeaCache family (Liu et al. 2024, "Timestep Embedding Tells: It's Time to Cache for Video
+Diffusion Model"): a cheap *probe* of the model input -- for the DiT, the first block's
+timestep-modulated input tokens, which change with both ``x`` and ``t`` -- is compared with the
+probe of the previous step by relative L1 distance. A per-model polynomial, fitted once on an
+uncached run (:func:`calibrate`), maps that input change to the expected relative change of the
+model output. The estimates are summed over skipped steps; while the sum stays below the
+``threshold`` the last evaluated velocity is returned again instead of calling the model
+(for flow matching the velocity ``noise - x0`` changes slowly along the path, so reusing it is an
+Euler step with a stale slope).
+
+:func:`step_cache` wraps one ``model_fn(x, t) -> v`` into another, like guidance. Its state (the
+last probe, the last velocity, the running sum) lives in the returned :class:`StepCache` object
+and nowhere else: make a new one per sampling run. ``threshold = 0`` never skips and returns
+exactly what the model returns.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kinema.sampling.samplers import ModelFn
+
+Probe = Callable[[Tensor, Tensor], Tensor]  # (x, t) -> features whose change predicts v's
+CALIBRATION_FILE = "step_cache.json"
+
+
+@dataclass(frozen=True)
+class CacheCalibration:
+    """How a model's output change follows its input change, fitted per model.
+
+    ``coefficients``: polynomial in the probe's relative L1 change between consecutive steps
+    giving the output's relative L1 change (``numpy.polyval`` order, highest degree first;
+    the default (1, 0) is the identity, for an uncalibrated model).
+    """
+
+    coefficients: tuple[float, ...] = (1.0, 0.0)
+
+    def __post_init__(self) -> None:
+        if not self.coefficients or not all(np.isfinite(self.coefficients)):
+            raise ValueError(f"calibration coefficients must be finite, got {self.coefficients}")
+
+    def estimate(self, input_change: float) -> float:
+        """Expected relative output change (>= 0) for a relative input change."""
+        return max(0.0, float(np.polyval(self.coefficients, input_change)))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"coefficients": list(self.coefficients)}) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CacheCalibration:
+        return cls(tuple(float(c) for c in json.loads(Path(path).read_text())["coefficients"]))
+
+
+def load_calibration(folder: str | Path) -> CacheCalibration:
+    """The calibration saved in a model folder (``step_cache.json``), else the identity."""
+    path = Path(folder) / CALIBRATION_FILE
+    return CacheCalibration.load(path) if path.exists() else CacheCalibration()
+
+
+def relative_l1(a: Tensor, b: Tensor) -> float:
+    """mean |a - b| / mean |b| (TeaCache's distance), as a Python float."""
+    return float((a - b).abs().mean() / b.abs().mean().clamp_min(1e-12))
+
+
+def input_probe(x: Tensor, t: Tensor) -> Tensor:
+    """The default probe: the latents themselves (for models without a better one)."""
+    return x
+
+
+def dit_probe(dit: Any) -> Probe:
+    """The first block's modulated input of a :class:`~kinema.models.dit.VideoDiT` (TeaCache's
+    probe): patch embedding, LayerNorm, AdaLN shift/scale from ``t``. About one percent of a
+    forward. (x (B, C, F, H, W), t () or (B,)) -> (B, N, D)."""
+    from kinema.models.ops import modulate
+
+    block = dit.blocks[0]
+
+    def probe(x: Tensor, t: Tensor) -> Tensor:
+        dtype = dit.proj_out.weight.dtype
+        tokens = dit.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2)  # (B, N, D)
+        t = t.reshape(-1).expand(x.shape[0]).to(x.device)  # (B,)
+        _, mod = dit.condition_embedder.time(t[:, None], dtype)  # (B, 1, 6, D)
+        shift, scale = (block.scale_shift_table[:, None].float() + mod.float()).unbind(2)[:2]
+        return modulate(block.norm1(tokens.float()), shift, scale)
+
+    return probe
+
+
+@dataclass
+class StepCache:
+    """A cached ``model_fn(x, t)`` for ONE sampling run; counts what it evaluated and skipped.
+
+    ``threshold``: the largest summed estimated relative output change that may be skipped
+    (0 = never skip). ``max_skips``: at most this many skipped steps in a row.
+    """
+
+    model_fn: ModelFn
+    threshold: float
+    calibration: CacheCalibration = field(default_factory=CacheCalibration)
+    probe: Probe = input_probe
+    max_skips: int = 3
+    evaluations: int = 0
+    skipped: int = 0
+    _last_probe: Tensor | None = None
+    _last_v: Tensor | None = None
+    _drift: float = 0.0
+    _run: int = 0
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        """Velocity shaped like x: the model's, or the last one while little has changed."""
+        features = self.probe(x, t) if self.threshold > 0 else None
+        if features is not None and self._can_skip(features):
+            self.skipped, self._run = self.skipped + 1, self._run + 1
+        else:
+            self._last_v, self._drift, self._run = self.model_fn(x, t), 0.0, 0
+            self.evaluations += 1
+        self._last_probe = features
+        return self._last_v
+
+    def _can_skip(self, features: Tensor) -> bool:
+        """Add this step's estimated output change to the drift; skip while it stays small."""
+        if self._last_probe is None or self._last_v is None or self._run >= self.max_skips:
+            return False
+        change = self.calibration.estimate(relative_l1(features, self._last_probe))
+        self._drift += change
+        return self._drift < self.threshold
+
+
+def step_cache(
+    model_fn: ModelFn,
+    threshold: float,
+    calibration: CacheCalibration | None = None,
+    probe: Probe = input_probe,
+    max_skips: int = 3,
+) -> StepCache:
+    """Wrap ``model_fn`` in a fresh :class:`StepCache` (see the module notes).
+
+    Raises ValueError for a negative or non-finite threshold or ``max_skips < 0``.
+    """
+    if isinstance(threshold, bool) or not np.isfinite(threshold) or threshold < 0:
+        raise ValueError(f"cache threshold must be a finite number >= 0, got {threshold!r}")
+    if max_skips < 0:
+        raise ValueError(f"max_skips must be >= 0, got {max_skips}")
+    calibration = calibration or CacheCalibration()
+    return StepCache(model_fn, float(threshold), calibration, probe, max_skips)
+
+
+def calibrate(
+    model_fn: ModelFn,
+    sample: Callable[[ModelFn], Tensor],
+    probe: Probe = input_probe,
+    degree: int = 2,
+) -> CacheCalibration:
+    """Fit a model's :class:`CacheCalibration` from one uncached run.
+
+    ``sample(fn)`` runs a sampler with ``fn`` as its model function (e.g.
+    ``lambda fn: unipc(fn, noise, sigmas, timesteps)``); every step's probe change and output
+    change (both relative L1 to the previous step) are recorded and fitted by a polynomial of
+    ``degree`` (least squares, ``numpy.polyfit``).
+    """
+    seen: list[tuple[Tensor, Tensor]] = []
+
+    def recording(x: Tensor, t: Tensor) -> Tensor:
+        v = model_fn(x, t)
+        seen.append((probe(x, t).detach().clone(), v.detach().clone()))
+        return v
+
+    with torch.inference_mode():
+        sample(recording)
+    if len(seen) < degree + 2:
+        raise ValueError(f"calibration needs >= {degree + 2} steps for degree {degree}")
+    d_in = [relative_l1(b[0], a[0]) for a, b in zip(seen, seen[1:], strict=False)]
+    d_out = [relative_l1(b[1], a[1]) for a, b in zip(seen, seen[1:], strict=False)]
+    coefficients = np.polyfit(np.array(d_in), np.array(d_out), degree)
+    return CacheCalibration(tuple(float(c) for c in coefficients))
+
+
+__all__ = [
+    "CALIBRATION_FILE",
+    "CacheCalibration",
+    "Probe",
+    "StepCache",
+    "calibrate",
+    "dit_probe",
+    "input_probe",
+    "load_calibration",
+    "relative_l1",
+    "step_cache",
+]

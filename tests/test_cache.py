@@ -1,0 +1,96 @@
+"""Step cache: threshold 0 is the plain model function; a high threshold skips and counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kinema.configs import DiTConfig
+from kinema.models.dit import VideoDiT
+from kinema.sampling import cfg, flow_schedule, unipc
+from kinema.sampling.cache import (
+    CacheCalibration,
+    calibrate,
+    dit_probe,
+    load_calibration,
+    step_cache,
+)
+
+CONFIG = DiTConfig(num_heads=2, head_dim=8, text_dim=12, freq_dim=16, ffn_dim=24, num_layers=2)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    dit = VideoDiT(CONFIG).eval()
+    g = torch.Generator().manual_seed(1)
+    cond, uncond = torch.randn(1, 5, 12, generator=g), torch.randn(1, 5, 12, generator=g)
+    velocity = lambda x, t, c: dit(x, t.reshape(-1).expand(x.shape[0]), c)
+    noise = torch.randn(1, 16, 3, 4, 4, generator=g)
+    return dit, cfg(velocity, cond, uncond, 3.0), noise
+
+
+def sample(fn, noise, steps=12):
+    s = flow_schedule(steps, 2.0, "unipc")
+    with torch.inference_mode():
+        return unipc(fn, noise, s.sigmas, s.timesteps)
+
+
+def test_threshold_zero_is_the_uncached_run(model):
+    dit, fn, noise = model
+    cache = step_cache(fn, 0.0, probe=dit_probe(dit))
+    assert torch.equal(sample(cache, noise), sample(fn, noise))
+    assert cache.evaluations == 12 and cache.skipped == 0
+
+
+def test_high_threshold_skips_and_counts(model):
+    dit, fn, noise = model
+    calls = []
+    counted = lambda x, t: calls.append(1) or fn(x, t)
+    cache = step_cache(counted, 1e9, probe=dit_probe(dit), max_skips=2)
+    out = sample(cache, noise)
+    # never more than 2 skips in a row: evaluate, skip, skip, evaluate, ... over 12 steps
+    assert cache.evaluations == len(calls) == 4 and cache.skipped == 8
+    assert out.shape == noise.shape and torch.isfinite(out).all()
+    assert not torch.equal(out, sample(fn, noise))
+
+
+def test_thresholds_trade_evaluations_for_error(model):
+    dit, fn, noise = model
+    plain = sample(fn, noise)
+    calib = calibrate(fn, lambda f: sample(f, noise), dit_probe(dit), degree=1)
+    runs = []
+    for threshold in (0.05, 0.3, 3.0):
+        cache = step_cache(fn, threshold, calib, dit_probe(dit))
+        err = (sample(cache, noise) - plain).abs().mean().item()
+        runs.append((cache.evaluations, err))
+    evals = [e for e, _ in runs]
+    assert evals == sorted(evals, reverse=True) and evals[0] > evals[-1]
+    assert runs[-1][1] >= runs[0][1]
+
+
+def test_a_fresh_cache_per_run_gives_the_same_result(model):
+    dit, fn, noise = model
+    a = sample(step_cache(fn, 0.5, probe=dit_probe(dit)), noise)
+    b = sample(step_cache(fn, 0.5, probe=dit_probe(dit)), noise)
+    assert torch.equal(a, b)
+
+
+def test_calibration_round_trip_and_default(tmp_path):
+    assert load_calibration(tmp_path) == CacheCalibration()
+    c = CacheCalibration((0.5, 2.0, 0.01))
+    c.save(tmp_path / "step_cache.json")
+    assert load_calibration(tmp_path) == c
+    assert c.estimate(0.0) == pytest.approx(0.01) and CacheCalibration((-1.0, 0.0)).estimate(1) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(threshold=-0.1), "threshold"), (dict(threshold=float("nan")), "threshold"),
+     (dict(threshold=0.1, max_skips=-1), "max_skips")],
+)  # fmt: skip
+def test_bad_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        step_cache(lambda x, t: x, **kwargs)
+    with pytest.raises(ValueError, match="finite"):
+        CacheCalibration((float("inf"),))
