@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -338,7 +339,7 @@ def run_train(args: argparse.Namespace) -> int:
     from kinema.train import export, load_train_config, train_dit
 
     out_dir = train_dit(load_train_config(args.config))
-    if args.export:
+    if args.export and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 only
         print(f"wrote {export(out_dir, args.export)}", file=sys.stderr)
     return 0
 
