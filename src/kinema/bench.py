@@ -416,6 +416,7 @@ def twin_pipelines(s: BenchShape, st: Settings) -> tuple:
     )
     theirs = WanPipeline(tokenizer=None, text_encoder=None, vae=vae_ref, transformer=dit_ref,
                          scheduler=sched)  # fmt: skip
+    theirs.set_progress_bar_config(disable=True)
     return ours, theirs, (cond, uncond)
 
 
@@ -526,6 +527,152 @@ def bench_vae_decode(s: BenchShape, st: Settings, tile: Any = "auto") -> dict[st
 
 
 # ---------------------------------------------------------------------------------------------
+# Step cache against diffusers' FirstBlockCache
+# ---------------------------------------------------------------------------------------------
+
+KINEMA_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)
+FBC_THRESHOLDS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
+
+
+def cache_models(s: BenchShape, st: Settings) -> dict[str, Any]:
+    """DiT twins, kinema VAE and prompt embeddings: the trained built-in model when it is
+    installed (and ``s`` is its shape), else random weights of the shape."""
+    from kinema.loading import ASSETS, BUILTIN
+
+    folder = ASSETS / BUILTIN
+    if s.name == BUILTIN and (folder / "kinema.json").exists():
+        from diffusers import WanTransformer3DModel
+
+        from kinema.loading import load
+
+        pipe = load(folder, device=st.device, dtype=st.dtype)
+        ref = WanTransformer3DModel(**diffusers_dit_kwargs(pipe.dit.config)).eval()
+        ref.load_state_dict(pipe.dit.state_dict())
+        tokens, _ = pipe.text_encoder.encode(["a red circle moving right on a navy background", ""])
+        cond, uncond = tokens[:1].to(st.dtype), tokens[1:].to(st.dtype)
+        return dict(dit=pipe.dit, ref=ref.to(st.device, st.dtype), vae=pipe.vae, cond=cond,
+                    uncond=uncond, trained=True)  # fmt: skip
+    dit, ref = twin_dits(s.dit, st.device, st.dtype)
+    vae, _ = twin_vaes(s.vae, st.device, torch.float32)
+    _, _, ctx = inputs(s, st.device, st.dtype)
+    return dict(dit=dit, ref=ref, vae=vae, cond=ctx[:1], uncond=ctx[1:], trained=False)
+
+
+def _kinema_guided(m: dict[str, Any], scale: float) -> Callable[[Tensor, Tensor], Tensor]:
+    from kinema.sampling import cfg
+
+    dit = m["dit"]
+    velocity = lambda x, t, c: dit(x, t.reshape(-1).expand(x.shape[0]).to(x.device), c)
+    return cfg(velocity, m["cond"], m["uncond"], scale)
+
+
+def _diffusers_guided(m: dict[str, Any], scale: float) -> Callable[[Tensor, Tensor], Tensor]:
+    """WanPipeline's loop body: separate cond and uncond forwards in their cache contexts."""
+    tr = m["ref"]
+
+    def guided(x: Tensor, t: Tensor) -> Tensor:
+        tt = t.reshape(-1).expand(x.shape[0]).to(x.device)
+        with tr.cache_context("cond"):
+            v_cond = tr(x, tt, m["cond"], return_dict=False)[0]
+        with tr.cache_context("uncond"):
+            v_uncond = tr(x, tt, m["uncond"], return_dict=False)[0]
+        return v_uncond + scale * (v_cond - v_uncond)
+
+    return guided
+
+
+def _sample_video(
+    fn: Any, m: dict[str, Any], s: BenchShape, seed: int, st: Settings, decode: bool = True
+) -> tuple:
+    """Denoise from ``seed`` with ``fn`` (UniPC) and decode: (uint8 frames, denoise seconds)."""
+    from kinema.pipeline import initial_noise, to_uint8
+    from kinema.sampling import flow_schedule, unipc
+
+    sched = flow_schedule(s.steps, s.shift, "unipc")
+    noise = initial_noise(seed, latent_shape(s)).to(st.device, st.dtype)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        x = unipc(fn, noise, sched.sigmas, sched.timesteps)
+        synchronize(st.device)
+        seconds = time.perf_counter() - start
+        if not decode:
+            return None, seconds
+        video = m["vae"].decode(m["vae"].denormalize(x.float()))
+    return to_uint8(video), seconds
+
+
+def bench_step_cache(s: BenchShape, st: Settings, seed: int = 0) -> dict[str, Any]:
+    """kinema's step cache vs diffusers' FirstBlockCache over threshold sweeps: denoising time
+    against each library's own uncached run (alternated), evaluations, PSNR of the decoded video
+    against the uncached one from the same seed. kinema is calibrated on another seed."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    from kinema.sampling.cache import dit_probe, step_cache
+
+    m = cache_models(s, st)
+    guided, ref_guided = _kinema_guided(m, s.guidance), _diffusers_guided(m, s.guidance)
+    probe = dit_probe(m["dit"])
+    calib = _calibration(guided, probe, m, s, st, seed + 1)
+    full_blocks = _count_calls(m["ref"].blocks[-1].ffn)
+    rows: list[dict[str, Any]] = []
+    plain = {"kinema": [], "diffusers": []}
+    reference = None
+    for k_th, f_th in zip(KINEMA_THRESHOLDS, FBC_THRESHOLDS, strict=True):
+        video, t = _sample_video(guided, m, s, seed, st, decode=reference is None)
+        reference = video if reference is None else reference
+        plain["kinema"].append(t)
+        cache = step_cache(guided, k_th, calib, probe)
+        video, t = _sample_video(cache, m, s, seed, st)
+        rows.append(_cache_row("kinema", k_th, t, cache.evaluations, s.steps, video, reference))
+        plain["diffusers"].append(_sample_video(ref_guided, m, s, seed, st, decode=False)[1])
+        m["ref"].enable_cache(FirstBlockCacheConfig(threshold=f_th))
+        before = full_blocks()
+        video, t = _sample_video(ref_guided, m, s, seed, st)
+        full = (full_blocks() - before) / 2  # cond + uncond forwards per step
+        m["ref"].disable_cache()
+        rows.append(_cache_row("diffusers_fbc", f_th, t, full, s.steps, video, reference))
+    return _cache_report(s, m, rows, plain, calib)
+
+
+def _calibration(guided: Any, probe: Any, m: dict, s: BenchShape, st: Settings, seed: int) -> Any:
+    from kinema.pipeline import initial_noise
+    from kinema.sampling import flow_schedule, unipc
+    from kinema.sampling.cache import calibrate
+
+    sched = flow_schedule(s.steps, s.shift, "unipc")
+    noise = initial_noise(seed, latent_shape(s)).to(st.device, st.dtype)
+    return calibrate(guided, lambda fn: unipc(fn, noise, sched.sigmas, sched.timesteps), probe)
+
+
+def _count_calls(module: torch.nn.Module) -> Callable[[], int]:
+    """A forward hook counting ``module``'s calls; returns the counter."""
+    count = [0]
+    module.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    return lambda: count[0]
+
+
+def _cache_row(
+    lib: str, threshold: float, seconds: float, full: float, steps: int, video: np.ndarray,
+    reference: np.ndarray,
+) -> dict[str, Any]:  # fmt: skip
+    return {"lib": lib, "threshold": threshold, "denoise_s": seconds,
+            "full_evaluations": full, "steps": steps,
+            "psnr_db": psnr(video, reference, 255.0)}  # fmt: skip
+
+
+def _cache_report(
+    s: BenchShape, m: dict, rows: list[dict], plain: dict[str, list[float]], calib: Any
+) -> dict[str, Any]:
+    base = {k: statistics.median(v) for k, v in plain.items()}
+    for r in rows:
+        own = base["kinema" if r["lib"] == "kinema" else "diffusers"]
+        r["speedup"] = own / r["denoise_s"]
+    return {"shape": s.name, "trained_weights": m["trained"], "steps": s.steps,
+            "uncached_denoise_s": base, "calibration": list(calib.coefficients),
+            "rows": rows}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
 
@@ -544,6 +691,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += _forward_table(results.get("forward", []))
     lines += _e2e_table(results.get("end_to_end", []))
     lines += _vae_table(results.get("vae_decode", []))
+    lines += _cache_table(results.get("step_cache", []))
     return "\n".join(lines) + "\n"
 
 
@@ -601,8 +749,22 @@ def _vae_table(rows: list[dict[str, Any]]) -> list[str]:
     return [*out, ""]
 
 
+def _cache_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for r in rows:
+        weights = "trained" if r["trained_weights"] else "RANDOM (PSNR says little)"
+        out += [f"### Step cache, {r['shape']} ({weights} weights, {r['steps']} UniPC steps)", "",
+                "| method | threshold | full evaluations | denoise speed-up | PSNR vs uncached |",
+                "|---|---|---|---|---|"]  # fmt: skip
+        for c in sorted(r["rows"], key=lambda c: (c["lib"], c["threshold"])):
+            out.append(f"| {c['lib']} | {c['threshold']} | {c['full_evaluations']:.0f} / "
+                       f"{c['steps']} | {c['speedup']:.2f}x | {c['psnr_db']:.1f} dB |")  # fmt: skip
+        out.append("")
+    return out
+
+
 def run(shapes: list[str], st: Settings, parts: tuple[str, ...]) -> dict[str, Any]:
-    """Run ``parts`` (forward, end_to_end, vae_decode) for each named shape; results dict.
+    """Run ``parts`` (forward, end_to_end, vae_decode, step_cache) for each named shape.
 
     Raises ValueError for an unknown shape or part, or a GPU-only shape on a CPU.
     """
@@ -610,7 +772,7 @@ def run(shapes: list[str], st: Settings, parts: tuple[str, ...]) -> dict[str, An
     if bad:
         raise ValueError(f"unknown benchmark config(s) {bad}; valid: {sorted(SHAPES)}")
     benches = {"forward": bench_forward, "end_to_end": bench_end_to_end,
-               "vae_decode": bench_vae_decode}  # fmt: skip
+               "vae_decode": bench_vae_decode, "step_cache": bench_step_cache}  # fmt: skip
     if any(p not in benches for p in parts):
         raise ValueError(f"unknown part in {parts}; valid: {sorted(benches)}")
     for n in shapes:
@@ -632,13 +794,61 @@ def write(results: dict[str, Any], folder: str | Path, stem: str) -> tuple[Path,
     return js, md
 
 
+PARTS = ("forward", "end_to_end", "vae_decode", "step_cache")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_arguments(p: Any) -> None:
+    """``kinema bench`` / ``benchmarks/harness.py`` options."""
+    p.add_argument("--configs", default="kinema-tiny,small-wan",
+                   help=f"comma-separated, from {', '.join(SHAPES)}")  # fmt: skip
+    p.add_argument("--parts", default="forward,end_to_end,vae_decode",
+                   help=f"comma-separated, from {', '.join(PARTS)}")  # fmt: skip
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="default: bf16 on cuda, fp32 on cpu")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per library")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--compile", action="store_true", help="also time compile_blocks()")
+    p.add_argument("--out", default="benchmarks/results", help="folder for JSON + markdown")
+    p.add_argument("--name", default=None, help="file stem (default: <device>-<dtype>)")
+
+
+def settings_from_args(args: Any) -> Settings:
+    """Validated :class:`Settings` from parsed ``kinema bench`` arguments."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA GPU is available; valid: cpu")
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    if args.repeats < 1:
+        raise ValueError(f"--repeats {args.repeats} must be >= 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return Settings(device=device, dtype=dtype, repeats=args.repeats, compile=args.compile)
+
+
+def run_cli(args: Any) -> int:
+    """``kinema bench``: run, write ``<out>/<name>.json`` and ``.md``, print the tables."""
+    st = settings_from_args(args)
+    parts = tuple(p for p in args.parts.split(",") if p)
+    results = run([c for c in args.configs.split(",") if c], st, parts)
+    stem = args.name or f"{st.device.type}-{str(st.dtype)[6:]}"
+    js, md = write(results, args.out, stem)
+    print(markdown(results))
+    print(f"wrote {js} and {md}")
+    return 0
+
+
 def shape_with(name: str, **changes: Any) -> BenchShape:
     """A named shape with some fields replaced (e.g. fewer steps for a quick run)."""
     return replace(SHAPES[name], **changes)
 
 
 __all__ = [
+    "PARTS",
     "SHAPES",
+    "add_arguments",
+    "run_cli",
     "BenchShape",
     "Settings",
     "alternate",

@@ -1,14 +1,20 @@
 """A peak-memory estimate for a request, from configs alone (no forward pass).
 
-peak ~= weights + max(DiT activations, VAE decode activations). The DiT term counts the live
-tensors of one block at inference (residual, q/k/v, attention output, FFN hidden) for the
-guidance batch; the VAE term the widest full-resolution feature maps of one decoded chunk.
+peak ~= weights + max(DiT activations, VAE decode). The DiT term counts the live tensors of one
+block at inference (residual, q/k/v, attention output, FFN hidden) for the guidance batch. The
+VAE term follows how :class:`~kinema.models.vae.CausalVAE` decodes: one latent frame at a time,
+the full-resolution stages one output frame at a time, so its peak is the causal cache (two
+input frames for every causal convolution, at that convolution's resolution), the chunk entering
+the full-resolution stages, a few live full-resolution feature maps, and the decoded video.
+Checked against measured peaks by ``benchmarks/harness.py`` (end-to-end table).
 """
 
 from __future__ import annotations
 
 import math
 from typing import Any
+
+LIVE_MAPS = 6  # full-resolution feature maps alive at once in a residual block (+ conv input)
 
 
 def weight_bytes(module: Any) -> int:
@@ -22,11 +28,37 @@ def dit_activation_bytes(config: Any, tokens: int, context: int, batch: int, nby
     return batch * (tokens * per_token + 3 * context * d) * nbytes
 
 
-def vae_decode_bytes(config: Any, width: int, height: int, nbytes: int = 4) -> int:
-    """Widest feature maps of one decoded chunk (4 frames at full size, with cache frames)."""
-    widths = [config.base_dim * m for m in config.dim_mult]
-    stage = [widths[i] * (width * height) / 4 ** (len(widths) - 1 - i) for i in range(len(widths))]
-    return int(max(stage) * (4 + 2) * 3 * nbytes)
+def _decoder_stages(config: Any) -> list[tuple[int, int, int, int]]:
+    """Per decoder stage: (input channels, output channels, causal convs, scale vs latent)."""
+    mult = config.dim_mult
+    dims = [config.base_dim * m for m in (mult[-1], *mult[::-1])]
+    stages = [(dims[0], dims[0], 1 + 4, 1)]  # conv_in + mid block (2 residual blocks)
+    for i in range(len(mult)):
+        c_in = dims[i] // 2 if i > 0 else dims[i]
+        convs = 2 * (config.num_res_blocks + 1) + (1 if i < len(mult) - 1 else 0)
+        stages.append((c_in, dims[i + 1], convs, 2**i))
+    return stages
+
+
+def vae_cache_bytes(config: Any, width: int, height: int, nbytes: int = 4) -> int:
+    """The decoder's causal cache: two input frames per causal conv at its resolution."""
+    s = config.spatial_factor
+    h, w = height // s, width // s
+    total = 2 * config.z_dim * h * w  # conv_in sees the latents
+    for c_in, c_out, convs, scale in _decoder_stages(config):
+        total += 2 * convs * max(c_in, c_out) * h * w * scale * scale
+    return total * nbytes
+
+
+def vae_decode_bytes(config: Any, width: int, height: int, frames: int, nbytes: int = 4) -> int:
+    """Peak of a decode: cache + the chunk entering the full-resolution stages (temporal factor
+    frames at half resolution) + live full-resolution maps of one frame + the output video."""
+    full = config.base_dim * config.dim_mult[0]
+    pixels = width * height
+    chunk = config.temporal_factor * 2 * full * pixels // 4  # (B, 2C, 4, H/2, W/2)
+    live = LIVE_MAPS * 2 * full * pixels  # one frame; conv inputs carry 2C before the upsampler
+    video = 2 * 3 * frames * pixels  # the decoded frames and their concatenation
+    return vae_cache_bytes(config, width, height, nbytes) + (chunk + live + video) * nbytes
 
 
 def estimate_peak_bytes(pipe: Any, width: int, height: int, frames: int, dtype_bytes: int) -> int:
@@ -38,4 +70,4 @@ def estimate_peak_bytes(pipe: Any, width: int, height: int, frames: int, dtype_b
     params = sum(p.numel() for p in pipe.dit.parameters())
     weights = params * dtype_bytes + weight_bytes(pipe.vae)
     dit = dit_activation_bytes(c, tokens, 512, 2, dtype_bytes)
-    return int(weights + max(dit, vae_decode_bytes(v, width, height)))
+    return int(weights + max(dit, vae_decode_bytes(v, width, height, frames)))

@@ -1,0 +1,72 @@
+"""kinema.bench: FLOP count against the known Wan 2.1 1.3B figure, the measuring helpers on known
+answers, a tiny side-by-side forward run (equality with diffusers checked in it) and the tables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kinema import bench
+from kinema.configs import WAN21_T2V_1_3B, DiTConfig, VAEConfig
+
+TINY = bench.BenchShape(
+    "tiny", DiTConfig(num_heads=2, head_dim=8, text_dim=12, freq_dim=16, ffn_dim=24, num_layers=2),
+    VAEConfig(base_dim=8, num_res_blocks=1), 32, 32, 5, 6, steps=2,
+)  # fmt: skip
+
+
+def test_flop_count_of_wan_1_3b_matches_the_known_figure():
+    flops = bench.dit_flops(WAN21_T2V_1_3B, tokens=21 * 30 * 52, context_len=512, batch=1)
+    assert 280e12 < flops < 287e12  # ~283 TFLOP per 480x832x81 forward
+    assert bench.tokens_of(bench.SHAPES["wan2.1-1.3b"]) == 32760
+    one = bench.dit_flops(WAN21_T2V_1_3B, 100, 8, 1)
+    assert bench.dit_flops(WAN21_T2V_1_3B, 100, 8, 2) == 2 * one
+
+
+def test_alternate_interleaves_and_psnr_knows_its_answers():
+    order = []
+    times = bench.alternate(
+        {"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 3, torch.device("cpu")
+    )
+    assert order == ["a", "b"] + ["a", "b"] * 3  # one warm-up each, then strictly alternating
+    assert [len(v) for v in times.values()] == [3, 3]
+    a = np.zeros((4, 4))
+    assert bench.psnr(a, a, 255.0) == float("inf")
+    assert bench.psnr(a + 1, a, 255.0) == pytest.approx(20 * np.log10(255), abs=1e-9)
+
+
+def test_rss_peak_sees_a_big_allocation():
+    _, added = bench.peak_memory(lambda: torch.ones(64 * 2**20 // 4).sum(), torch.device("cpu"))
+    assert 48 * 2**20 < added < 256 * 2**20
+
+
+def test_tiny_forward_run_checks_equality_and_writes_tables(tmp_path):
+    torch.set_num_threads(1)
+    st = bench.Settings(repeats=2)
+    row = bench.bench_forward(TINY, st)
+    assert row["max_abs_diff"] <= 1e-4 and row["ratio"]["kinema"] > 0
+    assert 0 < row["mfu"]["kinema"] < 1 and row["flops"] > 0
+    results = {"machine": bench.machine(st.device), "dtype": "float32", "forward": [row]}
+    js, md = bench.write(results, tmp_path, "t")
+    assert json.loads(js.read_text())["forward"][0]["shape"] == "tiny"
+    text = md.read_text()
+    assert "| tiny |" in text and results["machine"]["cpu"] in text
+
+
+def test_bad_configs_and_parts_are_refused():
+    st = bench.Settings()
+    with pytest.raises(ValueError, match="unknown benchmark config"):
+        bench.run(["nope"], st, ("forward",))
+    with pytest.raises(ValueError, match="unknown part"):
+        bench.run(["kinema-tiny"], st, ("speed",))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            bench.run(["wan2.1-1.3b"], st, ("forward",))
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    with pytest.raises(ValueError, match="repeats"):
+        bench.settings_from_args(parser.parse_args(["--repeats", "0"]))
