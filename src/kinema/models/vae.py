@@ -61,7 +61,20 @@ class CausalConv3d(nn.Conv3d):
         if past is not None and self.past_frames > 0:
             x = torch.cat([past.to(x.device), x], dim=2)
             missing -= past.shape[2]
-        return super().forward(F.pad(x, (*self.spatial_pad, missing, 0)))
+        x = F.pad(x, (*self.spatial_pad, missing, 0))
+        if x.shape[2] == self.kernel_size[0] and self.stride[0] == 1:
+            return self._one_frame(x)
+        return super().forward(x)
+
+    def _one_frame(self, x: Tensor) -> Tensor:
+        """The conv when it makes one output frame: a 2D conv over the kernel's frames stacked
+        into channels (the weight's (C, kt) axes are already adjacent), which CPUs run several
+        times faster than a 3D conv. (B, C, kt, H, W) -> (B, C', 1, H', W')."""
+        b, c, kt, h, w = x.shape
+        weight = self.weight.flatten(1, 2)  # (C', C * kt, kh, kw)
+        stacked = x.reshape(b, c * kt, h, w)  # (B, C * kt, H, W)
+        y = F.conv2d(stacked, weight, self.bias, self.stride[1:], 0, self.dilation[1:])
+        return y.unsqueeze(2)  # (B, C', 1, H', W')
 
 
 def newest_frames(x: Tensor, past: Tensor | None, n: int = CACHE_FRAMES) -> Tensor:
