@@ -57,7 +57,7 @@ def vae_decode_bytes(config: Any, width: int, height: int, frames: int, nbytes: 
     pixels = width * height
     chunk = config.temporal_factor * 2 * full * pixels // 4  # (B, 2C, 4, H/2, W/2)
     live = LIVE_MAPS * 2 * full * pixels  # one frame; conv inputs carry 2C before the upsampler
-    video = 2 * 3 * frames * pixels  # the decoded frames and their concatenation
+    video = 4 * 3 * frames * pixels  # decoded chunks, their concatenation, uint8 conversion
     return vae_cache_bytes(config, width, height, nbytes) + (chunk + live + video) * nbytes
 
 
