@@ -45,7 +45,6 @@ def test_rss_peak_sees_a_big_allocation():
 
 
 def test_tiny_forward_run_checks_equality_and_writes_tables(tmp_path):
-    torch.set_num_threads(1)
     st = bench.Settings(repeats=2)
     row = bench.bench_forward(TINY, st)
     assert row["max_abs_diff"] <= 1e-4 and row["ratio"]["kinema"] > 0
