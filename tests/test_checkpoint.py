@@ -63,7 +63,7 @@ def test_original_wan_folder_loads(tmp_path):
     )  # fmt: skip
     ours = load_dit(folder)
     twin = VideoDiT.from_pretrained(tmp_path / "transformer")
-    assert torch.allclose(forward(ours), forward(twin))
+    assert (forward(ours) - forward(twin)).abs().max() <= 1e-5  # same weights, other layout
 
 
 def test_truncated_and_mismatched_files_name_the_problem(tmp_path):
