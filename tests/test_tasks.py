@@ -124,3 +124,14 @@ def test_undecodable_image(pipe, tmp_path):
     bad.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="bad.png"):
         pipe.generate("x", frames=9, image=str(bad), **BASE)
+
+
+def test_step_cache_through_the_pipeline(pipe):
+    """cache=None and a tiny threshold give the plain video; a large one skips DiT calls."""
+    settings = {**BASE, "steps": 8, "frames": 9}
+    plain = pipe.generate("a cat", **settings)
+    tight = pipe.generate("a cat", cache=1e-9, **settings)
+    loose = pipe.generate("a cat", cache=10.0, **settings)
+    assert np.array_equal(plain.frames, tight.frames)
+    assert plain.info["transformer_evaluations"] == 8
+    assert loose.info["transformer_evaluations"] < 8 and loose.info["cache"] == 10.0

@@ -69,6 +69,7 @@ def add_generate(sub: Any) -> None:
     p.add_argument("--last-image", default=None, help="end on this image (first-last-frame)")
     p.add_argument("--video", default=None, help="restyle this video (video-to-video)")
     p.add_argument("--strength", type=float, default=None, help="video-to-video noise, (0, 1]")
+    p.add_argument("--cache", type=float, default=None, help="step-cache threshold, e.g. 0.2")
     p.add_argument(
         "--at", action="append", type=parse_timed, default=[], metavar="SECONDS:PROMPT",
         help="switch to PROMPT at SECONDS (repeatable)",
@@ -128,7 +129,7 @@ def request_from_args(args: argparse.Namespace, defaults: Any, temporal: int) ->
         prompt=args.prompt, negative_prompt=args.negative, width=width, height=height,
         frames=frames, fps=fps, steps=args.steps, guidance=args.guidance, shift=args.shift,
         sampler=args.sampler, seed=args.seed, prompts=tuple(args.at), image=args.image,
-        last_image=args.last_image, video=args.video, strength=args.strength,
+        last_image=args.last_image, video=args.video, strength=args.strength, cache=args.cache,
     )  # fmt: skip
 
 
@@ -289,6 +290,20 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_bench(sub: Any) -> None:
+    p = sub.add_parser("bench", help="side-by-side speed/memory benchmark against diffusers")
+    from kinema.bench import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(run=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from kinema.bench import run_cli
+
+    return run_cli(args)
+
+
 # ---------------------------------------------------------------------------------------------
 # eval
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +376,8 @@ def build_parser() -> Parser:
     from kinema.serve.cli import add_serve
 
     adders = (
-        add_generate, add_extend, add_info, add_convert, add_train, add_eval, add_serve, add_batch
+        add_generate, add_extend, add_info, add_convert, add_train, add_eval, add_bench,
+        add_serve, add_batch,
     )  # fmt: skip
     for add in adders:
         add(sub)

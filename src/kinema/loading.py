@@ -116,6 +116,7 @@ def _vae_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _kinema_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
     from kinema.models.text import CachedTextEncoder, load_text_encoder
+    from kinema.sampling.cache import load_calibration
 
     meta = json.loads((path / "kinema.json").read_text())
     text = dict(meta.get("text_encoder", {"kind": "minilm"}))
@@ -129,6 +130,7 @@ def _kinema_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str, A
         "text_encoder": encoder,
         "name": meta.get("name", path.name),
         "defaults": from_dict(SamplingDefaults, meta.get("sampling", {})),
+        "cache_calibration": load_calibration(path),
     }
 
 

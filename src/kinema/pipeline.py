@@ -63,6 +63,7 @@ class Request:
     video: Any = None
     strength: float | None = None
     extend: Any = None
+    cache: float | None = None  # step-cache threshold (kinema.sampling.cache); None or 0: off
 
     def resolved(self, defaults: SamplingDefaults) -> Request:
         """This request with every ``None`` replaced by the model's default."""
@@ -188,9 +189,10 @@ class Pipeline:
         defaults: SamplingDefaults,
         load_seconds: float = 0.0,
         image_encoder: Any = None,
+        cache_calibration: Any = None,
     ) -> None:
         self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
-        self.image_encoder = image_encoder
+        self.image_encoder, self.cache_calibration = image_encoder, cache_calibration
         self.name, self.defaults, self.load_seconds = name, defaults, load_seconds
 
     @property
@@ -444,6 +446,10 @@ class Pipeline:
         else:
             model_fn = cfg(counted, context, uncond, req.guidance)
         model_fn = condition_frames(model_fn, condition)
+        if req.cache:  # skip DiT evaluations while its input barely changes (TeaCache family)
+            from kinema.sampling.cache import dit_probe, step_cache
+
+            model_fn = step_cache(model_fn, req.cache, self.cache_calibration, dit_probe(self.dit))
         sampler = SAMPLERS[req.sampler]
         with torch.inference_mode():
             x = sampler(model_fn, x, schedule.sigmas, schedule.timesteps, callback=steps.tick)
