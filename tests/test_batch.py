@@ -79,8 +79,9 @@ def test_local_batch_is_resumable(tmp_path: Path, tiny_model: Path) -> None:
 def test_ray_batch_survives_a_killed_worker(tmp_path: Path, tiny_model: Path) -> None:
     import ray
 
-    # the slow request is ~10x the others, so it is still running at the first fast result
-    slow = {"id": "slow", "prompt": "a big one", "size": "256x256", "frames": 17}
+    # both actors are loaded before work starts; the slow request (first, on actor 0) takes
+    # ~50x a small one, so actor 0 is still busy with it when the first small result arrives
+    slow = {"id": "slow", "prompt": "a big one", "size": "256x256", "frames": 33}
     rows = [slow] + [{"id": f"r{i}", "prompt": f"ball {i}", "seed": i} for i in range(5)]
     requests = write_lines(tmp_path / "r.jsonl", rows)
     out = tmp_path / "out"

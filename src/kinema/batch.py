@@ -182,6 +182,10 @@ class Worker:
         self.model = model
         self.pipe = load(model, device=device, dtype=dtype)
 
+    def ready(self) -> bool:
+        """Answers once the model is loaded (the driver waits for every actor)."""
+        return True
+
     def render(self, fields: dict[str, Any]) -> Video:
         """Make the video of one request's fields (ValueError for a bad request)."""
         wanted = fields.get("model")
@@ -250,6 +254,7 @@ def run_ray(items: list[Item], out: Path, opts: BatchOptions, tick: OnResult) ->
 
     started = connect_ray(opts.ray or "auto")
     actors = start_actors(opts, len(items))
+    ray.get([a.ready.remote() for a in actors])  # models loaded: a load error surfaces here
     queue, idle = deque(items), deque(actors)
     running: dict[Any, tuple[Any, Item]] = {}
     deaths: dict[str, int] = {}
