@@ -324,3 +324,23 @@ def test_vae_loop_exports_latent_stats(tmp_path: Path, videos: DataConfig) -> No
     assert vae.config.latents_mean != TINY_VAE.latents_mean
     assert all(s > 0 and math.isfinite(s) for s in vae.config.latents_std)
     assert [r["step"] for r in read_log(tmp_path)] == ["1", "2"]
+
+
+def test_object_centred_crops_see_the_objects_more_often():
+    """With object_crop_prob 1 a crop almost always holds object pixels; plain random crops of
+    small objects on a big background often hold none."""
+    from kinema.data.synthetic import SyntheticClips
+    from kinema.train.vae_loop import foreground_pixel, random_crop
+
+    ds = SyntheticClips(0, frames=9)
+    video = torch.stack([torch.from_numpy(ds[i][0]).permute(3, 0, 1, 2) for i in range(16)])
+    video = video.float() / 127.5 - 1  # (B, 3, T, H, W)
+
+    def with_objects(prob: float) -> float:
+        crops = random_crop(video, 32, 5, torch.Generator().manual_seed(0), prob)
+        return sum(foreground_pixel(c[:, 0], torch.Generator()) is not None for c in crops) / 16
+
+    assert with_objects(1.0) >= 0.9 > with_objects(0.0)
+    same = torch.Generator().manual_seed(3)
+    plain = random_crop(video, 32, 5, torch.Generator().manual_seed(3))
+    assert torch.equal(plain, random_crop(video, 32, 5, same, 0.0))  # prob 0: unchanged stream

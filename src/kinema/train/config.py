@@ -152,6 +152,7 @@ class VAETrainConfig(OptimFields):
     data: DataConfig = field(default_factory=DataConfig)
     crop_size: int = 64  # square crop side in pixels (multiple of the spatial factor)
     crop_frames: int = 9  # crop length in frames (4k + 1)
+    object_crop_prob: float = 0.0  # chance a crop is centred on a foreground (non-row-median) pixel
     l1_weight: float = 1.0  # weight of the L1 reconstruction loss
     mse_weight: float = 1.0  # weight of the MSE reconstruction loss
     kl_weight: float = 1e-6  # weight of the KL to N(0, 1), per latent element
@@ -172,6 +173,8 @@ class VAETrainConfig(OptimFields):
             raise ValueError(f"crop_size {self.crop_size} must be in [8, {side}]")
         if self.stats_clips < 1:
             raise ValueError(f"stats_clips {self.stats_clips} must be >= 1")
+        if not 0 <= self.object_crop_prob <= 1:
+            raise ValueError(f"object_crop_prob {self.object_crop_prob} must be in [0, 1]")
 
 
 # ---------------------------------------------------------------------------------------------

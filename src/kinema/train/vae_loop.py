@@ -38,14 +38,34 @@ from kinema.train.loop import (
 from kinema.train.state import latest_checkpoint, load_ema
 
 
-def random_crop(video: Tensor, size: int, frames: int, g: torch.Generator) -> Tensor:
-    """(B, 3, T, H, W) -> (B, 3, frames, size, size), each clip at its own random offset."""
+def foreground_pixel(frame: Tensor, g: torch.Generator) -> tuple[int, int] | None:
+    """A random (y, x) of ``frame`` (3, H, W) whose colour differs from its row's median (the
+    background of flat and vertical-gradient scenes); None when the frame has none."""
+    background = frame.median(dim=2, keepdim=True).values  # (3, H, 1)
+    ys, xs = torch.nonzero((frame - background).abs().amax(dim=0) > 0.2, as_tuple=True)
+    if len(ys) == 0:
+        return None
+    i = int(torch.randint(0, len(ys), (), generator=g))
+    return int(ys[i]), int(xs[i])
+
+
+def random_crop(
+    video: Tensor, size: int, frames: int, g: torch.Generator, object_prob: float = 0.0
+) -> Tensor:
+    """(B, 3, T, H, W) -> (B, 3, frames, size, size), each clip at its own random offset; with
+    probability ``object_prob`` the crop is centred on a foreground pixel instead (small objects
+    on large backgrounds otherwise get little of the loss)."""
     b, _, t, h, w = video.shape
     crops = []
     for i in range(b):
         t0 = int(torch.randint(0, t - frames + 1, (), generator=g))
         y0 = int(torch.randint(0, h - size + 1, (), generator=g))
         x0 = int(torch.randint(0, w - size + 1, (), generator=g))
+        if object_prob > 0 and float(torch.rand((), generator=g)) < object_prob:
+            centre = foreground_pixel(video[i, :, t0], g)
+            if centre is not None:
+                y0 = min(max(centre[0] - size // 2, 0), h - size)
+                x0 = min(max(centre[1] - size // 2, 0), w - size)
         crops.append(video[i, :, t0 : t0 + frames, y0 : y0 + size, x0 : x0 + size])
     return torch.stack(crops)
 
@@ -72,7 +92,9 @@ def vae_loss_fn(config: VAETrainConfig, vae: nn.Module, device: torch.device) ->
     """The loss of one micro-batch of clips: random crops, then :func:`vae_loss`."""
 
     def loss_fn(batch: Batch, g: torch.Generator) -> Tensor:
-        crops = random_crop(batch["video"], config.crop_size, config.crop_frames, g)
+        crops = random_crop(
+            batch["video"], config.crop_size, config.crop_frames, g, config.object_crop_prob
+        )
         with autocast(config, device):
             return vae_loss(config, vae, crops.to(device), g)
 
