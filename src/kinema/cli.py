@@ -315,6 +315,10 @@ def add_eval(sub: Any) -> None:
     p.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="4 prompts per set instead of 8")
+    p.add_argument(
+        "--beyond", action="store_true",
+        help="also image-to-video, extension seams, long-video memory and timed prompts",
+    )  # fmt: skip
     p.add_argument("--out", default="outputs/eval.json", help="JSON results")
     p.add_argument("--device", default=None)
     p.add_argument("-v", "--verbose", action="store_true", help="print every verdict")
@@ -331,6 +335,11 @@ def run_eval(args: argparse.Namespace) -> int:
     log = (lambda line: print(line, file=sys.stderr)) if args.verbose else (lambda line: None)
     results = evaluate(pipe, seeds=args.seeds, steps=args.steps, quick=args.quick, log=log)
     print(table(results))
+    if args.beyond:
+        from kinema.eval import beyond
+
+        results["beyond"] = beyond.evaluate_beyond(pipe, args.model, quick=args.quick)
+        print("\n" + beyond.table(results["beyond"]))
     print(f"wrote {write_json(results, args.out)}", file=sys.stderr)
     return 0
 

@@ -1,0 +1,155 @@
+"""Quality checks of the conditioning tasks (image-to-video, extension, long videos, timed
+prompts) on a pipeline, judged from decoded frames only:
+
+- first-frame fidelity: PSNR of the output's first frame against the image it started from;
+- seam continuity: the frame difference across an extension's seam over the clip's median
+  frame-to-frame difference (<= 2 is invisible), and the colour drift over repeated extensions;
+- long-video memory: peak RSS of a long clip over that of a short one, each in a fresh process;
+- timed prompts: the judged motion before and after a prompt switch, 0.25 s either side of it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+
+from kinema.data.synthetic import SyntheticClips
+from kinema.eval.judge import motion_between
+from kinema.eval.run import psnr
+
+SEAM_PROMPTS = (
+    "a red circle moving right on a navy background",
+    "a white square moving up on a black background",
+)
+# (colour shape, motion before, motion after): the switch is at the middle of the clip
+SWITCHES = (
+    ("yellow circle", "right", "down"),
+    ("green square", "down", "left"),
+    ("cyan triangle", "left", "up"),
+    ("orange square", "up", "right"),
+)
+
+
+def first_frame_fidelity(pipe: Any, clips: int = 4) -> float:
+    """Mean PSNR (dB) of frame 0 of image-to-video clips against their held-out start images."""
+    d = pipe.defaults
+    ds = SyntheticClips(6, size=(d.width, d.height), frames=d.frames, fps=d.fps, split="heldout")
+    scores = []
+    for i in range(clips):
+        frames, text = ds[i][0], ds[i][1]
+        out = pipe.generate(text, image=frames[0], seed=i).frames
+        scores.append(psnr(out[0], frames[0]))
+    return round(float(np.mean(scores)), 2)
+
+
+def frame_differences(frames: np.ndarray) -> np.ndarray:
+    """Mean absolute difference (0-255) between consecutive frames: (T - 1,)."""
+    x = frames.astype(np.float32)
+    return np.abs(x[1:] - x[:-1]).mean(axis=(1, 2, 3))
+
+
+def seam_ratio(frames: np.ndarray, seam: int) -> float:
+    """Difference across the seam (frame ``seam - 1`` -> ``seam``) over the median of the
+    other frame-to-frame differences."""
+    diffs = frame_differences(frames)
+    others = np.delete(diffs, seam - 1)
+    return float(diffs[seam - 1] / max(float(np.median(others)), 1e-6))
+
+
+def mean_colour(frames: np.ndarray) -> np.ndarray:
+    return frames.reshape(-1, 3).astype(np.float64).mean(axis=0)
+
+
+def seam_continuity(pipe: Any, extensions: int = 3, seconds: float = 1.0) -> dict[str, float]:
+    """Extends a clip ``extensions`` times by ``seconds``: the worst seam ratio, and the colour
+    drift (largest per-channel change of the mean RGB, 0-255) from the source clip to the newest
+    second."""
+    ratios, drifts = [], []
+    for prompt in SEAM_PROMPTS:
+        video = pipe.generate(prompt, seed=0).frames
+        source = video
+        for k in range(extensions):
+            out = pipe.extend(video, seconds, prompt, seed=k + 1).frames
+            ratios.append(seam_ratio(out, len(video)))
+            video = out
+        newest = video[-round(seconds * pipe.defaults.fps) :]
+        drifts.append(float(np.abs(mean_colour(newest) - mean_colour(source)).max()))
+    return {"seam_ratio_max": round(max(ratios), 3), "seam_ratio_median": round(
+        float(np.median(ratios)), 3), "colour_drift_max": round(max(drifts), 2)}  # fmt: skip
+
+
+_PEAK = """
+import json, resource, sys
+import kinema
+pipe = kinema.load(sys.argv[1] or None)
+fps = pipe.defaults.fps
+pipe.generate("a red circle moving right", frames=round(float(sys.argv[2]) * fps) + 1, steps=4)
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+"""
+
+
+def peak_rss_mib(model: str | None, seconds: float) -> float:
+    """Peak RSS (MiB) of a fresh process that loads ``model`` and makes a clip of ``seconds``."""
+    out = subprocess.run([sys.executable, "-c", _PEAK, model or "", str(seconds)],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1]) / 1024  # ru_maxrss is KiB on Linux
+
+
+def long_video_memory(model: str | None, short: float = 4.0, long: float = 16.0) -> dict:
+    """Peak RSS of a ``long`` and a ``short`` clip, and their ratio (<= 1.25 is the target)."""
+    a, b = peak_rss_mib(model, short), peak_rss_mib(model, long)
+    return {f"peak_{short:g}s_mib": round(a), f"peak_{long:g}s_mib": round(b),
+            "ratio": round(b / a, 3)}  # fmt: skip
+
+
+def timed_prompts(
+    pipe: Any, seeds: int = 2, margin_s: float = 0.25, seconds: float = 2.0
+) -> dict[str, float]:
+    """``seconds``-long clips whose prompt switches motion at mid-clip: the share whose judged
+    motion matches the first prompt up to ``margin_s`` before the switch and the second from
+    ``margin_s`` after it."""
+    fps = pipe.defaults.fps
+    switch_s = seconds / 2
+    switch, margin = round(switch_s * fps), round(margin_s * fps)
+    before = after = both = n = 0
+    for thing, first, second in SWITCHES:
+        a, b = f"a {thing} moving {first}", f"a {thing} moving {second}"
+        for seed in range(seeds):
+            frames = pipe.generate(
+                a, prompts=((switch_s, b),), frames=round(seconds * fps) + 1, seed=seed
+            ).frames
+            ok_a = motion_between(frames, 0, switch - margin) == [first]
+            ok_b = motion_between(frames, switch + margin, len(frames)) == [second]
+            before, after, both, n = before + ok_a, after + ok_b, both + (ok_a and ok_b), n + 1
+    return {"before": round(before / n, 4), "after": round(after / n, 4),
+            "both": round(both / n, 4), "clips": n, "switch_s": switch_s}  # fmt: skip
+
+
+def evaluate_beyond(pipe: Any, model: str | None, quick: bool = False) -> dict[str, Any]:
+    """All four checks as a JSON-ready dict (``quick``: fewer clips, 8 s instead of 16 s)."""
+    return {
+        "first_frame_psnr_db": first_frame_fidelity(pipe, 2 if quick else 4),
+        "extension": seam_continuity(pipe, 2 if quick else 3),
+        "long_video_memory": long_video_memory(model, 4.0, 8.0 if quick else 16.0),
+        "timed_prompts": timed_prompts(pipe, 1 if quick else 2),
+    }
+
+
+def table(results: dict[str, Any]) -> str:
+    """Markdown lines for the report."""
+    ext, mem, tp = results["extension"], results["long_video_memory"], results["timed_prompts"]
+    long_key = [k for k in mem if k.startswith("peak_")]
+    return "\n".join([
+        "| check | measured | target |",
+        "|---|---:|---:|",
+        f"| image-to-video first frame | {results['first_frame_psnr_db']:.1f} dB | >= 25 dB |",
+        f"| extension seam / median frame diff (worst) | {ext['seam_ratio_max']:.2f} | <= 2 |",
+        f"| colour drift over extensions (0-255) | {ext['colour_drift_max']:.1f} | small |",
+        f"| peak RSS {long_key[1][5:-4]} / {long_key[0][5:-4]} | {mem['ratio']:.2f} | <= 1.25 |",
+        f"| timed prompt: motion before / after switch | {100 * tp['before']:.0f} % / "
+        f"{100 * tp['after']:.0f} % | within 0.25 s |",
+    ])  # fmt: skip
