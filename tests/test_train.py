@@ -304,10 +304,15 @@ def test_folder_finetune_from_checkpoint(
     model = save_model_folder(tmp_path / "model", dit=VideoDiT(TINY_DIT), vae=load_vae(vae_folder),
                               text_encoder={"kind": "minilm", "max_length": 8},
                               sampling=SamplingDefaults(), name="tiny")  # fmt: skip
+    torch.manual_seed(2)  # another VAE of the same shape, shipped instead of the trained-on one
+    shipped = save_component(CausalVAE(load_vae(vae_folder).config), tmp_path / "vae2")
     config = dit_config(tmp_path / "ft", vae_folder, model=None, vae=None, init_from=str(model),
                         data=videos, precompute=False, max_steps=2, sample_every=2,
-                        sample_prompts=("a red square",), sample_steps=2)  # fmt: skip
+                        sample_prompts=("a red square",), sample_steps=2,
+                        export_vae=str(shipped))  # fmt: skip
     out = train_dit(config, text_encoder=text_encoder)
+    exported, want = load_vae(out / "vae").state_dict(), load_vae(shipped).state_dict()
+    assert all(torch.allclose(exported[k].float(), want[k].float(), atol=1e-3) for k in want)
     assert [r["step"] for r in read_log(tmp_path / "ft")] == ["1", "2"]
     assert (tmp_path / "ft" / "samples" / "step-00000002-0.mp4").stat().st_size > 0
     tuned = load_dit(out / "transformer", dtype=torch.float32)
@@ -324,6 +329,26 @@ def test_vae_loop_exports_latent_stats(tmp_path: Path, videos: DataConfig) -> No
     assert vae.config.latents_mean != TINY_VAE.latents_mean
     assert all(s > 0 and math.isfinite(s) for s in vae.config.latents_std)
     assert [r["step"] for r in read_log(tmp_path)] == ["1", "2"]
+
+
+def test_vae_decoder_only_keeps_encoder_and_latent_stats(tmp_path: Path, videos: DataConfig):
+    """freeze_encoder: the decoder learns, the encoder and the latent statistics stay as they
+    were (so a DiT trained on the first VAE's latents stays valid)."""
+    base = dict(data=videos, crop_size=16, crop_frames=5, batch_size=2, max_steps=2,
+                warmup_steps=1, stats_clips=2, progress=False)  # fmt: skip
+    first = train_vae(VAETrainConfig(out_dir=str(tmp_path / "a"), model=TINY_VAE, **base))
+    tuned = train_vae(VAETrainConfig(out_dir=str(tmp_path / "b"), init_from=str(first),
+                                     freeze_encoder=True, lr=1e-2, **base))  # fmt: skip
+    a, b = load_vae(first), load_vae(tuned)
+    assert b.config.latents_mean == a.config.latents_mean
+    assert b.config.latents_std == a.config.latents_std
+    sa, sb = a.state_dict(), b.state_dict()
+    enc = [k for k in sa if k.startswith(("encoder.", "quant_conv."))]
+    dec = [k for k in sa if k.startswith("decoder.") and k.endswith("weight")]
+    assert enc and all(torch.equal(sa[k], sb[k]) for k in enc)
+    assert any(not torch.equal(sa[k], sb[k]) for k in dec)
+    with pytest.raises(ValueError, match="freeze_encoder needs init_from"):
+        VAETrainConfig(out_dir=str(tmp_path), model=TINY_VAE, freeze_encoder=True)
 
 
 def test_object_centred_crops_see_the_objects_more_often():

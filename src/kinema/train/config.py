@@ -104,6 +104,8 @@ class TrainConfig(OptimFields):
     model: DiTConfig | None = None  # architecture to train from scratch
     init_from: str | None = None  # or: a model/transformer folder to fine-tune (kinema, diffusers)
     vae: str | None = None  # VAE component or model folder (None: the init_from model's VAE)
+    export_vae: str | None = None  # VAE shipped in the export (None: vae), e.g. a decoder-only
+    #                                fine-tune of it (VAETrainConfig.freeze_encoder: same latents)
     text_encoder: str = "minilm"  # text encoder kind (kinema.models.text.load_text_encoder)
     text_encoder_path: str | None = None  # its weights, for kinds that need a path
     text_max_length: int = 32  # tokens per caption
@@ -157,6 +159,7 @@ class VAETrainConfig(OptimFields):
     mse_weight: float = 1.0  # weight of the MSE reconstruction loss
     kl_weight: float = 1e-6  # weight of the KL to N(0, 1), per latent element
     sample_posterior: bool = False  # decode a posterior sample (True) or its mean (False)
+    freeze_encoder: bool = False  # decoder only: latents (and a DiT trained on them) stay valid
     stats_clips: int = 64  # full clips encoded for the per-channel latent mean/std
     export_dir: str | None = None  # where the final VAE folder goes (None: out_dir/vae)
 
@@ -173,6 +176,8 @@ class VAETrainConfig(OptimFields):
             raise ValueError(f"crop_size {self.crop_size} must be in [8, {side}]")
         if self.stats_clips < 1:
             raise ValueError(f"stats_clips {self.stats_clips} must be >= 1")
+        if self.freeze_encoder and self.init_from is None:
+            raise ValueError("freeze_encoder needs init_from (a trained VAE whose encoder to keep)")
         if not 0 <= self.object_crop_prob <= 1:
             raise ValueError(f"object_crop_prob {self.object_crop_prob} must be in [0, 1]")
 

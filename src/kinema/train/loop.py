@@ -168,14 +168,24 @@ def build_optimizer(model: nn.Module, config: OptimFields) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
 
 
+def freeze(model: nn.Module, prefixes: tuple[str, ...]) -> nn.Module:
+    """Turn off the gradients of the parameters whose names start with one of ``prefixes``."""
+    for name, p in model.named_parameters():
+        if prefixes and name.startswith(prefixes):
+            p.requires_grad_(False)
+    return model
+
+
 def start_run(
     config: OptimFields,
     build_model: Callable[[Path | None], nn.Module],
     strategy: str = "none",
     device: torch.device | None = None,
+    frozen: tuple[str, ...] = (),
 ) -> Run:
     """Build (or resume) a run: ``build_model(checkpoint or None)`` gives the weights, then the
     EMA, optimiser, RNG states and progress are restored from the newest checkpoint if any.
+    Parameters whose names start with one of ``frozen`` are not trained.
 
     ``strategy`` ("none", "ddp", "fsdp") wraps the model for data-parallel training
     (:func:`kinema.distributed.train.wrap_model`) before the EMA and optimiser are built.
@@ -183,7 +193,7 @@ def start_run(
     device = device or pick_device(config.device)
     ckpt = latest_checkpoint(config.out_dir)
     torch.manual_seed(config.seed)
-    model = build_model(ckpt).to(device).train().requires_grad_(True)
+    model = freeze(build_model(ckpt).to(device).train().requires_grad_(True), frozen)
     net = dt.wrap_model(model, strategy, device)  # FSDP shards ``model`` in place
     ema = EMA(model, config.ema_decay, config.ema_warmup)
     optimizer = build_optimizer(model, config)
@@ -755,7 +765,8 @@ def export(out_dir: str | Path, dest: str | Path | None = None) -> Path:
     ema = EMA(dit, 0.0)
     load_ema(ckpt, ema)
     ema.copy_to(dit)
-    vae = load_frozen_vae(vae_source(config), torch.device("cpu"))
+    shipped = component_folder(config.export_vae, "vae") if config.export_vae else None
+    vae = load_frozen_vae(shipped or vae_source(config), torch.device("cpu"))
     dtype = torch.float16 if fp16_is_lossless(dit) and fp16_is_lossless(vae) else None
     dest = Path(dest) if dest is not None else out / "model"
     text = {"kind": config.text_encoder, "max_length": config.text_max_length}

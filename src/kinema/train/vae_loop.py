@@ -32,6 +32,7 @@ from kinema.train.loop import (
     clip_stream,
     component_folder,
     exit_on_signal,
+    freeze,
     start_run,
     train_loop,
 )
@@ -129,6 +130,11 @@ def stats_clips(config: VAETrainConfig, batch: int = 4) -> Iterable[Tensor]:
         yield torch.stack([ds[i][0] for i in range(start, min(start + batch, n))])
 
 
+def frozen(config: VAETrainConfig) -> tuple[str, ...]:
+    """Name prefixes of the parameters a run keeps fixed."""
+    return ("encoder.", "quant_conv.") if config.freeze_encoder else ()
+
+
 def build_vae(config: VAETrainConfig, ckpt: Path | None) -> nn.Module:
     """The VAE to train: from a checkpoint, from ``init_from``, or fresh from ``model``."""
     from kinema.io.checkpoint import load_vae
@@ -148,12 +154,15 @@ def export_vae(config: VAETrainConfig, dest: str | Path | None = None) -> Path:
     ckpt = latest_checkpoint(config.out_dir)
     if ckpt is None:
         raise ValueError(f"{config.out_dir} holds no checkpoint to export")
-    vae = load_vae(ckpt / "model", dtype=torch.float32)
+    vae = freeze(load_vae(ckpt / "model", dtype=torch.float32), frozen(config))
     ema = EMA(vae, 0.0)
     load_ema(ckpt, ema)
     ema.copy_to(vae)
-    mean, std = latent_stats(vae, stats_clips(config))
-    vae.config = dataclasses.replace(vae.config, latents_mean=mean, latents_std=std)
+    if config.freeze_encoder:  # same encoder: keep the statistics the DiT was trained with
+        mean, std = vae.config.latents_mean, vae.config.latents_std
+    else:
+        mean, std = latent_stats(vae, stats_clips(config))
+        vae.config = dataclasses.replace(vae.config, latents_mean=mean, latents_std=std)
     dest = Path(dest or config.export_dir or Path(config.out_dir) / "vae")
     save_component(vae, dest)
     print(f"exported {dest}; latent mean {mean}, std {std}")
@@ -166,7 +175,7 @@ def train_vae(config: VAETrainConfig, *, stop_after: int | None = None) -> Path:
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
-    run = start_run(config, lambda ckpt: build_vae(config, ckpt))
+    run = start_run(config, lambda ckpt: build_vae(config, ckpt), frozen=frozen(config))
     ds = ClipDataset(config.data)
     seed = config.data.seed + config.seed
     stream = clip_stream(ds, run.progress.samples_seen, config.batch_size, seed, config.num_workers)
