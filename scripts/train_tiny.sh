@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Reproduce the built-in model kinema-tiny from scratch on a CPU (about two hours on 2 idle cores):
 #
-#   1. the causal VAE in three stages (configs/kinema-tiny-vae{,-2,-3}.yaml): 64x64x9 crops,
+#   1. the causal VAE in four stages (configs/kinema-tiny-vae{,-2,-3,-4}.yaml): 64x64x9 crops,
 #      then 32x32x5 crops at a higher learning rate (sharper), then whole 33-frame clips at
-#      32x32 (the causal cache learns to stay stable over the default clip's 9 latent frames);
-#      each stage exports EMA weights + per-channel latent mean/std -> runs/kinema-tiny-vae*/vae
+#      32x32 (the causal cache learns to stay stable over the default clip's 9 latent frames),
+#      then the decoder alone (same encoder, same latents); each stage exports EMA weights +
+#      per-channel latent mean/std -> runs/kinema-tiny-vae*/vae
 #   2. the latents + caption tokens of the DiT's training clips, encoded once
 #                                                  -> runs/kinema-tiny-dit/cache
-#   3. the DiT on that cache, exported (EMA weights, fp16) -> src/kinema/assets/kinema-tiny
+#   3. the DiT on that cache, exported (EMA weights, fp16) with stage 4's VAE
+#                                                  -> src/kinema/assets/kinema-tiny
 #
 # Resumable: every stage checkpoints (and saves on Ctrl-C / SIGTERM); running this script again
 # continues where it stopped and skips finished stages. Delete runs/ to start over.
@@ -19,7 +21,7 @@ PY=${PYTHON:-.venv/bin/python}
 
 DIT_CONFIG=configs/kinema-tiny-dit.yaml
 
-for n in 1 2 3; do
+for n in 1 2 3 4; do
   stage=$([ "$n" = 1 ] || echo "-$n")
   config=configs/kinema-tiny-vae$stage.yaml
   if [ -f "runs/kinema-tiny-vae$stage/vae/config.json" ]; then
