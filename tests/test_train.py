@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -29,8 +31,9 @@ from kinema.train import (
     train_vae,
 )
 from kinema.train.config import OptimFields
-from kinema.train.loop import read_log, start_run, train_loop
+from kinema.train.loop import precompute, read_log, start_run, train_loop
 from kinema.train.state import PositionSampler, index_at, latest_checkpoint, lr_at
+from kinema.train.vae_loop import stats_clips
 
 TINY_DIT = DiTConfig(num_heads=2, head_dim=16, in_channels=4, out_channels=4, text_dim=384,
                      freq_dim=32, ffn_dim=64, num_layers=2)  # fmt: skip
@@ -232,6 +235,22 @@ def test_dit_resume_is_exact(tmp_path: Path, vae_folder: Path, text_encoder, vid
     assert dit.proj_out.weight.dtype == torch.float16  # lossless enough for fp16
 
 
+def test_latent_cache_refuses_other_vae_statistics(
+    tmp_path: Path, vae_folder: Path, text_encoder, videos
+) -> None:
+    """Cached latents are normalised: new statistics in the VAE folder make the cache stale."""
+    vae = Path(shutil.copytree(vae_folder, tmp_path / "vae"))
+    config = dit_config(tmp_path / "run", vae, data=videos)
+    precompute(config, text_encoder=text_encoder)
+    precompute(config, text_encoder=text_encoder)  # unchanged: the cache is reused
+    settings = json.loads((vae / "config.json").read_text())
+    settings["first_frame_mean"] = [0.5] * TINY_VAE.z_dim
+    settings["first_frame_std"] = [2.0] * TINY_VAE.z_dim
+    (vae / "config.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match="built for other data / VAE / text settings"):
+        precompute(config, text_encoder=text_encoder)
+
+
 def toy_run(out: Path, **kw):
     config = OptimFields(out_dir=str(out), batch_size=1, max_steps=6, warmup_steps=0,
                          checkpoint_every=100, progress=False, **kw)  # fmt: skip
@@ -328,6 +347,17 @@ def test_vae_loop_exports_latent_stats(tmp_path: Path, videos: DataConfig) -> No
     vae = load_vae(folder)
     assert vae.config.latents_mean != TINY_VAE.latents_mean
     assert all(s > 0 and math.isfinite(s) for s in vae.config.latents_std)
+    # the first latent frame's own statistics, measured on the same clips
+    assert vae.config.first_frame_mean != vae.config.latents_mean
+    assert all(s > 0 and math.isfinite(s) for s in vae.config.first_frame_std)
+    with torch.no_grad():  # frame 0 with its own, all frames with the others: ~N(0, 1)
+        raw = torch.cat([vae.encode(v) for v in stats_clips(config)]).double()
+    mean, std = (torch.tensor(v).double().view(1, -1, 1, 1, 1)
+                 for v in (vae.config.latents_mean, vae.config.latents_std))  # fmt: skip
+    for frames in (vae.normalize(raw)[:, :, :1], (raw - mean) / std):
+        per_channel = frames.transpose(0, 1).flatten(1)  # (C, N)
+        assert per_channel.mean(1).abs().max() < 1e-3
+        assert (per_channel.std(1, unbiased=False) - 1).abs().max() < 1e-3
     assert [r["step"] for r in read_log(tmp_path)] == ["1", "2"]
 
 

@@ -218,6 +218,29 @@ def test_normalize_round_trip(pair) -> None:
     assert torch.allclose(vae.denormalize(vae.normalize(z)), z, atol=1e-6)
 
 
+def test_first_frame_statistics_normalise_frame_zero_alone(tmp_path) -> None:
+    """first_frame_mean/std: frame 0 (one image encoded alone) gets its own statistics, the
+    other frames keep the per-channel ones; they survive a save and load."""
+    from kinema.io.checkpoint import load_vae, save_component
+
+    first = dict(first_frame_mean=(1.0, 2.0, 3.0, 4.0), first_frame_std=(0.5, 0.25, 2.0, 1.0))
+    config = VAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2), temporal_downsample=(True,),
+                       latents_mean=tuple(MEAN), latents_std=tuple(STD), **first)  # fmt: skip
+    save_component(CausalVAE(config), tmp_path)
+    vae = load_vae(tmp_path)
+    assert vae.config == config
+    z = torch.randn(2, 4, 3, 2, 2)
+    n = vae.normalize(z)
+    m0, s0 = (torch.tensor(first[k]).view(1, 4, 1, 1) for k in first)
+    assert torch.allclose(n[:, :, 0], (z[:, :, 0] - m0) / s0)
+    m, s = torch.tensor(MEAN).view(1, 4, 1, 1, 1), torch.tensor(STD).view(1, 4, 1, 1, 1)
+    assert torch.allclose(n[:, :, 1:], (z[:, :, 1:] - m) / s)
+    assert torch.allclose(vae.denormalize(n), z, atol=1e-6)
+    with pytest.raises(ValueError, match="first_frame_mean and first_frame_std need z_dim=4"):
+        VAEConfig(z_dim=4, latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4,
+                  first_frame_mean=(0.0,) * 4)  # fmt: skip
+
+
 def test_sample_draws_around_the_mean() -> None:
     mean, logvar = torch.zeros(1, 4, 1, 8, 8), torch.full((1, 4, 1, 8, 8), math.log(4.0))
     a = CausalVAE.sample(mean, logvar, torch.Generator().manual_seed(0))

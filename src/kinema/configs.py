@@ -75,6 +75,10 @@ class VAEConfig:
     dropout: float = 0.0  # dropout in residual blocks
     latents_mean: tuple[float, ...] = WAN_LATENTS_MEAN  # per-channel latent mean
     latents_std: tuple[float, ...] = WAN_LATENTS_STD  # per-channel latent std
+    # The first latent frame encodes one image alone, and its statistics differ from the rest;
+    # when given, it is normalised with its own per-channel mean and std (None: the above).
+    first_frame_mean: tuple[float, ...] | None = None
+    first_frame_std: tuple[float, ...] | None = None
 
     @property
     def spatial_factor(self) -> int:
@@ -92,6 +96,13 @@ class VAEConfig:
             )
         if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
             raise ValueError(f"latents_mean and latents_std need z_dim={self.z_dim} values each")
+        first = (self.first_frame_mean, self.first_frame_std)
+        if any(v is not None for v in first) and any(
+            v is None or len(v) != self.z_dim for v in first
+        ):
+            raise ValueError(
+                f"first_frame_mean and first_frame_std need z_dim={self.z_dim} values each"
+            )
 
 
 @dataclass(frozen=True)

@@ -648,18 +648,28 @@ class CausalVAE(nn.Module):
     # --- latent normalisation ---------------------------------------------------------------
 
     def _stats(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-channel mean and std shaped (1, C, 1, 1, 1) on z's device and dtype."""
+        """Per-channel mean and std on z's device and dtype: (1, C, 1, 1, 1), or (1, C, F, 1, 1)
+        when the first latent frame has statistics of its own."""
         kw: dict[str, Any] = {"device": z.device, "dtype": z.dtype}
-        mean = torch.tensor(self.config.latents_mean, **kw).view(1, -1, 1, 1, 1)
-        return mean, torch.tensor(self.config.latents_std, **kw).view(1, -1, 1, 1, 1)
+        c = self.config
+        mean = torch.tensor(c.latents_mean, **kw).view(1, -1, 1, 1, 1)
+        std = torch.tensor(c.latents_std, **kw).view(1, -1, 1, 1, 1)
+        if c.first_frame_mean is None or c.first_frame_std is None:
+            return mean, std
+        f = z.shape[2]
+        mean, std = mean.repeat(1, 1, f, 1, 1), std.repeat(1, 1, f, 1, 1)  # (1, C, F, 1, 1)
+        mean[:, :, 0] = torch.tensor(c.first_frame_mean, **kw).view(1, -1, 1, 1)
+        std[:, :, 0] = torch.tensor(c.first_frame_std, **kw).view(1, -1, 1, 1)
+        return mean, std
 
     def normalize(self, z: Tensor) -> Tensor:
-        """(B, z, F, h, w) unnormalised -> (z - mean) / std per channel."""
+        """(B, z, F, h, w) unnormalised, frame 0 the first of a clip -> (z - mean) / std per
+        channel (and for frame 0 with its own statistics when the config has them)."""
         mean, std = self._stats(z)
         return (z - mean) / std
 
     def denormalize(self, z: Tensor) -> Tensor:
-        """(B, z, F, h, w) normalised -> z * std + mean per channel."""
+        """(B, z, F, h, w) normalised -> z * std + mean: the inverse of :meth:`normalize`."""
         mean, std = self._stats(z)
         return z * std + mean
 

@@ -408,11 +408,22 @@ def load_text(config: TrainConfig, device: torch.device) -> Any:
 SHARD = "latents-{:05d}.safetensors"
 
 
+NORMALISATION = ("latents_mean", "latents_std", "first_frame_mean", "first_frame_std")
+
+
+def latent_normalisation(vae: Path) -> dict[str, Any]:
+    """The statistics a VAE folder normalises its latents with ({} for a Wan .pth file)."""
+    path = vae / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    return {k: config[k] for k in NORMALISATION if config.get(k) is not None}
+
+
 def cache_key(config: TrainConfig) -> dict[str, Any]:
     """What the cached latents depend on; a mismatch with an existing cache is an error."""
     return {
         "data": dataclasses.asdict(config.data),
         "vae": str(vae_source(config)),
+        "normalisation": latent_normalisation(vae_source(config)),
         "text_encoder": config.text_encoder,
         "text_max_length": config.text_max_length,
     }

@@ -9,7 +9,9 @@ with z the posterior mean (or a sample, ``sample_posterior``), all averaged per 
 decoder runs without the inference-time clamp to [-1, 1] so saturated pixels keep a gradient.
 At the end the EMA weights encode ``stats_clips`` full clips and the per-channel latent mean and
 std are written into the exported ``VAEConfig`` (``latents_mean`` / ``latents_std``), which is
-how the DiT's latents get normalised. Entry point: :func:`train_vae`.
+how the DiT's latents get normalised; the first latent frame, which encodes one image alone and
+has statistics of its own, gets its own (``first_frame_mean`` / ``first_frame_std``). Entry
+point: :func:`train_vae`.
 """
 
 from __future__ import annotations
@@ -102,24 +104,34 @@ def vae_loss_fn(config: VAETrainConfig, vae: nn.Module, device: torch.device) ->
     return loss_fn
 
 
-@torch.no_grad()
-def latent_stats(
-    vae: nn.Module, clips: Iterable[Tensor]
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of the posterior means of ``clips`` (each (B, 3, T, H, W))."""
-    total = sq = None
-    count = 0
-    device = next(vae.parameters()).device
-    for video in clips:
-        z = vae.encode(video.to(device, torch.float32)).double()  # (B, z, F, h, w)
-        s, s2 = z.sum(dim=(0, 2, 3, 4)), z.pow(2).sum(dim=(0, 2, 3, 4))
-        total, sq = (s, s2) if total is None else (total + s, sq + s2)
-        count += z.numel() // z.shape[1]
-    if total is None:
-        raise ValueError("latent_stats needs at least one clip")
+def _moments(total: Tensor, sq: Tensor, count: int) -> tuple[tuple[float, ...], ...]:
+    """Per-channel sums and sums of squares over ``count`` values -> (mean, std), rounded."""
     mean = total / count
     std = (sq / count - mean.pow(2)).clamp(min=1e-12).sqrt()
     return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist())
+
+
+@torch.no_grad()
+def latent_stats(vae: nn.Module, clips: Iterable[Tensor]) -> dict[str, tuple[float, ...]]:
+    """Per-channel mean and std of the posterior means of ``clips`` (each (B, 3, T, H, W)):
+    ``latents_mean`` / ``latents_std`` over all latent frames and ``first_frame_mean`` /
+    ``first_frame_std`` over the first (which encodes one image alone), as VAEConfig fields."""
+    sums: list[Tensor] | None = None  # all frames: sum, sum of squares; frame 0: the same
+    count = first = 0
+    device = next(vae.parameters()).device
+    for video in clips:
+        z = vae.encode(video.to(device, torch.float32)).double()  # (B, z, F, h, w)
+        z0 = z[:, :, :1]
+        parts = [z.sum(dim=(0, 2, 3, 4)), z.pow(2).sum(dim=(0, 2, 3, 4)),
+                 z0.sum(dim=(0, 2, 3, 4)), z0.pow(2).sum(dim=(0, 2, 3, 4))]  # fmt: skip
+        sums = parts if sums is None else [a + b for a, b in zip(sums, parts, strict=True)]
+        count, first = count + z.numel() // z.shape[1], first + z0.numel() // z.shape[1]
+    if sums is None:
+        raise ValueError("latent_stats needs at least one clip")
+    mean, std = _moments(sums[0], sums[1], count)
+    mean0, std0 = _moments(sums[2], sums[3], first)
+    return {"latents_mean": mean, "latents_std": std,
+            "first_frame_mean": mean0, "first_frame_std": std0}  # fmt: skip
 
 
 def stats_clips(config: VAETrainConfig, batch: int = 4) -> Iterable[Tensor]:
@@ -158,14 +170,12 @@ def export_vae(config: VAETrainConfig, dest: str | Path | None = None) -> Path:
     ema = EMA(vae, 0.0)
     load_ema(ckpt, ema)
     ema.copy_to(vae)
-    if config.freeze_encoder:  # same encoder: keep the statistics the DiT was trained with
-        mean, std = vae.config.latents_mean, vae.config.latents_std
-    else:
-        mean, std = latent_stats(vae, stats_clips(config))
-        vae.config = dataclasses.replace(vae.config, latents_mean=mean, latents_std=std)
+    if not config.freeze_encoder:  # a frozen encoder keeps the statistics the DiT learnt
+        vae.config = dataclasses.replace(vae.config, **latent_stats(vae, stats_clips(config)))
     dest = Path(dest or config.export_dir or Path(config.out_dir) / "vae")
     save_component(vae, dest)
-    print(f"exported {dest}; latent mean {mean}, std {std}")
+    c = vae.config
+    print(f"exported {dest}; latent mean {c.latents_mean}, std {c.latents_std}")
     return dest
 
 
