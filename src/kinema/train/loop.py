@@ -552,47 +552,18 @@ def dit_loss_fn(
     text: Callable[[list[str]], Tensor],
     vae: nn.Module | None,
 ) -> LossFn:
-    """The loss of one micro-batch; all randomness from the step's generator.
+    """The loss of one micro-batch of B clips; all randomness from the step's generator.
 
-    On N processes every rank draws the randomness of the whole (global) micro-batch, then
-    trains on its rows (:func:`kinema.distributed.train.rank_slice`), so N processes compute
-    the gradient of one process on the same batch.
-    """
-    if dt.world()[1] > 1:
-        return rank_loss_fn(config, model, device, text, vae)
-
-    def loss_fn(batch: Batch, g: torch.Generator) -> Tensor:
-        captions = drop_captions(batch["captions"], config.caption_dropout, g)
-        context = text(captions).to(device)
-        x0 = batch["latents"].to(device) if "latents" in batch else None
-        if x0 is None:
-            x0 = encode_clips(vae, batch["video"], device)  # type: ignore[arg-type]
-        b, _, f = x0.shape[:3]
-        noise = torch.randn(x0.shape, generator=g).to(device)
-        sigmas = sample_timesteps(b, g, config.logit_mean, config.logit_std, config.shift)
-        mask = sample_cond_mask(b, f, config.cond_probs, g, config.cond_max_frames)
-        with autocast(config, device):
-            return flow_matching_loss(model, x0, noise, sigmas.to(device), context, mask)
-
-    return loss_fn
-
-
-def rank_loss_fn(
-    config: TrainConfig,
-    model: nn.Module,
-    device: torch.device,
-    text: Callable[[list[str]], Tensor],
-    vae: nn.Module | None,
-) -> LossFn:
-    """:func:`dit_loss_fn` on this rank's rows of a global micro-batch of B clips.
-
-    The loss is the rank's share of the global mean, times the world size (the gradient
-    all-reduce averages): sum over its free frames / the global count of free frames * N.
+    Every process draws the randomness of the whole micro-batch, then trains on its rows
+    (:func:`kinema.distributed.train.rank_slice`; all of them on one process), so N processes
+    compute the gradient of one process on the same batch. A rank's loss is its share of the
+    global mean times N (the gradient all-reduce averages): its squared errors summed over its
+    free frames / the global count of free frames * N.
     """
 
     def loss_fn(batch: Batch, g: torch.Generator) -> Tensor:
         b, rows = len(batch["captions"]), dt.rank_slice(len(batch["captions"]))
-        captions = drop_captions(batch["captions"], config.caption_dropout, g)[rows]
+        context = text(drop_captions(batch["captions"], config.caption_dropout, g)[rows])
         if "latents" in batch:
             x0 = batch["latents"][rows].to(device)  # (B/N, z, F, h, w)
         else:
@@ -603,7 +574,7 @@ def rank_loss_fn(
         free, mine = (~mask).sum().clamp(min=1), (~mask[rows]).sum().clamp(min=1)
         with autocast(config, device):
             loss = flow_matching_loss(model, x0, noise, sigmas[rows].to(device),
-                                      text(captions).to(device), mask[rows])  # fmt: skip
+                                      context.to(device), mask[rows])  # fmt: skip
         return loss * (mine * dt.world()[1] / free).to(loss.device)
 
     return loss_fn

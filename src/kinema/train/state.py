@@ -100,10 +100,7 @@ def save_checkpoint(
         save_component(model, tmp / "model")
         save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / "optimizer.pt")
-        meta = {"step": progress.step, "samples_seen": progress.samples_seen,
-                "ema": {"decay": ema.decay, "warmup": ema.warmup, "updates": ema.updates},
-                **(extra or {})}  # fmt: skip
-        (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_state(tmp, progress, ema, extra)
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -163,9 +160,16 @@ def _write_full(tmp: Path, progress: Progress, model: nn.Module, weights: dict[s
     save_json(model.config, tmp / "model" / "config.json", _class=_plain_class(model).__name__)
     save_file(shadow, str(tmp / "ema.safetensors"))
     torch.save({"rng": rng_state()}, tmp / "rng.pt")
+    write_state(tmp, progress, ema)
+
+
+def write_state(folder: Path, progress: Progress, ema: EMA, extra: dict[str, Any] | None = None
+                ) -> None:  # fmt: skip
+    """``folder/state.json``: the data position and the EMA's counters (and ``extra``)."""
     meta = {"step": progress.step, "samples_seen": progress.samples_seen,
-            "ema": {"decay": ema.decay, "warmup": ema.warmup, "updates": ema.updates}}  # fmt: skip
-    (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
+            "ema": {"decay": ema.decay, "warmup": ema.warmup, "updates": ema.updates},
+            **(extra or {})}  # fmt: skip
+    (folder / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def _plain_class(model: nn.Module) -> type:
