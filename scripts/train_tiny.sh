@@ -5,7 +5,8 @@
 #      then 32x32x5 crops at a higher learning rate (sharper), then whole 33-frame clips at
 #      32x32 (the causal cache learns to stay stable over the default clip's 9 latent frames),
 #      then the decoder alone (same encoder, same latents); each stage exports EMA weights +
-#      per-channel latent mean/std -> runs/kinema-tiny-vae*/vae
+#      per-channel latent mean/std (the first latent frame, one image encoded alone, gets its
+#      own) -> runs/kinema-tiny-vae*/vae
 #   2. the latents + caption tokens of the DiT's training clips, encoded once
 #                                                  -> runs/kinema-tiny-dit/cache
 #   3. the DiT on that cache, exported (EMA weights, fp16) with stage 4's VAE

@@ -289,17 +289,24 @@ def diffusers_vae_kwargs(c: VAEConfig) -> dict[str, Any]:
     )  # fmt: skip
 
 
+def _twins(ours: type, theirs: type, config: Any, kwargs: dict[str, Any], device: torch.device,
+           dtype: torch.dtype, seed: int) -> tuple:  # fmt: skip
+    """diffusers' ``theirs(**kwargs)`` with random weights from ``seed``, and kinema's
+    ``ours(config)`` loaded strictly from its state dict: (ours, theirs) on device, dtype."""
+    torch.manual_seed(seed)
+    reference = theirs(**kwargs).eval()
+    model = ours(config).eval()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    return model.to(device, dtype), reference.to(device, dtype)
+
+
 def twin_dits(c: DiTConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> tuple:
     """(kinema VideoDiT, diffusers WanTransformer3DModel) with the same random weights."""
     from diffusers import WanTransformer3DModel
 
     from kinema.models.dit import VideoDiT
 
-    torch.manual_seed(seed)
-    theirs = WanTransformer3DModel(**diffusers_dit_kwargs(c)).eval()
-    ours = VideoDiT(c).eval()
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    return ours.to(device, dtype), theirs.to(device, dtype)
+    return _twins(VideoDiT, WanTransformer3DModel, c, diffusers_dit_kwargs(c), device, dtype, seed)
 
 
 def twin_vaes(c: VAEConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> tuple:
@@ -308,11 +315,7 @@ def twin_vaes(c: VAEConfig, device: torch.device, dtype: torch.dtype, seed: int 
 
     from kinema.models.vae import CausalVAE
 
-    torch.manual_seed(seed)
-    theirs = AutoencoderKLWan(**diffusers_vae_kwargs(c)).eval()
-    ours = CausalVAE(c).eval()
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    return ours.to(device, dtype), theirs.to(device, dtype)
+    return _twins(CausalVAE, AutoencoderKLWan, c, diffusers_vae_kwargs(c), device, dtype, seed)
 
 
 def inputs(s: BenchShape, device: torch.device, dtype: torch.dtype, batch: int = 2) -> tuple:
