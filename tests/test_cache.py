@@ -94,3 +94,26 @@ def test_bad_settings_are_refused(kwargs, message):
         step_cache(lambda x, t: x, **kwargs)
     with pytest.raises(ValueError, match="finite"):
         CacheCalibration((float("inf"),))
+
+
+def test_calibrate_cache_command_writes_what_load_reads(tmp_path):
+    """`kinema calibrate-cache MODEL` fits on one uncached run, saves step_cache.json in the
+    folder, and load() hands it to the pipeline; bad settings exit 2 and keep the old file."""
+    from kinema.cli import CALIBRATION_PROMPT, main
+    from kinema.loading import load
+    from tests.serve_helpers import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny")
+    assert load(model).cache_calibration == CacheCalibration()  # uncalibrated: the identity
+    assert main(["calibrate-cache", str(model), "--steps", "6"]) == 0
+    saved = load_calibration(model)
+    assert saved != CacheCalibration()
+    pipe = load(model)
+    assert pipe.cache_calibration == saved
+    again = pipe.calibrate_cache(CALIBRATION_PROMPT, steps=6)
+    assert again.coefficients == pytest.approx(saved.coefficients, rel=1e-6, abs=1e-9)
+    before = (model / "step_cache.json").read_bytes()
+    with pytest.raises(SystemExit) as exit_:
+        main(["calibrate-cache", str(model), "--steps", "2"])
+    assert exit_.value.code == 2
+    assert (model / "step_cache.json").read_bytes() == before

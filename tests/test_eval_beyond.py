@@ -45,6 +45,9 @@ def test_eval_beyond_runs_every_check(tmp_path, capsys):
     assert beyond["first_frame_psnr_db"] > 0
     assert beyond["extension"]["seam_ratio_max"] >= beyond["extension"]["seam_ratio_median"] > 0
     memory = beyond["long_video_memory"]
-    assert memory["peak_8s_mib"] > 100 and memory["ratio"] > 0.5
+    assert (memory["short_s"], memory["long_s"]) == (4.0, 8.0)
+    assert memory["long_peak_mib"] > 100 and memory["ratio"] > 0.5
     assert beyond["timed_prompts"]["clips"] == 4
-    assert "| image-to-video first frame |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| image-to-video first frame |" in printed
+    assert "| peak RSS 8 s / 4 s clip |" in printed

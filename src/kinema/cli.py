@@ -274,6 +274,33 @@ def format_info(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+CALIBRATION_PROMPT = "a red circle moving right on a navy background"
+
+
+def add_calibrate_cache(sub: Any) -> None:
+    p = sub.add_parser(
+        "calibrate-cache", help="fit the step cache (--cache) to a model; saved in its folder"
+    )
+    p.add_argument("model", nargs="?", default=None, help="model folder (default: kinema-tiny)")
+    p.add_argument("--prompt", default=CALIBRATION_PROMPT, help="prompt of the uncached run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="default: the model's")
+    p.add_argument("--device", default=None)
+    p.set_defaults(run=run_calibrate_cache)
+
+
+def run_calibrate_cache(args: argparse.Namespace) -> int:
+    from kinema.loading import load, resolve_model_path
+    from kinema.sampling.cache import CALIBRATION_FILE
+
+    folder = resolve_model_path(args.model)
+    pipe = load(folder, device=args.device)
+    calibration = pipe.calibrate_cache(args.prompt, seed=args.seed, steps=args.steps)
+    calibration.save(folder / CALIBRATION_FILE)
+    print(f"wrote {folder / CALIBRATION_FILE}: {list(calibration.coefficients)}", file=sys.stderr)
+    return 0
+
+
 def add_convert(sub: Any) -> None:
     p = sub.add_parser("convert", help="write a model (diffusers or original Wan) in kinema format")
     p.add_argument("source")
@@ -386,7 +413,7 @@ def build_parser() -> Parser:
 
     adders = (
         add_generate, add_extend, add_info, add_convert, add_train, add_eval, add_bench,
-        add_serve, add_batch,
+        add_calibrate_cache, add_serve, add_batch,
     )  # fmt: skip
     for add in adders:
         add(sub)

@@ -106,6 +106,9 @@ def load(
             f"{path} is not a model folder: expected kinema.json (kinema), model_index.json "
             "(diffusers) or Wan2.1_VAE.pth (original Wan 2.1 release)"
         )
+    from kinema.sampling.cache import load_calibration
+
+    parts["cache_calibration"] = load_calibration(path)  # step_cache.json, if calibrated
     return Pipeline(**parts, load_seconds=time.perf_counter() - start)
 
 
@@ -116,7 +119,6 @@ def _vae_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _kinema_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
     from kinema.models.text import CachedTextEncoder, load_text_encoder
-    from kinema.sampling.cache import load_calibration
 
     meta = json.loads((path / "kinema.json").read_text())
     text = dict(meta.get("text_encoder", {"kind": "minilm"}))
@@ -130,7 +132,6 @@ def _kinema_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str, A
         "text_encoder": encoder,
         "name": meta.get("name", path.name),
         "defaults": from_dict(SamplingDefaults, meta.get("sampling", {})),
-        "cache_calibration": load_calibration(path),
     }
 
 

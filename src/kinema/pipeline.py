@@ -456,6 +456,24 @@ class Pipeline:
         x = condition.impose(x) if condition is not None else x
         return x, calls()
 
+    def calibrate_cache(self, prompt: str, seed: int = 0, **settings: Any) -> Any:
+        """Fit the step cache's :class:`~kinema.sampling.cache.CacheCalibration` on one
+        uncached text-to-video run of ``prompt`` (the model's defaults unless ``settings``
+        say otherwise), use it from now on and return it (``.save(folder / CALIBRATION_FILE)``
+        keeps it with the model)."""
+        from kinema.sampling.cache import calibrate, dit_probe
+
+        req = Request(prompt=prompt, seed=seed, **settings).resolved(self.defaults)
+        validate(req, self.spatial_factor, self.temporal_factor)
+        context, uncond = self.encode_text(req)
+        guided = cfg(self.velocity, context, context if uncond is None else uncond,
+                     1.0 if uncond is None else req.guidance)  # fmt: skip
+        noise = initial_noise(req.seed, self.latent_shape(req)).to(self.device)
+        schedule = flow_schedule(req.steps, req.shift, req.sampler)
+        sample = lambda fn: SAMPLERS[req.sampler](fn, noise, schedule.sigmas, schedule.timesteps)
+        self.cache_calibration = calibrate(guided, sample, dit_probe(self.dit))
+        return self.cache_calibration
+
     def encode(self, frames: np.ndarray) -> Tensor:
         """Frames (T, H, W, 3) uint8 -> normalised latents (1, C, F, h, w) on the DiT's device."""
         vae_dtype = next(self.vae.parameters()).dtype

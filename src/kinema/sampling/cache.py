@@ -54,7 +54,11 @@ class CacheCalibration:
         return max(0.0, float(np.polyval(self.coefficients, input_change)))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"coefficients": list(self.coefficients)}) + "\n")
+        """Write JSON to ``path`` (through a temporary file: never half-written)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"coefficients": list(self.coefficients)}) + "\n")
+        tmp.replace(path)
 
     @classmethod
     def load(cls, path: str | Path) -> CacheCalibration:
