@@ -84,6 +84,11 @@ def add_generate(sub: Any) -> None:
 def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: per device)")
+    p.add_argument(
+        "--offload", default="none", metavar="none|model|block",
+        help="keep weights on the CPU, each part (model) or DiT block (block) on the device "
+        "only while it works: for GPUs too small for the model",
+    )  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -111,7 +116,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if (code := distributed_generate(args)) is not None:
         return code
     from_output_check(args.output)
-    pipe = load(args.model, device=args.device, dtype=args.dtype)
+    pipe = load(args.model, device=args.device, dtype=args.dtype, offload=args.offload)
     request = request_from_args(args, pipe.defaults, pipe.temporal_factor)
     return finish(pipe, request, args.output or default_output(args.prompt, args.seed), args)
 
@@ -201,7 +206,7 @@ def run_extend(args: argparse.Namespace) -> int:
     from kinema.pipeline import Request
 
     from_output_check(args.output)
-    pipe = load(args.model, device=args.device, dtype=args.dtype)
+    pipe = load(args.model, device=args.device, dtype=args.dtype, offload=args.offload)
     fps = args.fps or source_fps(args.video, pipe.defaults.fps)
     t = pipe.temporal_factor
     if args.seconds <= 0:

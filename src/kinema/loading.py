@@ -89,12 +89,22 @@ def load(
     *,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    offload: str = "none",
 ) -> Pipeline:
-    """Load a model (``None`` = the built-in kinema-tiny) onto ``device`` in ``dtype``."""
+    """Load a model (``None`` = the built-in kinema-tiny) onto ``device`` in ``dtype``.
+
+    ``offload`` (:class:`kinema.offload.Placement`): ``"none"`` keeps every part on ``device``;
+    ``"model"`` keeps the weights on the CPU and moves each part to ``device`` while it works;
+    ``"block"`` also streams the DiT's blocks one at a time. Outputs are the same.
+    """
+    from kinema.offload import Placement
+
     start = time.perf_counter()
     path = resolve_model_path(model)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    compute = resolve_device(device)
+    dt = resolve_dtype(dtype, compute)
+    placement = Placement(offload, compute)
+    dev = placement.home  # where the weights live
     if (path / "kinema.json").exists():
         parts = _kinema_parts(path, dev, dt)
     elif (path / "model_index.json").exists():
@@ -109,7 +119,7 @@ def load(
     from kinema.sampling.cache import load_calibration
 
     parts["cache_calibration"] = load_calibration(path)  # step_cache.json, if calibrated
-    return Pipeline(**parts, load_seconds=time.perf_counter() - start)
+    return Pipeline(**parts, placement=placement, load_seconds=time.perf_counter() - start)
 
 
 def _vae_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -11,6 +11,9 @@
   blocks are resident. Detaching restores the model exactly as it was.
 
 Neither changes what the model computes: outputs equal the plain model's.
+
+:class:`Placement` is how a :class:`~kinema.pipeline.Pipeline` uses them: one policy for all of
+its parts (``kinema.load(..., offload="model")``, ``kinema generate --offload model``).
 """
 
 from __future__ import annotations
@@ -174,4 +177,63 @@ class BlockOffload:
         self.detach()
 
 
-__all__ = ["BlockOffload", "ModelOffload"]
+OFFLOAD_POLICIES = ("none", "model", "block")
+
+
+class Placement:
+    """Where a pipeline's parts compute, under one offload policy.
+
+    ``none``: every part lives on ``device``. ``model``: the parts live on the CPU and each
+    visits ``device`` while it works (text encoder, then DiT, then VAE; :class:`ModelOffload`).
+    ``block``: as ``model``, but the DiT's blocks are streamed one at a time with prefetch
+    (:class:`BlockOffload`), so the GPU holds the largest block instead of the whole DiT.
+    """
+
+    def __init__(self, policy: str, device: str | torch.device) -> None:
+        if policy not in OFFLOAD_POLICIES:
+            raise ValueError(f"offload {policy!r}; valid: {', '.join(OFFLOAD_POLICIES)}")
+        self.policy, self.device = policy, _device(device)
+        self.models = ModelOffload(self.device)
+
+    @property
+    def home(self) -> torch.device:
+        """Where the weights are loaded: the CPU when offloading, else ``device``."""
+        return self.device if self.policy == "none" else torch.device("cpu")
+
+    @contextlib.contextmanager
+    def part(self, module: nn.Module) -> Iterator[nn.Module]:
+        """A text encoder's, image encoder's or VAE's module on ``device`` for the block."""
+        if self.policy == "none":
+            yield module
+            return
+        with self.models.use(module):
+            yield module
+
+    @contextlib.contextmanager
+    def dit(self, dit: nn.Module) -> Iterator[nn.Module]:
+        """The DiT on ``device`` (whole, or block by block) for the enclosed sampling loop."""
+        if self.policy != "block":
+            with self.part(dit):
+                yield dit
+            return
+        with BlockOffload(dit, self.device):
+            yield dit
+
+    @contextlib.contextmanager
+    def text(self, encoder: Any) -> Iterator[Any]:
+        """A kinema text encoder (``.model`` and ``.device``; maybe behind a cache) on
+        ``device`` for the block."""
+        inner = getattr(encoder, "encoder", encoder)
+        model = getattr(inner, "model", None)
+        if self.policy == "none" or not isinstance(model, nn.Module):
+            yield encoder
+            return
+        home, inner.device = inner.device, self.device
+        try:
+            with self.models.use(model):
+                yield encoder
+        finally:
+            inner.device = home
+
+
+__all__ = ["OFFLOAD_POLICIES", "BlockOffload", "ModelOffload", "Placement"]

@@ -30,6 +30,7 @@ from kinema import timeline
 from kinema.conditioning import FrameCondition, condition_frames
 from kinema.configs import SamplingDefaults
 from kinema.i2v import ImageCondition, build_condition, image_conditioned
+from kinema.offload import Placement
 from kinema.sampling import SAMPLERS, cfg, count_calls, flow_schedule
 
 Progress = Callable[[int, int], None]
@@ -190,13 +191,18 @@ class Pipeline:
         load_seconds: float = 0.0,
         image_encoder: Any = None,
         cache_calibration: Any = None,
+        placement: Placement | None = None,
     ) -> None:
         self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
         self.image_encoder, self.cache_calibration = image_encoder, cache_calibration
         self.name, self.defaults, self.load_seconds = name, defaults, load_seconds
+        self.placement = placement or Placement("none", next(dit.parameters()).device)
 
     @property
     def device(self) -> torch.device:
+        """Where the pipeline computes (the DiT's device, or the offload target)."""
+        if self.placement.policy != "none":
+            return self.placement.device
         return next(self.dit.parameters()).device
 
     @property
@@ -394,7 +400,8 @@ class Pipeline:
     def encode_text(self, req: Request) -> tuple[Tensor, Tensor | None]:
         """Context tokens (1, L, D) for the prompt, and for the negative prompt under guidance."""
         prompts = [req.prompt] + ([req.negative_prompt] if req.guidance > 1 else [])
-        tokens, _ = self.text_encoder.encode(prompts)
+        with self.placement.text(self.text_encoder):
+            tokens, _ = self.text_encoder.encode(prompts)
         tokens = tokens.to(self.device, self.dtype)
         return tokens[:1], (tokens[1:] if req.guidance > 1 else None)
 
@@ -412,8 +419,10 @@ class Pipeline:
         tokens = None
         if self.image_encoder is not None:
             anchors = [given[0]] + ([last_image] if last_image is not None else [])
-            tokens = self.image_encoder.encode(anchors)  # (N, L, image_dim)
-        return build_condition(self.vae, given, frames, tokens, self.device)
+            with self.placement.part(self.image_encoder.model):
+                tokens = self.image_encoder.encode(anchors)  # (N, L, image_dim)
+        with self.placement.part(self.vae):
+            return build_condition(self.vae, given, frames, tokens, self.device)
 
     def velocity(
         self, x: Tensor, t: Tensor, context: Tensor, image: Tensor | None = None
@@ -451,7 +460,7 @@ class Pipeline:
 
             model_fn = step_cache(model_fn, req.cache, self.cache_calibration, dit_probe(self.dit))
         sampler = SAMPLERS[req.sampler]
-        with torch.inference_mode():
+        with torch.inference_mode(), self.placement.dit(self.dit):
             x = sampler(model_fn, x, schedule.sigmas, schedule.timesteps, callback=steps.tick)
         x = condition.impose(x) if condition is not None else x
         return x, calls()
@@ -471,7 +480,8 @@ class Pipeline:
         noise = initial_noise(req.seed, self.latent_shape(req)).to(self.device)
         schedule = flow_schedule(req.steps, req.shift, req.sampler)
         sample = lambda fn: SAMPLERS[req.sampler](fn, noise, schedule.sigmas, schedule.timesteps)
-        self.cache_calibration = calibrate(guided, sample, dit_probe(self.dit))
+        with self.placement.dit(self.dit):
+            self.cache_calibration = calibrate(guided, sample, dit_probe(self.dit))
         return self.cache_calibration
 
     def encode(self, frames: np.ndarray) -> Tensor:
@@ -479,13 +489,13 @@ class Pipeline:
         vae_dtype = next(self.vae.parameters()).dtype
         video = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
         video = video.permute(3, 0, 1, 2)[None].to(vae_dtype) / 127.5 - 1  # (1, 3, T, H, W)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.placement.part(self.vae):
             return self.vae.normalize(self.vae.encode(video)).float()
 
     def decode(self, latents: Tensor) -> Tensor:
         """Normalised latents (1, C, F, h, w) -> video (1, 3, T, H, W) in [-1, 1]."""
         vae_dtype = next(self.vae.parameters()).dtype
-        with torch.inference_mode():
+        with torch.inference_mode(), self.placement.part(self.vae):
             return self.vae.decode(self.vae.denormalize(latents.to(vae_dtype)))
 
     def describe(self, req: Request, evaluations: int, clock: Clock) -> dict[str, Any]:

@@ -62,6 +62,8 @@ def run_parallel_generate(args: argparse.Namespace) -> int:
     from kinema.distributed.generate import generate, load_parallel
 
     from_output_check(args.output)
+    if getattr(args, "offload", "none") != "none":
+        raise ValueError("--offload works in one process; drop --devices or --offload")
     tile = None
     if getattr(args, "decode_tile", None):
         from kinema.models.vae import TileSpec

@@ -94,7 +94,8 @@ def dit_probe(dit: Any) -> Probe:
         tokens = dit.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2)  # (B, N, D)
         t = t.reshape(-1).expand(x.shape[0]).to(x.device)  # (B,)
         _, mod = dit.condition_embedder.time(t[:, None], dtype)  # (B, 1, 6, D)
-        shift, scale = (block.scale_shift_table[:, None].float() + mod.float()).unbind(2)[:2]
+        table = block.scale_shift_table.to(mod.device)  # (block offload keeps it on the CPU)
+        shift, scale = (table[:, None].float() + mod.float()).unbind(2)[:2]
         return modulate(block.norm1(tokens.float()), shift, scale)
 
     return probe
