@@ -153,8 +153,10 @@ def test_eval_command_writes_table_and_json(tmp_path, capsys):
 
     model = build_tiny_model(tmp_path / "tiny")
     out = tmp_path / "eval.json"
-    assert main(["eval", "--model", str(model), "--quick", "--seeds", "1", "--out", str(out)]) == 0
+    args = ["eval", "--model", str(model), "--quick", "--seeds", "1", "--guidance", "2.5"]
+    assert main([*args, "--out", str(out)]) == 0
     results = json.loads(out.read_text())
+    assert results["settings"] == {"steps": 2, "guidance": 2.5}  # the model's steps, given CFG
     assert results["heldout"]["clips"] == 4 and results["paraphrase"]["clips"] == 4
     assert 0 <= results["heldout"]["colour_ok"] <= 1 and results["vae_psnr_db"] > 0
     assert "| heldout | 4 |" in capsys.readouterr().out

@@ -345,7 +345,8 @@ def add_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="judge prompt adherence on held-out synthetic prompts")
     p.add_argument("--model", default=None, help="model folder (default: kinema-tiny)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="default: the model's")
+    p.add_argument("--guidance", type=float, default=None, help="default: the model's")
     p.add_argument("--quick", action="store_true", help="4 prompts per set instead of 8")
     p.add_argument(
         "--beyond", action="store_true",
@@ -365,7 +366,8 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"seeds {args.seeds} must be >= 1")
     pipe = load(args.model, device=args.device)
     log = (lambda line: print(line, file=sys.stderr)) if args.verbose else (lambda line: None)
-    results = evaluate(pipe, seeds=args.seeds, steps=args.steps, quick=args.quick, log=log)
+    results = evaluate(pipe, seeds=args.seeds, steps=args.steps, quick=args.quick, log=log,
+                       guidance=args.guidance)  # fmt: skip
     print(table(results))
     if args.beyond:
         from kinema.eval import beyond

@@ -82,10 +82,12 @@ def score_set(
 
 def evaluate(
     pipe: Any, seeds: int = 2, steps: int | None = None, quick: bool = False,
-    log: Callable[[str], None] = lambda s: None,
+    log: Callable[[str], None] = lambda s: None, guidance: float | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """All prompt sets plus VAE PSNR, as a JSON-ready dict."""
-    settings = {"steps": steps} if steps else {}
+    """All prompt sets plus VAE PSNR, as a JSON-ready dict (``steps`` / ``guidance``: None
+    for the model's defaults)."""
+    given = {"steps": steps, "guidance": guidance}
+    settings = {k: v for k, v in given.items() if v is not None}
     per_set = 4 if quick else 8
     sets = {
         "heldout": heldout_prompts(per_set),
@@ -96,7 +98,8 @@ def evaluate(
         results = {name: score_set(pipe, p, seeds, settings, log) for name, p in sets.items()}
         results["vae_psnr_db"] = round(vae_psnr(pipe, 3 if quick else 6), 2)
     results["model"], results["seeds"] = pipe.name, seeds
-    results["settings"] = {"steps": steps or pipe.defaults.steps, **settings}
+    results["settings"] = {"steps": pipe.defaults.steps, "guidance": pipe.defaults.guidance,
+                           **settings}  # fmt: skip
     return results
 
 
