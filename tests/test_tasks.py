@@ -56,6 +56,30 @@ def test_extension_keeps_source_frames_and_adds_seconds(pipe, tmp_path):
     assert video.fps == 8
 
 
+def test_continuations_carry_the_decoder_error_across_the_seam(pipe, monkeypatch):
+    """A window's first new frames take on the difference between the frame already in the
+    video and the window's own decoding of it, fading to nothing over SEAM_FADE frames."""
+    from kinema import pipeline as kp
+
+    last = np.full((4, 4, 3), 100, np.uint8)
+    decoded_last = np.full((4, 4, 3), 90, np.uint8)  # the VAE's version: 10 darker
+    new = np.full((12, 4, 4, 3), 90, np.uint8)  # the model's continuation: a still scene
+    out = kp.carry_seam(new, last, decoded_last, fade=8)
+    steps = np.diff(np.concatenate([last[None], out]).astype(int), axis=0)[:, 0, 0, 0]
+    assert np.abs(steps).max() <= 2  # without it: one jump of 10 at the seam
+    assert out[0, 0, 0, 0] == round(90 + 10 * 8 / 9) and np.array_equal(out[8:], new[8:])
+    saturated = kp.carry_seam(np.full((2, 4, 4, 3), 250, np.uint8), last + 100, decoded_last)
+    assert saturated.max() == 255  # clipped, not wrapped around
+    # in the pipeline: every window after the first is corrected against what precedes it
+    carry = Recorder(kp.carry_seam)
+    monkeypatch.setattr(kp, "carry_seam", carry)
+    video = pipe.generate("a dog", frames=17, **BASE)
+    assert len(carry.calls) == 2  # windows of 9, then 4 + 4 new frames
+    new_frames, previous_last, _ = carry.calls[0]
+    assert np.array_equal(previous_last, video.frames[8])
+    assert np.array_equal(carry.fn(*carry.calls[0]), video.frames[9:13])
+
+
 def test_long_video_runs_window_by_window_with_bounded_decode(pipe, monkeypatch):
     decode = Recorder(pipe.vae.decode)
     monkeypatch.setattr(pipe.vae, "decode", decode)

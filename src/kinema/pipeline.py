@@ -166,6 +166,28 @@ def partial_schedule(full: Any, strength: float, num_train_timesteps: int = 1000
     )
 
 
+SEAM_FADE = 8  # frames over which a continuation's first frames take on the decoder's seam error
+
+
+def carry_seam(new: np.ndarray, last: np.ndarray, decoded_last: np.ndarray,
+               fade: int = SEAM_FADE) -> np.ndarray:  # fmt: skip
+    """A continuation's new frames (T, H, W, 3) uint8, corrected so they follow on from ``last``
+    (the frame already in the video before them) without a jump.
+
+    The window decoded its context frames again from their re-encoding; ``decoded_last`` is its
+    version of ``last``, and their difference is the VAE's reconstruction error there. Added to
+    the first new frames with a weight falling linearly from 1 to 0 over ``fade`` frames, it
+    makes the step across the seam the model's own motion instead of motion plus that error.
+    """
+    residual = last.astype(np.float32) - decoded_last.astype(np.float32)  # (H, W, 3)
+    weights = np.clip(1 - np.arange(1, len(new) + 1) / (fade + 1), 0, None)  # (T,)
+    n = int(np.count_nonzero(weights))
+    out = new.copy()
+    mixed = new[:n].astype(np.float32) + weights[:n, None, None, None] * residual
+    out[:n] = np.clip(np.round(mixed), 0, 255).astype(np.uint8)
+    return out
+
+
 def to_uint8(video: Tensor) -> np.ndarray:
     """Decoded video (1, 3, T, H, W) in [-1, 1] -> frames (T, H, W, 3) uint8."""
     x = ((video[0].float() + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0)  # (T, H, W, 3)
@@ -314,8 +336,12 @@ class Pipeline:
         for window in plan:
             cond = self.window_condition(window, tail, media, clock, final=window is plan[-1])
             pixels, n = self.one_window(req, window, cond, clock, steps)
-            pieces.append(pixels[window.context :])
-            tail, evaluations = pixels, evaluations + n
+            new = pixels[window.context :]
+            if window.context:  # no jump where it continues what is already there
+                new = carry_seam(new, tail[-1], pixels[window.context - 1])  # type: ignore[index]
+            pieces.append(new)
+            tail = new if tail is None else np.concatenate([tail[-self.context_frames :], new])
+            evaluations += n
         return np.concatenate(pieces), evaluations
 
     def plan(self, req: Request, extension: bool) -> list[timeline.Window]:
