@@ -52,6 +52,7 @@ class ServeSettings:
     model: str | None = None  # model folder, or None for the built-in kinema-tiny
     device: str | None = None  # cpu, cuda, cuda:N, mps (None: best available)
     dtype: str | None = None  # fp32, bf16, fp16 (None: per device)
+    offload: str = "none"  # none, model, block (kinema.offload.Placement)
     api_key: str | None = None  # when set, /v1 needs "Authorization: Bearer <key>"
     max_queue: int = 32  # queued + running jobs before 429
     max_upload_bytes: int = 32 * 2**20  # per uploaded file
@@ -668,7 +669,8 @@ def create_app(settings: ServeSettings, pipe: Any = None) -> FastAPI:
     if pipe is None:
         from kinema.loading import load
 
-        pipe = load(settings.model, device=settings.device, dtype=settings.dtype)
+        pipe = load(settings.model, device=settings.device, dtype=settings.dtype,
+                    offload=settings.offload)  # fmt: skip
     service = Service(settings, pipe)
 
     @asynccontextmanager

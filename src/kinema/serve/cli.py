@@ -30,6 +30,7 @@ def add_serve(sub: Any) -> None:
                    help="require 'Authorization: Bearer KEY' (or $KINEMA_API_KEY)")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: per device)")
+    p.add_argument("--offload", default="none", help="none, model or block (small GPUs)")
     p.add_argument("--max-queue", type=int, default=32, help="queued + running jobs before 429")
     p.add_argument("--max-upload-mb", type=float, default=32.0, help="per uploaded file")
     p.add_argument("--max-seconds", type=float, default=60.0, help="longest clip a request gets")
@@ -47,11 +48,16 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     for name in ("max_queue", "max_upload_mb", "max_seconds", "retention_hours"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be > 0")
+    from kinema.offload import OFFLOAD_POLICIES
+
+    if args.offload not in OFFLOAD_POLICIES:
+        raise ValueError(f"--offload {args.offload!r}; valid: {', '.join(OFFLOAD_POLICIES)}")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key must not be empty")
     return ServeSettings(
         data_dir=(args.data_dir or default_data_dir()).expanduser(), model=args.model,
-        device=args.device, dtype=args.dtype, api_key=args.api_key, max_queue=args.max_queue,
+        device=args.device, dtype=args.dtype, offload=args.offload, api_key=args.api_key,
+        max_queue=args.max_queue,
         max_upload_bytes=int(args.max_upload_mb * 2**20), max_seconds=args.max_seconds,
         retention_s=int(args.retention_hours * 3600),
     )  # fmt: skip
