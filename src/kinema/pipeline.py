@@ -498,6 +498,9 @@ class Pipeline:
         keeps it with the model)."""
         from kinema.sampling.cache import calibrate, dit_probe
 
+        if self.image_channels:
+            raise ValueError(f"{self.name} is an image-to-video checkpoint; the step cache is "
+                             "calibrated on text-to-video models")  # fmt: skip
         req = Request(prompt=prompt, seed=seed, **settings).resolved(self.defaults)
         validate(req, self.spatial_factor, self.temporal_factor)
         context, uncond = self.encode_text(req)
