@@ -117,6 +117,8 @@ def test_text_only_request_on_an_i2v_model_fails_clearly(folder):
         pipe.generate("a cat", **SETTINGS)
     with pytest.raises(ValueError, match="last_image needs a first-last-frame"):
         pipe.generate("a cat", image=picture(1), last_image=picture(2), **SETTINGS)
+    with pytest.raises(ValueError, match="is an image-to-video checkpoint; the step cache"):
+        pipe.calibrate_cache("a cat")
 
 
 def test_first_last_frame_matches_diffusers(tmp_path):
