@@ -104,11 +104,23 @@ def vae_loss_fn(config: VAETrainConfig, vae: nn.Module, device: torch.device) ->
     return loss_fn
 
 
-def _moments(total: Tensor, sq: Tensor, count: int) -> tuple[tuple[float, ...], ...]:
-    """Per-channel sums and sums of squares over ``count`` values -> (mean, std), rounded."""
-    mean = total / count
-    std = (sq / count - mean.pow(2)).clamp(min=1e-12).sqrt()
-    return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist())
+class _Moments:
+    """Running per-channel sum, sum of squares and count of latents (B, C, F, h, w)."""
+
+    def __init__(self) -> None:
+        self.total = self.sq = torch.zeros((), dtype=torch.float64)  # grow to (C,) on add
+        self.count = 0
+
+    def add(self, z: Tensor) -> None:
+        self.total = self.total + z.sum(dim=(0, 2, 3, 4))
+        self.sq = self.sq + z.pow(2).sum(dim=(0, 2, 3, 4))
+        self.count += z.numel() // z.shape[1]
+
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (mean, std), rounded to 6 decimals."""
+        mean = self.total / self.count
+        std = (self.sq / self.count - mean.pow(2)).clamp(min=1e-12).sqrt()
+        return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist())
 
 
 @torch.no_grad()
@@ -116,20 +128,15 @@ def latent_stats(vae: nn.Module, clips: Iterable[Tensor]) -> dict[str, tuple[flo
     """Per-channel mean and std of the posterior means of ``clips`` (each (B, 3, T, H, W)):
     ``latents_mean`` / ``latents_std`` over all latent frames and ``first_frame_mean`` /
     ``first_frame_std`` over the first (which encodes one image alone), as VAEConfig fields."""
-    sums: list[Tensor] | None = None  # all frames: sum, sum of squares; frame 0: the same
-    count = first = 0
+    every, first = _Moments(), _Moments()
     device = next(vae.parameters()).device
     for video in clips:
         z = vae.encode(video.to(device, torch.float32)).double()  # (B, z, F, h, w)
-        z0 = z[:, :, :1]
-        parts = [z.sum(dim=(0, 2, 3, 4)), z.pow(2).sum(dim=(0, 2, 3, 4)),
-                 z0.sum(dim=(0, 2, 3, 4)), z0.pow(2).sum(dim=(0, 2, 3, 4))]  # fmt: skip
-        sums = parts if sums is None else [a + b for a, b in zip(sums, parts, strict=True)]
-        count, first = count + z.numel() // z.shape[1], first + z0.numel() // z.shape[1]
-    if sums is None:
+        every.add(z)
+        first.add(z[:, :, :1])
+    if not every.count:
         raise ValueError("latent_stats needs at least one clip")
-    mean, std = _moments(sums[0], sums[1], count)
-    mean0, std0 = _moments(sums[2], sums[3], first)
+    (mean, std), (mean0, std0) = every.mean_std(), first.mean_std()
     return {"latents_mean": mean, "latents_std": std,
             "first_frame_mean": mean0, "first_frame_std": std0}  # fmt: skip
 
