@@ -10,7 +10,9 @@
 #   2. the latents + caption tokens of the DiT's training clips, encoded once
 #                                                  -> runs/kinema-tiny-dit/cache
 #   3. the DiT on that cache, exported (EMA weights, fp16) with stage 4's VAE
-#                                                  -> src/kinema/assets/kinema-tiny
+#                                                  -> runs/kinema-tiny-dit/model
+#   4. that DiT fine-tuned on 2048 fresh clips with 1.5x larger objects
+#      (configs/kinema-tiny-dit-2.yaml; own cache)   -> src/kinema/assets/kinema-tiny
 #
 # Resumable: every stage checkpoints (and saves on Ctrl-C / SIGTERM); running this script again
 # continues where it stopped and skips finished stages. Delete runs/ to start over.
@@ -20,7 +22,6 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 
-DIT_CONFIG=configs/kinema-tiny-dit.yaml
 
 for n in 1 2 3 4; do
   stage=$([ "$n" = 1 ] || echo "-$n")
@@ -34,6 +35,8 @@ train_vae(load_vae_train_config(sys.argv[1]))' "$config"
   fi
 done
 
-echo "[2/2] precomputing latents, then training the DiT ($DIT_CONFIG)"
-"$PY" -c 'import sys; from kinema.train import load_train_config, train_dit
-print(train_dit(load_train_config(sys.argv[1])))' "$DIT_CONFIG"
+for config in configs/kinema-tiny-dit.yaml configs/kinema-tiny-dit-2.yaml; do
+  echo "[2/2] precomputing latents, then training the DiT ($config)"
+  "$PY" -c 'import sys; from kinema.train import load_train_config, train_dit
+print(train_dit(load_train_config(sys.argv[1])))' "$config"
+done

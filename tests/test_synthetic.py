@@ -78,6 +78,21 @@ def test_objects_stay_in_frame_apart_contrasted_and_move_visibly():
             _assert_visible(o.motion, first, last, spec)
 
 
+def test_object_scale_makes_objects_larger_and_keeps_the_world_rules():
+    plain = _specs(120, seed=6, change_prob=0.0)
+    big = _specs(120, seed=6, change_prob=0.0, object_scale=1.5)
+    mean = [np.mean([o.size for s in specs for o in s.objects]) for specs in (plain, big)]
+    assert 1.4 <= mean[1] / mean[0] <= 1.6
+    for spec in big:  # still in frame, apart and visibly moving
+        ann = annotations(spec)
+        boxes = np.array([[o["box"] for o in frame] for frame in ann])  # (T, N, 4)
+        assert boxes[..., :2].min() >= 0 and boxes[..., 2:].max() <= spec.width
+        for o, first, last in zip(spec.objects, ann[0], ann[-1], strict=True):
+            _assert_visible(o.motion, first, last, spec)
+    with pytest.raises(ValueError, match="object_scale 2.0; valid: 0.5 to 1.6"):
+        _specs(1, object_scale=2.0)
+
+
 def _assert_visible(motion: str, first: dict, last: dict, spec: ClipSpec) -> None:
     dx = (last["centre"][0] - first["centre"][0]) / spec.width
     dy = (last["centre"][1] - first["centre"][1]) / spec.height

@@ -173,6 +173,7 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         "vae: v\nmodel: {}\nlr: fast\n": "TrainConfig.lr",
         "vae: v\nmodel: {}\ndata: {frames: 8}\n": "data.frames",
         "vae: v\nmodel: {}\ncond_probs: [0.5, 0.5, 0.5]\n": "cond_probs",
+        "vae: v\nmodel: {}\ndata: {object_scale: 3}\n": "data.object_scale",
     }
     for i, (text, key) in enumerate(cases.items()):
         path = tmp_path / f"bad{i}.yaml"

@@ -12,11 +12,12 @@ bottom RGB); equal ends = flat), ``HELDOUT`` (held-out (colour, shape, motion) t
 ``ObjectSpec`` / ``ClipSpec``
     Frozen dataclasses; every field needed to render is in them (see their field comments).
 ``sample_clip_spec(rng, *, width=128, height=128, frames=33, fps=16, split="train",
-max_objects=3, change_prob=0.2) -> ClipSpec``
+max_objects=3, change_prob=0.2, object_scale=1.0) -> ClipSpec``
     ``split="train"`` never yields a ``HELDOUT`` triple (neither as the first motion nor as
     the motion after a change); ``split="heldout"`` yields objects whose first motion is one.
     ``change_prob`` is the chance that a clip's first object changes motion part-way (0
-    gives first-motion-only clips).
+    gives first-motion-only clips). ``object_scale`` (0.5 to 1.6) multiplies every radius:
+    larger objects span more latent patches of a small model (kinema-tiny trains at 1.5).
 ``render(spec) -> np.ndarray``
     uint8 (T, H, W, 3); drawn with Pillow at 2x and box-downsampled (anti-aliased).
 ``trajectory(obj, frames, fps) -> (x, y, r, angle)``
@@ -34,7 +35,7 @@ max_objects=3, change_prob=0.2) -> ClipSpec``
     keys found), for any phrasing the grammar produces and simple user phrasings such as
     "a yellow circle moving right". Unknown words are ignored.
 ``SyntheticClips(seed, size=(w, h), frames=33, fps=16, split="train", length=None,
-max_objects=3, change_prob=0.2, phrasing="train")``
+max_objects=3, change_prob=0.2, phrasing="train", object_scale=1.0)``
     ``ds[i] -> (video uint8 (T, H, W, 3), caption, spec)``, a pure function of (seed, i).
 
 World rules
@@ -452,6 +453,7 @@ def _overlap(a: np.ndarray, b: np.ndarray, pad: float = 0.04) -> bool:
 def sample_clip_spec(
     rng: np.random.Generator, *, width: int = 128, height: int = 128, frames: int = 33,
     fps: int = 16, split: str = "train", max_objects: int = 3, change_prob: float = 0.2,
+    object_scale: float = 1.0,
 ) -> ClipSpec:  # fmt: skip
     """A random clip of the world (see the module docstring for the rules)."""
     _check("split", split, ("train", "heldout"))
@@ -460,6 +462,8 @@ def sample_clip_spec(
         raise ValueError(f"max_objects {max_objects}; valid: 1 to 3")
     if not 0 <= change_prob <= 1:
         raise ValueError(f"change_prob {change_prob}; valid: 0 to 1")
+    if not 0.5 <= object_scale <= 1.6:
+        raise ValueError(f"object_scale {object_scale}; valid: 0.5 to 1.6")
     seed = int(rng.integers(2**31))
     n = min(max_objects, 1 + int(rng.choice(3, p=[0.5, 0.3, 0.2])))
     change = bool(rng.random() < change_prob)
@@ -468,7 +472,7 @@ def sample_clip_spec(
         if len(objects) == n:
             break
         o = _draft(rng, split, {p.colour for p in objects}, change and not objects, frames, fps)
-        o = replace(o, size=o.size * (1 - 0.12 * (n - 1)))
+        o = replace(o, size=o.size * object_scale * (1 - 0.12 * (n - 1)))
         placed = _place(rng, o, boxes, (width, height), frames, fps)
         if placed is not None:
             objects.append(placed[0])
@@ -617,7 +621,7 @@ class SyntheticClips:
     def __init__(
         self, seed: int = 0, size: tuple[int, int] = (128, 128), frames: int = 33,
         fps: int = 16, split: str = "train", length: int | None = None, max_objects: int = 3,
-        change_prob: float = 0.2, phrasing: str = "train",
+        change_prob: float = 0.2, phrasing: str = "train", object_scale: float = 1.0,
     ) -> None:  # fmt: skip
         _check("split", split, ("train", "heldout"))
         _check("phrasing", phrasing, TEMPLATES)
@@ -627,6 +631,7 @@ class SyntheticClips:
         self.seed, self.size, self.frames, self.fps = seed, size, frames, fps
         self.split, self.length, self.phrasing = split, length, phrasing
         self.max_objects, self.change_prob = max_objects, change_prob
+        self.object_scale = object_scale
 
     def __len__(self) -> int:
         return self.length if self.length is not None else 2**31 - 1
@@ -640,6 +645,7 @@ class SyntheticClips:
         spec = sample_clip_spec(
             rng, width=w, height=h, frames=self.frames, fps=self.fps, split=self.split,
             max_objects=self.max_objects, change_prob=self.change_prob,
+            object_scale=self.object_scale,
         )  # fmt: skip
         return spec, rng
 

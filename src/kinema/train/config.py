@@ -39,6 +39,7 @@ class DataConfig:
     height: int = 128  # clip height in pixels
     frames: int = 33  # clip length in frames (4k + 1)
     fps: int = 16  # frames per second the clips are sampled at
+    object_scale: float = 1.0  # synthetic: multiplies every object's radius (0.5 to 1.6)
 
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
@@ -49,6 +50,8 @@ class DataConfig:
             raise ValueError(f"data.frames {self.frames} must be 4k+1 (1, 5, 9, ..., 33, ...)")
         if self.num_clips < 1:
             raise ValueError(f"data.num_clips {self.num_clips} must be >= 1")
+        if not 0.5 <= self.object_scale <= 1.6:
+            raise ValueError(f"data.object_scale {self.object_scale}; valid: 0.5 to 1.6")
 
 
 @dataclass(frozen=True)

@@ -85,8 +85,9 @@ class ClipDataset(torch.utils.data.Dataset):
             from kinema.data.synthetic import SyntheticClips
 
             self.source: Any = SyntheticClips(
-                data.seed, size=size, frames=data.frames, fps=data.fps, split=split
-            )
+                data.seed, size=size, frames=data.frames, fps=data.fps, split=split,
+                object_scale=data.object_scale,
+            )  # fmt: skip
             self.length = data.num_clips
         else:
             from kinema.data.folder import VideoFolder
