@@ -106,6 +106,30 @@ def test_per_frame_timesteps_match_diffusers_per_token(tmp_path):
     assert (other - got).abs().max().item() > 1e-3
 
 
+def test_per_frame_contexts_reduce_to_diffusers_and_stay_in_their_frame(tmp_path):
+    """Timed prompts: a context per latent frame (B, F, L, D). The same context on every frame
+    is diffusers' forward; with different ones, each frame's tokens cross-attend to their own
+    frame's context only (checked against the plain attention run on that frame alone)."""
+    ref = tiny_reference(tmp_path)
+    ours = kinema_twin(tmp_path, ref)
+    x, t = torch.randn(2, 16, 3, 4, 6), torch.tensor([999.0, 400.0])
+    ctx = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        want = ref(x, t, ctx, return_dict=False)[0]
+        got = ours(x, t, ctx[:, None].expand(-1, 3, -1, -1))
+        assert (got - want).abs().max().item() <= 1e-4
+        per_frame = torch.randn(2, 3, 5, 32)
+        assert (ours(x, t, per_frame) - want).abs().max().item() > 1e-3
+        attn, d = ours.blocks[0].attn2, ours.config.dim
+        h, frame_ctx = torch.randn(2, 3 * 6, d), torch.randn(2, 3, 5, d)  # 6 tokens a frame
+        mixed = attn(h, frame_ctx)
+        for g in range(3):
+            alone = attn(h[:, 6 * g : 6 * (g + 1)], frame_ctx[:, g])
+            torch.testing.assert_close(mixed[:, 6 * g : 6 * (g + 1)], alone)
+    with pytest.raises(ValueError, match=r"valid: \(B, 3, L, D\), one per latent frame"):
+        ours(x, t, per_frame[:, :2])
+
+
 def test_image_to_video_layout_matches_diffusers(tmp_path):
     ref = tiny_reference(tmp_path, in_channels=36, image_dim=20, added_kv_proj_dim=24)
     ours = kinema_twin(tmp_path, ref)

@@ -92,11 +92,17 @@ def test_long_video_runs_window_by_window_with_bounded_decode(pipe, monkeypatch)
 
 
 def test_timed_prompts_switch_at_the_given_second(pipe, monkeypatch):
-    encode = Recorder(pipe.text_encoder.encode)
-    monkeypatch.setattr(pipe.text_encoder, "encode", encode)
-    pipe.generate("first", frames=17, prompts=((1.0, "second"),), **BASE)
-    prompts = [call[0][0] for call in encode.calls]
-    assert prompts == ["first", "second", "second"]  # frames 0-8, then 9-12 and 13-16
+    denoise = Recorder(pipe.denoise)
+    monkeypatch.setattr(pipe, "denoise", denoise)
+    pipe.generate("first", frames=17, prompts=((1.0, "second"),), **BASE)  # switch: frame 8
+    tokens = pipe.text_encoder.encode(["first", "second"])[0]  # (2, L, D)
+    first, switching, second = (call[3] for call in denoise.calls)  # three windows
+    # window 1: frames 0-8, latent frames start at 0, 1, 5 -> "first" throughout: one context
+    torch.testing.assert_close(first, tokens[:1].to(first.dtype))
+    # window 2: frames 4-12 (4-8 given), latent frames start at 4, 5, 9 -> "second" from 9 on
+    assert switching.shape[:2] == (1, 3)  # one context per latent frame
+    torch.testing.assert_close(switching[0], tokens[[0, 0, 1]].to(first.dtype))
+    torch.testing.assert_close(second, tokens[1:].to(first.dtype))  # window 3: frames 8-16
 
 
 def test_image_condition_is_kept_in_the_first_latent_frame(pipe, monkeypatch):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -349,9 +349,9 @@ class Pipeline:
         t = self.temporal_factor
         duration = (req.frames - (0 if extension else 1)) / req.fps
         switches = timeline.switch_frames(req.prompts, req.fps, duration, t)
-        segs = timeline.segments(req.prompt, switches, req.frames, first_has_start=not extension)
         window = max(self.defaults.frames, self.context_frames + t)
-        return timeline.plan(segs, window, self.context_frames, req.seed, has_tail=extension)
+        return timeline.plan(req.prompt, switches, req.frames, window, self.context_frames,
+                             req.seed, has_tail=extension)  # fmt: skip
 
     def window_condition(
         self, window: timeline.Window, tail: np.ndarray | None, media: dict[str, np.ndarray],
@@ -390,7 +390,7 @@ class Pipeline:
         wreq = dataclasses.replace(
             req, prompt=window.prompt, frames=window.frames, seed=window.seed
         )
-        context, uncond = self.encode_text(wreq)
+        context, uncond = self.encode_text(wreq, window.prompts[1:])
         clock.add("text")
         noise = initial_noise(wreq.seed, self.latent_shape(wreq)).to(self.device)
         schedule = flow_schedule(req.steps, req.shift, req.sampler)
@@ -423,13 +423,28 @@ class Pipeline:
 
     # -- building blocks ---------------------------------------------------------------------------
 
-    def encode_text(self, req: Request) -> tuple[Tensor, Tensor | None]:
-        """Context tokens (1, L, D) for the prompt, and for the negative prompt under guidance."""
-        prompts = [req.prompt] + ([req.negative_prompt] if req.guidance > 1 else [])
+    def encode_text(
+        self, req: Request, timed: Sequence[tuple[int, str]] = ()
+    ) -> tuple[Tensor, Tensor | None]:
+        """Context tokens (1, L, D) for the prompt, and for the negative prompt under guidance.
+        ``timed`` ((first pixel frame, prompt), ...): prompts that take over within the clip;
+        then the contexts are per latent frame, (1, F, L, D), each frame's the tokens of the
+        prompt in force at its first pixel frame (the negative prompt's repeated)."""
+        guided = req.guidance > 1
+        prompts = [req.prompt, *(p for _, p in timed)] + ([req.negative_prompt] if guided else [])
         with self.placement.text(self.text_encoder):
             tokens, _ = self.text_encoder.encode(prompts)
-        tokens = tokens.to(self.device, self.dtype)
-        return tokens[:1], (tokens[1:] if req.guidance > 1 else None)
+        tokens = tokens.to(self.device, self.dtype)  # (P [+ 1], L, D)
+        cond, uncond = tokens[:1], (tokens[-1:] if guided else None)
+        f = self.latent_shape(req)[2]
+        starts = [0, *(frame for frame, _ in timed)]
+        which = timeline.latent_prompts(starts, f, self.temporal_factor)
+        if len(set(which)) > 1:  # a switch inside the clip: one context per latent frame
+            cond = tokens[which][None]  # (1, F, L, D)
+            uncond = uncond[:, None].expand(-1, f, -1, -1) if uncond is not None else None
+        else:
+            cond = tokens[which[0]][None]
+        return cond, uncond
 
     def latent_shape(self, req: Request) -> tuple[int, int, int, int, int]:
         s, t = self.vae.config.spatial_factor, self.vae.config.temporal_factor

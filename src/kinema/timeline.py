@@ -1,10 +1,11 @@
 """Planning long videos and timed prompts as a sequence of windows (pure functions).
 
-A video longer than the model's window, or whose prompt changes over time, is made window by
-window. Every window after the first starts with ``context`` pixel frames taken from the end of
-what came before (given to the model as clean latent frames), so memory stays that of one
-window however long the video is. Prompt switches are snapped to latent-frame boundaries
-(``temporal`` pixel frames, 0.25 s at 16 fps) and start a new window there.
+A video longer than the model's window is made window by window. Every window after the first
+starts with ``context`` pixel frames taken from the end of what came before (given to the model
+as clean latent frames), so memory stays that of one window however long the video is. Prompt
+switches are snapped to latent-frame boundaries (``temporal`` pixel frames, 0.25 s at 16 fps);
+a window over a switch holds both prompts, and each latent frame's tokens cross-attend to the
+prompt in force at that frame (:func:`latent_prompts`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Window:
     """One generation window: ``frames`` pixel frames (tk+1), of which the first ``context``
-    are given (copied from the previous output); ``new`` = frames - context are produced."""
+    are given (copied from the previous output); ``new`` = frames - context are produced.
+    ``prompts``: (first frame of the window, prompt) for each prompt in force over it, the
+    first from frame 0."""
 
-    prompt: str
+    prompts: tuple[tuple[int, str], ...]
     frames: int
     context: int
     seed: int
@@ -26,6 +29,11 @@ class Window:
     @property
     def new(self) -> int:
         return self.frames - self.context
+
+    @property
+    def prompt(self) -> str:
+        """The prompt in force at the window's first frame."""
+        return self.prompts[0][1]
 
 
 def switch_frames(
@@ -46,30 +54,44 @@ def switch_frames(
     return out
 
 
-def segments(
-    prompt: str, switches: Sequence[tuple[int, str]], total: int, first_has_start: bool
-) -> list[tuple[str, int]]:
-    """(prompt, new frames) per segment. With ``first_has_start`` the first segment also makes
-    frame 0 (a video from scratch: total = tk+1); otherwise every count is a multiple of t."""
-    bounds = [0] + [f for f, _ in switches] + [total - (1 if first_has_start else 0)]
-    prompts = [prompt] + [p for _, p in switches]
-    counts = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    if first_has_start:
-        counts[0] += 1
-    return [(p, n) for p, n in zip(prompts, counts, strict=True) if n > 0]
+def in_force(
+    prompt: str, switches: Sequence[tuple[int, str]], start: int, frames: int
+) -> tuple[tuple[int, str], ...]:
+    """The prompts in force over video frames ``start .. start + frames``, as (frame of the
+    window, prompt): ``prompt`` from the video's start, each switch (video frame, prompt) on."""
+    out = [(0, prompt)]
+    for frame, p in switches:
+        local = frame - start
+        if local <= 0:
+            out = [(0, p)]
+        elif local < frames:
+            out.append((local, p))
+    return tuple(out)
 
 
 def plan(
-    segs: Sequence[tuple[str, int]], window: int, context: int, seed: int, has_tail: bool
-) -> list[Window]:
-    """Cut segments into windows of at most ``window`` frames, each after the first starting
-    with ``context`` given frames. ``has_tail``: a previous clip exists (extension)."""
+    prompt: str, switches: Sequence[tuple[int, str]], total: int, window: int, context: int,
+    seed: int, has_tail: bool,
+) -> list[Window]:  # fmt: skip
+    """Cut ``total`` new frames into windows of at most ``window`` frames, each after the first
+    starting with ``context`` given frames, and give each the prompts in force over it (a
+    prompt switch does not cut a window: the model sees both prompts, frame by frame).
+    ``has_tail``: a previous clip exists (extension), so the first window has context too;
+    frame numbers count the new frames from 0 either way."""
     windows: list[Window] = []
-    for prompt, count in segs:
-        left = count
-        while left > 0:
-            ctx = context if (windows or has_tail) else 0
-            new = min(window - ctx, left)
-            windows.append(Window(prompt, ctx + new, ctx, seed + len(windows)))
-            left -= new
+    made = 0
+    while made < total:
+        ctx = context if (windows or has_tail) else 0
+        new = min(window - ctx, total - made)
+        prompts = in_force(prompt, switches, made - ctx, ctx + new)
+        windows.append(Window(prompts, ctx + new, ctx, seed + len(windows)))
+        made += new
     return windows
+
+
+def latent_prompts(starts: Sequence[int], latent_frames: int, temporal: int) -> list[int]:
+    """For each latent frame, the index of the prompt in force at its first pixel frame (0 for
+    latent frame 0, ``temporal * (j - 1) + 1`` for frame j), given each prompt's first pixel
+    frame ``starts`` (increasing, the first 0)."""
+    first = [0] + [temporal * (j - 1) + 1 for j in range(1, latent_frames)]
+    return [max(i for i, s in enumerate(starts) if s <= f) for f in first]

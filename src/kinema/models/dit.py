@@ -191,7 +191,10 @@ class Attention(nn.Module):
         rope: tuple[Tensor, Tensor] | None = None,
         image: Tensor | None = None,
     ) -> Tensor:
-        """x (B, S, D); context (B, L, D) or None for self-attention -> (B, S, D)."""
+        """x (B, S, D); context (B, L, D), or (B, G, L, D) with one per patch frame (see
+        :meth:`per_frame`), or None for self-attention -> (B, S, D)."""
+        if context is not None and context.ndim == 4:
+            return self.per_frame(x, context, image)
         q, k, v = self.project(x, context)
         q, k, v = self.heads_of(self.norm_q(q)), self.heads_of(self.norm_k(k)), self.heads_of(v)
         if rope is not None:
@@ -202,6 +205,15 @@ class Attention(nn.Module):
             v_img = self.heads_of(self.add_v_proj(image))
             out = out + attention(q, k_img, v_img).flatten(2).type_as(q)
         return self.to_out[0](out)
+
+    def per_frame(self, x: Tensor, context: Tensor, image: Tensor | None) -> Tensor:
+        """Cross-attention in which the tokens of patch frame g attend to ``context[:, g]`` only
+        (a prompt that changes over time). x (B, S, D), context (B, G, L, D) -> (B, S, D)."""
+        b, g = context.shape[:2]
+        frames = x.unflatten(1, (g, -1)).flatten(0, 1)  # (B G, S / G, D): tokens are frame-major
+        image = image.repeat_interleave(g, dim=0) if image is not None else None
+        out = self(frames, context.flatten(0, 1), image=image)  # (B G, S / G, D)
+        return out.unflatten(0, (b, g)).flatten(1, 2)
 
 
 class Block(nn.Module):
@@ -283,19 +295,31 @@ class VideoDiT(nn.Module):
             )
         return t[:, ::pt]  # (B, G)
 
+    def frame_context(self, context: Tensor, frames: int) -> Tensor:
+        """Context (B, L, Dt) as is, or per latent frame (B, F, L, Dt) -> per patch frame."""
+        if context.ndim == 3:
+            return context
+        pt = self.config.patch_size[0]
+        if context.ndim != 4 or context.shape[1] != frames * pt:
+            raise ValueError(f"per-frame context has shape {tuple(context.shape)}; valid: "
+                             f"(B, {frames * pt}, L, D), one per latent frame")  # fmt: skip
+        return context[:, ::pt]  # (B, G, L, Dt)
+
     def forward(
         self, x: Tensor, timestep: Tensor, context: Tensor, image: Tensor | None = None
     ) -> Tensor:
         """x (B, C, F, H, W), timestep (B,) or (B, F), context (B, L, text_dim) -> (B, C, F, H, W).
 
-        ``image`` (B, 257, image_dim): CLIP image tokens, for image-to-video checkpoints only.
+        ``context`` may also be (B, F, L, text_dim): one prompt per latent frame, each frame's
+        tokens cross-attending to their own (timed prompts). ``image`` (B, 257, image_dim):
+        CLIP image tokens, for image-to-video checkpoints only.
         """
         grid = self.grid(x)
         rope = self.rope(grid, x.device)
         tokens = self.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()  # (B, N, D)
         t = self.frame_timesteps(timestep, x.shape[0], grid[0])
         temb, mod = self.condition_embedder.time(t, context.dtype)  # (B,G,D), (B,G,6,D)
-        context = self.condition_embedder.text_embedder(context)  # (B, L, D)
+        context = self.condition_embedder.text_embedder(self.frame_context(context, grid[0]))
         if image is not None:
             image = self.condition_embedder.image_embedder(image)  # (B, 257, D)
         for block in self.blocks:
