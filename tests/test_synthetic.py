@@ -93,6 +93,24 @@ def test_object_scale_makes_objects_larger_and_keeps_the_world_rules():
         _specs(1, object_scale=2.0)
 
 
+def test_timed_captions_name_the_motion_before_and_after_the_change():
+    ds = SyntheticClips(4, change_prob=0.5)
+    seen = 0
+    for i in range(40):
+        spec, timed = ds[i][2], ds.timed(i)
+        first = spec.objects[0]
+        if first.then_motion is None:
+            assert timed is None
+            continue
+        (start, before), (switch, after) = timed
+        assert start == 0 and switch == first.switch_frame
+        assert parse_prompt(before)[0]["motion"] == first.motion
+        assert parse_prompt(after)[0]["motion"] == first.then_motion
+        assert "then_motion" not in parse_prompt(before)[0] | parse_prompt(after)[0]
+        seen += 1
+    assert seen >= 10
+
+
 def _assert_visible(motion: str, first: dict, last: dict, spec: ClipSpec) -> None:
     dx = (last["centre"][0] - first["centre"][0]) / spec.width
     dy = (last["centre"][1] - first["centre"][1]) / spec.height

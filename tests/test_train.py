@@ -31,7 +31,14 @@ from kinema.train import (
     train_vae,
 )
 from kinema.train.config import OptimFields
-from kinema.train.loop import precompute, read_log, start_run, train_loop
+from kinema.train.loop import (
+    ClipDataset,
+    caption_context,
+    precompute,
+    read_log,
+    start_run,
+    train_loop,
+)
 from kinema.train.state import PositionSampler, index_at, latest_checkpoint, lr_at
 from kinema.train.vae_loop import stats_clips
 
@@ -234,6 +241,30 @@ def test_dit_resume_is_exact(tmp_path: Path, vae_folder: Path, text_encoder, vid
     assert len(list((tmp_path / "a" / "checkpoints").glob("step-*"))) == 2  # keeps the last 2
     dit = load_dit(straight / "transformer")
     assert dit.proj_out.weight.dtype == torch.float16  # lossless enough for fp16
+
+
+def test_timed_captions_give_each_latent_frame_the_caption_in_force(
+    tmp_path: Path, vae_folder: Path, text_encoder
+) -> None:
+    data = DataConfig(seed=2, num_clips=12, width=32, height=32, frames=17, fps=8)
+    ds = ClipDataset(data)
+    changes = [i for i in range(12) if ds.timed(i)]
+    i, j = changes[0], next(k for k in range(12) if k not in changes)
+    (_, before), (switch, after) = ds.timed(i)
+    config = dit_config(tmp_path, vae_folder, data=data, timed_captions=1.0, caption_dropout=0)
+    batch = {"captions": [ds[i][1], ds[j][1]], "timed": [ds.timed(i), None]}
+    text = lambda captions: text_encoder.encode(captions)[0].float()
+    context = caption_context(config, batch, batch["captions"], 5, text, gen())
+    assert context.shape[:2] == (2, 5)  # per latent frame; their first pixel frames 0 1 5 9 13
+    for f, first in enumerate((0, 1, 5, 9, 13)):
+        torch.testing.assert_close(context[0, f], text([before if first < switch else after])[0])
+        torch.testing.assert_close(context[1, f], text([ds[j][1]])[0])
+    assert len({before, after} & {ds[i][1]}) == 0  # not the clip's "..., then ..." caption
+    model = train_dit(dit_config(tmp_path / "run", vae_folder, data=data, timed_captions=1.0,
+                                 max_steps=2), text_encoder=text_encoder)  # fmt: skip
+    assert all(float(r["loss"]) > 0 for r in read_log(tmp_path / "run")) and model.exists()
+    with pytest.raises(ValueError, match="timed_captions needs synthetic data and precompute"):
+        dit_config(tmp_path, vae_folder, data=data, timed_captions=0.5, precompute=False)
 
 
 def test_latent_cache_refuses_other_vae_statistics(

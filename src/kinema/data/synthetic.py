@@ -30,13 +30,17 @@ max_objects=3, change_prob=0.2, object_scale=1.0) -> ClipSpec``
     A caption from a template grammar; it always names colour, shape and motion of every
     object (and a motion change as "..., then ..."). ``"paraphrase"`` uses only words and
     templates that ``"train"`` never uses (``PARAPHRASE_WORDS``), to measure generalisation.
+``timed_captions(spec, rng, phrasing="train") -> ((0, caption), (switch_frame, caption)) | None``
+    A clip whose first object changes motion as two captions, before and after the change,
+    each naming one motion per object (training data for timed prompts).
 ``parse_prompt(prompt) -> list[dict]``
     Back from text to objects: ``[{"colour", "shape", "motion", "then_motion"}]`` (only the
     keys found), for any phrasing the grammar produces and simple user phrasings such as
     "a yellow circle moving right". Unknown words are ignored.
 ``SyntheticClips(seed, size=(w, h), frames=33, fps=16, split="train", length=None,
 max_objects=3, change_prob=0.2, phrasing="train", object_scale=1.0)``
-    ``ds[i] -> (video uint8 (T, H, W, 3), caption, spec)``, a pure function of (seed, i).
+    ``ds[i] -> (video uint8 (T, H, W, 3), caption, spec)``, a pure function of (seed, i);
+    ``ds.timed(i)``: clip i's ``timed_captions`` (None without a motion change).
 
 World rules
 -----------
@@ -512,6 +516,21 @@ def caption(spec: ClipSpec, rng: np.random.Generator, phrasing: str = "train") -
     return _pick(rng, TEMPLATES[phrasing]).format(objs=objs, bg=bg)
 
 
+def timed_captions(
+    spec: ClipSpec, rng: np.random.Generator, phrasing: str = "train"
+) -> tuple[tuple[int, str], tuple[int, str]] | None:
+    """A clip whose first object changes motion, captioned the way a timed prompt is written:
+    ``((0, caption before the change), (switch frame, caption after it))``, each caption with
+    one motion per object. None for a clip without a change."""
+    first = spec.objects[0]
+    if first.then_motion is None or first.switch_frame is None:
+        return None
+    plain = replace(first, then_motion=None, switch_frame=None)
+    before = replace(spec, objects=(plain, *spec.objects[1:]))
+    after = replace(spec, objects=(replace(plain, motion=first.then_motion), *spec.objects[1:]))
+    return (0, caption(before, rng, phrasing)), (first.switch_frame, caption(after, rng, phrasing))
+
+
 # --- parsing -----------------------------------------------------------------------------------
 
 _HORIZONTAL = {"left": -1, "leftward": -1, "leftwards": -1,
@@ -652,3 +671,9 @@ class SyntheticClips:
     def __getitem__(self, i: int) -> tuple[np.ndarray, str, ClipSpec]:
         spec, rng = self.spec(i)
         return render(spec), caption(spec, rng, self.phrasing), spec
+
+    def timed(self, i: int) -> tuple[tuple[int, str], tuple[int, str]] | None:
+        """Clip ``i``'s :func:`timed_captions` (None when its motion does not change)."""
+        spec, _ = self.spec(i)
+        rng = np.random.default_rng([self.seed, i, 2])
+        return timed_captions(spec, rng, self.phrasing)

@@ -115,6 +115,8 @@ class TrainConfig(OptimFields):
     data: DataConfig = field(default_factory=DataConfig)
     precompute: bool = True  # encode clips once into out_dir/cache, then train from the cache
     caption_dropout: float = 0.1  # probability a caption is replaced by "" (for CFG)
+    timed_captions: float = 0.0  # chance a synthetic clip whose motion changes is captioned per
+    # frame instead (before / after the change), which teaches timed prompts; needs precompute
     logit_mean: float = 0.0  # logit-normal timestep sampling: mean of the normal
     logit_std: float = 1.0  # ... and its standard deviation
     shift: float = 3.0  # sigma shift: s -> shift*s / (1 + (shift-1)*s)
@@ -142,6 +144,13 @@ class TrainConfig(OptimFields):
             raise ValueError(f"cond_probs {self.cond_probs} must be >= 0")
         if not 0 <= self.caption_dropout <= 1:
             raise ValueError(f"caption_dropout {self.caption_dropout} must be in [0, 1]")
+        if not 0 <= self.timed_captions <= 1:
+            raise ValueError(f"timed_captions {self.timed_captions} must be in [0, 1]")
+        if self.timed_captions and not (self.precompute and self.data.kind == "synthetic"):
+            raise ValueError(
+                "timed_captions needs synthetic data and precompute: true "
+                "(the captions before / after a change come from the world)"
+            )
         if self.shift <= 0 or self.logit_std <= 0:
             raise ValueError(f"shift {self.shift} and logit_std {self.logit_std} must be > 0")
         if self.cond_max_frames < 2:

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from kinema.configs import SamplingDefaults
 from kinema.distributed import train as dt
+from kinema.timeline import latent_prompts
 from kinema.train.config import DataConfig, OptimFields, TrainConfig, config_to_dict, parse_config
 from kinema.train.ema import EMA
 from kinema.train.loss import (
@@ -99,6 +100,11 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self.length
+
+    def timed(self, i: int) -> tuple[tuple[int, str], ...] | None:
+        """Clip ``i``'s captions before and after its motion change (synthetic data; None for
+        a clip without one, and for folders)."""
+        return self.source.timed(i) if self.data.kind == "synthetic" else None
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, str]:
         """``key``: a clip index, or (index, epoch) -- a folder clip's start depends on both."""
@@ -533,12 +539,59 @@ class LatentCache:
         return self.tokens[[self.rows[c] for c in captions]].float()
 
 
-def cache_stream(cache: LatentCache, start: int, batch: int, seed: int) -> Iterator[Batch]:
-    """Endless micro-batches {"latents": (B, z, F, h, w), "captions": [B]} from ``start``."""
+def cache_stream(
+    cache: LatentCache, start: int, batch: int, seed: int,
+    timed: Callable[[int], Any] | None = None,
+) -> Iterator[Batch]:  # fmt: skip
+    """Endless micro-batches {"latents": (B, z, F, h, w), "captions": [B]} from ``start``; with
+    ``timed`` (clip index -> timed captions or None) also {"timed": [B]}."""
     indices = iter(PositionSampler(len(cache.captions), seed, start))
     while True:
         idx = [next(indices) for _ in range(batch)]
-        yield {"latents": cache.latents[idx].float(), "captions": [cache.captions[i] for i in idx]}
+        out = {"latents": cache.latents[idx].float(), "captions": [cache.captions[i] for i in idx]}
+        yield out | ({"timed": [timed(i) for i in idx]} if timed is not None else {})
+
+
+def cached_or_encoded(cache: LatentCache, encoder: Any) -> Callable[[list[str]], Tensor]:
+    """Captions -> tokens (B, L, D): from the cache, or encoded for captions it lacks (timed
+    captions)."""
+    from kinema.models.text import CachedTextEncoder
+
+    cached = CachedTextEncoder(encoder, maxsize=4096)
+
+    def text(captions: list[str]) -> Tensor:
+        if all(c in cache.rows for c in captions):
+            return cache.text(captions)
+        return torch.cat([cache.text([c]) if c in cache.rows else
+                          cached.encode([c])[0].float().cpu() for c in captions])  # fmt: skip
+
+    return text
+
+
+def caption_context(
+    config: TrainConfig, batch: Batch, captions: list[str], frames: int,
+    text: Callable[[list[str]], Tensor], g: torch.Generator,
+) -> Tensor:  # fmt: skip
+    """The micro-batch's context tokens (B, L, D); or, when ``timed_captions`` picks a clip
+    with a motion change, (B, F, L, D): each latent frame's tokens from the caption in force
+    at its first pixel frame (other clips' repeated over their frames)."""
+    if not config.timed_captions or "timed" not in batch:
+        return text(captions)
+    pick = (torch.rand(len(captions), generator=g) < config.timed_captions).tolist()
+    chosen = [
+        t if p and c else None for t, p, c in zip(batch["timed"], pick, captions, strict=True)
+    ]
+    if not any(chosen):
+        return text(captions)
+    temporal = (config.data.frames - 1) // max(1, frames - 1)
+    per_clip = []
+    for caption, timed in zip(captions, chosen, strict=True):
+        if timed is None:
+            per_clip.append(text([caption]).expand(frames, -1, -1))  # (F, L, D)
+        else:
+            which = latent_prompts([f for f, _ in timed], frames, temporal)
+            per_clip.append(text([c for _, c in timed])[which])  # (F, L, D)
+    return torch.stack(per_clip)  # (B, F, L, D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,11 +617,12 @@ def dit_loss_fn(
 
     def loss_fn(batch: Batch, g: torch.Generator) -> Tensor:
         b, rows = len(batch["captions"]), dt.rank_slice(len(batch["captions"]))
-        context = text(drop_captions(batch["captions"], config.caption_dropout, g)[rows])
         if "latents" in batch:
             x0 = batch["latents"][rows].to(device)  # (B/N, z, F, h, w)
         else:
             x0 = encode_clips(vae, batch["video"][rows], device)  # type: ignore[arg-type]
+        captions = drop_captions(batch["captions"], config.caption_dropout, g)
+        context = caption_context(config, batch, captions, x0.shape[2], text, g)[rows]
         noise = torch.randn((b, *x0.shape[1:]), generator=g)[rows].to(device)
         sigmas = sample_timesteps(b, g, config.logit_mean, config.logit_std, config.shift)
         mask = sample_cond_mask(b, x0.shape[2], config.cond_probs, g, config.cond_max_frames)
@@ -630,7 +684,10 @@ def dit_data(config: TrainConfig, run: Run, text_encoder: Any, vae: nn.Module) -
             precompute(config, vae=vae, text_encoder=text_encoder)
         dt.barrier()
         cache = LatentCache.load(folder)
-        return cache_stream(cache, start, b, seed), cache.text
+        if not config.timed_captions:
+            return cache_stream(cache, start, b, seed), cache.text
+        timed = ClipDataset(config.data).timed
+        return cache_stream(cache, start, b, seed, timed), cached_or_encoded(cache, text_encoder)
     from kinema.models.text import CachedTextEncoder
 
     cached = CachedTextEncoder(text_encoder, maxsize=4096)
