@@ -20,17 +20,33 @@ from typing import Any
 import numpy as np
 import torch
 
-from kinema.data.synthetic import HELDOUT, TRAIN_WORDS, SyntheticClips, caption, parse_prompt
+from kinema.data.synthetic import (
+    HELDOUT,
+    MOTIONS,
+    SHAPES,
+    TRAIN_WORDS,
+    SyntheticClips,
+    caption,
+    parse_prompt,
+)
 from kinema.eval.judge import judge
 
 ATTRIBUTES = ("colour_ok", "shape_ok", "motion_ok", "count_ok")
 
 
 def heldout_prompts(count: int) -> list[str]:
-    """``count`` held-out (colour, shape, motion) triples, spread over the sorted list."""
-    triples = sorted(HELDOUT)
-    picks = [triples[i * len(triples) // count] for i in range(count)]
-    return [f"a {c} {s} {TRAIN_WORDS['motion'][m][0]}" for c, s, m in picks]
+    """``count`` held-out (colour, shape, motion) triples: the shapes in turn, the motions
+    spread over the list (each pick the first of its shape's triples in a rotated motion
+    order), so no shape or motion dominates the set."""
+    picks: list[tuple[str, str, str]] = []
+    for k in range(count):
+        shape = SHAPES[k % len(SHAPES)]
+        start = 4 * k % len(MOTIONS)
+        order = MOTIONS[start:] + MOTIONS[:start]
+        options = [t for t in HELDOUT if t[1] == shape and t not in picks]
+        picks.append(min(options, key=lambda t: (order.index(t[2]), t[0])))
+    article = lambda word: "an" if word[0] in "aeiou" else "a"
+    return [f"{article(c)} {c} {s} {TRAIN_WORDS['motion'][m][0]}" for c, s, m in picks]
 
 
 def seen_prompts(count: int, paraphrase: bool, seed: int = 11) -> list[str]:
@@ -88,7 +104,7 @@ def evaluate(
     for the model's defaults)."""
     given = {"steps": steps, "guidance": guidance}
     settings = {k: v for k, v in given.items() if v is not None}
-    per_set = 4 if quick else 8
+    per_set = 5 if quick else 10
     sets = {
         "heldout": heldout_prompts(per_set),
         "paraphrase": seen_prompts(per_set, paraphrase=True),
