@@ -537,10 +537,14 @@ class Pipeline:
             return self.vae.normalize(self.vae.encode(video)).float()
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Normalised latents (1, C, F, h, w) -> video (1, 3, T, H, W) in [-1, 1]."""
+        """Normalised latents (1, C, F, h, w) -> video (1, 3, T, H, W) in [-1, 1], with the
+        causal cache in half precision for an fp32 VAE (``LEAN_CACHE``)."""
+        from kinema.models.vae import LEAN_CACHE
+
         vae_dtype = next(self.vae.parameters()).dtype
         with torch.inference_mode(), self.placement.part(self.vae):
-            return self.vae.decode(self.vae.denormalize(latents.to(vae_dtype)))
+            z = self.vae.denormalize(latents.to(vae_dtype))
+            return self.vae.decode(z, cache_dtype=LEAN_CACHE.get(vae_dtype))
 
     def describe(self, req: Request, evaluations: int, clock: Clock) -> dict[str, Any]:
         """The sidecar: request, model, versions, DiT evaluations and timings in seconds."""
