@@ -180,6 +180,12 @@ class BlockOffload:
 OFFLOAD_POLICIES = ("none", "model", "block")
 
 
+def check_policy(policy: str, name: str = "offload") -> None:
+    """Raise ValueError naming ``policy`` and the valid ones unless it is one of them."""
+    if policy not in OFFLOAD_POLICIES:
+        raise ValueError(f"{name} {policy!r}; valid: {', '.join(OFFLOAD_POLICIES)}")
+
+
 class Placement:
     """Where a pipeline's parts compute, under one offload policy.
 
@@ -190,8 +196,7 @@ class Placement:
     """
 
     def __init__(self, policy: str, device: str | torch.device) -> None:
-        if policy not in OFFLOAD_POLICIES:
-            raise ValueError(f"offload {policy!r}; valid: {', '.join(OFFLOAD_POLICIES)}")
+        check_policy(policy)
         self.policy, self.device = policy, _device(device)
         self.models = ModelOffload(self.device)
 

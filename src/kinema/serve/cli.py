@@ -48,10 +48,9 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     for name in ("max_queue", "max_upload_mb", "max_seconds", "retention_hours"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be > 0")
-    from kinema.offload import OFFLOAD_POLICIES
+    from kinema.offload import check_policy
 
-    if args.offload not in OFFLOAD_POLICIES:
-        raise ValueError(f"--offload {args.offload!r}; valid: {', '.join(OFFLOAD_POLICIES)}")
+    check_policy(args.offload, "--offload")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key must not be empty")
     return ServeSettings(
