@@ -50,24 +50,32 @@ def vae_cache_bytes(config: Any, width: int, height: int, nbytes: int = 4) -> in
     return total * nbytes
 
 
-def vae_decode_bytes(config: Any, width: int, height: int, frames: int, nbytes: int = 4) -> int:
-    """Peak of a decode: cache + the chunk entering the full-resolution stages (temporal factor
-    frames at half resolution) + live full-resolution maps of one frame + the output video."""
+def vae_decode_bytes(
+    config: Any, width: int, height: int, frames: int, nbytes: int = 4, cache_nbytes: int = 4
+) -> int:
+    """Peak of a decode: cache (``cache_nbytes`` per value: 2 for the pipeline's fp16 cache of
+    an fp32 VAE) + the chunk entering the full-resolution stages (temporal factor frames at
+    half resolution) + live full-resolution maps of one frame + the output video."""
     full = config.base_dim * config.dim_mult[0]
     pixels = width * height
     chunk = config.temporal_factor * 2 * full * pixels // 4  # (B, 2C, 4, H/2, W/2)
     live = LIVE_MAPS * 2 * full * pixels  # one frame; conv inputs carry 2C before the upsampler
     video = 4 * 3 * frames * pixels  # decoded chunks, their concatenation, uint8 conversion
-    return vae_cache_bytes(config, width, height, nbytes) + (chunk + live + video) * nbytes
+    return vae_cache_bytes(config, width, height, cache_nbytes) + (chunk + live + video) * nbytes
 
 
 def estimate_peak_bytes(pipe: Any, width: int, height: int, frames: int, dtype_bytes: int) -> int:
     """Estimated peak bytes for one request of ``pipe`` with weights of ``dtype_bytes``."""
+    from kinema.models.vae import LEAN_CACHE
+
     c, v = pipe.dit.config, pipe.vae.config
+    vae_dtype = next(pipe.vae.parameters()).dtype
+    cache_nbytes = LEAN_CACHE.get(vae_dtype, vae_dtype).itemsize
     lat_f = (frames - 1) // v.temporal_factor + 1
     s = v.spatial_factor
     tokens = lat_f * (height // s) * (width // s) // math.prod(c.patch_size)
     params = sum(p.numel() for p in pipe.dit.parameters())
     weights = params * dtype_bytes + weight_bytes(pipe.vae)
     dit = dit_activation_bytes(c, tokens, 512, 2, dtype_bytes)
-    return int(weights + max(dit, vae_decode_bytes(v, width, height, frames)))
+    vae = vae_decode_bytes(v, width, height, frames, cache_nbytes=cache_nbytes)
+    return int(weights + max(dit, vae))
