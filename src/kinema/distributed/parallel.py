@@ -362,13 +362,17 @@ class Shard:
         return mod[:, idx]  # (B, length / per_group, ...)
 
 
-def make_shard(total: int, parts: int, index: int, avoid: Sequence[int] = ()) -> Shard:
-    """Equal slices of ``total`` tokens over ``parts`` ranks; the slice length never equals a
-    length in ``avoid`` (the text / image token counts), so self- and cross-attention calls
+def make_shard(
+    total: int, parts: int, index: int, avoid: Sequence[int] = (), align: int = 1
+) -> Shard:
+    """Equal slices of ``total`` tokens over ``parts`` ranks, a multiple of ``align`` long (a
+    frame's tokens, when each frame has its own text context); the slice length never equals
+    a length in ``avoid`` (the text / image token counts), so self- and cross-attention calls
     are told apart by their key length."""
     length = -(-total // parts)
+    length = -(-length // align) * align
     while length in avoid:
-        length += 1
+        length += align
     return Shard(total, parts, index, length)
 
 
@@ -395,11 +399,14 @@ def sequence_parallel_forward(
     tokens = model.patch_embedding(x).flatten(2).transpose(1, 2)  # (B, N, D)
     t = model.frame_timesteps(timestep, x.shape[0], grid[0])
     temb, mod = model.condition_embedder.time(t, context.dtype)  # (B,G,D), (B,G,6,D)
-    context = model.condition_embedder.text_embedder(context)  # (B, L, D)
+    context = model.condition_embedder.text_embedder(model.frame_context(context, grid[0]))
     if image is not None:
         image = model.condition_embedder.image_embedder(image)  # (B, 257, D)
-    avoid = [context.shape[1]] + ([image.shape[1]] if image is not None else [])
-    shard = make_shard(n, mesh.config.sequence, mesh.sp_rank, avoid)
+    avoid = [context.shape[-2]] + ([image.shape[1]] if image is not None else [])
+    per_frame = n // grid[0]
+    timed = context.ndim == 4  # (B, G, L, D): slices hold whole frames, each its context
+    shard = make_shard(n, mesh.config.sequence, mesh.sp_rank, avoid, per_frame if timed else 1)
+    context = shard.groups(context, per_frame) if timed else context  # (B, S / per_frame, L, D)
     per_group = n // t.shape[1]
     local = shard.take(tokens).contiguous()  # (B, S, D)
     rope = (shard.take(cos, 0), shard.take(sin, 0))  # (S, 1, Dh/2)
@@ -488,9 +495,12 @@ def tile_origins(height: int, width: int, stride: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(0, height, stride) for j in range(0, width, stride)]
 
 
-def split_tiled_decode(vae: nn.Module, latent: Tensor, tile: Any, group: Group = None) -> Tensor:
-    """``vae.decode(latent, tile)`` with the tiles shared round-robin by the ranks of
-    ``group`` (all ranks by default) and broadcast; equals the one-process result.
+def split_tiled_decode(
+    vae: nn.Module, latent: Tensor, tile: Any, group: Group = None,
+    cache_dtype: torch.dtype | None = None,
+) -> Tensor:  # fmt: skip
+    """``vae.decode(latent, tile, cache_dtype=...)`` with the tiles shared round-robin by the
+    ranks of ``group`` (all ranks by default) and broadcast; equals the one-process result.
 
     latent (B, z, F, h, w) unnormalised -> video (B, 3, 1 + 4(F - 1), 8h, 8w).
     """
@@ -506,7 +516,7 @@ def split_tiled_decode(vae: nn.Module, latent: Tensor, tile: Any, group: Group =
     for n, (i, j) in enumerate(origins):
         piece = latent[..., i : i + size, j : j + size]
         if n % world == me:
-            out = vae.decode(piece)
+            out = vae.decode(piece, cache_dtype=cache_dtype)
         else:
             shape = (latent.shape[0], 3, t_out, piece.shape[-2] * s, piece.shape[-1] * s)
             out = torch.empty(shape, device=latent.device, dtype=latent.dtype)
@@ -538,6 +548,8 @@ class SplitDecodeVAE(nn.Module):
     def denormalize(self, z: Tensor) -> Tensor:
         return self.inner.denormalize(z)
 
-    def decode(self, latent: Tensor, tile: Any = None) -> Tensor:
+    def decode(
+        self, latent: Tensor, tile: Any = None, cache_dtype: torch.dtype | None = None
+    ) -> Tensor:
         """Latents (B, z, F, h, w) -> video (B, 3, T, H, W), tiles decoded across ranks."""
-        return split_tiled_decode(self.inner, latent, tile or self.tile)
+        return split_tiled_decode(self.inner, latent, tile or self.tile, cache_dtype=cache_dtype)
