@@ -42,6 +42,9 @@ BASE = ["--size", "32x32", "--steps", "2", "-q"]
         (["--dtype", "int8"], "unknown dtype 'int8'"),
         (["--seconds", "0"], "seconds 0.0 must be > 0"),
         (["-o", "clip.avi"], "unknown extension '.avi'"),
+        (["--at", "soon:a dog"], "--at 'soon:a dog' must be SECONDS:PROMPT"),
+        (["--at", "9:a dog"], "prompt time 9 s is outside the clip"),
+        (["--at", "0.2:a dog", "--at", "0.1:a cow"], "must increase"),
     ],
 )
 def test_bad_generate_input(capsys, tmp_path, wan, args, message):
@@ -69,6 +72,15 @@ def test_generate_writes_video_and_sidecar(tmp_path, wan):
     info = json.loads(out.with_suffix(".json").read_text())
     assert info["frames"] == 5 and info["width"] == 32 and info["steps"] == 2
     assert out.stat().st_size > 0
+
+
+def test_generate_with_a_timed_prompt_records_it(tmp_path, wan):
+    out = tmp_path / "timed.mp4"
+    argv = ["generate", "a cat", "--model", str(wan), "-o", str(out), *BASE, "--frames", "9",
+            "--at", "0.25:a dog"]  # fmt: skip
+    assert main(argv) == 0
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert info["prompts"] == [[0.25, "a dog"]] and info["frames"] == 9
 
 
 def test_info_prints_parameters_and_memory(capsys, wan):
