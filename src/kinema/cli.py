@@ -347,7 +347,7 @@ def add_eval(sub: Any) -> None:
     p.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
     p.add_argument("--steps", type=int, default=None, help="default: the model's")
     p.add_argument("--guidance", type=float, default=None, help="default: the model's")
-    p.add_argument("--quick", action="store_true", help="4 prompts per set instead of 8")
+    p.add_argument("--quick", action="store_true", help="5 prompts per set instead of 10")
     p.add_argument(
         "--beyond", action="store_true",
         help="also image-to-video, extension seams, long-video memory and timed prompts",
