@@ -101,7 +101,9 @@ def test_ray_batch_survives_a_killed_worker(tmp_path: Path, tiny_model: Path) ->
         entries = log_entries(out)
         done = sorted(e["id"] for e in entries if e["status"] == "done")
         assert done == sorted(r["id"] for r in rows)  # every request done exactly once
-        assert [e["id"] for e in entries if e["status"] == "requeued"] == ["slow"]
+        requeued = [e["id"] for e in entries if e["status"] == "requeued"]
+        # once, or again if it reached the restarting actor before it was ready (slow machine)
+        assert requeued and set(requeued) == {"slow"}
         assert killed and killed[0] != "slow"
         again = run(requests, out, options, show_progress=False)
         assert (again.skipped, again.done) == (6, 0)

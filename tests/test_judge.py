@@ -157,6 +157,6 @@ def test_eval_command_writes_table_and_json(tmp_path, capsys):
     assert main([*args, "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["settings"] == {"steps": 2, "guidance": 2.5}  # the model's steps, given CFG
-    assert results["heldout"]["clips"] == 4 and results["paraphrase"]["clips"] == 4
+    assert results["heldout"]["clips"] == 5 and results["paraphrase"]["clips"] == 5
     assert 0 <= results["heldout"]["colour_ok"] <= 1 and results["vae_psnr_db"] > 0
-    assert "| heldout | 4 |" in capsys.readouterr().out
+    assert "| heldout | 5 |" in capsys.readouterr().out
