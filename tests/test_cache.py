@@ -82,6 +82,27 @@ def test_calibration_round_trip_and_default(tmp_path):
     c.save(tmp_path / "step_cache.json")
     assert load_calibration(tmp_path) == c
     assert c.estimate(0.0) == pytest.approx(0.01) and CacheCalibration((-1.0, 0.0)).estimate(1) == 0
+    table = CacheCalibration((1.0, 0.0), timesteps=(900.0, 500.0, 100.0), ratios=(10.0, 2.0, 0.5))
+    table.save(tmp_path / "step_cache.json")
+    assert load_calibration(tmp_path) == table
+    assert table.estimate(0.1, 500.0) == pytest.approx(0.2)  # the ratio at that timestep
+    assert table.estimate(0.1, 700.0) == pytest.approx(0.6)  # interpolated between 900 and 500
+    assert table.estimate(0.1) == pytest.approx(0.1)  # no timestep: the polynomial
+    with pytest.raises(ValueError, match="pair up"):
+        CacheCalibration(timesteps=(1.0,), ratios=())
+
+
+def test_calibration_keeps_the_ratio_per_timestep(model):
+    """calibrate keeps output change / probe change for each timestep after the first; with
+    it a cache skips by the ratio at the current timestep (and skips less at a low one)."""
+    dit, fn, noise = model
+    calibration = calibrate(fn, lambda f: sample(f, noise), dit_probe(dit))
+    assert len(calibration.timesteps) == len(calibration.ratios) == 11  # 12 steps
+    assert all(r > 0 for r in calibration.ratios)
+    assert list(calibration.timesteps) == sorted(calibration.timesteps, reverse=True)
+    cached = step_cache(fn, 0.5, calibration, dit_probe(dit))
+    sample(cached, noise)
+    assert cached.skipped > 0 and cached.evaluations + cached.skipped == 12
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,12 @@ Diffusion Model"): a cheap *probe* of the model input -- for the DiT, the first 
 timestep-modulated input tokens, which change with both ``x`` and ``t`` -- is compared with the
 probe of the previous step by relative L1 distance. A per-model polynomial, fitted once on an
 uncached run (:func:`calibrate`), maps that input change to the expected relative change of the
-model output. The estimates are summed over skipped steps; while the sum stays below the
+model output. How much the output moves for a given input change depends strongly on the noise
+level (on kinema-tiny the first steps change the output 7-21x their probe change, the last
+ones 0.3-0.7x), so the calibration also keeps, per timestep of the calibration run, the ratio
+of output change to probe change, and where it has them estimates ``ratio(t) * input change``
+(the ratio interpolated in ``t``); the polynomial is the fallback. The estimates are summed
+over skipped steps; while the sum stays below the
 ``threshold`` the last evaluated velocity is returned again instead of calling the model
 (for flow matching the velocity ``noise - x0`` changes slowly along the path, so reusing it is an
 Euler step with a stale slope).
@@ -44,25 +49,40 @@ class CacheCalibration:
     """
 
     coefficients: tuple[float, ...] = (1.0, 0.0)
+    timesteps: tuple[float, ...] = ()  # timesteps of the calibration run (from step 2 on)
+    ratios: tuple[float, ...] = ()  # output change / probe change at each of them
 
     def __post_init__(self) -> None:
         if not self.coefficients or not all(np.isfinite(self.coefficients)):
             raise ValueError(f"calibration coefficients must be finite, got {self.coefficients}")
+        if len(self.timesteps) != len(self.ratios) or not all(
+            np.isfinite(self.timesteps + self.ratios)
+        ):
+            raise ValueError("calibration timesteps and ratios must be finite and pair up")
 
-    def estimate(self, input_change: float) -> float:
-        """Expected relative output change (>= 0) for a relative input change."""
+    def estimate(self, input_change: float, timestep: float | None = None) -> float:
+        """Expected relative output change (>= 0) for a relative input change at ``timestep``
+        (the per-timestep ratio where the calibration has one, else the polynomial)."""
+        if self.ratios and timestep is not None:
+            order = np.argsort(self.timesteps)
+            t, r = np.asarray(self.timesteps)[order], np.asarray(self.ratios)[order]
+            return max(0.0, float(np.interp(timestep, t, r)) * input_change)
         return max(0.0, float(np.polyval(self.coefficients, input_change)))
 
     def save(self, path: str | Path) -> None:
         """Write JSON to ``path`` (through a temporary file: never half-written)."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps({"coefficients": list(self.coefficients)}) + "\n")
+        fields = {"coefficients": list(self.coefficients), "timesteps": list(self.timesteps),
+                  "ratios": list(self.ratios)}  # fmt: skip
+        tmp.write_text(json.dumps(fields) + "\n")
         tmp.replace(path)
 
     @classmethod
     def load(cls, path: str | Path) -> CacheCalibration:
-        return cls(tuple(float(c) for c in json.loads(Path(path).read_text())["coefficients"]))
+        data = json.loads(Path(path).read_text())
+        floats = lambda key: tuple(float(c) for c in data.get(key, ()))
+        return cls(floats("coefficients"), floats("timesteps"), floats("ratios"))
 
 
 def load_calibration(folder: str | Path) -> CacheCalibration:
@@ -124,7 +144,7 @@ class StepCache:
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         """Velocity shaped like x: the model's, or the last one while little has changed."""
         features = self.probe(x, t) if self.threshold > 0 else None
-        if features is not None and self._can_skip(features):
+        if features is not None and self._can_skip(features, float(t.reshape(-1)[0])):
             self.skipped, self._run = self.skipped + 1, self._run + 1
         else:
             self._last_v, self._drift, self._run = self.model_fn(x, t), 0.0, 0
@@ -132,11 +152,11 @@ class StepCache:
         self._last_probe = features
         return self._last_v
 
-    def _can_skip(self, features: Tensor) -> bool:
+    def _can_skip(self, features: Tensor, timestep: float) -> bool:
         """Add this step's estimated output change to the drift; skip while it stays small."""
         if self._last_probe is None or self._last_v is None or self._run >= self.max_skips:
             return False
-        change = self.calibration.estimate(relative_l1(features, self._last_probe))
+        change = self.calibration.estimate(relative_l1(features, self._last_probe), timestep)
         self._drift += change
         return self._drift < self.threshold
 
@@ -170,14 +190,16 @@ def calibrate(
 
     ``sample(fn)`` runs a sampler with ``fn`` as its model function (e.g.
     ``lambda fn: unipc(fn, noise, sigmas, timesteps)``); every step's probe change and output
-    change (both relative L1 to the previous step) are recorded and fitted by a polynomial of
-    ``degree`` (least squares, ``numpy.polyfit``).
+    change (both relative L1 to the previous step) are recorded, kept as their ratio per
+    timestep, and fitted by a polynomial of ``degree`` (least squares, ``numpy.polyfit``).
     """
     seen: list[tuple[Tensor, Tensor]] = []
+    times: list[float] = []
 
     def recording(x: Tensor, t: Tensor) -> Tensor:
         v = model_fn(x, t)
         seen.append((probe(x, t).detach().clone(), v.detach().clone()))
+        times.append(float(t.reshape(-1)[0]))
         return v
 
     with torch.inference_mode():
@@ -187,7 +209,8 @@ def calibrate(
     d_in = [relative_l1(b[0], a[0]) for a, b in zip(seen, seen[1:], strict=False)]
     d_out = [relative_l1(b[1], a[1]) for a, b in zip(seen, seen[1:], strict=False)]
     coefficients = np.polyfit(np.array(d_in), np.array(d_out), degree)
-    return CacheCalibration(tuple(float(c) for c in coefficients))
+    ratios = tuple(o / max(i, 1e-12) for i, o in zip(d_in, d_out, strict=True))
+    return CacheCalibration(tuple(float(c) for c in coefficients), tuple(times[1:]), ratios)
 
 
 __all__ = [
