@@ -560,10 +560,11 @@ def cached_or_encoded(cache: LatentCache, encoder: Any) -> Callable[[list[str]],
     cached = CachedTextEncoder(encoder, maxsize=4096)
 
     def text(captions: list[str]) -> Tensor:
-        if all(c in cache.rows for c in captions):
+        missing = [c for c in dict.fromkeys(captions) if c not in cache.rows]
+        if not missing:
             return cache.text(captions)
-        return torch.cat([cache.text([c]) if c in cache.rows else
-                          cached.encode([c])[0].float().cpu() for c in captions])  # fmt: skip
+        new = dict(zip(missing, cached.encode(missing)[0].float().cpu(), strict=True))
+        return torch.stack([new[c] if c in new else cache.text([c])[0] for c in captions])
 
     return text
 
@@ -584,14 +585,17 @@ def caption_context(
     if not any(chosen):
         return text(captions)
     temporal = (config.data.frames - 1) // max(1, frames - 1)
-    per_clip = []
+    flat: list[str] = []  # every caption the batch needs, encoded in one call
+    rows: list[list[int]] = []  # per clip, per latent frame: its caption's row in ``flat``
     for caption, timed in zip(captions, chosen, strict=True):
         if timed is None:
-            per_clip.append(text([caption]).expand(frames, -1, -1))  # (F, L, D)
+            rows.append([len(flat)] * frames)
+            flat.append(caption)
         else:
             which = latent_prompts([f for f, _ in timed], frames, temporal)
-            per_clip.append(text([c for _, c in timed])[which])  # (F, L, D)
-    return torch.stack(per_clip)  # (B, F, L, D)
+            rows.append([len(flat) + i for i in which])
+            flat.extend(c for _, c in timed)
+    return text(flat)[torch.tensor(rows)]  # (B, F, L, D)
 
 
 # ---------------------------------------------------------------------------------------------
