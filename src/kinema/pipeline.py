@@ -435,16 +435,15 @@ class Pipeline:
         with self.placement.text(self.text_encoder):
             tokens, _ = self.text_encoder.encode(prompts)
         tokens = tokens.to(self.device, self.dtype)  # (P [+ 1], L, D)
-        cond, uncond = tokens[:1], (tokens[-1:] if guided else None)
+        uncond = tokens[-1:] if guided else None
         f = self.latent_shape(req)[2]
         starts = [0, *(frame for frame, _ in timed)]
         which = timeline.latent_prompts(starts, f, self.temporal_factor)
-        if len(set(which)) > 1:  # a switch inside the clip: one context per latent frame
-            cond = tokens[which][None]  # (1, F, L, D)
-            uncond = uncond[:, None].expand(-1, f, -1, -1) if uncond is not None else None
-        else:
-            cond = tokens[which[0]][None]
-        return cond, uncond
+        if len(set(which)) == 1:
+            return tokens[which[0]][None], uncond  # (1, L, D)
+        # a switch inside the clip: one context per latent frame
+        uncond = uncond[:, None].expand(-1, f, -1, -1) if uncond is not None else None
+        return tokens[which][None], uncond  # (1, F, L, D)
 
     def latent_shape(self, req: Request) -> tuple[int, int, int, int, int]:
         s, t = self.vae.config.spatial_factor, self.vae.config.temporal_factor

@@ -96,6 +96,11 @@ def relative_l1(a: Tensor, b: Tensor) -> float:
     return float((a - b).abs().mean() / b.abs().mean().clamp_min(1e-12))
 
 
+def first_timestep(t: Tensor) -> float:
+    """A step's timestep as a float (t is () or (B,), the same for every sample)."""
+    return float(t.reshape(-1)[0])
+
+
 def input_probe(x: Tensor, t: Tensor) -> Tensor:
     """The default probe: the latents themselves (for models without a better one)."""
     return x
@@ -144,7 +149,7 @@ class StepCache:
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         """Velocity shaped like x: the model's, or the last one while little has changed."""
         features = self.probe(x, t) if self.threshold > 0 else None
-        if features is not None and self._can_skip(features, float(t.reshape(-1)[0])):
+        if features is not None and self._can_skip(features, first_timestep(t)):
             self.skipped, self._run = self.skipped + 1, self._run + 1
         else:
             self._last_v, self._drift, self._run = self.model_fn(x, t), 0.0, 0
@@ -199,7 +204,7 @@ def calibrate(
     def recording(x: Tensor, t: Tensor) -> Tensor:
         v = model_fn(x, t)
         seen.append((probe(x, t).detach().clone(), v.detach().clone()))
-        times.append(float(t.reshape(-1)[0]))
+        times.append(first_timestep(t))
         return v
 
     with torch.inference_mode():
