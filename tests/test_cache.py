@@ -85,6 +85,8 @@ def test_calibration_round_trip_and_default(tmp_path):
     table = CacheCalibration((1.0, 0.0), timesteps=(900.0, 500.0, 100.0), ratios=(10.0, 2.0, 0.5))
     table.save(tmp_path / "step_cache.json")
     assert load_calibration(tmp_path) == table
+    assert table.timesteps == (100.0, 500.0, 900.0) and table.ratios == (0.5, 2.0, 10.0)
+    assert table.summary().startswith("output / probe change per timestep: 900: 10, 500: 2, 100")
     assert table.estimate(0.1, 500.0) == pytest.approx(0.2)  # the ratio at that timestep
     assert table.estimate(0.1, 700.0) == pytest.approx(0.6)  # interpolated between 900 and 500
     assert table.estimate(0.1) == pytest.approx(0.1)  # no timestep: the polynomial
@@ -99,7 +101,7 @@ def test_calibration_keeps_the_ratio_per_timestep(model):
     calibration = calibrate(fn, lambda f: sample(f, noise), dit_probe(dit))
     assert len(calibration.timesteps) == len(calibration.ratios) == 11  # 12 steps
     assert all(r > 0 for r in calibration.ratios)
-    assert list(calibration.timesteps) == sorted(calibration.timesteps, reverse=True)
+    assert list(calibration.timesteps) == sorted(calibration.timesteps)  # kept ascending
     cached = step_cache(fn, 0.5, calibration, dit_probe(dit))
     sample(cached, noise)
     assert cached.skipped > 0 and cached.evaluations + cached.skipped == 12
@@ -117,7 +119,7 @@ def test_bad_settings_are_refused(kwargs, message):
         CacheCalibration((float("inf"),))
 
 
-def test_calibrate_cache_command_writes_what_load_reads(tmp_path):
+def test_calibrate_cache_command_writes_what_load_reads(tmp_path, capsys):
     """`kinema calibrate-cache MODEL` fits on one uncached run, saves step_cache.json in the
     folder, and load() hands it to the pipeline; bad settings exit 2 and keep the old file."""
     from kinema.cli import CALIBRATION_PROMPT, main
@@ -128,6 +130,7 @@ def test_calibrate_cache_command_writes_what_load_reads(tmp_path):
     assert load(model).cache_calibration == CacheCalibration()  # uncalibrated: the identity
     assert main(["calibrate-cache", str(model), "--steps", "6"]) == 0
     saved = load_calibration(model)
+    assert saved.summary() in capsys.readouterr().err  # the table it fitted, not only a path
     assert saved != CacheCalibration()
     pipe = load(model)
     assert pipe.cache_calibration == saved

@@ -302,7 +302,7 @@ def run_calibrate_cache(args: argparse.Namespace) -> int:
     pipe = load(folder, device=args.device)
     calibration = pipe.calibrate_cache(args.prompt, seed=args.seed, steps=args.steps)
     calibration.save(folder / CALIBRATION_FILE)
-    print(f"wrote {folder / CALIBRATION_FILE}: {list(calibration.coefficients)}", file=sys.stderr)
+    print(f"wrote {folder / CALIBRATION_FILE}: {calibration.summary()}", file=sys.stderr)
     return 0
 
 

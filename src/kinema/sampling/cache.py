@@ -52,6 +52,8 @@ class CacheCalibration:
     timesteps: tuple[float, ...] = ()  # timesteps of the calibration run (from step 2 on)
     ratios: tuple[float, ...] = ()  # output change / probe change at each of them
 
+    # (timesteps, ratios) are kept sorted by timestep, ascending, as ``numpy.interp`` reads them
+
     def __post_init__(self) -> None:
         if not self.coefficients or not all(np.isfinite(self.coefficients)):
             raise ValueError(f"calibration coefficients must be finite, got {self.coefficients}")
@@ -59,15 +61,27 @@ class CacheCalibration:
             np.isfinite(self.timesteps + self.ratios)
         ):
             raise ValueError("calibration timesteps and ratios must be finite and pair up")
+        pairs = sorted(zip(self.timesteps, self.ratios, strict=True))
+        object.__setattr__(self, "timesteps", tuple(t for t, _ in pairs))
+        object.__setattr__(self, "ratios", tuple(r for _, r in pairs))
 
     def estimate(self, input_change: float, timestep: float | None = None) -> float:
         """Expected relative output change (>= 0) for a relative input change at ``timestep``
         (the per-timestep ratio where the calibration has one, else the polynomial)."""
         if self.ratios and timestep is not None:
-            order = np.argsort(self.timesteps)
-            t, r = np.asarray(self.timesteps)[order], np.asarray(self.ratios)[order]
-            return max(0.0, float(np.interp(timestep, t, r)) * input_change)
+            ratio = float(np.interp(timestep, self.timesteps, self.ratios))
+            return max(0.0, ratio * input_change)
         return max(0.0, float(np.polyval(self.coefficients, input_change)))
+
+    def summary(self) -> str:
+        """What ``estimate`` uses, in words: the per-timestep ratios (from the highest
+        timestep down, as sampling meets them) and the polynomial fallback."""
+        poly = ", ".join(f"{c:.4g}" for c in self.coefficients)
+        if not self.ratios:
+            return f"polynomial in the probe change: [{poly}]"
+        pairs = zip(self.timesteps[::-1], self.ratios[::-1], strict=True)
+        table = ", ".join(f"{t:.0f}: {r:.3g}" for t, r in pairs)
+        return f"output / probe change per timestep: {table}; polynomial fallback: [{poly}]"
 
     def save(self, path: str | Path) -> None:
         """Write JSON to ``path`` (through a temporary file: never half-written)."""
