@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from kinema.data.synthetic import ClipSpec, ObjectSpec, SyntheticClips, render
+from kinema.data.synthetic import MOTIONS, ClipSpec, ObjectSpec, SyntheticClips, render
 from kinema.eval.judge import (
     colour_name,
     judge,
@@ -149,6 +149,7 @@ def test_eval_command_writes_table_and_json(tmp_path, capsys):
     import json
 
     from kinema.cli import main
+    from kinema.eval.run import heldout_prompts
     from tests.serve_helpers import build_tiny_model
 
     model = build_tiny_model(tmp_path / "tiny")
@@ -159,4 +160,10 @@ def test_eval_command_writes_table_and_json(tmp_path, capsys):
     assert results["settings"] == {"steps": 2, "guidance": 2.5}  # the model's steps, given CFG
     assert results["heldout"]["clips"] == 5 and results["paraphrase"]["clips"] == 5
     assert 0 <= results["heldout"]["colour_ok"] <= 1 and results["vae_psnr_db"] > 0
+    clips = results["heldout"]["per_clip"]  # each clip's verdict and what the judge found
+    assert [c["prompt"] for c in clips] == heldout_prompts(5) and all("found" in c for c in clips)
+    words = results["heldout"]["motion_by_word"]
+    assert set(words) == {c["motion"] for c in clips} <= set(MOTIONS)
+    weighted = sum(v * sum(c["motion"] == m for c in clips) for m, v in words.items()) / 5
+    assert weighted == pytest.approx(results["heldout"]["motion_ok"], abs=1e-3)
     assert "| heldout | 5 |" in capsys.readouterr().out

@@ -29,7 +29,7 @@ from kinema.data.synthetic import (
     caption,
     parse_prompt,
 )
-from kinema.eval.judge import judge
+from kinema.eval.judge import judge_clip, score
 
 ATTRIBUTES = ("colour_ok", "shape_ok", "motion_ok", "count_ok")
 
@@ -80,20 +80,28 @@ def vae_psnr(pipe: Any, clips: int = 6) -> float:
 
 def score_set(
     pipe: Any, prompts: list[str], seeds: int, settings: dict[str, Any], log: Callable
-) -> dict[str, float]:
-    """Generate every prompt with ``seeds`` seeds and average the judge's verdicts."""
-    totals = dict.fromkeys(ATTRIBUTES, 0.0) | {"consistency": 0.0}
-    n = 0
+) -> dict[str, Any]:
+    """Generate every prompt with ``seeds`` seeds and average the judge's verdicts; also each
+    clip's verdict and what the judge found (``per_clip``), and the motion score per expected
+    motion (``motion_by_word``: where the misses are)."""
+    per_clip = []
     for prompt in prompts:
         expected = [o for o in parse_prompt(prompt) if {"colour", "shape", "motion"} <= set(o)]
         for seed in range(seeds):
-            frames = pipe.generate(prompt, seed=seed, **settings).frames
-            verdict = judge(frames, expected)
-            for key in totals:
-                totals[key] += float(getattr(verdict, key))
-            n += 1
+            found = judge_clip(pipe.generate(prompt, seed=seed, **settings).frames)
+            verdict = score(expected, found)
             log(f"{prompt!r} seed {seed}: {verdict}")
-    return {k: round(v / max(n, 1), 4) for k, v in totals.items()} | {"clips": n}
+            per_clip.append({
+                "prompt": prompt, "seed": seed, "motion": expected[0]["motion"], **verdict,
+                "found": [[o.colour, o.shape, o.motion] for o in found.objects],
+            })  # fmt: skip
+    mean = lambda key, clips: round(float(np.mean([float(c[key]) for c in clips])), 4)
+    by_word = {m: [c for c in per_clip if c["motion"] == m] for m in MOTIONS}
+    return {k: mean(k, per_clip) for k in (*ATTRIBUTES, "consistency")} | {
+        "clips": len(per_clip),
+        "motion_by_word": {m: mean("motion_ok", cs) for m, cs in by_word.items() if cs},
+        "per_clip": per_clip,
+    }
 
 
 def evaluate(
@@ -127,6 +135,10 @@ def table(results: dict[str, Any]) -> str:
         r = results[name]
         cells = [f"{100 * r[k]:.0f} %" for k in ATTRIBUTES] + [f"{r['consistency']:.2f}"]
         lines.append(f"| {name} | {r['clips']} | " + " | ".join(cells) + " |")
+    for name in ("heldout", "seen"):
+        words = results[name].get("motion_by_word", {})
+        cells = ", ".join(f"{m} {100 * v:.0f} %" for m, v in words.items())
+        lines += [f"\n{name} motion by word: {cells}"] if cells else []
     lines.append(f"\nVAE reconstruction on held-out clips: {results['vae_psnr_db']:.2f} dB PSNR")
     return "\n".join(lines)
 
