@@ -393,30 +393,23 @@ def sequence_parallel_forward(
 ) -> Tensor:
     """``VideoDiT.forward`` with the tokens split over the sequence group (same signature and
     result), built from the model's own modules. x (B, C, F, H, W) -> (B, C_out, F, H, W)."""
-    grid = model.grid(x)
-    n = math.prod(grid)
-    cos, sin = model.rope(grid, x.device)  # (N, 1, Dh/2) each
-    tokens = model.patch_embedding(x).flatten(2).transpose(1, 2)  # (B, N, D)
-    t = model.frame_timesteps(timestep, x.shape[0], grid[0])
-    temb, mod = model.condition_embedder.time(t, context.dtype)  # (B,G,D), (B,G,6,D)
-    context = model.condition_embedder.text_embedder(model.frame_context(context, grid[0]))
-    if image is not None:
-        image = model.condition_embedder.image_embedder(image)  # (B, 257, D)
-    avoid = [context.shape[-2]] + ([image.shape[1]] if image is not None else [])
-    per_frame = n // grid[0]
-    timed = context.ndim == 4  # (B, G, L, D): slices hold whole frames, each its context
+    e = model.embed(x, timestep, context, image)
+    n = math.prod(e.grid)
+    avoid = [e.context.shape[-2]] + ([e.image.shape[1]] if e.image is not None else [])
+    per_frame = n // e.grid[0]
+    timed = e.context.ndim == 4  # (B, G, L, D): slices hold whole frames, each its context
     shard = make_shard(n, mesh.config.sequence, mesh.sp_rank, avoid, per_frame if timed else 1)
-    context = shard.groups(context, per_frame) if timed else context  # (B, S / per_frame, L, D)
-    per_group = n // t.shape[1]
-    local = shard.take(tokens).contiguous()  # (B, S, D)
-    rope = (shard.take(cos, 0), shard.take(sin, 0))  # (S, 1, Dh/2)
-    local_mod = shard.groups(mod, per_group)
+    context = shard.groups(e.context, per_frame) if timed else e.context  # (B, S/per_frame, L, D)
+    per_group = n // e.mod.shape[1]
+    local = shard.take(e.tokens).contiguous()  # (B, S, D)
+    rope = (shard.take(e.rope[0], 0), shard.take(e.rope[1], 0))  # (S, 1, Dh/2)
+    local_mod = shard.groups(e.mod, per_group)
     with use_attention(sequence_parallel_attention(mesh, shard)):
         for block in model.blocks:
-            local = model.run_block(block, local, context, local_mod, rope, image)
-    out = head_tokens(model, local, shard.groups(temb, per_group))  # (B, S, p*C)
+            local = model.run_block(block, local, context, local_mod, rope, e.image)
+    out = head_tokens(model, local, shard.groups(e.temb, per_group))  # (B, S, p*C)
     full = torch.cat(all_gather(out, mesh.sp_group, mesh.log), dim=1)[:, :n]  # (B, N, p*C)
-    return unpatchify(full, grid, model.config.patch_size)
+    return unpatchify(full, e.grid, model.config.patch_size)
 
 
 # ---------------------------------------------------------------------------------------------

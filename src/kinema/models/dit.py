@@ -19,6 +19,7 @@ are; :mod:`kinema.io.wan_keys` maps the original Wan release names.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -249,6 +250,18 @@ class Block(nn.Module):
         return (x.float() + gate(self.ffn(h).float(), g_ffn)).type_as(x)
 
 
+class Embedded(NamedTuple):
+    """The DiT's inputs, embedded (:meth:`VideoDiT.embed`); G = 1 or one per patch frame."""
+
+    grid: tuple[int, int, int]  # patch grid (F', H', W'), N = F' H' W' tokens
+    tokens: Tensor  # (B, N, D)
+    rope: tuple[Tensor, Tensor]  # cos, sin (N, 1, Dh/2)
+    temb: Tensor  # (B, G, D)
+    mod: Tensor  # (B, G, 6, D)
+    context: Tensor  # (B, L, D) or (B, G, L, D)
+    image: Tensor | None  # (B, 257, D) for image-to-video checkpoints
+
+
 class VideoDiT(nn.Module):
     """Diffusion transformer over 3D patches predicting flow-matching velocity.
 
@@ -314,17 +327,24 @@ class VideoDiT(nn.Module):
         tokens cross-attending to their own (timed prompts). ``image`` (B, 257, image_dim):
         CLIP image tokens, for image-to-video checkpoints only.
         """
+        e = self.embed(x, timestep, context, image)
+        tokens = e.tokens
+        for block in self.blocks:
+            tokens = self.run_block(block, tokens, e.context, e.mod, e.rope, e.image)
+        return self.head(tokens, e.temb, e.grid)
+
+    def embed(
+        self, x: Tensor, timestep: Tensor, context: Tensor, image: Tensor | None = None
+    ) -> Embedded:
+        """Everything the blocks read: patch tokens, RoPE tables, time and text embeddings."""
         grid = self.grid(x)
-        rope = self.rope(grid, x.device)
         tokens = self.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()  # (B, N, D)
         t = self.frame_timesteps(timestep, x.shape[0], grid[0])
         temb, mod = self.condition_embedder.time(t, context.dtype)  # (B,G,D), (B,G,6,D)
         context = self.condition_embedder.text_embedder(self.frame_context(context, grid[0]))
         if image is not None:
             image = self.condition_embedder.image_embedder(image)  # (B, 257, D)
-        for block in self.blocks:
-            tokens = self.run_block(block, tokens, context, mod, rope, image)
-        return self.head(tokens, temb, grid)
+        return Embedded(grid, tokens, self.rope(grid, x.device), temb, mod, context, image)
 
     def run_block(self, block: Block, *args: Tensor | tuple | None) -> Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
