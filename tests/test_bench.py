@@ -69,3 +69,6 @@ def test_bad_configs_and_parts_are_refused():
     bench.add_arguments(parser)
     with pytest.raises(ValueError, match="repeats"):
         bench.settings_from_args(parser.parse_args(["--repeats", "0"]))
+    with pytest.raises(ValueError, match="seed"):
+        bench.settings_from_args(parser.parse_args(["--seed", "-1"]))
+    assert bench.settings_from_args(parser.parse_args(["--seed", "3"])).seed == 3

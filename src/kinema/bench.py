@@ -340,6 +340,7 @@ class Settings:
     dtype: torch.dtype = torch.float32
     repeats: int = 5
     compile: bool = False  # also time kinema with compile_blocks()
+    seed: int = 0  # noise seed of the step-cache sweep (kinema calibrates on seed + 1)
 
 
 def bench_forward(s: BenchShape, st: Settings) -> dict[str, Any]:
@@ -608,7 +609,7 @@ def _sample_video(
     return to_uint8(video), seconds
 
 
-def bench_step_cache(s: BenchShape, st: Settings, seed: int = 0) -> dict[str, Any]:
+def bench_step_cache(s: BenchShape, st: Settings) -> dict[str, Any]:
     """kinema's step cache vs diffusers' FirstBlockCache over threshold sweeps: denoising time
     against each library's own uncached run (alternated), evaluations, PSNR of the decoded video
     against the uncached one from the same seed. kinema is calibrated on another seed."""
@@ -616,6 +617,7 @@ def bench_step_cache(s: BenchShape, st: Settings, seed: int = 0) -> dict[str, An
 
     from kinema.sampling.cache import dit_probe, step_cache
 
+    seed = st.seed
     m = cache_models(s, st)
     guided, ref_guided = _kinema_guided(m, s.guidance), _diffusers_guided(m, s.guidance)
     probe = dit_probe(m["dit"])
@@ -638,7 +640,7 @@ def bench_step_cache(s: BenchShape, st: Settings, seed: int = 0) -> dict[str, An
         full = (full_blocks() - before) / 2  # cond + uncond forwards per step
         m["ref"].disable_cache()
         rows.append(_cache_row("diffusers_fbc", f_th, t, full, s.steps, video, reference))
-    return _cache_report(s, m, rows, plain, calib)
+    return _cache_report(s, m, rows, plain, calib) | {"seed": seed}
 
 
 def _calibration(guided: Any, probe: Any, m: dict, s: BenchShape, st: Settings, seed: int) -> Any:
@@ -760,7 +762,9 @@ def _cache_table(rows: list[dict[str, Any]]) -> list[str]:
     out = []
     for r in rows:
         weights = "trained" if r["trained_weights"] else "RANDOM (PSNR says little)"
-        out += [f"### Step cache, {r['shape']} ({weights} weights, {r['steps']} UniPC steps)", "",
+        seed = f", seed {r['seed']}" if "seed" in r else ""
+        out += [f"### Step cache, {r['shape']} ({weights} weights, {r['steps']} UniPC steps{seed})",
+                "",
                 "| method | threshold | full evaluations | denoise speed-up | PSNR vs uncached |",
                 "|---|---|---|---|---|"]  # fmt: skip
         for c in sorted(r["rows"], key=lambda c: (c["lib"], c["threshold"])):
@@ -817,6 +821,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed calls per library")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--compile", action="store_true", help="also time compile_blocks()")
+    p.add_argument("--seed", type=int, default=0,
+                   help="noise seed of the step_cache sweep (calibration: seed + 1)")  # fmt: skip
     p.add_argument("--out", default="benchmarks/results", help="folder for JSON + markdown")
     p.add_argument("--name", default=None, help="file stem (default: <device>-<dtype>)")
 
@@ -829,9 +835,11 @@ def settings_from_args(args: Any) -> Settings:
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     if args.repeats < 1:
         raise ValueError(f"--repeats {args.repeats} must be >= 1")
+    if args.seed < 0:
+        raise ValueError(f"--seed {args.seed} must be >= 0")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    return Settings(device=device, dtype=dtype, repeats=args.repeats, compile=args.compile)
+    return Settings(device, dtype, args.repeats, args.compile, args.seed)
 
 
 def run_cli(args: Any) -> int:
