@@ -95,7 +95,7 @@ def score_set(
                 "prompt": prompt, "seed": seed, "motion": expected[0]["motion"], **verdict,
                 "found": [[o.colour, o.shape, o.motion] for o in found.objects],
             })  # fmt: skip
-    mean = lambda key, clips: round(float(np.mean([float(c[key]) for c in clips])), 4)
+    mean = lambda key, clips: round(sum(float(c[key]) for c in clips) / max(len(clips), 1), 4)
     by_word = {m: [c for c in per_clip if c["motion"] == m] for m in MOTIONS}
     return {k: mean(k, per_clip) for k in (*ATTRIBUTES, "consistency")} | {
         "clips": len(per_clip),
