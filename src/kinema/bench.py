@@ -839,7 +839,9 @@ def settings_from_args(args: Any) -> Settings:
         raise ValueError(f"--seed {args.seed} must be >= 0")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    return Settings(device, dtype, args.repeats, args.compile, args.seed)
+    return Settings(
+        device=device, dtype=dtype, repeats=args.repeats, compile=args.compile, seed=args.seed
+    )
 
 
 def run_cli(args: Any) -> int:
