@@ -58,6 +58,17 @@ def test_compiled_blocks_equal_eager():
     assert (compiled - eager).abs().max().item() <= 1e-4
 
 
+def test_a_block_compiles_to_one_graph():
+    """No graph break inside a block (one used to sit at every attention call): the whole
+    block is one Inductor graph, so its elementwise work fuses around the GEMMs."""
+    dit, (x, t, ctx) = dit_and_inputs()
+    e = dit.fuse_projections().embed(x, t, ctx)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(dit.blocks[0])(e.tokens, e.context, e.mod, e.rope)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
 def test_frame_by_frame_decode_equals_whole_chunks():
     torch.manual_seed(0)
     vae = CausalVAE(VAE).eval()

@@ -9,7 +9,6 @@ in the attention path use the (B, S, H, D) layout: batch, sequence, heads, head 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 from collections.abc import Callable, Iterator
 
@@ -26,24 +25,26 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return out.transpose(1, 2)  # (B, S, H, D)
 
 
-_ATTENTION: contextvars.ContextVar[AttentionFn] = contextvars.ContextVar(
-    "kinema_attention", default=sdpa_attention
-)
+# The backend is a plain module global, not a ContextVar: torch.compile traces a global (and
+# recompiles if it changes) but breaks the graph at every ContextVar.get(). It is process-wide;
+# every distributed rank is its own process.
+_ATTENTION: AttentionFn = sdpa_attention
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """The one attention call of every model. q (B, S, H, D), k/v (B, L, H, D) -> (B, S, H, D)."""
-    return _ATTENTION.get()(q, k, v)
+    return _ATTENTION(q, k, v)
 
 
 @contextlib.contextmanager
 def use_attention(fn: AttentionFn) -> Iterator[None]:
     """Run the enclosed code with ``fn`` as the attention backend (e.g. a sequence-parallel one)."""
-    token = _ATTENTION.set(fn)
+    global _ATTENTION
+    previous, _ATTENTION = _ATTENTION, fn
     try:
         yield
     finally:
-        _ATTENTION.reset(token)
+        _ATTENTION = previous
 
 
 def rope_split(head_dim: int) -> tuple[int, int, int]:
