@@ -31,6 +31,7 @@ from kinema.models.ops import (
     apply_rope,
     attention,
     gate,
+    gelu_tanh,
     modulate,
     rope_3d,
     timestep_embedding,
@@ -69,7 +70,8 @@ class GELUProj(nn.Module):
         self.approximate = approximate
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(self.proj(x), approximate=self.approximate)
+        h = self.proj(x)
+        return gelu_tanh(h) if self.approximate == "tanh" else F.gelu(h, approximate="none")
 
 
 class FeedForward(nn.Module):
