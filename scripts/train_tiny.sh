@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Reproduce the built-in model kinema-tiny from scratch on a CPU (about 9 h 10 min on 2 cores):
 #
-#   1. the causal VAE in four stages (configs/kinema-tiny-vae{,-2,-3,-4}.yaml): 64x64x9 crops,
+#   1. the causal VAE in five stages (configs/kinema-tiny-vae{,-2,-3,-4,-5}.yaml): 64x64x9 crops,
 #      then 32x32x5 crops at a higher learning rate (sharper), then whole 33-frame clips at
 #      32x32 (the causal cache learns to stay stable over the default clip's 9 latent frames),
-#      then the decoder alone (same encoder, same latents); each stage exports EMA weights +
+#      then the decoder alone (same encoder, same latents), on 32x32 and then 64x64 crops of
+#      whole clips; each stage exports EMA weights +
 #      per-channel latent mean/std (the first latent frame, one image encoded alone, gets its
 #      own) -> runs/kinema-tiny-vae*/vae
 #   2. the latents + caption tokens of the DiT's training clips, encoded once
 #                                                  -> runs/kinema-tiny-dit/cache
-#   3. the DiT on that cache, exported (EMA weights, fp16) with stage 4's VAE
+#   3. the DiT on that cache, exported (EMA weights, fp16) with stage 5's VAE
 #                                                  -> runs/kinema-tiny-dit/model
 #   4. that DiT fine-tuned on 2048 fresh clips with 1.5x larger objects
 #      (configs/kinema-tiny-dit-2.yaml; own cache)   -> src/kinema/assets/kinema-tiny
@@ -23,7 +24,7 @@ PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 
 
-for n in 1 2 3 4; do
+for n in 1 2 3 4 5; do
   stage=$([ "$n" = 1 ] || echo "-$n")
   config=configs/kinema-tiny-vae$stage.yaml
   if [ -f "runs/kinema-tiny-vae$stage/vae/config.json" ]; then
