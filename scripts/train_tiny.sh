@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the built-in model kinema-tiny from scratch on a CPU (about 9 h 10 min on 2 cores):
+# Reproduce the built-in model kinema-tiny from scratch on a CPU (about 9 h 25 min on 2 cores):
 #
 #   1. the causal VAE in five stages (configs/kinema-tiny-vae{,-2,-3,-4,-5}.yaml): 64x64x9 crops,
 #      then 32x32x5 crops at a higher learning rate (sharper), then whole 33-frame clips at

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from kinema.eval.beyond import frame_differences, mean_colour, seam_ratio
+from kinema.eval.beyond import background_colour, frame_differences, mean_colour, seam_ratio
 
 
 def ramp(frames: int, step: float) -> np.ndarray:
@@ -31,6 +31,16 @@ def test_mean_colour_is_per_channel():
     assert mean_colour(frames).tolist() == [255.0, 0.0, 0.0]
 
 
+def test_background_colour_ignores_an_object_that_leaves():
+    frames = np.zeros((2, 10, 10, 3), np.uint8)
+    frames[..., 2] = 80  # navy background
+    frames[0, 2:5, 2:5] = (255, 0, 0)  # a red square in the first frame only
+    assert background_colour(frames[:1]).tolist() == background_colour(frames[1:]).tolist()
+    assert mean_colour(frames[:1]).tolist() != mean_colour(frames[1:]).tolist()
+    frames[1, ..., 2] = 90  # the background itself changes
+    assert background_colour(frames[1:]).tolist() == [0.0, 0.0, 90.0]
+
+
 def test_eval_beyond_runs_every_check(tmp_path, capsys):
     """Mechanics on a random tiny model (its numbers mean nothing; the built-in model's are in
     the README)."""
@@ -44,6 +54,7 @@ def test_eval_beyond_runs_every_check(tmp_path, capsys):
     beyond = json.loads(out.read_text())["beyond"]
     assert beyond["first_frame_psnr_db"] > 0
     assert beyond["extension"]["seam_ratio_max"] >= beyond["extension"]["seam_ratio_median"] > 0
+    assert 0 <= beyond["extension"]["background_drift_max"] <= 255
     memory = beyond["long_video_memory"]
     assert (memory["short_s"], memory["long_s"]) == (4.0, 8.0)
     assert memory["long_peak_mib"] > 100 and memory["ratio"] > 0.5

@@ -3,7 +3,8 @@ prompts) on a pipeline, judged from decoded frames only:
 
 - first-frame fidelity: PSNR of the output's first frame against the image it started from;
 - seam continuity: the frame difference across an extension's seam over the clip's median
-  frame-to-frame difference (<= 2 is invisible), and the colour drift over repeated extensions;
+  frame-to-frame difference (<= 2 is invisible), and the colour drift (whole frame and
+  background) over repeated extensions;
 - long-video memory: peak RSS of a long clip over that of a short one, each in a fresh process;
 - timed prompts: the judged motion before and after a prompt switch, 0.25 s either side of it.
 """
@@ -64,11 +65,18 @@ def mean_colour(frames: np.ndarray) -> np.ndarray:
     return frames.reshape(-1, 3).astype(np.float64).mean(axis=0)
 
 
+def background_colour(frames: np.ndarray) -> np.ndarray:
+    """Per-channel median pixel: the background of a scene whose objects cover under half of
+    it, unmoved by objects that enter or leave the frame."""
+    return np.median(frames.reshape(-1, 3), axis=0).astype(np.float64)
+
+
 def seam_continuity(pipe: Any, extensions: int = 3, seconds: float = 1.0) -> dict[str, float]:
     """Extends a clip ``extensions`` times by ``seconds``: the worst seam ratio, and the colour
     drift (largest per-channel change of the mean RGB, 0-255) from the source clip to the newest
-    second."""
-    ratios, drifts = [], []
+    second, and that of the background alone (:func:`background_colour`): the mean also moves
+    when an object leaves the frame or a new one enters."""
+    ratios, drifts, background = [], [], []
     for prompt in SEAM_PROMPTS:
         video = pipe.generate(prompt, seed=0).frames
         source = video
@@ -78,8 +86,11 @@ def seam_continuity(pipe: Any, extensions: int = 3, seconds: float = 1.0) -> dic
             video = out
         newest = video[-round(seconds * pipe.defaults.fps) :]
         drifts.append(float(np.abs(mean_colour(newest) - mean_colour(source)).max()))
+        change = background_colour(newest) - background_colour(source)
+        background.append(float(np.abs(change).max()))
     return {"seam_ratio_max": round(max(ratios), 3), "seam_ratio_median": round(
-        float(np.median(ratios)), 3), "colour_drift_max": round(max(drifts), 2)}  # fmt: skip
+        float(np.median(ratios)), 3), "colour_drift_max": round(max(drifts), 2),
+        "background_drift_max": round(max(background), 2)}  # fmt: skip
 
 
 _PEAK = """
@@ -148,6 +159,8 @@ def table(results: dict[str, Any]) -> str:
         f"| image-to-video first frame | {results['first_frame_psnr_db']:.1f} dB | >= 25 dB |",
         f"| extension seam / median frame diff (worst) | {ext['seam_ratio_max']:.2f} | <= 2 |",
         f"| colour drift over extensions (0-255) | {ext['colour_drift_max']:.1f} | small |",
+        f"| background drift over extensions (0-255) | {ext['background_drift_max']:.1f} "
+        "| small |",
         f"| peak RSS {mem['long_s']:g} s / {mem['short_s']:g} s clip | {mem['ratio']:.2f} "
         "| <= 1.25 |",
         f"| timed prompt: motion before / after switch | {100 * tp['before']:.0f} % / "
