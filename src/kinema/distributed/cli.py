@@ -64,6 +64,8 @@ def run_parallel_generate(args: argparse.Namespace) -> int:
     from_output_check(args.output)
     if getattr(args, "offload", "none") != "none":
         raise ValueError("--offload works in one process; drop --devices or --offload")
+    if getattr(args, "compile", False):
+        raise ValueError("--compile works in one process; drop --devices or --compile")
     tile = None
     if getattr(args, "decode_tile", None):
         from kinema.models.vae import TileSpec
