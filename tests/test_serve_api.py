@@ -290,7 +290,8 @@ def test_cli_binds_loopback_by_default(tmp_path):
     assert settings.model_id == "kinema-tiny" and settings.data_dir == tmp_path
     with pytest.raises(ValueError, match="--max-queue 0 must be > 0"):
         settings_from_args(parser.parse_args(["serve", "--max-queue", "0"]))
-    assert settings.offload == "none"
+    assert settings.offload == "none" and not settings.compile
+    assert settings_from_args(parser.parse_args(["serve", "--compile"])).compile
     assert settings_from_args(parser.parse_args(["serve", "--offload", "block"])).offload == "block"
     with pytest.raises(ValueError, match="--offload 'all'; valid: none, model, block"):
         settings_from_args(parser.parse_args(["serve", "--offload", "all"]))

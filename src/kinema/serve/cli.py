@@ -31,6 +31,7 @@ def add_serve(sub: Any) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: per device)")
     p.add_argument("--offload", default="none", help="none, model or block (small GPUs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks")
     p.add_argument("--max-queue", type=int, default=32, help="queued + running jobs before 429")
     p.add_argument("--max-upload-mb", type=float, default=32.0, help="per uploaded file")
     p.add_argument("--max-seconds", type=float, default=60.0, help="longest clip a request gets")
@@ -55,7 +56,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         raise ValueError("--api-key must not be empty")
     return ServeSettings(
         data_dir=(args.data_dir or default_data_dir()).expanduser(), model=args.model,
-        device=args.device, dtype=args.dtype, offload=args.offload, api_key=args.api_key,
+        device=args.device, dtype=args.dtype, offload=args.offload, compile=args.compile,
+        api_key=args.api_key,
         max_queue=args.max_queue,
         max_upload_bytes=int(args.max_upload_mb * 2**20), max_seconds=args.max_seconds,
         retention_s=int(args.retention_hours * 3600),
