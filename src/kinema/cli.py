@@ -81,7 +81,8 @@ def add_generate(sub: Any) -> None:
     p.set_defaults(run=run_generate)
 
 
-def add_device_args(p: argparse.ArgumentParser) -> None:
+def add_device_args(p: argparse.ArgumentParser, quiet: bool = True) -> None:
+    """--device, --dtype, --offload and --compile (and -q unless ``quiet`` is False)."""
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: per device)")
     p.add_argument(
@@ -94,7 +95,8 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
         help="torch.compile the DiT's blocks: same video, faster steps after a warm-up of "
         "seconds (worth it for long or many clips)",
     )  # fmt: skip
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    if quiet:
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 def parse_timed(text: str) -> tuple[float, str]:

@@ -21,6 +21,8 @@ def default_data_dir() -> Path:
 
 
 def add_serve(sub: Any) -> None:
+    from kinema.cli import add_device_args
+
     p = sub.add_parser("serve", help="OpenAI-compatible Videos API and web page")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     p.add_argument("--port", type=int, default=8000)
@@ -28,10 +30,7 @@ def add_serve(sub: Any) -> None:
     p.add_argument("--data-dir", type=Path, default=None, help="job queue and outputs")
     p.add_argument("--api-key", default=os.environ.get("KINEMA_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (or $KINEMA_API_KEY)")  # fmt: skip
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best)")
-    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: per device)")
-    p.add_argument("--offload", default="none", help="none, model or block (small GPUs)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks")
+    add_device_args(p, quiet=False)
     p.add_argument("--max-queue", type=int, default=32, help="queued + running jobs before 429")
     p.add_argument("--max-upload-mb", type=float, default=32.0, help="per uploaded file")
     p.add_argument("--max-seconds", type=float, default=60.0, help="longest clip a request gets")
