@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -33,10 +34,13 @@ from kinema.train import (
 from kinema.train.config import OptimFields
 from kinema.train.loop import (
     ClipDataset,
+    LatentCache,
     caption_context,
+    load_caches,
     precompute,
     read_log,
     start_run,
+    timed_lookup,
     train_loop,
 )
 from kinema.train.state import PositionSampler, index_at, latest_checkpoint, lr_at
@@ -281,6 +285,42 @@ def test_latent_cache_refuses_other_vae_statistics(
     (vae / "config.json").write_text(json.dumps(settings))
     with pytest.raises(ValueError, match="built for other data / VAE / text settings"):
         precompute(config, text_encoder=text_encoder)
+
+
+def test_extra_caches_mix_earlier_runs_clips_in(
+    tmp_path: Path, vae_folder: Path, text_encoder
+) -> None:
+    """A run trains on its own clips and those of earlier runs' caches, each clip with its
+    own caption tokens and its own world's timed captions."""
+    world = lambda seed, n: DataConfig(seed=seed, num_clips=n, width=32, height=32, frames=9,
+                                       fps=8)  # fmt: skip
+    old = precompute(dit_config(tmp_path / "old", vae_folder, data=world(3, 12)),
+                     text_encoder=text_encoder)  # fmt: skip
+    config = dit_config(tmp_path / "new", vae_folder, data=world(2, 4), extra_caches=(str(old),),
+                        timed_captions=1.0, caption_dropout=0, max_steps=2)  # fmt: skip
+    precompute(config, text_encoder=text_encoder)
+    cache, sources = load_caches(config)
+    mine, theirs = LatentCache.load(tmp_path / "new" / "cache"), LatentCache.load(old)
+    assert [start for start, _ in sources] == [0, 4] and sources[1][1] == world(3, 12)
+    assert torch.equal(cache.latents, torch.cat([mine.latents, theirs.latents]))
+    assert cache.captions == mine.captions + theirs.captions
+    for c in (*mine.captions[:2], *theirs.captions[:2]):
+        part = mine if c in mine.rows else theirs
+        assert torch.equal(cache.text([c]), part.text([c]))
+    timed, earlier = timed_lookup(sources), ClipDataset(world(3, 12))
+    changing = next(i for i in range(12) if earlier.timed(i))
+    assert timed(4 + changing) == earlier.timed(changing)  # the clip's own world, not seed 2's
+    assert timed(4 + changing) != ClipDataset(world(2, 16)).timed(4 + changing)
+    assert train_dit(config, text_encoder=text_encoder).exists()  # 16 clips in the stream
+    with pytest.raises(ValueError, match="is not a finished latent cache"):
+        load_caches(dataclasses.replace(config, extra_caches=(str(tmp_path / "nowhere"),)))
+    meta = json.loads((old / "meta.json").read_text())
+    meta["text_max_length"] = 16
+    (old / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="built with another text_max_length"):
+        load_caches(config)
+    with pytest.raises(ValueError, match="extra_caches needs precompute"):
+        dataclasses.replace(config, timed_captions=0.0, precompute=False)
 
 
 def toy_run(out: Path, **kw):

@@ -114,6 +114,9 @@ class TrainConfig(OptimFields):
     text_max_length: int = 32  # tokens per caption
     data: DataConfig = field(default_factory=DataConfig)
     precompute: bool = True  # encode clips once into out_dir/cache, then train from the cache
+    extra_caches: tuple[str, ...] = ()  # latent caches of earlier runs (their out_dir/cache),
+    # mixed in with this run's clips: more distinct clips without encoding them again; each
+    # must come from the same VAE, latent statistics and text encoder (needs precompute)
     caption_dropout: float = 0.1  # probability a caption is replaced by "" (for CFG)
     timed_captions: float = 0.0  # chance a synthetic clip whose motion changes is captioned per
     # frame instead (before / after the change), which teaches timed prompts; needs precompute
@@ -151,6 +154,8 @@ class TrainConfig(OptimFields):
                 "timed_captions needs synthetic data and precompute: true "
                 "(the captions before / after a change come from the world)"
             )
+        if self.extra_caches and not self.precompute:
+            raise ValueError("extra_caches needs precompute: true (they are latent caches)")
         if self.shift <= 0 or self.logit_std <= 0:
             raise ValueError(f"shift {self.shift} and logit_std {self.logit_std} must be > 0")
         if self.cond_max_frames < 2:

@@ -18,6 +18,7 @@ randomness of the whole micro-batch, so N processes follow the one-process run.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import dataclasses
 import json
@@ -26,7 +27,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -538,6 +539,61 @@ class LatentCache:
         """Captions [B] -> tokens (B, L, D) float32."""
         return self.tokens[[self.rows[c] for c in captions]].float()
 
+    @classmethod
+    def concat(cls, caches: Sequence[LatentCache]) -> LatentCache:
+        """One cache holding the clips of ``caches`` in order (clip ``i`` of the second comes
+        after all of the first's); captions they share keep one token row."""
+        rows: dict[str, int] = {}
+        tokens = []
+        for cache in caches:
+            for caption, row in cache.rows.items():
+                if caption not in rows:
+                    rows[caption] = len(rows)
+                    tokens.append(cache.tokens[row])
+        return cls(torch.cat([c.latents for c in caches]),
+                   [caption for c in caches for caption in c.captions],
+                   torch.stack(tokens), rows)  # fmt: skip
+
+
+def load_caches(config: TrainConfig) -> tuple[LatentCache, list[tuple[int, DataConfig]]]:
+    """This run's cache followed by ``config.extra_caches``, merged; and where each part starts
+    with the data it was encoded from. Raises ValueError for a missing extra cache or one built
+    with another VAE, latent statistics or text encoder than this run's."""
+    own = Path(config.out_dir) / "cache"
+    key = {k: v for k, v in cache_key(config).items() if k != "data"}
+    parts, sources, start = [LatentCache.load(own)], [(0, config.data)], 0
+    for extra in map(Path, config.extra_caches):
+        meta = extra / "meta.json"
+        if not meta.is_file() or not (extra / "text.safetensors").is_file():
+            raise ValueError(
+                f"extra cache {extra} is not a finished latent cache "
+                "(no meta.json / text.safetensors: run its training first)"
+            )
+        theirs = json.loads(meta.read_text())
+        if differs := [k for k in key if theirs.get(k) != key[k]]:
+            raise ValueError(
+                f"extra cache {extra} was built with another {', '.join(differs)} than this "
+                "run's; only caches of the same VAE and text encoder mix"
+            )
+        start += len(parts[-1].captions)
+        parts.append(LatentCache.load(extra))
+        sources.append((start, DataConfig(**theirs["data"])))
+    return LatentCache.concat(parts), sources
+
+
+def timed_lookup(sources: list[tuple[int, DataConfig]]) -> Callable[[int], Any]:
+    """Merged clip index -> the timed captions of that clip in its own world (None for
+    clips of a folder, and clips without a motion change)."""
+    starts = [start for start, _ in sources]
+    worlds = [ClipDataset(d) if d.kind == "synthetic" else None for _, d in sources]
+
+    def timed(i: int) -> Any:
+        part = bisect.bisect_right(starts, i) - 1
+        world = worlds[part]
+        return world.timed(i - starts[part]) if world is not None else None
+
+    return timed
+
 
 def cache_stream(
     cache: LatentCache, start: int, batch: int, seed: int,
@@ -683,14 +739,13 @@ def dit_data(config: TrainConfig, run: Run, text_encoder: Any, vae: nn.Module) -
     start, b = run.progress.samples_seen, run.config.batch_size
     seed = config.data.seed + config.seed
     if config.precompute:
-        folder = Path(config.out_dir) / "cache"
         if dt.world()[0] == 0:  # one rank encodes; the others wait, then read the same cache
             precompute(config, vae=vae, text_encoder=text_encoder)
         dt.barrier()
-        cache = LatentCache.load(folder)
+        cache, sources = load_caches(config)
         if not config.timed_captions:
             return cache_stream(cache, start, b, seed), cache.text
-        timed = ClipDataset(config.data).timed
+        timed = timed_lookup(sources)
         return cache_stream(cache, start, b, seed, timed), cached_or_encoded(cache, text_encoder)
     from kinema.models.text import CachedTextEncoder
 
