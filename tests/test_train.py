@@ -319,6 +319,11 @@ def test_extra_caches_mix_earlier_runs_clips_in(
     (old / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="built with another text_max_length"):
         load_caches(config)
+    five = DataConfig(seed=3, num_clips=2, width=32, height=32, frames=5, fps=8)
+    short = precompute(dit_config(tmp_path / "short", vae_folder, data=five),
+                       text_encoder=text_encoder)  # fmt: skip
+    with pytest.raises(ValueError, match="only caches of the same clip size and length mix"):
+        load_caches(dataclasses.replace(config, extra_caches=(str(short),)))
     with pytest.raises(ValueError, match="extra_caches needs precompute"):
         dataclasses.replace(config, timed_captions=0.0, precompute=False)
 

@@ -577,6 +577,11 @@ def load_caches(config: TrainConfig) -> tuple[LatentCache, list[tuple[int, DataC
             )
         start += len(parts[-1].captions)
         parts.append(LatentCache.load(extra))
+        if (got := parts[-1].latents.shape[1:]) != (want := parts[0].latents.shape[1:]):
+            raise ValueError(
+                f"extra cache {extra} holds latents of shape {tuple(got)}, this run's "
+                f"{tuple(want)}: only caches of the same clip size and length mix"
+            )
         sources.append((start, DataConfig(**theirs["data"])))
     return LatentCache.concat(parts), sources
 
