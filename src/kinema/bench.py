@@ -538,7 +538,7 @@ def bench_vae_decode(s: BenchShape, st: Settings, tile: Any = "auto") -> dict[st
 # Step cache against diffusers' FirstBlockCache
 # ---------------------------------------------------------------------------------------------
 
-KINEMA_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 0.8)
+KINEMA_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)
 FBC_THRESHOLDS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 
 
