@@ -36,6 +36,7 @@ from kinema.train.loop import (
     ClipDataset,
     LatentCache,
     caption_context,
+    check_extra_caches,
     load_caches,
     precompute,
     read_log,
@@ -299,7 +300,7 @@ def test_extra_caches_mix_earlier_runs_clips_in(
     config = dit_config(tmp_path / "new", vae_folder, data=world(2, 4), extra_caches=(str(old),),
                         timed_captions=1.0, caption_dropout=0, max_steps=2)  # fmt: skip
     precompute(config, text_encoder=text_encoder)
-    cache, sources = load_caches(config)
+    cache, sources = load_caches(config, check_extra_caches(config))
     mine, theirs = LatentCache.load(tmp_path / "new" / "cache"), LatentCache.load(old)
     assert [start for start, _ in sources] == [0, 4] and sources[1][1] == world(3, 12)
     assert torch.equal(cache.latents, torch.cat([mine.latents, theirs.latents]))
@@ -313,17 +314,18 @@ def test_extra_caches_mix_earlier_runs_clips_in(
     assert timed(4 + changing) != ClipDataset(world(2, 16)).timed(4 + changing)
     assert train_dit(config, text_encoder=text_encoder).exists()  # 16 clips in the stream
     with pytest.raises(ValueError, match="is not a finished latent cache"):
-        load_caches(dataclasses.replace(config, extra_caches=(str(tmp_path / "nowhere"),)))
+        check_extra_caches(dataclasses.replace(config, extra_caches=(str(tmp_path / "nowhere"),)))
     meta = json.loads((old / "meta.json").read_text())
     meta["text_max_length"] = 16
     (old / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="built with another text_max_length"):
-        load_caches(config)
+        check_extra_caches(config)
     five = DataConfig(seed=3, num_clips=2, width=32, height=32, frames=5, fps=8)
     short = precompute(dit_config(tmp_path / "short", vae_folder, data=five),
                        text_encoder=text_encoder)  # fmt: skip
     with pytest.raises(ValueError, match="only caches of the same clip size and length mix"):
-        load_caches(dataclasses.replace(config, extra_caches=(str(short),)))
+        shorts = dataclasses.replace(config, extra_caches=(str(short),))
+        load_caches(shorts, check_extra_caches(shorts))
     with pytest.raises(ValueError, match="extra_caches needs precompute"):
         dataclasses.replace(config, timed_captions=0.0, precompute=False)
 

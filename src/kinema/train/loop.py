@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import csv
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -555,13 +556,12 @@ class LatentCache:
                    torch.stack(tokens), rows)  # fmt: skip
 
 
-def load_caches(config: TrainConfig) -> tuple[LatentCache, list[tuple[int, DataConfig]]]:
-    """This run's cache followed by ``config.extra_caches``, merged; and where each part starts
-    with the data it was encoded from. Raises ValueError for a missing extra cache or one built
-    with another VAE, latent statistics or text encoder than this run's."""
-    own = Path(config.out_dir) / "cache"
+def check_extra_caches(config: TrainConfig) -> list[tuple[Path, DataConfig]]:
+    """``config.extra_caches`` with the data each was encoded from. Raises ValueError for an
+    unfinished one or one built with another VAE, latent statistics or text encoder than this
+    run's (read from their meta.json alone: cheap, so a run checks them before encoding)."""
     key = {k: v for k, v in cache_key(config).items() if k != "data"}
-    parts, sources, start = [LatentCache.load(own)], [(0, config.data)], 0
+    out = []
     for extra in map(Path, config.extra_caches):
         meta = extra / "meta.json"
         if not meta.is_file() or not (extra / "text.safetensors").is_file():
@@ -575,15 +575,27 @@ def load_caches(config: TrainConfig) -> tuple[LatentCache, list[tuple[int, DataC
                 f"extra cache {extra} was built with another {', '.join(differs)} than this "
                 "run's; only caches of the same VAE and text encoder mix"
             )
-        start += len(parts[-1].captions)
+        out.append((extra, DataConfig(**theirs["data"])))
+    return out
+
+
+def load_caches(
+    config: TrainConfig, extras: list[tuple[Path, DataConfig]]
+) -> tuple[LatentCache, list[tuple[int, DataConfig]]]:
+    """This run's cache followed by the ``extras`` (:func:`check_extra_caches`), merged; and
+    where each part starts with the data it was encoded from. Raises ValueError for an extra
+    cache whose latents have another shape than this run's."""
+    parts = [LatentCache.load(Path(config.out_dir) / "cache")]
+    for extra, _ in extras:
         parts.append(LatentCache.load(extra))
         if (got := parts[-1].latents.shape[1:]) != (want := parts[0].latents.shape[1:]):
             raise ValueError(
                 f"extra cache {extra} holds latents of shape {tuple(got)}, this run's "
                 f"{tuple(want)}: only caches of the same clip size and length mix"
             )
-        sources.append((start, DataConfig(**theirs["data"])))
-    return LatentCache.concat(parts), sources
+    starts = itertools.accumulate((len(p.captions) for p in parts[:-1]), initial=0)
+    data = [config.data, *(d for _, d in extras)]
+    return LatentCache.concat(parts), list(zip(starts, data, strict=True))
 
 
 def timed_lookup(sources: list[tuple[int, DataConfig]]) -> Callable[[int], Any]:
@@ -744,10 +756,11 @@ def dit_data(config: TrainConfig, run: Run, text_encoder: Any, vae: nn.Module) -
     start, b = run.progress.samples_seen, run.config.batch_size
     seed = config.data.seed + config.seed
     if config.precompute:
+        extras = check_extra_caches(config)  # before this run's clips take minutes to encode
         if dt.world()[0] == 0:  # one rank encodes; the others wait, then read the same cache
             precompute(config, vae=vae, text_encoder=text_encoder)
         dt.barrier()
-        cache, sources = load_caches(config)
+        cache, sources = load_caches(config, extras)
         if not config.timed_captions:
             return cache_stream(cache, start, b, seed), cache.text
         timed = timed_lookup(sources)
