@@ -6,8 +6,9 @@ timestep-modulated input tokens, which change with both ``x`` and ``t`` -- is co
 probe of the previous step by relative L1 distance. A per-model polynomial, fitted once on an
 uncached run (:func:`calibrate`), maps that input change to the expected relative change of the
 model output. How much the output moves for a given input change depends strongly on the noise
-level (on kinema-tiny the first six steps change the output 7-19x their probe change, the last
-eleven 0.3-1.3x), so the calibration also keeps, per timestep of the calibration run, the ratio
+level (on kinema-tiny the first steps change the output an order of magnitude more than their
+probe change, the last ones less than it; the README gives the shipped weights' figures), so
+the calibration also keeps, per timestep of the calibration run, the ratio
 of output change to probe change, and where it has them estimates ``ratio(t) * input change``
 (the ratio interpolated in ``t``); the polynomial is the fallback. The estimates are summed
 over skipped steps; while the sum stays below the
