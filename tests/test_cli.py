@@ -45,6 +45,10 @@ BASE = ["--size", "32x32", "--steps", "2", "-q"]
         (["--at", "soon:a dog"], "--at 'soon:a dog' must be SECONDS:PROMPT"),
         (["--at", "9:a dog"], "prompt time 9 s is outside the clip"),
         (["--at", "0.2:a dog", "--at", "0.1:a cow"], "must increase"),
+        (
+            ["--switch", "fade"],
+            "argument --switch: invalid choice: 'fade' (choose from 'cut', 'blend')",
+        ),
     ],
 )
 def test_bad_generate_input(capsys, tmp_path, wan, args, message):

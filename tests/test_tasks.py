@@ -15,7 +15,7 @@ import torch
 
 import kinema
 from kinema.io.video import write_video
-from kinema.pipeline import Request
+from kinema.pipeline import Request, to_uint8
 from tests.wan_tiny import build_wan_folder
 
 BASE = dict(width=32, height=32, steps=2, guidance=1.0, seed=3)
@@ -91,10 +91,10 @@ def test_long_video_runs_window_by_window_with_bounded_decode(pipe, monkeypatch)
     assert video.info["transformer_evaluations"] == 2 * windows
 
 
-def test_timed_prompts_switch_at_the_given_second(pipe, monkeypatch):
+def test_timed_prompts_blend_switches_at_the_given_second(pipe, monkeypatch):
     denoise = Recorder(pipe.denoise)
     monkeypatch.setattr(pipe, "denoise", denoise)
-    pipe.generate("first", frames=17, prompts=((1.0, "second"),), **BASE)  # switch: frame 8
+    pipe.generate("first", frames=17, prompts=((1.0, "second"),), switch="blend", **BASE)
     tokens = pipe.text_encoder.encode(["first", "second"])[0]  # (2, L, D)
     first, switching, second = (call[3] for call in denoise.calls)  # three windows
     # window 1: frames 0-8, latent frames start at 0, 1, 5 -> "first" throughout: one context
@@ -103,6 +103,27 @@ def test_timed_prompts_switch_at_the_given_second(pipe, monkeypatch):
     assert switching.shape[:2] == (1, 3)  # one context per latent frame
     torch.testing.assert_close(switching[0], tokens[[0, 0, 1]].to(first.dtype))
     torch.testing.assert_close(second, tokens[1:].to(first.dtype))  # window 3: frames 8-16
+
+
+def test_timed_prompts_cut_ends_a_whole_window_at_the_switch(pipe, monkeypatch):
+    from kinema import pipeline as kp
+
+    denoise = Recorder(pipe.denoise)
+    monkeypatch.setattr(pipe, "denoise", denoise)
+    decoded = []
+    monkeypatch.setattr(kp, "to_uint8", lambda v: decoded.append(to_uint8(v)) or decoded[-1])
+    video = pipe.generate("first", frames=17, prompts=((0.5, "second"),), **BASE)  # frame 4
+    tokens = pipe.text_encoder.encode(["first", "second"])[0]  # (2, L, D)
+    contexts = [call[3] for call in denoise.calls]
+    # a whole 9-frame window under "first", kept up to frame 4 (latent frame 2 would be
+    # "second"); then windows of 5 given + 4 new frames, each under "second" alone
+    assert [c.shape[:2] for c in contexts] == [(1, tokens.shape[1])] * 4
+    torch.testing.assert_close(contexts[0], tokens[:1].to(contexts[0].dtype))
+    for c in contexts[1:]:
+        torch.testing.assert_close(c, tokens[1:].to(c.dtype))
+    assert [len(d) for d in decoded] == [9, 9, 9, 9] and len(video.frames) == 17
+    assert np.array_equal(video.frames[:5], decoded[0][:5])
+    assert not np.array_equal(video.frames[5:9], decoded[0][5:])  # the look-ahead is dropped
 
 
 def test_image_condition_is_kept_in_the_first_latent_frame(pipe, monkeypatch):
@@ -141,6 +162,7 @@ def test_video_to_video_follows_source_length_and_strength(pipe):
         (dict(extend=clip(9, 24)), "multiples of 16"),
         (dict(prompts=((0.5, "b"), (0.25, "c"))), "must increase"),
         (dict(prompts=((9.0, "b"),)), "outside the clip"),
+        (dict(prompts=((0.5, "b"),), switch="fade"), "valid: cut, blend"),
         (dict(image="/nonexistent.png"), "nonexistent.png"),
     ],
 )

@@ -74,6 +74,7 @@ def add_generate(sub: Any) -> None:
         "--at", action="append", type=parse_timed, default=[], metavar="SECONDS:PROMPT",
         help="switch to PROMPT at SECONDS (repeatable)",
     )  # fmt: skip
+    add_switch_arg(p)
     add_device_args(p)
     from kinema.distributed.cli import add_generate_options
 
@@ -97,6 +98,15 @@ def add_device_args(p: argparse.ArgumentParser, quiet: bool = True) -> None:
     )  # fmt: skip
     if quiet:
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def add_switch_arg(p: argparse.ArgumentParser) -> None:
+    from kinema.timeline import SWITCH_MODES
+
+    p.add_argument(
+        "--switch", choices=SWITCH_MODES, default="cut",
+        help="how --at switches: cut (a window ends at the switch, default) or blend (per frame)",
+    )  # fmt: skip
 
 
 def parse_timed(text: str) -> tuple[float, str]:
@@ -143,8 +153,9 @@ def request_from_args(args: argparse.Namespace, defaults: Any, temporal: int) ->
     return Request(
         prompt=args.prompt, negative_prompt=args.negative, width=width, height=height,
         frames=frames, fps=fps, steps=args.steps, guidance=args.guidance, shift=args.shift,
-        sampler=args.sampler, seed=args.seed, prompts=tuple(args.at), image=args.image,
-        last_image=args.last_image, video=args.video, strength=args.strength, cache=args.cache,
+        sampler=args.sampler, seed=args.seed, prompts=tuple(args.at), switch=args.switch,
+        image=args.image, last_image=args.last_image, video=args.video, strength=args.strength,
+        cache=args.cache,
     )  # fmt: skip
 
 
@@ -206,6 +217,7 @@ def add_extend(sub: Any) -> None:
         "--at", action="append", type=parse_timed, default=[], metavar="SECONDS:PROMPT",
         help="switch to PROMPT at SECONDS after the start of the continuation",
     )  # fmt: skip
+    add_switch_arg(p)
     add_device_args(p)
     p.set_defaults(run=run_extend)
 
@@ -228,7 +240,7 @@ def run_extend(args: argparse.Namespace) -> int:
     request = Request(
         prompt=args.prompt, negative_prompt=args.negative, frames=frames, fps=fps,
         steps=args.steps, guidance=args.guidance, seed=args.seed, prompts=tuple(args.at),
-        extend=args.video,
+        switch=args.switch, extend=args.video,
     )  # fmt: skip
     return finish(pipe, request, args.output, args)
 

@@ -44,7 +44,8 @@ class Request:
     (``last_image`` also ends it, on first-last-frame image-to-video checkpoints);
     ``video`` + ``strength`` restyle a source clip (SDEdit); ``extend`` continues a clip (the
     output is the source followed by ``frames`` new frames); ``prompts`` change the prompt at
-    given seconds. Images and videos are paths or uint8 arrays ((H, W, 3) / (T, H, W, 3)).
+    given seconds, each switch as ``switch`` says (:mod:`kinema.timeline`: ``cut`` or
+    ``blend``). Images and videos are paths or uint8 arrays ((H, W, 3) / (T, H, W, 3)).
     """
 
     prompt: str
@@ -59,6 +60,7 @@ class Request:
     sampler: str | None = None
     seed: int = 0
     prompts: tuple[tuple[float, str], ...] = ()
+    switch: str = "cut"
     image: Any = None
     last_image: Any = None
     video: Any = None
@@ -121,6 +123,10 @@ def validate(req: Request, spatial: int, temporal: int, extension: bool = False)
         raise ValueError(f"shift {req.shift} must be > 0")
     if req.fps < 1:
         raise ValueError(f"fps {req.fps} must be >= 1")
+    if req.switch not in timeline.SWITCH_MODES:
+        raise ValueError(
+            f"switch {req.switch!r} is unknown; valid: {', '.join(timeline.SWITCH_MODES)}"
+        )
 
 
 @dataclass
@@ -336,7 +342,7 @@ class Pipeline:
         for window in plan:
             cond = self.window_condition(window, tail, media, clock, final=window is plan[-1])
             pixels, n = self.one_window(req, window, cond, clock, steps)
-            new = pixels[window.context :]
+            new = pixels[window.context : window.keep]
             if window.context:  # no jump where it continues what is already there
                 new = carry_seam(new, tail[-1], pixels[window.context - 1])  # type: ignore[index]
             pieces.append(new)
@@ -350,8 +356,10 @@ class Pipeline:
         duration = (req.frames - (0 if extension else 1)) / req.fps
         switches = timeline.switch_frames(req.prompts, req.fps, duration, t)
         window = max(self.defaults.frames, self.context_frames + t)
-        return timeline.plan(req.prompt, switches, req.frames, window, self.context_frames,
-                             req.seed, has_tail=extension)  # fmt: skip
+        return timeline.plan(
+            req.prompt, switches, req.frames, window, self.context_frames, req.seed,
+            has_tail=extension, temporal=t, switch=req.switch,
+        )  # fmt: skip
 
     def window_condition(
         self, window: timeline.Window, tail: np.ndarray | None, media: dict[str, np.ndarray],

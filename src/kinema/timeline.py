@@ -3,9 +3,15 @@
 A video longer than the model's window is made window by window. Every window after the first
 starts with ``context`` pixel frames taken from the end of what came before (given to the model
 as clean latent frames), so memory stays that of one window however long the video is. Prompt
-switches are snapped to latent-frame boundaries (``temporal`` pixel frames, 0.25 s at 16 fps);
-a window over a switch holds both prompts, and each latent frame's tokens cross-attend to the
-prompt in force at that frame (:func:`latent_prompts`).
+switches are snapped to latent-frame boundaries (``temporal`` pixel frames, 0.25 s at 16 fps).
+Two ways to switch (``SWITCH_MODES``):
+
+- ``cut`` (the default): a window that reaches a switch is still made at the full window length
+  under the prompt in force at its first new frame (so the motion is that of a whole clip), but
+  only its frames before the switch are kept; the next window starts there, under the new prompt,
+  with the usual context frames. Costs one window more per switch.
+- ``blend``: a window over a switch holds both prompts, and each latent frame's tokens
+  cross-attend to the prompt in force at that frame (:func:`latent_prompts`).
 """
 
 from __future__ import annotations
@@ -17,18 +23,20 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Window:
     """One generation window: ``frames`` pixel frames (tk+1), of which the first ``context``
-    are given (copied from the previous output); ``new`` = frames - context are produced.
-    ``prompts``: (first frame of the window, prompt) for each prompt in force over it, the
-    first from frame 0."""
+    are given (copied from the previous output) and the first ``keep`` are kept (``keep`` <
+    ``frames`` where a ``cut`` switch ends the window early); ``new`` = keep - context are
+    produced. ``prompts``: (first frame of the window, prompt) for each prompt in force over
+    it, the first from frame 0."""
 
     prompts: tuple[tuple[int, str], ...]
     frames: int
     context: int
     seed: int
+    keep: int
 
     @property
     def new(self) -> int:
-        return self.frames - self.context
+        return self.keep - self.context
 
     @property
     def prompt(self) -> str:
@@ -69,24 +77,49 @@ def in_force(
     return tuple(out)
 
 
+SWITCH_MODES = ("cut", "blend")
+
+
 def plan(
     prompt: str, switches: Sequence[tuple[int, str]], total: int, window: int, context: int,
-    seed: int, has_tail: bool,
+    seed: int, has_tail: bool, temporal: int = 4, switch: str = "cut",
 ) -> list[Window]:  # fmt: skip
     """Cut ``total`` new frames into windows of at most ``window`` frames, each after the first
-    starting with ``context`` given frames, and give each the prompts in force over it (a
-    prompt switch does not cut a window: the model sees both prompts, frame by frame).
+    starting with ``context`` given frames, and give each the prompts in force over it;
+    ``switch`` (``SWITCH_MODES``) says what a prompt switch inside a window does.
     ``has_tail``: a previous clip exists (extension), so the first window has context too;
     frame numbers count the new frames from 0 either way."""
+    if switch not in SWITCH_MODES:
+        raise ValueError(f"unknown switch mode {switch!r}; valid: {', '.join(SWITCH_MODES)}")
     windows: list[Window] = []
     made = 0
     while made < total:
         ctx = context if (windows or has_tail) else 0
         new = min(window - ctx, total - made)
         prompts = in_force(prompt, switches, made - ctx, ctx + new)
-        windows.append(Window(prompts, ctx + new, ctx, seed + len(windows)))
-        made += new
+        frames = keep = ctx + new
+        if switch == "cut":
+            first, keep = cut(prompts, ctx, frames, temporal)
+            prompts = ((0, first),)
+            frames = window if keep < frames else frames  # look ahead: a whole window's motion
+        windows.append(Window(prompts, frames, ctx, seed + len(windows), keep))
+        made += keep - ctx
     return windows
+
+
+def cut(
+    prompts: Sequence[tuple[int, str]], context: int, frames: int, temporal: int
+) -> tuple[str, int]:
+    """The prompt in force at a window's first new latent frame, and how many of its pixel
+    frames to keep: all ``frames``, or those before the first new latent frame that another
+    prompt is in force at (the same latent boundaries as :func:`latent_prompts`)."""
+    latents = (frames - 1) // temporal + 1
+    which = latent_prompts([s for s, _ in prompts], latents, temporal)
+    first_new = 0 if context == 0 else (context - 1) // temporal + 1
+    for j in range(first_new + 1, latents):
+        if which[j] != which[first_new]:
+            return prompts[which[first_new]][1], temporal * (j - 1) + 1
+    return prompts[which[first_new]][1], frames
 
 
 def latent_prompts(starts: Sequence[int], latent_frames: int, temporal: int) -> list[int]:

@@ -118,26 +118,28 @@ def long_video_memory(model: str | None, short: float = 4.0, long: float = 16.0)
 
 
 def timed_prompts(
-    pipe: Any, seeds: int = 2, margin_s: float = 0.25, seconds: float = 2.0
-) -> dict[str, float]:
-    """``seconds``-long clips whose prompt switches motion at mid-clip: the share whose judged
-    motion matches the first prompt up to ``margin_s`` before the switch and the second from
-    ``margin_s`` after it."""
+    pipe: Any, seeds: int = 2, margin_s: float = 0.25, seconds: float = 2.0, switch: str = "cut"
+) -> dict[str, Any]:
+    """``seconds``-long clips whose prompt switches motion at mid-clip (as ``switch`` says, see
+    :mod:`kinema.timeline`): the share whose judged motion matches the first prompt up to
+    ``margin_s`` before the switch and the second from ``margin_s`` after it."""
     fps = pipe.defaults.fps
     switch_s = seconds / 2
-    switch, margin = round(switch_s * fps), round(margin_s * fps)
+    at, margin = round(switch_s * fps), round(margin_s * fps)  # the switch's frame
     before = after = both = n = 0
     for thing, first, second in SWITCHES:
         a, b = f"a {thing} moving {first}", f"a {thing} moving {second}"
         for seed in range(seeds):
             frames = pipe.generate(
-                a, prompts=((switch_s, b),), frames=round(seconds * fps) + 1, seed=seed
-            ).frames
-            ok_a = motion_between(frames, 0, switch - margin) == [first]
-            ok_b = motion_between(frames, switch + margin, len(frames)) == [second]
+                a, prompts=((switch_s, b),), frames=round(seconds * fps) + 1, seed=seed,
+                switch=switch,
+            ).frames  # fmt: skip
+            ok_a = motion_between(frames, 0, at - margin) == [first]
+            ok_b = motion_between(frames, at + margin, len(frames)) == [second]
             before, after, both, n = before + ok_a, after + ok_b, both + (ok_a and ok_b), n + 1
     return {"before": round(before / n, 4), "after": round(after / n, 4),
-            "both": round(both / n, 4), "clips": n, "switch_s": switch_s}  # fmt: skip
+            "both": round(both / n, 4), "clips": n, "switch_s": switch_s,
+            "switch": switch}  # fmt: skip
 
 
 def evaluate_beyond(pipe: Any, model: str | None, quick: bool = False) -> dict[str, Any]:
@@ -147,6 +149,7 @@ def evaluate_beyond(pipe: Any, model: str | None, quick: bool = False) -> dict[s
         "extension": seam_continuity(pipe, 2 if quick else 3),
         "long_video_memory": long_video_memory(model, 4.0, 8.0 if quick else 16.0),
         "timed_prompts": timed_prompts(pipe, 1 if quick else 2),
+        "timed_prompts_blend": timed_prompts(pipe, 1 if quick else 2, switch="blend"),
     }
 
 
@@ -163,6 +166,7 @@ def table(results: dict[str, Any]) -> str:
         "| small |",
         f"| peak RSS {mem['long_s']:g} s / {mem['short_s']:g} s clip | {mem['ratio']:.2f} "
         "| <= 1.25 |",
-        f"| timed prompt: motion before / after switch | {100 * tp['before']:.0f} % / "
-        f"{100 * tp['after']:.0f} % | within 0.25 s |",
+        *(f"| timed prompt ({t['switch']}): motion before / after / both | "
+          f"{100 * t['before']:.0f} % / {100 * t['after']:.0f} % / {100 * t['both']:.0f} % "
+          "| within 0.25 s |" for t in (tp, results.get("timed_prompts_blend")) if t),
     ])  # fmt: skip
