@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the built-in model kinema-tiny from scratch on a CPU (about 15 h 15 min on 2 cores):
+# Reproduce the built-in model kinema-tiny from scratch on a CPU (about 17 h on 2 cores):
 #
 #   1. the causal VAE in five stages (configs/kinema-tiny-vae{,-2,-3,-4,-5}.yaml): 64x64x9 crops,
 #      then 32x32x5 crops at a higher learning rate (sharper), then whole 33-frame clips at
@@ -19,7 +19,9 @@
 #   6. and once more on 2048 further fresh clips
 #      (configs/kinema-tiny-dit-4.yaml; own cache)   -> runs/kinema-tiny-dit-4/model
 #   7. and on 2048 further fresh clips mixed with the caches of stages 4-6 (8192 clips)
-#      (configs/kinema-tiny-dit-5.yaml; extra_caches) -> src/kinema/assets/kinema-tiny
+#      (configs/kinema-tiny-dit-5.yaml; extra_caches) -> runs/kinema-tiny-dit-5/model
+#   8. and on 2048 further fresh clips mixed with the caches of stages 4-7 (10240 clips)
+#      (configs/kinema-tiny-dit-6.yaml; extra_caches) -> src/kinema/assets/kinema-tiny
 #
 # Resumable: every stage checkpoints (and saves on Ctrl-C / SIGTERM); running this script again
 # continues where it stopped and skips finished stages. Delete runs/ to start over.
@@ -43,7 +45,7 @@ train_vae(load_vae_train_config(sys.argv[1]))' "$config"
 done
 
 for config in configs/kinema-tiny-dit.yaml configs/kinema-tiny-dit-2.yaml configs/kinema-tiny-dit-3.yaml \
-  configs/kinema-tiny-dit-4.yaml configs/kinema-tiny-dit-5.yaml; do
+  configs/kinema-tiny-dit-4.yaml configs/kinema-tiny-dit-5.yaml configs/kinema-tiny-dit-6.yaml; do
   echo "[2/2] precomputing latents, then training the DiT ($config)"
   "$PY" -c 'import sys; from kinema.train import load_train_config, train_dit
 print(train_dit(load_train_config(sys.argv[1])))' "$config"
