@@ -1,0 +1,33 @@
+"""Timed prompts: the two switch modes side by side, same model, prompts, judge and seeds.
+
+    python benchmarks/timed_switch.py [MODEL] [SEEDS]
+
+Prints JSON: kinema.eval.beyond.timed_prompts (4 switches x SEEDS seeds, default 4) with
+``switch="cut"`` and ``switch="blend"``, with each mode's wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import kinema
+from kinema.eval.beyond import timed_prompts
+from kinema.timeline import SWITCH_MODES
+
+
+def main(model: str | None = None, seeds: int = 4) -> dict[str, dict]:
+    pipe = kinema.load(model)
+    out = {}
+    for mode in SWITCH_MODES:
+        start = time.perf_counter()
+        out[mode] = timed_prompts(pipe, seeds, switch=mode)
+        out[mode]["seconds"] = round(time.perf_counter() - start, 1)
+    return out
+
+
+if __name__ == "__main__":
+    model = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] else None
+    seeds = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+    print(json.dumps(main(model, seeds), indent=2))
