@@ -47,7 +47,7 @@ BASE = ["--size", "32x32", "--steps", "2", "-q"]
         (["--at", "0.2:a dog", "--at", "0.1:a cow"], "must increase"),
         (
             ["--switch", "fade"],
-            "argument --switch: invalid choice: 'fade' (choose from 'cut', 'blend')",
+            "argument --switch: invalid choice: 'fade' (choose from 'blend', 'cut')",
         ),
     ],
 )

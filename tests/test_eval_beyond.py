@@ -58,12 +58,12 @@ def test_eval_beyond_runs_every_check(tmp_path, capsys):
     memory = beyond["long_video_memory"]
     assert (memory["short_s"], memory["long_s"]) == (4.0, 8.0)
     assert memory["long_peak_mib"] > 100 and memory["ratio"] > 0.5
-    assert beyond["timed_prompts"]["clips"] == beyond["timed_prompts_blend"]["clips"] == 4
-    assert (beyond["timed_prompts"]["switch"], beyond["timed_prompts_blend"]["switch"]) == (
-        "cut",
+    assert beyond["timed_prompts"]["clips"] == beyond["timed_prompts_cut"]["clips"] == 4
+    assert (beyond["timed_prompts"]["switch"], beyond["timed_prompts_cut"]["switch"]) == (
         "blend",
+        "cut",
     )
     printed = capsys.readouterr().out
     assert "| image-to-video first frame |" in printed
     assert "| peak RSS 8 s / 4 s clip |" in printed
-    assert "| timed prompt (cut): motion before / after / both |" in printed
+    assert "| timed prompt (blend): motion before / after / both |" in printed

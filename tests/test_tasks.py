@@ -112,7 +112,7 @@ def test_timed_prompts_cut_ends_a_whole_window_at_the_switch(pipe, monkeypatch):
     monkeypatch.setattr(pipe, "denoise", denoise)
     decoded = []
     monkeypatch.setattr(kp, "to_uint8", lambda v: decoded.append(to_uint8(v)) or decoded[-1])
-    video = pipe.generate("first", frames=17, prompts=((0.5, "second"),), **BASE)  # frame 4
+    video = pipe.generate("first", frames=17, prompts=((0.5, "second"),), switch="cut", **BASE)
     tokens = pipe.text_encoder.encode(["first", "second"])[0]  # (2, L, D)
     contexts = [call[3] for call in denoise.calls]
     # a whole 9-frame window under "first", kept up to frame 4 (latent frame 2 would be
@@ -162,7 +162,7 @@ def test_video_to_video_follows_source_length_and_strength(pipe):
         (dict(extend=clip(9, 24)), "multiples of 16"),
         (dict(prompts=((0.5, "b"), (0.25, "c"))), "must increase"),
         (dict(prompts=((9.0, "b"),)), "outside the clip"),
-        (dict(prompts=((0.5, "b"),), switch="fade"), "valid: cut, blend"),
+        (dict(prompts=((0.5, "b"),), switch="fade"), "valid: blend, cut"),
         (dict(image="/nonexistent.png"), "nonexistent.png"),
     ],
 )

@@ -52,7 +52,7 @@ def test_extension_windows_all_have_context():
 
 def test_cut_switch_keeps_a_full_window_up_to_the_switch_then_continues_under_the_next():
     switches = switch_frames([(1.0, "b")], fps=16, duration=2.0, temporal=4)  # frame 16
-    windows = plan("a", switches, 33, 33, 5, seed=0, has_tail=False)
+    windows = plan("a", switches, 33, 33, 5, seed=0, has_tail=False, switch="cut")
     # the first window is made whole under "a" and kept up to the last frame of latent frame 4
     # (pixel frames 13-16, as in blend); the second continues under "b" from frame 17
     assert [(w.prompts, w.frames, w.context, w.keep) for w in windows] == [
@@ -66,7 +66,7 @@ def test_cut_switches_in_long_videos_and_extensions_land_where_blend_puts_them()
     for has_tail, total, timed in [(False, 97, [(1.0, "b"), (3.5, "c")]), (True, 64, [(0.5, "b")])]:
         duration = (total - (0 if has_tail else 1)) / 16
         switches = switch_frames(timed, fps=16, duration=duration, temporal=4)
-        cut = plan("a", switches, total, 33, 5, seed=0, has_tail=has_tail)
+        cut = plan("a", switches, total, 33, 5, seed=0, has_tail=has_tail, switch="cut")
         blend = plan("a", switches, total, 33, 5, seed=0, has_tail=has_tail, switch="blend")
         assert sum(w.new for w in cut) == total and all(w.prompts[1:] == () for w in cut)
         assert all(w.frames <= 33 and (w.frames - 1) % 4 == 0 for w in cut)
@@ -85,7 +85,7 @@ def new_frame_prompts(windows) -> list[str]:
 
 
 def test_unknown_switch_mode_is_refused():
-    with pytest.raises(ValueError, match="valid: cut, blend"):
+    with pytest.raises(ValueError, match="valid: blend, cut"):
         plan("a", [], 33, 33, 5, seed=0, has_tail=False, switch="fade")
 
 

@@ -104,8 +104,8 @@ def add_switch_arg(p: argparse.ArgumentParser) -> None:
     from kinema.timeline import SWITCH_MODES
 
     p.add_argument(
-        "--switch", choices=SWITCH_MODES, default="cut",
-        help="how --at switches: cut (a window ends at the switch, default) or blend (per frame)",
+        "--switch", choices=SWITCH_MODES, default="blend",
+        help="how --at switches: blend (per frame, default) or cut (a window ends at the switch)",
     )  # fmt: skip
 
 

@@ -44,8 +44,8 @@ class Request:
     (``last_image`` also ends it, on first-last-frame image-to-video checkpoints);
     ``video`` + ``strength`` restyle a source clip (SDEdit); ``extend`` continues a clip (the
     output is the source followed by ``frames`` new frames); ``prompts`` change the prompt at
-    given seconds, each switch as ``switch`` says (:mod:`kinema.timeline`: ``cut`` or
-    ``blend``). Images and videos are paths or uint8 arrays ((H, W, 3) / (T, H, W, 3)).
+    given seconds, each switch as ``switch`` says (:mod:`kinema.timeline`: ``blend`` or
+    ``cut``). Images and videos are paths or uint8 arrays ((H, W, 3) / (T, H, W, 3)).
     """
 
     prompt: str
@@ -60,7 +60,7 @@ class Request:
     sampler: str | None = None
     seed: int = 0
     prompts: tuple[tuple[float, str], ...] = ()
-    switch: str = "cut"
+    switch: str = "blend"
     image: Any = None
     last_image: Any = None
     video: Any = None

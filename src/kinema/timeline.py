@@ -6,12 +6,13 @@ as clean latent frames), so memory stays that of one window however long the vid
 switches are snapped to latent-frame boundaries (``temporal`` pixel frames, 0.25 s at 16 fps).
 Two ways to switch (``SWITCH_MODES``):
 
-- ``cut`` (the default): a window that reaches a switch is still made at the full window length
-  under the prompt in force at its first new frame (so the motion is that of a whole clip), but
-  only its frames before the switch are kept; the next window starts there, under the new prompt,
-  with the usual context frames. Costs one window more per switch.
-- ``blend``: a window over a switch holds both prompts, and each latent frame's tokens
-  cross-attend to the prompt in force at that frame (:func:`latent_prompts`).
+- ``blend`` (the default): a window over a switch holds both prompts, and each latent frame's
+  tokens cross-attend to the prompt in force at that frame (:func:`latent_prompts`); for models
+  trained with per-frame captions, as kinema-tiny is.
+- ``cut``: a window that reaches a switch is still made at the full window length under the
+  prompt in force at its first new frame (so the motion is that of a whole clip), but only its
+  frames before the switch are kept; the next window starts there, under the new prompt, with
+  the usual context frames. Costs one window more per switch; needs no per-frame training.
 """
 
 from __future__ import annotations
@@ -77,12 +78,12 @@ def in_force(
     return tuple(out)
 
 
-SWITCH_MODES = ("cut", "blend")
+SWITCH_MODES = ("blend", "cut")
 
 
 def plan(
     prompt: str, switches: Sequence[tuple[int, str]], total: int, window: int, context: int,
-    seed: int, has_tail: bool, temporal: int = 4, switch: str = "cut",
+    seed: int, has_tail: bool, temporal: int = 4, switch: str = "blend",
 ) -> list[Window]:  # fmt: skip
     """Cut ``total`` new frames into windows of at most ``window`` frames, each after the first
     starting with ``context`` given frames, and give each the prompts in force over it;

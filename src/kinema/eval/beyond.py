@@ -118,7 +118,7 @@ def long_video_memory(model: str | None, short: float = 4.0, long: float = 16.0)
 
 
 def timed_prompts(
-    pipe: Any, seeds: int = 2, margin_s: float = 0.25, seconds: float = 2.0, switch: str = "cut"
+    pipe: Any, seeds: int = 2, margin_s: float = 0.25, seconds: float = 2.0, switch: str = "blend"
 ) -> dict[str, Any]:
     """``seconds``-long clips whose prompt switches motion at mid-clip (as ``switch`` says, see
     :mod:`kinema.timeline`): the share whose judged motion matches the first prompt up to
@@ -149,7 +149,7 @@ def evaluate_beyond(pipe: Any, model: str | None, quick: bool = False) -> dict[s
         "extension": seam_continuity(pipe, 2 if quick else 3),
         "long_video_memory": long_video_memory(model, 4.0, 8.0 if quick else 16.0),
         "timed_prompts": timed_prompts(pipe, 1 if quick else 2),
-        "timed_prompts_blend": timed_prompts(pipe, 1 if quick else 2, switch="blend"),
+        "timed_prompts_cut": timed_prompts(pipe, 1 if quick else 2, switch="cut"),
     }
 
 
@@ -168,5 +168,5 @@ def table(results: dict[str, Any]) -> str:
         "| <= 1.25 |",
         *(f"| timed prompt ({t['switch']}): motion before / after / both | "
           f"{100 * t['before']:.0f} % / {100 * t['after']:.0f} % / {100 * t['both']:.0f} % "
-          "| within 0.25 s |" for t in (tp, results.get("timed_prompts_blend")) if t),
+          "| within 0.25 s |" for t in (tp, results.get("timed_prompts_cut")) if t),
     ])  # fmt: skip
