@@ -3,7 +3,7 @@
     python benchmarks/timed_switch.py [MODEL] [SEEDS]
 
 Prints JSON: kinema.eval.beyond.timed_prompts (4 switches x SEEDS seeds, default 4) with
-``switch="cut"`` and ``switch="blend"``, with each mode's wall time.
+each of kinema.timeline.SWITCH_MODES (``blend``, then ``cut``), with each mode's wall time.
 """
 
 from __future__ import annotations

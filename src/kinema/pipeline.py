@@ -123,10 +123,7 @@ def validate(req: Request, spatial: int, temporal: int, extension: bool = False)
         raise ValueError(f"shift {req.shift} must be > 0")
     if req.fps < 1:
         raise ValueError(f"fps {req.fps} must be >= 1")
-    if req.switch not in timeline.SWITCH_MODES:
-        raise ValueError(
-            f"switch {req.switch!r} is unknown; valid: {', '.join(timeline.SWITCH_MODES)}"
-        )
+    timeline.check_switch(req.switch)
 
 
 @dataclass

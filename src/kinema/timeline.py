@@ -81,6 +81,12 @@ def in_force(
 SWITCH_MODES = ("blend", "cut")
 
 
+def check_switch(switch: str) -> None:
+    """Raise ValueError unless ``switch`` is one of ``SWITCH_MODES``."""
+    if switch not in SWITCH_MODES:
+        raise ValueError(f"unknown switch mode {switch!r}; valid: {', '.join(SWITCH_MODES)}")
+
+
 def plan(
     prompt: str, switches: Sequence[tuple[int, str]], total: int, window: int, context: int,
     seed: int, has_tail: bool, temporal: int = 4, switch: str = "blend",
@@ -90,8 +96,7 @@ def plan(
     ``switch`` (``SWITCH_MODES``) says what a prompt switch inside a window does.
     ``has_tail``: a previous clip exists (extension), so the first window has context too;
     frame numbers count the new frames from 0 either way."""
-    if switch not in SWITCH_MODES:
-        raise ValueError(f"unknown switch mode {switch!r}; valid: {', '.join(SWITCH_MODES)}")
+    check_switch(switch)
     windows: list[Window] = []
     made = 0
     while made < total:
