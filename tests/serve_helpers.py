@@ -55,7 +55,7 @@ class Server:
     """``python -m kinema serve`` on a free loopback port, as a real child process."""
 
     def __init__(self, model: Path, data_dir: Path, *extra: str, port: int | None = None):
-        self.port = port or free_port()
+        self.port, self.data_dir = port or free_port(), data_dir
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = data_dir.parent / f"server-{self.port}-{time.monotonic_ns()}.log"
         cmd = [sys.executable, *serve_command(), "--model", str(model),

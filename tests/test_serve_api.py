@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import time
 import warnings
 
@@ -132,6 +133,35 @@ def test_image_to_video_upload(client, tmp_path):
     )
 
 
+def sidecar_of(server, prompt: str) -> dict:
+    """The request the pipeline ran for a job, from the sidecar the server wrote beside it."""
+    found = [json.loads(p.read_text()) for p in (server.data_dir / "jobs").glob("*/video.json")]
+    (info,) = [i for i in found if i["prompt"] == prompt]
+    return info
+
+
+def test_timed_prompts(client, server):
+    """`at` and `switch` (kinema's fields, as the CLI's --at / --switch) reach the pipeline,
+    as JSON from extra_body and as the SDK's multipart arrays (at[]) beside an upload."""
+    as_json = client.videos.create_and_poll(
+        prompt="a red ball, timed", seconds="1", size="32x32", poll_interval_ms=100,
+        extra_body={"at": ["0.5:a blue ball"], "switch": "cut"},
+    )  # fmt: skip
+    as_form = client.videos.create(
+        prompt="a red ball, timed upload", seconds="1", size="32x32",
+        input_reference=("start.png", png_bytes()),
+        extra_body={"at": ["0.25:a blue ball", "0.75:a green ball"]},
+    )  # fmt: skip
+    as_form = wait(client, as_form.id)
+    for video in (as_json, as_form):
+        assert video.status == "completed", video.error
+    json_info = sidecar_of(server, "a red ball, timed")
+    assert (json_info["prompts"], json_info["switch"]) == ([[0.5, "a blue ball"]], "cut")
+    form_info = sidecar_of(server, "a red ball, timed upload")
+    assert form_info["prompts"] == [[0.25, "a blue ball"], [0.75, "a green ball"]]
+    assert form_info["switch"] == "blend"
+
+
 def test_delete_cancels_and_removes(client, server):
     slow = [client.videos.create(prompt="slow", extra_body={"steps": 30}) for _ in range(2)]
     gone = client.videos.delete(slow[1].id)  # queued behind the first
@@ -183,6 +213,9 @@ def error_of(response: httpx.Response, status: int, param: str | None) -> dict:
         ({"model": "sora-2"}, "model", "unknown model 'sora-2'"),
         ({"colour": "red"}, "colour", "unknown parameter"),
         ({"prompt": ""}, "prompt", "at least 1 character"),
+        ({"at": "0.5 a cat"}, "at", "at '0.5 a cat' must be SECONDS:PROMPT"),
+        ({"seconds": "1", "at": "2:a cat"}, "at", "prompt time 2 s is outside the clip"),
+        ({"at": "0.25:a cat", "switch": "fade"}, "switch", "unknown switch mode 'fade'"),
     ],
 )
 def test_bad_create_requests(http, fields, param, message):

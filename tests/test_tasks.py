@@ -153,6 +153,29 @@ def test_video_to_video_follows_source_length_and_strength(pipe):
     assert not np.array_equal(strong.frames, plain.frames)  # noised from the source, not text
 
 
+def test_video_to_video_switches_prompts_per_latent_frame(pipe, monkeypatch):
+    """A restyle is one pass over the whole source: its timed prompts blend per latent frame,
+    checked before anything runs (``prepare``), as every request's are."""
+    denoise = Recorder(pipe.denoise)
+    monkeypatch.setattr(pipe, "denoise", denoise)
+    timed = ((1.0, "second"),)
+    video = pipe.generate("first", video=clip(13), fps=8, prompts=timed, **BASE)
+    tokens = pipe.text_encoder.encode(["first", "second"])[0]  # (2, L, D)
+    (context,) = (call[3] for call in denoise.calls)  # one pass
+    # 13 frames at 8 fps: latent frames start at 0, 1, 5, 9; the switch at 1 s is frame 8
+    torch.testing.assert_close(context[0], tokens[[0, 0, 0, 1]].to(context.dtype))
+    assert video.info["prompts"] == [[1.0, "second"]] and len(video.frames) == 13
+    with pytest.raises(ValueError, match="prompt time 2 s is outside the clip"):
+        pipe.prepare(Request("x", video=clip(13), fps=8, prompts=((2.0, "late"),), **BASE))
+    with pytest.raises(ValueError, match="video-to-video restyles the source in one pass"):
+        pipe.prepare(Request("x", video=clip(13), prompts=timed, switch="cut", **BASE))
+
+
+def test_request_takes_timed_prompts_as_json_gives_them():
+    """[[seconds, prompt], ...] (JSON, the HTTP API's job store) becomes tuples."""
+    assert Request("a", prompts=[[1, "b"], [2.5, "c"]]).prompts == ((1.0, "b"), (2.5, "c"))
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [

@@ -68,6 +68,10 @@ class Request:
     extend: Any = None
     cache: float | None = None  # step-cache threshold (kinema.sampling.cache); None or 0: off
 
+    def __post_init__(self) -> None:  # timed prompts as given by JSON: [[seconds, prompt], ...]
+        timed = tuple((float(t), str(p)) for t, p in self.prompts)
+        object.__setattr__(self, "prompts", timed)
+
     def resolved(self, defaults: SamplingDefaults) -> Request:
         """This request with every ``None`` replaced by the model's default."""
         fill = {
@@ -124,6 +128,8 @@ def validate(req: Request, spatial: int, temporal: int, extension: bool = False)
     if req.fps < 1:
         raise ValueError(f"fps {req.fps} must be >= 1")
     timeline.check_switch(req.switch)
+    duration = (req.frames - (0 if extension else 1)) / req.fps
+    timeline.switch_frames(req.prompts, req.fps, duration, temporal)  # raises on bad times
 
 
 @dataclass
@@ -290,6 +296,11 @@ class Pipeline:
             size = (self.defaults.width, self.defaults.height)
             req, media["video"] = km.source_video(req, self.temporal_factor, size)
             req = dataclasses.replace(req, strength=req.strength or 0.7)
+            if req.prompts and req.switch == "cut":
+                raise ValueError(
+                    "switch 'cut' ends windows early; video-to-video restyles the source in one "
+                    "pass, so its timed prompts blend: use blend"
+                )
         if req.extend is not None:
             extend = km.extension_source(req, self.context_frames, self.spatial_factor)
             req, media["extend"] = extend
@@ -409,8 +420,11 @@ class Pipeline:
         self, req: Request, source: np.ndarray, clock: Clock, progress: Progress | None
     ) -> tuple[np.ndarray, int]:
         """Video-to-video (SDEdit, Meng et al. 2022): noise the source's latents to the level
-        ``strength`` and denoise them under the new prompt."""
-        context, uncond = self.encode_text(req)
+        ``strength`` and denoise them under the new prompt (timed prompts: per latent frame,
+        the whole clip being one window)."""
+        t = self.temporal_factor
+        switches = timeline.switch_frames(req.prompts, req.fps, (req.frames - 1) / req.fps, t)
+        context, uncond = self.encode_text(req, switches)
         clock.add("text")
         x0 = self.encode(source)
         cond = self.image_condition({0: source[0]}, len(source)) if self.image_channels else None

@@ -30,7 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -174,6 +174,17 @@ class KinemaFields(BaseModel):
     cache: str | float | bool | None = Field(
         None, description="step cache setting, passed to the pipeline when it supports one"
     )
+    at: list[str] | None = Field(
+        None, max_length=64,
+        description='timed prompts, as the CLI\'s --at: ["1.5:a cat jumps", ...] (seconds from '
+        "the start of the clip, or of the continuation for an extension)",
+    )  # fmt: skip
+    switch: str | None = Field(None, description="how `at` switches: blend (default) or cut")
+
+    @field_validator("at", mode="before")
+    @classmethod
+    def one_or_many(cls, value: Any) -> Any:  # a form sends one `at` as a plain string
+        return [value] if isinstance(value, str) else value
 
 
 class CreateVideoBody(KinemaFields):
@@ -253,7 +264,9 @@ PARAM_OF_MESSAGE = (("width", "size"), ("height", "size"), ("an extension keeps"
                     ("cannot decode image", "input_reference"), ("image", "input_reference"),
                     ("strength", "strength"), ("steps", "steps"), ("guidance", "guidance"),
                     ("seed", "seed"), ("unknown sampler", "sampler"), ("shift", "shift"),
-                    ("fps", "fps"), ("prompt", "prompt"))  # fmt: skip
+                    ("fps", "fps"), ("prompt time", "at"), ("timed prompts", "at"),
+                    ("unknown switch mode", "switch"), ("switch", "switch"),
+                    ("prompt", "prompt"))  # fmt: skip
 
 
 def param_of(message: str) -> str | None:
@@ -322,15 +335,26 @@ async def read_form(request: Request, file_fields: tuple[str, ...]) -> tuple[dic
         raise
     except Exception as err:  # python-multipart / starlette parse errors
         raise bad(None, f"malformed form body: {err}", "invalid_form") from err
-    fields, files = {}, {}
+    fields: dict[str, Any] = {}
+    files: dict[str, bytes] = {}
     for key, value in form.multi_items():
         if not isinstance(value, UploadFile):
-            fields[key] = value
+            add_field(fields, key, value)
         elif key not in file_fields:
             raise bad(key, f"{key!r} cannot be a file; file fields: {list(file_fields)}")
         else:
             files[key] = await read_upload(key, value, limit)
     return nest(fields), files
+
+
+def add_field(fields: dict[str, Any], key: str, value: str) -> None:
+    """One form field; ``key[]`` (the openai SDK's arrays) or a repeated key makes a list."""
+    name = key.removesuffix("[]")
+    if key.endswith("[]") or name in fields:
+        before = fields.get(name, [])
+        fields[name] = [*(before if isinstance(before, list) else [before]), value]
+    else:
+        fields[name] = value
 
 
 async def read_upload(key: str, upload: UploadFile, limit: int) -> bytes:
@@ -401,11 +425,14 @@ def fmt_seconds(seconds: float) -> str:
 
 
 def kinema_settings(body: BaseModel) -> dict[str, Any]:
-    """The Request fields given in ``body`` (cache only where the pipeline has it)."""
+    """The Request fields given in ``body`` (cache only where the pipeline has it); ``at``
+    becomes the Request's ``prompts``, [[seconds, prompt], ...]."""
     from dataclasses import fields
 
     known = {f.name for f in fields(type_of_request())}
     given = {k: v for k, v in body.model_dump(exclude_none=True).items() if k in KINEMA_KEYS}
+    if "at" in given:
+        given["prompts"] = [list(timed_prompt(text)) for text in given.pop("at")]
     for key in given:
         if key not in known:
             raise bad(key, f"{key} is not supported by this kinema version", "unsupported")
@@ -413,6 +440,18 @@ def kinema_settings(body: BaseModel) -> dict[str, Any]:
 
 
 KINEMA_KEYS = set(KinemaFields.model_fields) | {"strength"}
+
+
+def timed_prompt(text: str) -> tuple[float, str]:
+    """One ``at`` entry, "SECONDS:PROMPT", parsed as the CLI's ``--at`` is."""
+    from argparse import ArgumentTypeError
+
+    from kinema.cli import parse_timed
+
+    try:
+        return parse_timed(text)
+    except ArgumentTypeError as err:
+        raise bad("at", str(err).replace("--at", "at", 1)) from err
 
 
 def type_of_request() -> type:
