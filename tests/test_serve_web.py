@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import playwright.sync_api as playwright
@@ -39,6 +40,7 @@ def test_submit_progress_play_gallery(tmp_path, browser):
         page.fill("#seconds", "2")  # 17 frames at 8 fps
         page.fill("#steps", "1000")  # a few seconds: long enough to watch the bar move
         page.fill("#seed", "7")
+        page.fill("#at", "0.5:a red ball rolling\n\n1.5: a blue ball\n")
         page.click("#submit")
         page.wait_for_function("window.kinemaSeen.progress.some(p => p > 0 && p < 100)",
                                timeout=60_000)  # fmt: skip
@@ -54,6 +56,9 @@ def test_submit_progress_play_gallery(tmp_path, browser):
         assert "a red ball bouncing" in page.text_content(f'#gallery li[data-id="{video_id}"]')
         duration = page.evaluate("document.getElementById('player').duration")
         assert duration == pytest.approx(17 / 8, abs=0.15)
+        (sidecar,) = (tmp_path / "data" / "jobs").glob("*/video.json")  # what the pipeline ran
+        info = json.loads(sidecar.read_text())
+        assert info["prompts"] == [[0.5, "a red ball rolling"], [1.5, "a blue ball"]]
         page.click(f'#gallery li[data-id="{video_id}"] .delete')
         page.wait_for_selector(f'#gallery li[data-id="{video_id}"]', state="detached")
         assert not errors

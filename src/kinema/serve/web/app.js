@@ -60,6 +60,9 @@ function formBody() {
     const value = $(id).value.trim();
     if (value) body.append(name, value);
   }
+  for (const line of $("at").value.split("\n")) {  // timed prompts, as the CLI's --at
+    if (line.trim()) body.append("at[]", line.trim());
+  }
   const image = $("image").files[0];
   if (image) body.append("input_reference", image, image.name);
   return body;
