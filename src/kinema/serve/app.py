@@ -264,9 +264,8 @@ PARAM_OF_MESSAGE = (("width", "size"), ("height", "size"), ("an extension keeps"
                     ("cannot decode image", "input_reference"), ("image", "input_reference"),
                     ("strength", "strength"), ("steps", "steps"), ("guidance", "guidance"),
                     ("seed", "seed"), ("unknown sampler", "sampler"), ("shift", "shift"),
-                    ("fps", "fps"), ("prompt time", "at"), ("timed prompts", "at"),
-                    ("unknown switch mode", "switch"), ("switch", "switch"),
-                    ("prompt", "prompt"))  # fmt: skip
+                    ("fps", "fps"), ("prompt time", "at"), ("unknown switch mode", "switch"),
+                    ("switch", "switch"), ("prompt", "prompt"))  # fmt: skip
 
 
 def param_of(message: str) -> str | None:
