@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kinema.batch import BatchOptions, read_requests, run
+from kinema.batch import BatchOptions, Worker, read_requests, run
 from kinema.configs import DiTConfig, SamplingDefaults, VAEConfig
 from kinema.distributed.cli import add_batch
 
@@ -74,6 +74,32 @@ def test_local_batch_is_resumable(tmp_path: Path, tiny_model: Path) -> None:
     assert not (out / "bad.error.json").exists()
     done = [e["id"] for e in log_entries(out) if e["status"] == "done"]
     assert sorted(done) == ["a", "b", "bad"]
+
+
+def test_timed_prompts_and_compile(tmp_path: Path, tiny_model: Path) -> None:
+    """``at`` lines (as the HTTP API's) become the request's timed prompts; ``--compile``
+    reaches the worker's model; a malformed ``at`` fails its request alone."""
+    rows = [{"id": "timed", "prompt": "a red ball", "seconds": 1, "at": ["0.5:a blue ball"]},
+            {"id": "one", "prompt": "a red ball", "seconds": 1, "at": "0.5:a blue ball"},
+            {"id": "bad", "prompt": "x", "at": ["soon:a blue ball"]},
+            {"id": "both", "prompt": "x", "at": ["0.5:b"], "prompts": [[0.5, "b"]]}]  # fmt: skip
+    requests = write_lines(tmp_path / "r.jsonl", rows)
+    out = tmp_path / "out"
+    parser = argparse.ArgumentParser()
+    add_batch(parser.add_subparsers())
+    args = parser.parse_args(["batch", str(requests), "--out", str(out), "--model",
+                              str(tiny_model), "--format", "gif", "-q", "--compile"])  # fmt: skip
+    assert args.compile
+    worker = Worker(str(tiny_model), "cpu", None, compile=True)
+    assert all(b._compiled_call_impl is not None for b in worker.pipe.dit.blocks)
+    summary = run(requests, out, BatchOptions(model=str(tiny_model), format="gif"),
+                  show_progress=False)  # fmt: skip
+    assert (summary.done, summary.failed) == (2, 2)
+    for rid in ("timed", "one"):
+        assert json.loads((out / f"{rid}.json").read_text())["prompts"] == [[0.5, "a blue ball"]]
+    bad = json.loads((out / "bad.error.json").read_text())["error"]
+    assert "at 'soon:a blue ball' must be SECONDS:PROMPT" in bad
+    assert "give at or prompts" in json.loads((out / "both.error.json").read_text())["error"]
 
 
 def test_ray_batch_survives_a_killed_worker(tmp_path: Path, tiny_model: Path) -> None:

@@ -1,10 +1,11 @@
 """``kinema batch``: many videos from a JSON-lines file, resumably, locally or over Ray.
 
 Each line is one request with the API's fields (:class:`~kinema.pipeline.Request` fields, plus
-``id``, ``size`` "WxH" and ``seconds``). Outputs go to ``OUT/ID.FORMAT`` with the ``OUT/ID.json``
-sidecar written last, so a request is finished exactly when its sidecar exists: a rerun skips
-it. A request that fails is recorded in ``OUT/ID.error.json`` (retried on the next run) and the
-batch goes on; ``OUT/batch.log.jsonl`` gets one line per outcome.
+``id``, ``size`` "WxH", ``seconds`` and ``at``: timed prompts as "SECONDS:PROMPT" strings, as
+the HTTP API and the CLI's ``--at`` take them). Outputs go to ``OUT/ID.FORMAT`` with the
+``OUT/ID.json`` sidecar written last, so a request is finished exactly when its sidecar exists:
+a rerun skips it. A request that fails is recorded in ``OUT/ID.error.json`` (retried on the
+next run) and the batch goes on; ``OUT/batch.log.jsonl`` gets one line per outcome.
 
 With Ray, one :class:`Worker` actor per GPU (or per CPU on a CPU cluster) loads the model once
 and renders requests; the driver alone writes files, so each output is written once. An actor
@@ -23,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kinema import timeline
 from kinema.pipeline import Request, Video
 
-EXTRA_FIELDS = {"id", "size", "seconds", "model"}
+EXTRA_FIELDS = {"id", "size", "seconds", "model", "at"}
 REQUEST_FIELDS = {f.name for f in dataclasses.fields(Request)}
 FORMATS = ("mp4", "gif", "webp")
 MAX_WORKER_DEATHS = 3  # a request whose worker died this often is recorded as failed
@@ -43,6 +45,7 @@ class BatchOptions:
     format: str = "mp4"  # output container: mp4, gif or webp
     ray: str | None = None  # Ray address ("auto", "local", "ray://host:port"); None: local
     workers: int | None = None  # Ray actors (None: one per GPU, else one per CPU)
+    compile: bool = False  # fused QKV + torch.compile per DiT block in every worker
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -129,8 +132,11 @@ def build_request(fields: dict[str, Any], pipe: Any) -> Request:
             raise ValueError("give frames or seconds, not both")
         fps = kw.get("fps") or pipe.defaults.fps
         kw["frames"] = frames_for_seconds(float(fields["seconds"]), fps, pipe.temporal_factor)
-    if "prompts" in kw:
-        kw["prompts"] = tuple((float(s), str(p)) for s, p in kw["prompts"])
+    if "at" in fields:
+        if "prompts" in fields:
+            raise ValueError("give at or prompts, not both")
+        at = fields["at"] if isinstance(fields["at"], list) else [fields["at"]]
+        kw["prompts"] = [timeline.parse_timed(str(text)) for text in at]
     return Request(**kw)
 
 
@@ -176,11 +182,13 @@ def save_result(out: Path, item: Item, fmt: str, video: Video) -> None:
 class Worker:
     """Holds one loaded pipeline and renders requests with it (a Ray actor under ``--ray``)."""
 
-    def __init__(self, model: str | None, device: str | None, dtype: str | None) -> None:
+    def __init__(
+        self, model: str | None, device: str | None, dtype: str | None, compile: bool = False
+    ) -> None:
         from kinema.loading import load
 
         self.model = model
-        self.pipe = load(model, device=device, dtype=dtype)
+        self.pipe = load(model, device=device, dtype=dtype, compile=compile)
 
     def ready(self) -> bool:
         """Answers once the model is loaded (the driver waits for every actor)."""
@@ -203,7 +211,7 @@ def error_text(err: BaseException) -> str:
 
 def run_local(items: list[Item], out: Path, opts: BatchOptions, tick: OnResult) -> None:
     """Render ``items`` one after another in this process."""
-    worker = Worker(opts.model, opts.device, opts.dtype)
+    worker = Worker(opts.model, opts.device, opts.dtype, opts.compile)
     for item in items:
         try:
             video = worker.render(item.fields)
@@ -243,8 +251,8 @@ def start_actors(opts: BatchOptions, wanted: int) -> list[Any]:
     need = {"num_gpus": 1} if gpus else {"num_cpus": 1}
     device = None if gpus else "cpu"
     cls = ray.remote(max_restarts=-1, max_task_retries=0, **need)(Worker)
-    return [cls.options(name=f"kinema-batch-{i}").remote(opts.model, device, opts.dtype)
-            for i in range(count)]  # fmt: skip
+    args = (opts.model, device, opts.dtype, opts.compile)
+    return [cls.options(name=f"kinema-batch-{i}").remote(*args) for i in range(count)]
 
 
 def run_ray(items: list[Item], out: Path, opts: BatchOptions, tick: OnResult) -> None:

@@ -110,15 +110,13 @@ def add_switch_arg(p: argparse.ArgumentParser) -> None:
 
 
 def parse_timed(text: str) -> tuple[float, str]:
-    """'1.5:a yellow circle moving down' -> (1.5, 'a yellow circle moving down')."""
-    head, sep, prompt = text.partition(":")
+    """``--at`` 'SECONDS:PROMPT' -> (seconds, prompt) (:func:`kinema.timeline.parse_timed`)."""
+    from kinema.timeline import parse_timed as parse
+
     try:
-        seconds = float(head)
-    except ValueError:
-        seconds = None
-    if not sep or seconds is None or not prompt.strip():
-        raise argparse.ArgumentTypeError(f"--at {text!r} must be SECONDS:PROMPT, e.g. 1.5:a cat")
-    return seconds, prompt.strip()
+        return parse(text, "--at")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def default_output(prompt: str, seed: int) -> Path:

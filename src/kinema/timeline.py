@@ -45,6 +45,19 @@ class Window:
         return self.prompts[0][1]
 
 
+def parse_timed(text: str, name: str = "at") -> tuple[float, str]:
+    """'1.5:a yellow circle moving down' -> (1.5, 'a yellow circle moving down') (the CLI's
+    ``--at``, the HTTP API's and batch files' ``at``); ValueError naming ``name`` otherwise."""
+    head, sep, prompt = text.partition(":")
+    try:
+        seconds = float(head)
+    except ValueError:
+        seconds = None
+    if not sep or seconds is None or not prompt.strip():
+        raise ValueError(f"{name} {text!r} must be SECONDS:PROMPT, e.g. 1.5:a cat")
+    return seconds, prompt.strip()
+
+
 def switch_frames(
     timed: Sequence[tuple[float, str]], fps: float, duration: float, temporal: int
 ) -> list[tuple[int, str]]:

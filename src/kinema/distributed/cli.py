@@ -105,6 +105,10 @@ def add_batch(subparsers: Any) -> None:
         help="spread over a Ray cluster (default address: auto; 'local' starts one)",
     )  # fmt: skip
     p.add_argument("--workers", type=int, default=None, help="Ray actors (default: GPUs or CPUs)")
+    p.add_argument(
+        "--compile", action="store_true",
+        help="fused QKV + torch.compile per DiT block in every worker (the same videos)",
+    )  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_batch)
 
@@ -114,7 +118,8 @@ def run_batch(args: argparse.Namespace) -> int:
     from kinema.batch import BatchOptions, run
 
     options = BatchOptions(model=args.model, device=args.device, dtype=args.dtype,
-                           format=args.format, ray=args.ray, workers=args.workers)  # fmt: skip
+                           format=args.format, ray=args.ray, workers=args.workers,
+                           compile=args.compile)  # fmt: skip
     summary = run(args.requests, args.out, options, show_progress=not args.quiet)
     print(summary.line(), file=sys.stderr)
     return 0 if summary.failed == 0 else 1

@@ -443,14 +443,12 @@ KINEMA_KEYS = set(KinemaFields.model_fields) | {"strength"}
 
 def timed_prompt(text: str) -> tuple[float, str]:
     """One ``at`` entry, "SECONDS:PROMPT", parsed as the CLI's ``--at`` is."""
-    from argparse import ArgumentTypeError
-
-    from kinema.cli import parse_timed
+    from kinema.timeline import parse_timed
 
     try:
         return parse_timed(text)
-    except ArgumentTypeError as err:
-        raise bad("at", str(err).replace("--at", "at", 1)) from err
+    except ValueError as err:
+        raise bad("at", str(err)) from err
 
 
 def type_of_request() -> type:
