@@ -128,8 +128,14 @@ def validate(req: Request, spatial: int, temporal: int, extension: bool = False)
     if req.fps < 1:
         raise ValueError(f"fps {req.fps} must be >= 1")
     timeline.check_switch(req.switch)
+    switches(req, temporal, extension)  # raises on prompt times outside the clip or out of order
+
+
+def switches(req: Request, temporal: int, extension: bool = False) -> list[tuple[int, str]]:
+    """The request's timed prompts as (first new frame, prompt) (:func:`timeline.switch_frames`);
+    an extension's ``frames`` are all new, any other clip's start with its first frame."""
     duration = (req.frames - (0 if extension else 1)) / req.fps
-    timeline.switch_frames(req.prompts, req.fps, duration, temporal)  # raises on bad times
+    return timeline.switch_frames(req.prompts, req.fps, duration, temporal)
 
 
 @dataclass
@@ -361,11 +367,10 @@ class Pipeline:
     def plan(self, req: Request, extension: bool) -> list[timeline.Window]:
         """The windows of a request (one for a plain clip within the model's window)."""
         t = self.temporal_factor
-        duration = (req.frames - (0 if extension else 1)) / req.fps
-        switches = timeline.switch_frames(req.prompts, req.fps, duration, t)
         window = max(self.defaults.frames, self.context_frames + t)
         return timeline.plan(
-            req.prompt, switches, req.frames, window, self.context_frames, req.seed,
+            req.prompt, switches(req, t, extension), req.frames, window, self.context_frames,
+            req.seed,
             has_tail=extension, temporal=t, switch=req.switch,
         )  # fmt: skip
 
@@ -422,9 +427,7 @@ class Pipeline:
         """Video-to-video (SDEdit, Meng et al. 2022): noise the source's latents to the level
         ``strength`` and denoise them under the new prompt (timed prompts: per latent frame,
         the whole clip being one window)."""
-        t = self.temporal_factor
-        switches = timeline.switch_frames(req.prompts, req.fps, (req.frames - 1) / req.fps, t)
-        context, uncond = self.encode_text(req, switches)
+        context, uncond = self.encode_text(req, switches(req, self.temporal_factor))
         clock.add("text")
         x0 = self.encode(source)
         cond = self.image_condition({0: source[0]}, len(source)) if self.image_channels else None
