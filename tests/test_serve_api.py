@@ -160,6 +160,15 @@ def test_timed_prompts(client, server):
     form_info = sidecar_of(server, "a red ball, timed upload")
     assert form_info["prompts"] == [[0.25, "a blue ball"], [0.75, "a green ball"]]
     assert form_info["switch"] == "blend"
+    # a remix takes its own timed prompts (a restyle always blends: cut is refused)
+    remix = client.videos.remix(as_json.id, prompt="a red ball, remixed",
+                                extra_body={"at": "0.5:a green ball"})  # fmt: skip
+    assert wait(client, remix.id).status == "completed"
+    remix_info = sidecar_of(server, "a red ball, remixed")
+    assert (remix_info["prompts"], remix_info["switch"]) == ([[0.5, "a green ball"]], "blend")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.videos.remix(as_json.id, prompt="x", extra_body={"at": ["0.5:y"], "switch": "cut"})
+    assert refused.value.body["param"] == "switch"
 
 
 def test_delete_cancels_and_removes(client, server):

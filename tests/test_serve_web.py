@@ -56,9 +56,24 @@ def test_submit_progress_play_gallery(tmp_path, browser):
         assert "a red ball bouncing" in page.text_content(f'#gallery li[data-id="{video_id}"]')
         duration = page.evaluate("document.getElementById('player').duration")
         assert duration == pytest.approx(17 / 8, abs=0.15)
-        (sidecar,) = (tmp_path / "data" / "jobs").glob("*/video.json")  # what the pipeline ran
-        info = json.loads(sidecar.read_text())
+        info = sidecar(tmp_path, "a red ball bouncing")  # what the pipeline ran
         assert info["prompts"] == [[0.5, "a red ball rolling"], [1.5, "a blue ball"]]
+        # Extend and Remix ask for their prompt and take the page's prompt changes too
+        page.fill("#at", "0.25:a green ball")
+        page.fill("#seconds", "1")
+        for button, prompt in (("extend", "it rolls on"), ("remix", "a ball, remixed")):
+            page.once("dialog", lambda dialog, text=prompt: dialog.accept(text))
+            page.click(f'#gallery li[data-id="{video_id}"] .{button}')
+            page.wait_for_selector(f'#gallery li[data-status="completed"] >> text="{prompt}"',
+                                   timeout=120_000)  # fmt: skip
+            assert sidecar(tmp_path, prompt)["prompts"] == [[0.25, "a green ball"]]
         page.click(f'#gallery li[data-id="{video_id}"] .delete')
         page.wait_for_selector(f'#gallery li[data-id="{video_id}"]', state="detached")
         assert not errors
+
+
+def sidecar(tmp_path, prompt: str) -> dict:
+    """The request the pipeline ran for the job of ``prompt`` (the sidecar beside its video)."""
+    found = [json.loads(p.read_text()) for p in (tmp_path / "data" / "jobs").glob("*/video.json")]
+    (info,) = [i for i in found if i["prompt"] == prompt]
+    return info

@@ -160,20 +160,10 @@ class ImageReference(BaseModel):
     file_id: str | None = Field(None, description="not supported: upload the file instead")
 
 
-class KinemaFields(BaseModel):
-    """kinema's own settings, accepted beside OpenAI's fields (None: the model's default)."""
+class TimedFields(BaseModel):
+    """Timed prompts, accepted wherever a prompt is."""
 
     model_config = ConfigDict(extra="forbid")
-    negative_prompt: str | None = Field(None, max_length=4000)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    steps: int | None = Field(None, ge=1, le=1000)
-    guidance: float | None = Field(None, ge=0, le=100)
-    shift: float | None = Field(None, gt=0, le=100)
-    sampler: str | None = Field(None, description="unipc or euler")
-    fps: int | None = Field(None, ge=1, le=120)
-    cache: str | float | bool | None = Field(
-        None, description="step cache setting, passed to the pipeline when it supports one"
-    )
     at: list[str] | None = Field(
         None, max_length=64,
         description='timed prompts, as the CLI\'s --at: ["1.5:a cat jumps", ...] (seconds from '
@@ -185,6 +175,21 @@ class KinemaFields(BaseModel):
     @classmethod
     def one_or_many(cls, value: Any) -> Any:  # a form sends one `at` as a plain string
         return [value] if isinstance(value, str) else value
+
+
+class KinemaFields(TimedFields):
+    """kinema's own settings, accepted beside OpenAI's fields (None: the model's default)."""
+
+    negative_prompt: str | None = Field(None, max_length=4000)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    steps: int | None = Field(None, ge=1, le=1000)
+    guidance: float | None = Field(None, ge=0, le=100)
+    shift: float | None = Field(None, gt=0, le=100)
+    sampler: str | None = Field(None, description="unipc or euler")
+    fps: int | None = Field(None, ge=1, le=120)
+    cache: str | float | bool | None = Field(
+        None, description="step cache setting, passed to the pipeline when it supports one"
+    )
 
 
 class CreateVideoBody(KinemaFields):
@@ -212,8 +217,7 @@ class ExtendVideoBody(KinemaFields):
     model: str | None = None
 
 
-class RemixVideoBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class RemixVideoBody(TimedFields):
     prompt: str = Field(min_length=1, max_length=4000)
     strength: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=0, lt=2**63)
@@ -647,7 +651,7 @@ class Service:
         keep = ("negative_prompt", "steps", "guidance", "shift", "sampler", "seed", "fps")
         settings = {k: v for k, v in source.spec.settings.items() if k in keep}
         w, h = (int(v) for v in source.size.split("x"))
-        settings.update(width=w, height=h, **body.model_dump(exclude_none=True, exclude={"prompt"}))
+        settings.update(width=w, height=h, **kinema_settings(body))
 
         def make(folder: str) -> Draft:
             inputs = {"video": self.copy_output(folder, source)}

@@ -51,6 +51,17 @@ async function loadModel() {
   } catch (err) { say(err.message); }
 }
 
+// timed prompts, as the CLI's --at: one SECONDS:PROMPT a line (also used by Extend and Remix)
+function timedPrompts() {
+  return $("at").value.split("\n").map((line) => line.trim()).filter((line) => line);
+}
+
+// the JSON body of an extension or a remix: its prompt and the timed prompts, if any
+function withTimedPrompts(fields) {
+  const at = timedPrompts();
+  return at.length ? { ...fields, at } : fields;
+}
+
 function formBody() {
   const body = new FormData();
   body.append("prompt", $("prompt").value);
@@ -60,9 +71,7 @@ function formBody() {
     const value = $(id).value.trim();
     if (value) body.append(name, value);
   }
-  for (const line of $("at").value.split("\n")) {  // timed prompts, as the CLI's --at
-    if (line.trim()) body.append("at[]", line.trim());
-  }
+  for (const line of timedPrompts()) body.append("at[]", line);
   const image = $("image").files[0];
   if (image) body.append("input_reference", image, image.name);
   return body;
@@ -159,7 +168,8 @@ async function extend(video) {
   const prompt = window.prompt("Prompt for the continuation", video.prompt || "");
   if (prompt === null) return;
   const seconds = $("seconds").value || "1";
-  try { track(await postJSON("/v1/videos/extensions", { prompt, seconds, video: { id: video.id } })); }
+  try { track(await postJSON("/v1/videos/extensions",
+                                withTimedPrompts({ prompt, seconds, video: { id: video.id } }))); }
   catch (err) { say(err.message); }
   refreshGallery();
 }
@@ -167,7 +177,7 @@ async function extend(video) {
 async function remix(video) {
   const prompt = window.prompt("New prompt for the remix", video.prompt || "");
   if (prompt === null) return;
-  try { track(await postJSON(`/v1/videos/${encodeURIComponent(video.id)}/remix`, { prompt })); }
+  try { track(await postJSON(`/v1/videos/${encodeURIComponent(video.id)}/remix`, withTimedPrompts({ prompt }))); }
   catch (err) { say(err.message); }
   refreshGallery();
 }
