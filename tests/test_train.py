@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from kinema.configs import DiTConfig, VAEConfig
 from kinema.io.checkpoint import load_dit, load_vae, save_component
@@ -275,11 +275,20 @@ def test_timed_captions_give_each_latent_frame_the_caption_in_force(
 def test_latent_cache_refuses_other_vae_statistics(
     tmp_path: Path, vae_folder: Path, text_encoder, videos
 ) -> None:
-    """Cached latents are normalised: new statistics in the VAE folder make the cache stale."""
+    """Cached latents are normalised: new statistics in the VAE folder make the cache stale;
+    the VAE is known by its weights, not by its path."""
     vae = Path(shutil.copytree(vae_folder, tmp_path / "vae"))
     config = dit_config(tmp_path / "run", vae, data=videos)
     precompute(config, text_encoder=text_encoder)
     precompute(config, text_encoder=text_encoder)  # unchanged: the cache is reused
+    moved = Path(shutil.copytree(vae, tmp_path / "moved-vae"))  # the same VAE elsewhere
+    precompute(dataclasses.replace(config, vae=str(moved)), text_encoder=text_encoder)
+    weights = moved / "model.safetensors"
+    tensors = load_file(weights)
+    tensors = {k: v + 0.01 if k == next(iter(tensors)) else v for k, v in tensors.items()}
+    save_file(tensors, weights)  # other weights, same path
+    with pytest.raises(ValueError, match="built for other data / VAE / text settings"):
+        precompute(dataclasses.replace(config, vae=str(moved)), text_encoder=text_encoder)
     settings = json.loads((vae / "config.json").read_text())
     settings["first_frame_mean"] = [0.5] * TINY_VAE.z_dim
     settings["first_frame_std"] = [2.0] * TINY_VAE.z_dim

@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import csv
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -427,11 +428,25 @@ def latent_normalisation(vae: Path) -> dict[str, Any]:
     return {k: config[k] for k in NORMALISATION if config.get(k) is not None}
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def vae_fingerprint(vae: Path) -> str:
+    """The VAE's identity: a hash of its weight files' bytes, so that a moved or copied VAE
+    still matches a cache it built and other weights at the same path do not."""
+    files = [vae] if vae.is_file() else sorted(vae.rglob("*"))
+    digest = hashlib.sha256()
+    for path in (p for p in files if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+        with path.open("rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return "sha256:" + digest.hexdigest()
+
+
 def cache_key(config: TrainConfig) -> dict[str, Any]:
     """What the cached latents depend on; a mismatch with an existing cache is an error."""
     return {
         "data": dataclasses.asdict(config.data),
-        "vae": str(vae_source(config)),
+        "vae": vae_fingerprint(vae_source(config)),
         "normalisation": latent_normalisation(vae_source(config)),
         "text_encoder": config.text_encoder,
         "text_max_length": config.text_max_length,
