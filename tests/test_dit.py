@@ -159,3 +159,21 @@ def test_bad_latent_size_is_rejected(tmp_path):
     ours = kinema_twin(tmp_path, ref)
     with pytest.raises(ValueError, match="not divisible by patch"):
         ours(torch.randn(1, 16, 2, 3, 4), torch.tensor([1.0]), torch.randn(1, 4, 32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rope_as_complex_product_equals_the_pairwise_rotation(dtype):
+    """Eager RoPE (one complex product) rotates each channel pair (x1, x2) by its angle:
+    (x1 cos - x2 sin, x1 sin + x2 cos), for a strided input too (q sliced from a wider one)."""
+    from kinema.models.ops import apply_rope, rope_3d
+
+    cos, sin = rope_3d((3, 4, 5), head_dim=24)  # (60, 1, 12)
+    wide = torch.randn(2, 60, 3, 48, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x = wide[..., 24:]  # (2, 60, 3, 24), not contiguous
+    got = apply_rope(x, cos, sin)
+    x1, x2 = x[..., 0::2].to(torch.float64), x[..., 1::2].to(torch.float64)
+    c, s = cos.to(torch.float64), sin.to(torch.float64)
+    want = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+    assert got.dtype == dtype and got.shape == x.shape
+    tolerance = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 1e-2}[dtype]
+    assert (got.to(torch.float64) - want).abs().max().item() <= tolerance

@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from kinema.configs import save_json
 
@@ -104,9 +105,28 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None, keep_fp32: bool) -> torch.
 # ---------------------------------------------------------------------------------------------
 
 
+class _SkipFills(TorchFunctionMode):
+    """Random and constant fills become no-ops (this thread only): weights on the meta device
+    hold no values to fill, and a meta ``normal_`` alone (an embedding's init) costs a lazy
+    import of torch's compiler stack, 1.5-2 s of every model load."""
+
+    FILLS = frozenset(
+        [getattr(torch.nn.init, name) for name in ("normal_", "uniform_", "trunc_normal_",
+         "constant_", "ones_", "zeros_", "kaiming_uniform_", "kaiming_normal_",
+         "xavier_uniform_", "xavier_normal_")]
+        + [torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.fill_, torch.Tensor.zero_]
+    )  # fmt: skip
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func in self.FILLS:  # nn.init passes its tensor by name, Tensor methods as self
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def build_empty(factory: Callable[[], M]) -> M:
-    """Construct a module on the meta device (no memory for weights)."""
-    with torch.device("meta"):
+    """Construct a module on the meta device (no memory for weights, no init)."""
+    with torch.device("meta"), _SkipFills():
         return factory()
 
 

@@ -231,7 +231,7 @@ class Block(nn.Module):
         self.norm2 = FP32LayerNorm(d, c.eps) if c.cross_attn_norm else nn.Identity()
         self.ffn = FeedForward(d, c.ffn_dim, d)
         self.norm3 = FP32LayerNorm(d, c.eps, elementwise_affine=False)
-        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, d).mul_(d**-0.5))
 
     def forward(
         self,
@@ -280,7 +280,7 @@ class VideoDiT(nn.Module):
         self.blocks = nn.ModuleList([Block(c) for _ in range(c.num_layers)])
         self.norm_out = FP32LayerNorm(c.dim, c.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(c.dim, c.out_channels * math.prod(c.patch_size))
-        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, c.dim) / c.dim**0.5)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, c.dim).mul_(c.dim**-0.5))
         self.gradient_checkpointing = False
         self._rope_cache: dict[tuple[int, int, int, str], tuple[Tensor, Tensor]] = {}
 

@@ -77,8 +77,18 @@ def rope_3d(
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent channel pairs of x (B, S, H, D) by the angles in cos/sin (S, 1, D/2)."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, H, D/2) each
+    """Rotate adjacent channel pairs of x (B, S, H, D) by the angles in cos/sin (S, 1, D/2).
+
+    Eager, each pair is one complex number times e^(i angle): one kernel, where the same
+    product written on the pairs' strided halves takes six and ~15x the time on a CPU. Under
+    torch.compile (whose Inductor does not fuse complex arithmetic) it is written out in reals.
+    """
+    dtype = torch.promote_types(x.dtype, cos.dtype)  # bf16 x rotates in float32, as cos is
+    pairs = x.to(dtype).unflatten(-1, (-1, 2)).contiguous()  # (B, S, H, D/2, 2)
+    if not torch.compiler.is_compiling():
+        rotated = torch.view_as_complex(pairs) * torch.complex(cos.to(dtype), sin.to(dtype))
+        return torch.view_as_real(rotated).flatten(-2).type_as(x)  # (B, S, H, D)
+    x1, x2 = pairs.unbind(-1)  # (B, S, H, D/2) each
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.flatten(-2).type_as(x)  # (B, S, H, D)
 
