@@ -177,7 +177,10 @@ async function extend(video) {
 async function remix(video) {
   const prompt = window.prompt("New prompt for the remix", video.prompt || "");
   if (prompt === null) return;
-  try { track(await postJSON(`/v1/videos/${encodeURIComponent(video.id)}/remix`, withTimedPrompts({ prompt }))); }
+  try {
+    track(await postJSON(`/v1/videos/${encodeURIComponent(video.id)}/remix`,
+                         withTimedPrompts({ prompt })));
+  }
   catch (err) { say(err.message); }
   refreshGallery();
 }
