@@ -62,6 +62,15 @@ def test_bad_generate_input(capsys, tmp_path, wan, args, message):
     assert not out.exists() and not list(tmp_path.glob("*.mp4")) and "Traceback" not in err
 
 
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_empty_prompt_is_refused(capsys, tmp_path, wan, prompt):
+    out = tmp_path / "out.mp4"
+    argv = ["generate", prompt, "--model", str(wan), "-o", str(out), *BASE, "--frames", "5"]
+    code, err = run(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1 and "prompt is empty" in err
+    assert not out.exists()
+
+
 def test_missing_model(capsys, tmp_path):
     code, err = run(capsys, "generate", "x", "--model", str(tmp_path / "nope"))
     assert code == 2 and "not found" in err and err.count("\n") == 1

@@ -222,6 +222,7 @@ def error_of(response: httpx.Response, status: int, param: str | None) -> dict:
         ({"model": "sora-2"}, "model", "unknown model 'sora-2'"),
         ({"colour": "red"}, "colour", "unknown parameter"),
         ({"prompt": ""}, "prompt", "at least 1 character"),
+        ({"prompt": "   "}, "prompt", "prompt is empty"),
         ({"at": "0.5 a cat"}, "at", "at '0.5 a cat' must be SECONDS:PROMPT"),
         ({"seconds": "1", "at": "2:a cat"}, "at", "prompt time 2 s is outside the clip"),
         ({"at": "0.25:a cat", "switch": "fade"}, "switch", "unknown switch mode 'fade'"),

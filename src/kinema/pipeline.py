@@ -102,6 +102,8 @@ def validate(req: Request, spatial: int, temporal: int, extension: bool = False)
     request's counts the whole clip (``temporal``k+1)."""
     if not isinstance(req.prompt, str):
         raise ValueError(f"prompt must be a string, got {type(req.prompt).__name__}")
+    if not req.prompt.strip():
+        raise ValueError("prompt is empty; describe the video, e.g. 'a red circle moving right'")
     for name in ("width", "height"):
         v = getattr(req, name)
         if v < spatial or v % spatial:
