@@ -71,6 +71,18 @@ def test_empty_prompt_is_refused(capsys, tmp_path, wan, prompt):
     assert not out.exists()
 
 
+def test_a_prompt_longer_than_the_encoder_reads_is_warned_about(capsys, tmp_path, wan):
+    out = tmp_path / "out.mp4"
+    prompt = "a cat walking " * 200  # over the 512 umT5 tokens Wan reads
+    argv = ["generate", prompt, "--model", str(wan), "-o", str(out), *BASE, "--frames", "5"]
+    assert main(argv) == 0 and out.exists()
+    warning = capsys.readouterr().err.splitlines()[0]
+    assert warning.startswith("kinema: warning: a prompt is longer than the 512 tokens")
+    assert "it reads only 'a cat walking a cat walking" in warning
+    main([*argv[:1], "a cat walking", *argv[2:]])
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_missing_model(capsys, tmp_path):
     code, err = run(capsys, "generate", "x", "--model", str(tmp_path / "nope"))
     assert code == 2 and "not found" in err and err.count("\n") == 1

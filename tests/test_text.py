@@ -271,6 +271,26 @@ def test_minilm_equals_sentence_transformers(minilm: MiniLMTextEncoder) -> None:
     assert torch.allclose(F.normalize(pooled, dim=-1), sentence, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["umt5", "minilm"])
+def test_cut_prompts_names_what_a_long_prompt_keeps(wan_folder: Path, kind: str) -> None:
+    """Growing prompts fit up to some length and are cut from then on; what a cut prompt keeps
+    is itself a prompt that fits and gives the very tokens the long one gave."""
+    if kind == "umt5":
+        encoder = UMT5TextEncoder.from_pretrained(wan_folder, max_length=8)
+    else:
+        encoder = MiniLMTextEncoder(max_length=8)
+    text = "a red ball moves left now and then it goes up and down"
+    prompts = [text.rsplit(" ", k)[0] for k in range(text.count(" "), -1, -1)]  # 1 word, 2, ...
+    cuts = encoder.cut_prompts(prompts)
+    over = [kept is not None for kept in cuts]
+    assert not over[0] and over[-1] and over == sorted(over)  # None..None, then cut
+    tokens, _ = encoder.encode(prompts)
+    for i in (over.index(True), len(prompts) - 1):
+        assert encoder.cut_prompts([cuts[i]]) == [None]
+        assert torch.equal(encoder.encode([cuts[i]])[0][0], tokens[i])
+    assert CachedTextEncoder(encoder).cut_prompts(prompts) == cuts
+
+
 def test_minilm_bad_max_length() -> None:
     with pytest.raises(ValueError, match="max_length 513 exceeds .* 512"):
         MiniLMTextEncoder(max_length=513)

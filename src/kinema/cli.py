@@ -10,6 +10,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -450,11 +451,18 @@ def build_parser() -> Parser:
     return parser
 
 
+def show_warning(message: Warning | str, *_: Any, **__: Any) -> None:
+    """Warnings as one line, ``kinema: warning: ...`` (no file name or source line)."""
+    print(f"kinema: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # for --devices re-launch
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            return args.run(args)
     except ValueError as err:  # bad input, incl. CheckpointError: one line, exit 2
         fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     except KeyboardInterrupt:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import platform
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,18 @@ class Request:
         """JSON-ready fields (media given as arrays are summarised by shape)."""
         media = lambda v: v if v is None or isinstance(v, str | int | float) else _describe(v)
         return {f.name: media(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def warn_cut_prompts(encoder: Any, prompts: list[str]) -> None:
+    """A warning for each prompt longer than the text encoder reads, quoting what it reads."""
+    cut = getattr(encoder, "cut_prompts", None)  # optional (kinema.models.text.TextEncoder)
+    for kept in cut(prompts) if cut else []:
+        if kept is not None:
+            warnings.warn(
+                f"a prompt is longer than the {encoder.max_length} tokens this model reads; "
+                f"it reads only {kept!r}",
+                stacklevel=4,
+            )
 
 
 def _describe(value: Any) -> Any:
@@ -456,6 +469,7 @@ class Pipeline:
         prompt in force at its first pixel frame (the negative prompt's repeated)."""
         guided = req.guidance > 1
         prompts = [req.prompt, *(p for _, p in timed)] + ([req.negative_prompt] if guided else [])
+        warn_cut_prompts(self.text_encoder, prompts)
         with self.placement.text(self.text_encoder):
             tokens, _ = self.text_encoder.encode(prompts)
         tokens = tokens.to(self.device, self.dtype)  # (P [+ 1], L, D)

@@ -57,6 +57,11 @@ class TextEncoder(Protocol):
         ...
 
 
+# Optional, on the encoders kinema ships: ``cut_prompts(prompts) -> list[str | None]``, for each
+# prompt None when it fits in ``max_length`` tokens, else the text the encoder still reads
+# (``kinema.pipeline`` warns with it: a long prompt is truncated, never silently).
+
+
 def clean_prompt(text: str) -> str:
     """Wan's prompt cleaning: ftfy fix, HTML-unescape twice, collapse whitespace, strip.
 
@@ -236,6 +241,17 @@ class UMT5TextEncoder:
         hidden = self.model(ids, attention).last_hidden_state.to(self.dtype)  # (B, L, D)
         return keep_prompt_tokens(hidden, attention)
 
+    def cut_prompts(self, prompts: list[str]) -> list[str | None]:
+        """None for each prompt that fits in ``max_length`` tokens (with the end token), else
+        the text of the tokens ``encode`` keeps."""
+        out: list[str | None] = []
+        for p in check_prompts(prompts):
+            ids = self.tokenizer(clean_prompt(p), add_special_tokens=True).input_ids
+            fits = len(ids) <= self.max_length
+            kept = ids[: self.max_length - 1]  # the end token takes the last place
+            out.append(None if fits else self.tokenizer.decode(kept, skip_special_tokens=True))
+        return out
+
 
 # ---------------------------------------------------------------------------------------------
 # MiniLM (the built-in model)
@@ -292,6 +308,12 @@ class MiniLMTextEncoder:
         hidden = self.model(ids, mask).to(self.dtype)  # (B, L, 384)
         return keep_prompt_tokens(hidden, mask)
 
+    def cut_prompts(self, prompts: list[str]) -> list[str | None]:
+        """None for each prompt that fits in ``max_length`` tokens ([CLS] and [SEP] included),
+        else the text of the tokens ``encode`` keeps."""
+        batch = self.tokenizer.encode_batch(check_prompts(prompts))
+        return [self.tokenizer.decode(e.ids) if e.overflowing else None for e in batch]
+
 
 # ---------------------------------------------------------------------------------------------
 # Caching and choosing
@@ -338,6 +360,10 @@ class CachedTextEncoder:
         rows = [fresh[p] if p in fresh else self.entries[p] for p in prompts]
         self._remember(fresh, prompts)
         return torch.stack([t for t, _ in rows]), torch.stack([m for _, m in rows])
+
+    def cut_prompts(self, prompts: list[str]) -> list[str | None]:
+        cut = getattr(self.encoder, "cut_prompts", None)
+        return cut(prompts) if cut is not None else [None] * len(prompts)
 
     def clear(self) -> None:
         self.entries.clear()
