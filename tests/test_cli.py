@@ -113,6 +113,15 @@ def test_info_prints_parameters_and_memory(capsys, wan):
     info = json.loads(capsys.readouterr().out)
     assert info["parameters"]["transformer"] > 0 and info["request"]["width"] == 64
     assert info["peak_memory_bytes"]["fp32"] > info["peak_memory_bytes"]["bf16"] > 0
+    assert info["vocabulary"] is None  # Wan reads any words
+
+
+def test_info_lists_the_words_the_built_in_model_knows(capsys):
+    from kinema.data.synthetic import vocabulary
+
+    assert main(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].split() == ["vocabulary", *vocabulary()] and "circle" in vocabulary()
 
 
 def test_convert_to_kinema_format_gives_the_same_video(tmp_path, wan):

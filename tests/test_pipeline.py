@@ -78,3 +78,29 @@ def test_bad_requests_name_the_value(tmp_path, bad, message):
     pipe = kinema.load(build_wan_folder(tmp_path / "wan"), device="cpu")
     with pytest.raises(ValueError, match=message):
         pipe.generate("x", **{**SETTINGS, **bad})
+
+
+def test_words_a_closed_world_model_never_read_are_warned_about(tmp_path):
+    """A model that records its training words (kinema-tiny) names the prompt's other words,
+    timed prompts included, once per request; one without a vocabulary (Wan) never warns."""
+    import json
+    import warnings
+
+    from kinema.data.synthetic import vocabulary
+    from kinema.pipeline import UnknownWordsWarning
+    from tests.serve_helpers import TINY_SETTINGS, build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "tiny")
+    meta = json.loads((folder / "kinema.json").read_text())
+    (folder / "kinema.json").write_text(json.dumps({**meta, "vocabulary": list(vocabulary())}))
+    pipe = kinema.load(folder, device="cpu")
+    settings = {**TINY_SETTINGS, "frames": 9}
+    with pytest.warns(UnknownWordsWarning) as caught:
+        pipe.generate("A crimson ball, rising", prompts=[(0.5, "a red cat")], **settings)
+    assert len(caught) == 1 and "never read 'cat', 'crimson' in training" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnknownWordsWarning)
+        pipe.generate("A red ball, rising on a navy background.", **settings)
+        kinema.load(build_wan_folder(tmp_path / "wan"), device="cpu").generate(
+            "a crimson cat", **{**SETTINGS, "steps": 1}
+        )

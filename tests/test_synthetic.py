@@ -27,6 +27,7 @@ from kinema.data.synthetic import (
     parse_prompt,
     render,
     sample_clip_spec,
+    vocabulary,
 )
 
 
@@ -165,6 +166,18 @@ def test_captions_parse_back_to_their_objects(phrasing):
 
 def _tokens(text: str) -> set[str]:
     return set(re.findall(r"[a-z]+", text.lower()))
+
+
+def test_vocabulary_is_the_words_of_the_training_captions():
+    ds = SyntheticClips(3, change_prob=0.3)
+    seen = set()
+    for i in range(2000):
+        spec, rng = ds.spec(i)
+        seen |= _tokens(caption(spec, rng, "train"))
+        timed = ds.timed(i)
+        seen |= set().union(*(_tokens(c) for _, c in timed)) if timed else set()
+    assert set(vocabulary()) == seen and list(vocabulary()) == sorted(seen)
+    assert not {"crimson", "disc", "leftward", "footage", "cat"} & set(vocabulary())
 
 
 def test_paraphrase_captions_use_words_never_seen_in_training():

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kinema.configs import DiTConfig, VAEConfig
+from kinema.data.synthetic import vocabulary
 from kinema.io.checkpoint import load_dit, load_vae, save_component
 from kinema.models.dit import VideoDiT
 from kinema.models.vae import CausalVAE
@@ -230,7 +231,7 @@ def dit_config(out: Path, vae_path: Path, **kw) -> TrainConfig:
 def test_dit_resume_is_exact(tmp_path: Path, vae_folder: Path, text_encoder, videos) -> None:
     config = dit_config(tmp_path / "a", vae_folder, data=videos)  # precomputed latent cache
     straight = train_dit(config, text_encoder=text_encoder)
-    assert (straight / "kinema.json").exists()
+    assert "vocabulary" not in json.loads((straight / "kinema.json").read_text())  # own videos
     resumed = dit_config(tmp_path / "b", vae_folder, data=videos)
     assert train_dit(resumed, text_encoder=text_encoder, stop_after=3) == tmp_path / "b"
     assert latest_checkpoint(tmp_path / "b").name == "step-00000003"
@@ -321,7 +322,9 @@ def test_extra_caches_mix_earlier_runs_clips_in(
     changing = next(i for i in range(12) if earlier.timed(i))
     assert timed(4 + changing) == earlier.timed(changing)  # the clip's own world, not seed 2's
     assert timed(4 + changing) != ClipDataset(world(2, 16)).timed(4 + changing)
-    assert train_dit(config, text_encoder=text_encoder).exists()  # 16 clips in the stream
+    exported = train_dit(config, text_encoder=text_encoder)  # 16 clips in the stream
+    meta = json.loads((exported / "kinema.json").read_text())
+    assert meta["vocabulary"] == list(vocabulary())  # a synthetic world's model knows its words
     with pytest.raises(ValueError, match="is not a finished latent cache"):
         check_extra_caches(dataclasses.replace(config, extra_caches=(str(tmp_path / "nowhere"),)))
     meta = json.loads((old / "meta.json").read_text())

@@ -276,6 +276,7 @@ def run_info(args: argparse.Namespace) -> int:
             "vae": sum(p.numel() for p in pipe.vae.parameters()),
         },
         "defaults": dataclasses.asdict(pipe.defaults),
+        "vocabulary": sorted(pipe.vocabulary) if pipe.vocabulary else None,  # None: open
         "request": {"width": width, "height": height, "frames": frames},
         "peak_memory_bytes": {
             dt: estimate_peak_bytes(pipe, width, height, frames, dtype_bytes=n)
@@ -300,6 +301,8 @@ def format_info(info: dict[str, Any]) -> str:
         f"request     {req['width']}x{req['height']}, {req['frames']} frames",
     ]
     lines += [f"peak memory {k}: ~{gib(v)}" for k, v in info["peak_memory_bytes"].items()]
+    if info["vocabulary"]:  # a model of a closed world reads only its training words
+        lines.append(f"vocabulary  {' '.join(info['vocabulary'])}")
     return "\n".join(lines)
 
 

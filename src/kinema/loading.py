@@ -150,6 +150,7 @@ def _kinema_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str, A
         "text_encoder": encoder,
         "name": meta.get("name", path.name),
         "defaults": from_dict(SamplingDefaults, meta.get("sampling", {})),
+        "vocabulary": meta.get("vocabulary"),
     }
 
 

@@ -88,6 +88,24 @@ class Request:
         return {f.name: media(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
+class UnknownWordsWarning(UserWarning):
+    """A prompt uses words its model never read in training (models that record them)."""
+
+
+def warn_unknown_words(prompts: list[str], vocabulary: frozenset[str] | None, name: str) -> None:
+    """Warn once per request about the prompt words outside ``vocabulary`` (None: any word)."""
+    from kinema.data.synthetic import words_of
+
+    unknown = sorted({w for p in prompts for w in words_of(p)} - (vocabulary or set()))
+    if vocabulary and unknown:
+        warnings.warn(
+            f"{name} never read {', '.join(map(repr, unknown))} in training; it follows only "
+            f"the words of its training captions (`kinema info` lists them)",
+            UnknownWordsWarning,
+            stacklevel=3,
+        )
+
+
 def warn_cut_prompts(encoder: Any, prompts: list[str]) -> None:
     """A warning for each prompt longer than the text encoder reads, quoting what it reads."""
     cut = getattr(encoder, "cut_prompts", None)  # optional (kinema.models.text.TextEncoder)
@@ -244,8 +262,10 @@ class Pipeline:
         image_encoder: Any = None,
         cache_calibration: Any = None,
         placement: Placement | None = None,
+        vocabulary: Sequence[str] | None = None,
     ) -> None:
         self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
+        self.vocabulary = frozenset(vocabulary) if vocabulary else None  # words it was trained on
         self.image_encoder, self.cache_calibration = image_encoder, cache_calibration
         self.name, self.defaults, self.load_seconds = name, defaults, load_seconds
         self.placement = placement or Placement("none", next(dit.parameters()).device)
@@ -328,6 +348,7 @@ class Pipeline:
         req = req.resolved(self.defaults)
         validate(req, self.spatial_factor, self.temporal_factor, extension=req.extend is not None)
         self.check_image_inputs(req)
+        warn_unknown_words([req.prompt, *(p for _, p in req.prompts)], self.vocabulary, self.name)
         for name in ("image", "last_image"):
             if getattr(req, name) is not None:
                 image = km.read_image_any(getattr(req, name))

@@ -33,6 +33,9 @@ max_objects=3, change_prob=0.2, object_scale=1.0) -> ClipSpec``
 ``timed_captions(spec, rng, phrasing="train") -> ((0, caption), (switch_frame, caption)) | None``
     A clip whose first object changes motion as two captions, before and after the change,
     each naming one motion per object (training data for timed prompts).
+``vocabulary() -> tuple[str, ...]``
+    Every word a training caption can use (sorted, lower case): what a model trained on this
+    world has read. Its export records them, and the pipeline warns about other words.
 ``parse_prompt(prompt) -> list[dict]``
     Back from text to objects: ``[{"colour", "shape", "motion", "then_motion"}]`` (only the
     keys found), for any phrasing the grammar produces and simple user phrasings such as
@@ -529,6 +532,19 @@ def timed_captions(
     before = replace(spec, objects=(plain, *spec.objects[1:]))
     after = replace(spec, objects=(replace(plain, motion=first.then_motion), *spec.objects[1:]))
     return (0, caption(before, rng, phrasing)), (first.switch_frame, caption(after, rng, phrasing))
+
+
+def words_of(text: str) -> list[str]:
+    """The lower-case words of a text ("A red, round ball!" -> ["a", "red", "round", "ball"])."""
+    return re.findall(r"[a-z]+", text.lower())
+
+
+def vocabulary() -> tuple[str, ...]:
+    """Every word the ``"train"`` captions can use, sorted (templates, joiners, articles,
+    background names and the colour, shape and motion phrases of ``TRAIN_WORDS``)."""
+    phrases = [*TEMPLATES["train"], *JOINERS["train"], THEN_WORDS["train"], "a an", *BACKGROUNDS]
+    phrases += [p for kind in TRAIN_WORDS.values() for ps in kind.values() for p in ps]
+    return tuple(sorted({w for p in phrases for w in words_of(p.replace("{bg}", ""))} - {"objs"}))
 
 
 # --- parsing -----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -26,12 +27,17 @@ SEAM_PROMPTS = (
     "a red circle moving right on a navy background",
     "a white square moving up on a black background",
 )
-# (colour shape, motion before, motion after): the switch is at the middle of the clip
+# (colour shape, motion before, motion after): the switch is at the middle of the clip. Each
+# direction starts and ends two switches, turning both ways, all seen combinations.
 SWITCHES = (
     ("yellow circle", "right", "down"),
     ("green square", "down", "left"),
     ("cyan triangle", "left", "up"),
     ("orange square", "up", "right"),
+    ("white triangle", "right", "up"),
+    ("blue circle", "left", "down"),
+    ("purple cross", "down", "right"),
+    ("red star", "up", "left"),
 )
 
 
@@ -118,16 +124,18 @@ def long_video_memory(model: str | None, short: float = 4.0, long: float = 16.0)
 
 
 def timed_prompts(
-    pipe: Any, seeds: int = 2, margin_s: float = 0.25, seconds: float = 2.0, switch: str = "blend"
-) -> dict[str, Any]:
+    pipe: Any, seeds: int = 2, margin_s: float = 0.25, seconds: float = 2.0, switch: str = "blend",
+    switches: Sequence[tuple[str, str, str]] = SWITCHES,
+) -> dict[str, Any]:  # fmt: skip
     """``seconds``-long clips whose prompt switches motion at mid-clip (as ``switch`` says, see
-    :mod:`kinema.timeline`): the share whose judged motion matches the first prompt up to
-    ``margin_s`` before the switch and the second from ``margin_s`` after it."""
+    :mod:`kinema.timeline`), one per switch and seed: the share whose judged motion matches
+    the first prompt up to ``margin_s`` before the switch and the second from ``margin_s``
+    after it."""
     fps = pipe.defaults.fps
     switch_s = seconds / 2
     at, margin = round(switch_s * fps), round(margin_s * fps)  # the switch's frame
     before = after = both = n = 0
-    for thing, first, second in SWITCHES:
+    for thing, first, second in switches:
         a, b = f"a {thing} moving {first}", f"a {thing} moving {second}"
         for seed in range(seeds):
             frames = pipe.generate(
@@ -144,12 +152,13 @@ def timed_prompts(
 
 def evaluate_beyond(pipe: Any, model: str | None, quick: bool = False) -> dict[str, Any]:
     """All four checks as a JSON-ready dict (``quick``: fewer clips, 8 s instead of 16 s)."""
+    timed = SWITCHES[:4] if quick else SWITCHES
     return {
         "first_frame_psnr_db": first_frame_fidelity(pipe, 2 if quick else 4),
         "extension": seam_continuity(pipe, 2 if quick else 3),
         "long_video_memory": long_video_memory(model, 4.0, 8.0 if quick else 16.0),
-        "timed_prompts": timed_prompts(pipe, 1 if quick else 2),
-        "timed_prompts_cut": timed_prompts(pipe, 1 if quick else 2, switch="cut"),
+        "timed_prompts": timed_prompts(pipe, 1 if quick else 2, switches=timed),
+        "timed_prompts_cut": timed_prompts(pipe, 1 if quick else 2, switch="cut", switches=timed),
     }
 
 

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -311,10 +311,13 @@ def save_model_folder(
     name: str,
     dtype: torch.dtype | None = None,
     extra: Callable[[Path], None] | None = None,
+    vocabulary: Sequence[str] | None = None,
 ) -> Path:
     """Write a whole kinema model: ``kinema.json`` + ``transformer/`` + ``vae/``, atomically.
 
-    ``extra(tmp_folder)`` may write more files (e.g. a text encoder) before the rename."""
+    ``extra(tmp_folder)`` may write more files (e.g. a text encoder) before the rename;
+    ``vocabulary``: the words of the training captions, for models trained on a closed world
+    (the pipeline warns about prompt words outside it)."""
     import dataclasses
 
     folder = Path(folder)
@@ -325,6 +328,8 @@ def save_model_folder(
         save_component(vae, tmp / "vae", dtype)
         meta = {"format": "kinema", "name": name, "text_encoder": text_encoder,
                 "sampling": dataclasses.asdict(sampling)}  # fmt: skip
+        if vocabulary:
+            meta["vocabulary"] = sorted(vocabulary)
         (tmp / "kinema.json").write_text(json.dumps(meta, indent=2) + "\n")
         if extra is not None:
             extra(tmp)

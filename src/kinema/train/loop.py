@@ -903,9 +903,13 @@ def export(out_dir: str | Path, dest: str | Path | None = None) -> Path:
     dest = Path(dest) if dest is not None else out / "model"
     text = {"kind": config.text_encoder, "max_length": config.text_max_length}
     sampling = sampling_defaults(config)
+    from kinema.data.synthetic import vocabulary
+
+    words = vocabulary() if config.data.kind == "synthetic" else None  # a closed world's words
     save_model_folder(
-        dest, dit=dit, vae=vae, text_encoder=text, sampling=sampling, name=config.name, dtype=dtype
-    )
+        dest, dit=dit, vae=vae, text_encoder=text, sampling=sampling, name=config.name,
+        dtype=dtype, vocabulary=words,
+    )  # fmt: skip
     kind = "float16" if dtype else "float32"
     print(f"exported {dest} ({kind}, {folder_size_mb(dest):.1f} MB)")
     return dest
