@@ -136,6 +136,14 @@ def test_convert_to_kinema_format_gives_the_same_video(tmp_path, wan):
     assert (a.frames == b.frames).all()
 
 
+def test_convert_keeps_the_built_in_models_vocabulary(tmp_path):
+    from kinema.loading import load
+
+    assert main(["convert", "kinema-tiny", str(tmp_path / "tiny")]) == 0
+    words = load(tmp_path / "tiny", device="cpu").vocabulary
+    assert words and words == load(device="cpu").vocabulary
+
+
 def test_entry_point_exit_code(tmp_path):
     proc = subprocess.run(
         [

@@ -34,6 +34,7 @@ def convert(source: str | Path, dest: str | Path, dtype: str | None = None) -> P
         name=pipe.name,
         dtype=store,
         extra=save_text,
+        vocabulary=pipe.vocabulary,
     )
 
 
