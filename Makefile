@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.kinema-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint format setup clean chromium
+.PHONY: demo test lint format setup clean chromium gpu-wheels
 
 setup: $(STAMP)
 
@@ -29,6 +29,15 @@ test: $(STAMP) chromium
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(PY) -m pytest -q tests
+
+# Wheels for benchmarks/gpu.sh on a lent GPU machine (Python 3.12 there): the reference
+# diffusers and its one missing need, at the versions the tests here use.
+GPU_WHEELS := diffusers importlib_metadata ftfy wcwidth
+gpu-wheels: $(STAMP)
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl \
+		$$($(PY) -c "import importlib.metadata as m; print(*(n + '==' + m.version(n) for n in '$(GPU_WHEELS)'.split()))")
 
 lint:
 	$(VENV)/bin/ruff check --fix src tests benchmarks

@@ -2,7 +2,7 @@
 
     python benchmarks/timed_switch.py [MODEL] [SEEDS]
 
-Prints JSON: kinema.eval.beyond.timed_prompts (4 switches x SEEDS seeds, default 4) with
+Prints JSON: kinema.eval.beyond.timed_prompts (8 switches x SEEDS seeds, default 4) with
 each of kinema.timeline.SWITCH_MODES (``blend``, then ``cut``), with each mode's wall time.
 """
 

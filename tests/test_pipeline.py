@@ -104,3 +104,23 @@ def test_words_a_closed_world_model_never_read_are_warned_about(tmp_path):
         kinema.load(build_wan_folder(tmp_path / "wan"), device="cpu").generate(
             "a crimson cat", **{**SETTINGS, "steps": 1}
         )
+
+
+def test_text_to_video_needs_no_pyav(tmp_path):
+    """PyAV is imported only for requests with images or videos (and for writing mp4), so a
+    machine without it (e.g. a GPU box running the benchmarks) still makes videos."""
+    import subprocess
+    import sys
+
+    from tests.serve_helpers import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "tiny")
+    code = (
+        "import sys; sys.modules['av'] = None\n"  # import av now fails, as where it is missing
+        "import kinema\n"
+        f"video = kinema.load({str(folder)!r}, device='cpu').generate('a red ball')\n"
+        "assert video.frames.shape == (5, 32, 32, 3), video.frames.shape\n"
+        "assert 'kinema.io.video' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

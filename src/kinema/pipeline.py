@@ -88,6 +88,14 @@ class Request:
         return {f.name: media(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
+def _media() -> Any:
+    """:mod:`kinema.media` (reads images and videos with PyAV), imported when a request has
+    media: text-to-video runs where PyAV is missing (e.g. a GPU box that only benchmarks)."""
+    from kinema import media
+
+    return media
+
+
 class UnknownWordsWarning(UserWarning):
     """A prompt uses words its model never read in training (models that record them)."""
 
@@ -326,8 +334,6 @@ class Pipeline:
 
     def prepare(self, request: Request) -> tuple[Request, dict[str, np.ndarray]]:
         """Read and fit media, resolve defaults, validate; returns the request and media."""
-        from kinema import media as km
-
         req, media = request, {}
         if req.strength is not None and not 0 < req.strength <= 1:
             raise ValueError(f"strength {req.strength} must be in (0, 1]")
@@ -335,7 +341,7 @@ class Pipeline:
             raise ValueError("give either video (video-to-video) or extend, not both")
         if req.video is not None:
             size = (self.defaults.width, self.defaults.height)
-            req, media["video"] = km.source_video(req, self.temporal_factor, size)
+            req, media["video"] = _media().source_video(req, self.temporal_factor, size)
             req = dataclasses.replace(req, strength=req.strength or 0.7)
             if req.prompts and req.switch == "cut":
                 raise ValueError(
@@ -343,7 +349,7 @@ class Pipeline:
                     "pass, so its timed prompts blend: use blend"
                 )
         if req.extend is not None:
-            extend = km.extension_source(req, self.context_frames, self.spatial_factor)
+            extend = _media().extension_source(req, self.context_frames, self.spatial_factor)
             req, media["extend"] = extend
         req = req.resolved(self.defaults)
         validate(req, self.spatial_factor, self.temporal_factor, extension=req.extend is not None)
@@ -351,8 +357,8 @@ class Pipeline:
         warn_unknown_words([req.prompt, *(p for _, p in req.prompts)], self.vocabulary, self.name)
         for name in ("image", "last_image"):
             if getattr(req, name) is not None:
-                image = km.read_image_any(getattr(req, name))
-                media[name] = km.fit_image(image, req.width, req.height)
+                image = _media().read_image_any(getattr(req, name))
+                media[name] = _media().fit_image(image, req.width, req.height)
         return req, media
 
     def check_image_inputs(self, req: Request) -> None:
@@ -374,9 +380,7 @@ class Pipeline:
             raise ValueError(f"this model needs --last-image: {self.name} is first-last-frame")
 
     def _source_fps(self, video: Any) -> int:
-        from kinema import media as km
-
-        return km.source_fps(video, self.defaults.fps)
+        return _media().source_fps(video, self.defaults.fps)
 
     # -- the generation loop -----------------------------------------------------------------------
 
