@@ -31,6 +31,7 @@ EXTRA_FIELDS = {"id", "size", "seconds", "model", "at"}
 REQUEST_FIELDS = {f.name for f in dataclasses.fields(Request)}
 FORMATS = ("mp4", "gif", "webp")
 MAX_WORKER_DEATHS = 3  # a request whose worker died this often is recorded as failed
+MAX_PROBES = 1500  # a dead actor not answering after this many tries (>= 5 min) is given up
 
 OnResult = Callable[[str, str], None]  # (request id, "done" | "failed")
 
@@ -202,6 +203,14 @@ class Worker:
         return self.pipe.run(build_request(fields, self.pipe))
 
 
+def fail_all(out: Path, items: deque[Item], why: str, tick: OnResult) -> None:
+    """Record every one of ``items`` as failed for the reason ``why``."""
+    while items:
+        item = items.popleft()
+        record(out, item.id, "failed", error=why)
+        tick(item.id, "failed")
+
+
 def error_text(err: BaseException) -> str:
     """One line naming the error (the original exception for a Ray task error)."""
     cause = getattr(err, "cause", None) or err
@@ -256,27 +265,40 @@ def start_actors(opts: BatchOptions, wanted: int) -> list[Any]:
 
 
 def run_ray(items: list[Item], out: Path, opts: BatchOptions, tick: OnResult) -> None:
-    """Hand ``items`` to the actors as they free up; requeue a request whose actor died."""
+    """Hand ``items`` to the actors as they free up; requeue a request whose actor died. An
+    actor that died gets no work until it answers again (Ray restarts it, reloading the
+    model): work sent to a restarting actor fails at once, and that is no request's fault."""
     import ray
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.exceptions import ActorDiedError, RayActorError
 
     started = connect_ray(opts.ray or "auto")
     actors = start_actors(opts, len(items))
     ray.get([a.ready.remote() for a in actors])  # models loaded: a load error surfaces here
     queue, idle = deque(items), deque(actors)
-    running: dict[Any, tuple[Any, Item]] = {}
+    running: dict[Any, tuple[Any, Item | None]] = {}  # None: a dead actor's readiness probe
     deaths: dict[str, int] = {}
+    probes: dict[Any, int] = {}  # failed probes of each actor since it died
     try:
         while queue or running:
             while queue and idle:
                 actor, item = idle.popleft(), queue.popleft()
                 running[actor.render.remote(item.fields)] = (actor, item)
+            if not running:  # every actor gave up restarting
+                fail_all(out, queue, "no Ray worker is left (they died and did not restart)", tick)
+                break
             [ref], _ = ray.wait(list(running), num_returns=1)
             actor, item = running.pop(ref)
-            idle.append(actor)
             try:
                 video = ray.get(ref)
-            except (RayActorError, ActorDiedError, ActorUnavailableError) as err:
+            except RayActorError as err:  # the actor died (or is still restarting)
+                if item is None:
+                    probes[actor] = probes.get(actor, 0) + 1
+                    time.sleep(0.2)
+                gone = item is None and isinstance(err, ActorDiedError)  # will not restart
+                if not gone and probes.get(actor, 0) < MAX_PROBES:
+                    running[actor.ready.remote()] = (actor, None)
+                if item is None:
+                    continue
                 deaths[item.id] = deaths.get(item.id, 0) + 1
                 if deaths[item.id] < MAX_WORKER_DEATHS:
                     record(out, item.id, "requeued", error=f"worker died: {error_text(err)}")
@@ -286,11 +308,15 @@ def run_ray(items: list[Item], out: Path, opts: BatchOptions, tick: OnResult) ->
                 tick(item.id, "failed")
                 continue
             except Exception as err:  # the request itself failed
+                idle.append(actor)
                 record(out, item.id, "failed", error=error_text(err))
                 tick(item.id, "failed")
                 continue
-            save_result(out, item, opts.format, video)
-            tick(item.id, "done")
+            idle.append(actor)
+            probes.pop(actor, None)
+            if item is not None:
+                save_result(out, item, opts.format, video)
+                tick(item.id, "done")
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
