@@ -79,6 +79,8 @@ def test_a_prompt_longer_than_the_encoder_reads_is_warned_about(capsys, tmp_path
     warning = capsys.readouterr().err.splitlines()[0]
     assert warning.startswith("kinema: warning: a prompt is longer than the 512 tokens")
     assert "it reads only 'a cat walking a cat walking" in warning
+    (said,) = json.loads(out.with_suffix(".json").read_text())["warnings"]  # the sidecar too
+    assert warning == f"kinema: warning: {said}"
     main([*argv[:1], "a cat walking", *argv[2:]])
     assert "warning" not in capsys.readouterr().err
 

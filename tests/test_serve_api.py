@@ -87,6 +87,18 @@ def test_create_poll_retrieve_list_download(client, done, tmp_path):
     assert Image.open(io.BytesIO(sheet)).size == (4 * 32, 3 * 32)  # 9 frames, 4 per row
 
 
+def test_warnings_reach_the_video_and_its_sidecar(client, server, done):
+    assert done.model_dump()["warnings"] == []
+    prompt = "a red ball and " * 8  # over the 16 tokens the test model's MiniLM reads
+    video = client.videos.create(prompt=prompt, seconds="1", size="32x32")
+    (said,) = video.model_dump()["warnings"]
+    assert said.startswith("a prompt is longer than the 16 tokens this model reads")
+    assert wait(client, video.id).model_dump()["warnings"] == [said]
+    (sidecar,) = [json.loads(p.read_text()) for p in server.data_dir.glob("jobs/*/video.json")
+                  if json.loads(p.read_text())["prompt"] == prompt]  # fmt: skip
+    assert sidecar["warnings"] == [said]
+
+
 def test_list_pagination(client, done):
     ids = [client.videos.create(prompt=f"p{i}", seconds="0.5").id for i in range(3)]
     page = client.videos.list(limit=2, order="asc", after=ids[0])

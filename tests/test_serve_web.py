@@ -72,6 +72,26 @@ def test_submit_progress_play_gallery(tmp_path, browser):
         assert not errors
 
 
+def test_warnings_are_shown(tmp_path, browser):
+    model = build_tiny_model(tmp_path / "tiny")  # MiniLM reading 16 tokens
+    with Server(model, tmp_path / "data", "--api-key", "k") as server:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.fill("#api-key", "k")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_function("document.getElementById('size').value === '32x32'")
+        for prompt, warned in (("a red ball", False), ("a red ball and " * 8, True)):
+            page.fill("#prompt", prompt)
+            page.click("#submit")
+            page.wait_for_function(
+                f"document.getElementById('current-title').textContent === {prompt!r}"
+            )
+            assert page.is_hidden("#warnings") is not warned
+            text = page.text_content("#warnings")
+            assert ("warning: a prompt is longer than the 16 tokens" in text) is warned
+            page.wait_for_selector('#gallery li[data-status="completed"]', timeout=60_000)
+
+
 def sidecar(tmp_path, prompt: str) -> dict:
     """The request the pipeline ran for the job of ``prompt`` (the sidecar beside its video)."""
     found = [json.loads(p.read_text()) for p in (tmp_path / "data" / "jobs").glob("*/video.json")]

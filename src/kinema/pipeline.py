@@ -122,7 +122,7 @@ def warn_cut_prompts(encoder: Any, prompts: list[str]) -> None:
             warnings.warn(
                 f"a prompt is longer than the {encoder.max_length} tokens this model reads; "
                 f"it reads only {kept!r}",
-                stacklevel=4,
+                stacklevel=3,
             )
 
 
@@ -322,13 +322,24 @@ class Pipeline:
 
     def run(self, request: Request, progress: Progress | None = None) -> Video:
         """Generate what ``request`` asks for (text-, image-, video-to-video or extension)."""
-        req, media = self.prepare(request)
+        req, media, said = self.prepare_noting(request)
         clock = Clock()
         if req.video is not None:
             frames, evaluations = self.restyle(req, media["video"], clock, progress)
         else:
             frames, evaluations = self.windows(req, media, clock, progress)
-        return Video(frames, float(req.fps), self.describe(req, evaluations, clock))
+        info = self.describe(req, evaluations, clock)
+        return Video(frames, float(req.fps), {**info, "warnings": said})
+
+    def prepare_noting(self, request: Request) -> tuple[Request, dict[str, np.ndarray], list[str]]:
+        """:meth:`prepare`, and the text of the warnings it gave (raised again as usual), so
+        that sidecars and the HTTP API can show them."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            req, media = self.prepare(request)
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        return req, media, [str(w.message) for w in caught]
 
     # -- request preparation -----------------------------------------------------------------------
 
@@ -354,7 +365,9 @@ class Pipeline:
         req = req.resolved(self.defaults)
         validate(req, self.spatial_factor, self.temporal_factor, extension=req.extend is not None)
         self.check_image_inputs(req)
-        warn_unknown_words([req.prompt, *(p for _, p in req.prompts)], self.vocabulary, self.name)
+        prompts = [req.prompt, *(p for _, p in req.prompts)]
+        warn_unknown_words(prompts, self.vocabulary, self.name)
+        warn_cut_prompts(self.text_encoder, prompts + [req.negative_prompt] * (req.guidance > 1))
         for name in ("image", "last_image"):
             if getattr(req, name) is not None:
                 image = _media().read_image_any(getattr(req, name))
@@ -494,7 +507,6 @@ class Pipeline:
         prompt in force at its first pixel frame (the negative prompt's repeated)."""
         guided = req.guidance > 1
         prompts = [req.prompt, *(p for _, p in timed)] + ([req.negative_prompt] if guided else [])
-        warn_cut_prompts(self.text_encoder, prompts)
         with self.placement.text(self.text_encoder):
             tokens, _ = self.text_encoder.encode(prompts)
         tokens = tokens.to(self.device, self.dtype)  # (P [+ 1], L, D)

@@ -20,7 +20,7 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,6 +95,11 @@ class VideoObject(BaseModel):
     size: str
     remixed_from_video_id: str | None
     error: VideoError | None
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="kinema's addition: what the model warned about the request when it was "
+        "queued (words it never read in training, a prompt longer than it reads)",
+    )
 
 
 class VideoList(BaseModel):
@@ -536,7 +541,7 @@ class Service:
     def submit(self, draft: Draft) -> Job:
         """Validate with the pipeline (which reads the inputs), then queue (429 when full)."""
         try:
-            resolved, inputs = self.pipe.prepare(self.request_of(draft))
+            resolved, inputs, said = self.pipe.prepare_noting(self.request_of(draft))
         except ValueError as err:  # messages name input files by their field, not their path
             message = str(err).replace(f"{self.job_dir(draft.folder)}{os.sep}", "")
             raise bad(param_of(message), message) from err
@@ -546,7 +551,7 @@ class Service:
             param = "seconds" if draft.spec.kind == "generate" else "video"
             raise bad(param, f"{param}: {resolved.frames / resolved.fps:g} s is over the limit "
                       f"of {self.settings.max_seconds:g} s")  # fmt: skip
-        return self.queue(draft, draft.spec, resolved)
+        return self.queue(draft, replace(draft.spec, warnings=said), resolved)
 
     def request_of(self, draft: Draft) -> Any:
         files = {k: str(self.job_dir(draft.folder) / v) for k, v in draft.spec.inputs.items()}
@@ -684,7 +689,7 @@ def video_object(job: Job) -> dict[str, Any]:
         "progress": job.progress, "created_at": job.created_at,
         "completed_at": job.completed_at, "expires_at": job.expires_at, "prompt": job.prompt,
         "seconds": job.seconds, "size": job.size, "remixed_from_video_id": job.remixed_from,
-        "error": error,
+        "error": error, "warnings": job.spec.warnings,
     }  # fmt: skip
 
 

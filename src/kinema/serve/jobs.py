@@ -90,6 +90,7 @@ class JobSpec:
     prompt: str
     settings: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what the pipeline warned at submission
 
 
 @dataclass(frozen=True)

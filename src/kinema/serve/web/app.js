@@ -96,6 +96,13 @@ function showStatus(video) {
   $("current-title").textContent = video.prompt || video.id;
   $("progress").value = video.progress;
   $("status").textContent = `${video.status} ${video.progress}%`;
+  const said = video.warnings || [];
+  $("warnings").replaceChildren(...said.map((text) => {
+    const item = document.createElement("li");
+    item.textContent = `warning: ${text}`;
+    return item;
+  }));
+  $("warnings").hidden = said.length === 0;
   seen.statuses.push(video.status);
   seen.progress.push(video.progress);
 }
