@@ -18,6 +18,7 @@ is built, so importing this module stays cheap.
 from __future__ import annotations
 
 import html
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -156,6 +157,9 @@ class UMT5TextEncoder:
     ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
+        # a fast tokenizer re-sets its truncation on each call: one call at a time (the server
+        # checks prompts on its request threads while its worker encodes)
+        self.tokenizer_lock = threading.Lock()
         self.max_length = check_max_length(max_length)
         self.dim = int(model.config.d_model)
         self.dtype = dtype or next(model.parameters()).dtype
@@ -228,15 +232,16 @@ class UMT5TextEncoder:
     def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """prompts (B,) -> tokens (B, L, D) in ``dtype`` on the model's device, mask (B, L)."""
         cleaned = [clean_prompt(p) for p in check_prompts(prompts)]
-        batch = self.tokenizer(
-            cleaned,
-            padding="max_length",
-            max_length=self.max_length,
-            truncation=True,
-            add_special_tokens=True,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
+        with self.tokenizer_lock:
+            batch = self.tokenizer(
+                cleaned,
+                padding="max_length",
+                max_length=self.max_length,
+                truncation=True,
+                add_special_tokens=True,
+                return_attention_mask=True,
+                return_tensors="pt",
+            )
         ids, attention = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
         hidden = self.model(ids, attention).last_hidden_state.to(self.dtype)  # (B, L, D)
         return keep_prompt_tokens(hidden, attention)
@@ -246,7 +251,8 @@ class UMT5TextEncoder:
         the text of the tokens ``encode`` keeps."""
         out: list[str | None] = []
         for p in check_prompts(prompts):
-            ids = self.tokenizer(clean_prompt(p), add_special_tokens=True).input_ids
+            with self.tokenizer_lock:
+                ids = self.tokenizer(clean_prompt(p), add_special_tokens=True).input_ids
             fits = len(ids) <= self.max_length
             kept = ids[: self.max_length - 1]  # the end token takes the last place
             out.append(None if fits else self.tokenizer.decode(kept, skip_special_tokens=True))
