@@ -122,7 +122,7 @@ def float_video(pipe, request) -> torch.Tensor:  # noqa: ANN001
     from kinema.pipeline import Steps, initial_noise
     from kinema.sampling import flow_schedule
 
-    req, _ = pipe.prepare(request)
+    req, _, _ = pipe.prepare(request)
     context, uncond = pipe.encode_text(req)
     noise = initial_noise(req.seed, pipe.latent_shape(req))
     schedule = flow_schedule(req.steps, req.shift, req.sampler)

@@ -100,30 +100,25 @@ class UnknownWordsWarning(UserWarning):
     """A prompt uses words its model never read in training (models that record them)."""
 
 
-def warn_unknown_words(prompts: list[str], vocabulary: frozenset[str] | None, name: str) -> None:
-    """Warn once per request about the prompt words outside ``vocabulary`` (None: any word)."""
+def unknown_words_note(
+    prompts: list[str], vocabulary: frozenset[str] | None, name: str
+) -> list[str]:
+    """The warning (none or one) about the prompt words outside ``vocabulary`` (None: any)."""
     from kinema.data.synthetic import words_of
 
     unknown = sorted({w for p in prompts for w in words_of(p)} - (vocabulary or set()))
-    if vocabulary and unknown:
-        warnings.warn(
-            f"{name} never read {', '.join(map(repr, unknown))} in training; it follows only "
-            f"the words of its training captions (`kinema info` lists them)",
-            UnknownWordsWarning,
-            stacklevel=3,
-        )
+    if not (vocabulary and unknown):
+        return []
+    return [f"{name} never read {', '.join(map(repr, unknown))} in training; it follows only "
+            f"the words of its training captions (`kinema info` lists them)"]  # fmt: skip
 
 
-def warn_cut_prompts(encoder: Any, prompts: list[str]) -> None:
+def cut_prompts_notes(encoder: Any, prompts: list[str]) -> list[str]:
     """A warning for each prompt longer than the text encoder reads, quoting what it reads."""
     cut = getattr(encoder, "cut_prompts", None)  # optional (kinema.models.text.TextEncoder)
-    for kept in cut(prompts) if cut else []:
-        if kept is not None:
-            warnings.warn(
-                f"a prompt is longer than the {encoder.max_length} tokens this model reads; "
-                f"it reads only {kept!r}",
-                stacklevel=3,
-            )
+    kept = [k for k in (cut(prompts) if cut else []) if k is not None]
+    return [f"a prompt is longer than the {encoder.max_length} tokens this model reads; it "
+            f"reads only {k!r}" for k in kept]  # fmt: skip
 
 
 def _describe(value: Any) -> Any:
@@ -322,7 +317,7 @@ class Pipeline:
 
     def run(self, request: Request, progress: Progress | None = None) -> Video:
         """Generate what ``request`` asks for (text-, image-, video-to-video or extension)."""
-        req, media, said = self.prepare_noting(request)
+        req, media, said = self.prepare(request)
         clock = Clock()
         if req.video is not None:
             frames, evaluations = self.restyle(req, media["video"], clock, progress)
@@ -331,20 +326,12 @@ class Pipeline:
         info = self.describe(req, evaluations, clock)
         return Video(frames, float(req.fps), {**info, "warnings": said})
 
-    def prepare_noting(self, request: Request) -> tuple[Request, dict[str, np.ndarray], list[str]]:
-        """:meth:`prepare`, and the text of the warnings it gave (raised again as usual), so
-        that sidecars and the HTTP API can show them."""
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            req, media = self.prepare(request)
-        for w in caught:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
-        return req, media, [str(w.message) for w in caught]
-
     # -- request preparation -----------------------------------------------------------------------
 
-    def prepare(self, request: Request) -> tuple[Request, dict[str, np.ndarray]]:
-        """Read and fit media, resolve defaults, validate; returns the request and media."""
+    def prepare(self, request: Request) -> tuple[Request, dict[str, np.ndarray], list[str]]:
+        """Read and fit media, resolve defaults, validate; returns the request, media and the
+        warnings about it (also given as Python warnings: words the model never read
+        (:class:`UnknownWordsWarning`), a prompt longer than its text encoder reads)."""
         req, media = request, {}
         if req.strength is not None and not 0 < req.strength <= 1:
             raise ValueError(f"strength {req.strength} must be in (0, 1]")
@@ -366,13 +353,18 @@ class Pipeline:
         validate(req, self.spatial_factor, self.temporal_factor, extension=req.extend is not None)
         self.check_image_inputs(req)
         prompts = [req.prompt, *(p for _, p in req.prompts)]
-        warn_unknown_words(prompts, self.vocabulary, self.name)
-        warn_cut_prompts(self.text_encoder, prompts + [req.negative_prompt] * (req.guidance > 1))
+        negative = [req.negative_prompt] if req.guidance > 1 else []
+        unknown = unknown_words_note(prompts, self.vocabulary, self.name)
+        cut = cut_prompts_notes(self.text_encoder, prompts + negative)
+        for note in unknown:
+            warnings.warn(note, UnknownWordsWarning, stacklevel=3)
+        for note in cut:
+            warnings.warn(note, stacklevel=3)
         for name in ("image", "last_image"):
             if getattr(req, name) is not None:
                 image = _media().read_image_any(getattr(req, name))
                 media[name] = _media().fit_image(image, req.width, req.height)
-        return req, media
+        return req, media, unknown + cut
 
     def check_image_inputs(self, req: Request) -> None:
         """Raise ValueError when the request's images do not fit this checkpoint."""

@@ -479,6 +479,15 @@ class BroadcastTextEncoder:
         tokens, mask = box[0]
         return tokens.to(self.device), mask.to(self.device)
 
+    @property
+    def max_length(self) -> int | None:
+        return getattr(self.encoder, "max_length", None)
+
+    def cut_prompts(self, prompts: list[str]) -> list[str | None]:
+        """Rank 0's encoder's answer (see kinema.models.text); the other ranks stay quiet."""
+        cut = getattr(self.encoder, "cut_prompts", None)
+        return cut(prompts) if cut is not None else [None] * len(prompts)
+
     def _comm_device(self) -> torch.device | None:
         return self.device if self.device.type == "cuda" else None
 

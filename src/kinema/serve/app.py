@@ -541,7 +541,7 @@ class Service:
     def submit(self, draft: Draft) -> Job:
         """Validate with the pipeline (which reads the inputs), then queue (429 when full)."""
         try:
-            resolved, inputs, said = self.pipe.prepare_noting(self.request_of(draft))
+            resolved, inputs, said = self.pipe.prepare(self.request_of(draft))
         except ValueError as err:  # messages name input files by their field, not their path
             message = str(err).replace(f"{self.job_dir(draft.folder)}{os.sep}", "")
             raise bad(param_of(message), message) from err
