@@ -8,6 +8,7 @@ on a trained model is judged by ``kinema eval`` and the benchmarks.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -210,3 +211,15 @@ def test_step_cache_through_the_pipeline(pipe):
     assert np.array_equal(plain.frames, tight.frames)
     assert plain.info["transformer_evaluations"] == 8
     assert loose.info["transformer_evaluations"] < 8 and loose.info["cache"] == 10.0
+
+
+def test_a_far_smaller_image_is_warned_about_and_noted(pipe):
+    small = np.full((8, 12, 3), 200, np.uint8)  # under half of 32x32 in both sides
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        video = pipe.generate("a cat", frames=5, image=small, **BASE)
+    (said,) = video.info["warnings"]
+    assert said == "input 12x8 is far smaller than the request 32x32; upscaling it"
+    assert [str(w.message) for w in shown] == [said]  # and nothing else (e.g. from torch)
+    fits = pipe.generate("a cat", frames=5, image=np.full((20, 20, 3), 200, np.uint8), **BASE)
+    assert fits.info["warnings"] == []

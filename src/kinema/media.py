@@ -9,12 +9,12 @@ an extension keeps the source frames exactly as they are, so its size is the sou
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kinema import notes
 from kinema.io.video import probe, read_image, read_video, resize_center_crop
 
 
@@ -42,7 +42,7 @@ def fit_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """Scale to cover (width, height) and centre-crop; warn when upscaling more than 2x."""
     h, w = image.shape[-3:-1]
     if w * 2 < width or h * 2 < height:
-        warnings.warn(
+        notes.warn(
             f"input {w}x{h} is far smaller than the request {width}x{height}; upscaling it",
             stacklevel=3,
         )

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import platform
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor
 
 import kinema
-from kinema import timeline
+from kinema import notes, timeline
 from kinema.conditioning import FrameCondition, condition_frames
 from kinema.configs import SamplingDefaults
 from kinema.i2v import ImageCondition, build_condition, image_conditioned
@@ -331,7 +330,13 @@ class Pipeline:
     def prepare(self, request: Request) -> tuple[Request, dict[str, np.ndarray], list[str]]:
         """Read and fit media, resolve defaults, validate; returns the request, media and the
         warnings about it (also given as Python warnings: words the model never read
-        (:class:`UnknownWordsWarning`), a prompt longer than its text encoder reads)."""
+        (:class:`UnknownWordsWarning`), a prompt longer than its text encoder reads, an image
+        or video far smaller than the request)."""
+        with notes.collecting() as said:
+            req, media = self._prepare(request)
+        return req, media, said
+
+    def _prepare(self, request: Request) -> tuple[Request, dict[str, np.ndarray]]:
         req, media = request, {}
         if req.strength is not None and not 0 < req.strength <= 1:
             raise ValueError(f"strength {req.strength} must be in (0, 1]")
@@ -354,17 +359,15 @@ class Pipeline:
         self.check_image_inputs(req)
         prompts = [req.prompt, *(p for _, p in req.prompts)]
         negative = [req.negative_prompt] if req.guidance > 1 else []
-        unknown = unknown_words_note(prompts, self.vocabulary, self.name)
-        cut = cut_prompts_notes(self.text_encoder, prompts + negative)
-        for note in unknown:
-            warnings.warn(note, UnknownWordsWarning, stacklevel=3)
-        for note in cut:
-            warnings.warn(note, stacklevel=3)
+        for note in unknown_words_note(prompts, self.vocabulary, self.name):
+            notes.warn(note, UnknownWordsWarning, stacklevel=4)
+        for note in cut_prompts_notes(self.text_encoder, prompts + negative):
+            notes.warn(note, stacklevel=4)
         for name in ("image", "last_image"):
             if getattr(req, name) is not None:
                 image = _media().read_image_any(getattr(req, name))
                 media[name] = _media().fit_image(image, req.width, req.height)
-        return req, media, unknown + cut
+        return req, media
 
     def check_image_inputs(self, req: Request) -> None:
         """Raise ValueError when the request's images do not fit this checkpoint."""
@@ -597,7 +600,8 @@ class Pipeline:
     def encode(self, frames: np.ndarray) -> Tensor:
         """Frames (T, H, W, 3) uint8 -> normalised latents (1, C, F, h, w) on the DiT's device."""
         vae_dtype = next(self.vae.parameters()).dtype
-        video = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
+        frames = np.require(frames, requirements=["C_CONTIGUOUS", "WRITEABLE"])  # copy if not
+        video = torch.from_numpy(frames).to(self.device)
         video = video.permute(3, 0, 1, 2)[None].to(vae_dtype) / 127.5 - 1  # (1, 3, T, H, W)
         with torch.inference_mode(), self.placement.part(self.vae):
             return self.vae.normalize(self.vae.encode(video)).float()

@@ -98,7 +98,8 @@ class VideoObject(BaseModel):
     warnings: list[str] = Field(
         default_factory=list,
         description="kinema's addition: what the model warned about the request when it was "
-        "queued (words it never read in training, a prompt longer than it reads)",
+        "queued (words it never read in training, a prompt longer than it reads, an image "
+        "far smaller than the size)",
     )
 
 
