@@ -99,25 +99,30 @@ class UnknownWordsWarning(UserWarning):
     """A prompt uses words its model never read in training (models that record them)."""
 
 
-def unknown_words_note(
-    prompts: list[str], vocabulary: frozenset[str] | None, name: str
-) -> list[str]:
-    """The warning (none or one) about the prompt words outside ``vocabulary`` (None: any)."""
+def warn_unknown_words(prompts: list[str], vocabulary: frozenset[str] | None, name: str) -> None:
+    """Warn once per request about the prompt words outside ``vocabulary`` (None: any word)."""
     from kinema.data.synthetic import words_of
 
     unknown = sorted({w for p in prompts for w in words_of(p)} - (vocabulary or set()))
-    if not (vocabulary and unknown):
-        return []
-    return [f"{name} never read {', '.join(map(repr, unknown))} in training; it follows only "
-            f"the words of its training captions (`kinema info` lists them)"]  # fmt: skip
+    if vocabulary and unknown:
+        notes.warn(
+            f"{name} never read {', '.join(map(repr, unknown))} in training; it follows only "
+            f"the words of its training captions (`kinema info` lists them)",
+            UnknownWordsWarning,
+            stacklevel=4,
+        )
 
 
-def cut_prompts_notes(encoder: Any, prompts: list[str]) -> list[str]:
+def warn_cut_prompts(encoder: Any, prompts: list[str]) -> None:
     """A warning for each prompt longer than the text encoder reads, quoting what it reads."""
     cut = getattr(encoder, "cut_prompts", None)  # optional (kinema.models.text.TextEncoder)
-    kept = [k for k in (cut(prompts) if cut else []) if k is not None]
-    return [f"a prompt is longer than the {encoder.max_length} tokens this model reads; it "
-            f"reads only {k!r}" for k in kept]  # fmt: skip
+    for kept in cut(prompts) if cut else []:
+        if kept is not None:
+            notes.warn(
+                f"a prompt is longer than the {encoder.max_length} tokens this model reads; "
+                f"it reads only {kept!r}",
+                stacklevel=4,
+            )
 
 
 def _describe(value: Any) -> Any:
@@ -359,10 +364,8 @@ class Pipeline:
         self.check_image_inputs(req)
         prompts = [req.prompt, *(p for _, p in req.prompts)]
         negative = [req.negative_prompt] if req.guidance > 1 else []
-        for note in unknown_words_note(prompts, self.vocabulary, self.name):
-            notes.warn(note, UnknownWordsWarning, stacklevel=4)
-        for note in cut_prompts_notes(self.text_encoder, prompts + negative):
-            notes.warn(note, stacklevel=4)
+        warn_unknown_words(prompts, self.vocabulary, self.name)
+        warn_cut_prompts(self.text_encoder, prompts + negative)
         for name in ("image", "last_image"):
             if getattr(req, name) is not None:
                 image = _media().read_image_any(getattr(req, name))
