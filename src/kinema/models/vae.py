@@ -151,9 +151,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, ...) -> same shape."""
-        low_precision = x.element_size() < 4
-        normed = F.normalize(x.float() if low_precision else x, dim=1).to(x.dtype)
-        return normed * self.scale * self.gamma
+        y = x.float() if x.element_size() < 4 else x
+        # x / max(||x||, 1e-12) as F.normalize, but one fused pass over a channel-strided
+        # tensor is several times faster on CPU than F.normalize's vector norm over dim 1
+        inv = y.square().sum(1, keepdim=True).clamp_min_(1e-24).rsqrt_()  # (B, 1, ...)
+        return (y * inv).to(x.dtype) * self.scale * self.gamma
 
 
 class Upsample2x(nn.Module):
