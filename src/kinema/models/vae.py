@@ -67,7 +67,18 @@ class CausalConv3d(nn.Conv3d):
         x = F.pad(x, (*self.spatial_pad, missing, 0))
         if x.shape[2] == self.kernel_size[0] and self.stride[0] == 1:
             return self._one_frame(x)
+        if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled():
+            return self._onednn(x)
         return super().forward(x)
+
+    def _onednn(self, x: Tensor) -> Tensor:
+        """oneDNN's 3D conv, called directly: for these shapes this CPU build's ``F.conv3d``
+        takes its im2col kernel, 2-5x slower (same values up to float rounding; inference only,
+        as the call has no autograd here). (B, C, T, H, W) -> (B, C', T', H', W')."""
+        return torch.ops.aten.mkldnn_convolution(
+            x.contiguous(), self.weight, self.bias, [0, 0, 0], list(self.stride),
+            list(self.dilation), self.groups,
+        )  # fmt: skip
 
     def _one_frame(self, x: Tensor) -> Tensor:
         """The conv when it makes one output frame: a 2D conv over the kernel's frames stacked
