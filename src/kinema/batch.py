@@ -291,14 +291,13 @@ def run_ray(items: list[Item], out: Path, opts: BatchOptions, tick: OnResult) ->
             try:
                 video = ray.get(ref)
             except RayActorError as err:  # the actor died (or is still restarting)
-                if item is None:
+                if item is None:  # a probe: still down; ask again unless it is gone for good
                     probes[actor] = probes.get(actor, 0) + 1
                     time.sleep(0.2)
-                gone = item is None and isinstance(err, ActorDiedError)  # will not restart
-                if not gone and probes.get(actor, 0) < MAX_PROBES:
-                    running[actor.ready.remote()] = (actor, None)
-                if item is None:
+                    if not isinstance(err, ActorDiedError) and probes[actor] < MAX_PROBES:
+                        running[actor.ready.remote()] = (actor, None)
                     continue
+                running[actor.ready.remote()] = (actor, None)  # work again once it answers
                 deaths[item.id] = deaths.get(item.id, 0) + 1
                 if deaths[item.id] < MAX_WORKER_DEATHS:
                     record(out, item.id, "requeued", error=f"worker died: {error_text(err)}")
