@@ -38,6 +38,9 @@ LEAN_CACHE = {torch.float32: torch.float16}
 # ---------------------------------------------------------------------------------------------
 
 
+ONEDNN = torch.backends.mkldnn.is_available()  # CPU builds without oneDNN keep F.conv3d
+
+
 class CausalConv3d(nn.Conv3d):
     """Conv3d padded on the past side only in time: with zeros, or with cached past frames.
 
@@ -67,7 +70,12 @@ class CausalConv3d(nn.Conv3d):
         x = F.pad(x, (*self.spatial_pad, missing, 0))
         if x.shape[2] == self.kernel_size[0] and self.stride[0] == 1:
             return self._one_frame(x)
-        if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled():
+        if (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and ONEDNN
+            and not torch.is_grad_enabled()
+        ):
             return self._onednn(x)
         return super().forward(x)
 
