@@ -32,7 +32,7 @@ test: $(STAMP) chromium
 
 # Wheels for benchmarks/gpu.sh on a lent GPU machine (Python 3.12 there): the reference
 # diffusers and its one missing need, at the versions the tests here use.
-GPU_WHEELS := diffusers importlib_metadata ftfy wcwidth
+GPU_WHEELS := diffusers importlib_metadata lazy-importer ftfy wcwidth
 gpu-wheels: $(STAMP)
 	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \

@@ -72,3 +72,17 @@ def test_bad_configs_and_parts_are_refused():
     with pytest.raises(ValueError, match="seed"):
         bench.settings_from_args(parser.parse_args(["--seed", "-1"]))
     assert bench.settings_from_args(parser.parse_args(["--seed", "3"])).seed == 3
+    with pytest.raises(ValueError, match="steps"):
+        bench.settings_from_args(parser.parse_args(["--steps", "0"]))
+    assert bench.settings_from_args(parser.parse_args(["--steps", "4"])).steps == 4
+
+
+def test_steps_override_reaches_end_to_end_and_vae_decode_runs_once(monkeypatch):
+    monkeypatch.setitem(bench.SHAPES, "tiny", TINY)
+    st = bench.Settings(repeats=1, steps=1)
+    out = bench.run(["tiny"], st, ("end_to_end", "vae_decode"))
+    e2e, vae = out["end_to_end"][0], out["vae_decode"][0]
+    assert e2e["steps"] == 1 and TINY.steps == 2  # the shape itself is left as it was
+    assert e2e["video_max_uint8_diff"] <= 1  # same weights, same seed: same video
+    assert [v["n"] for v in vae["times"].values()] == [1, 1, 1]
+    assert vae["max_abs_diff"] < 1e-4

@@ -143,8 +143,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """Measured FLOP/s of an n x n x n matmul (median of ``repeats``) on this device/dtype."""
+def matmul_peak(
+    device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 5
+) -> float:
+    """Measured FLOP/s of an n x n x n matmul (median of ``repeats``) on this device/dtype;
+    ``n`` defaults to 8192 on a GPU (long enough to hide the launch) and 2048 on a CPU."""
+    n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     times = timed(lambda: a @ b, repeats, device)
@@ -341,6 +345,7 @@ class Settings:
     repeats: int = 5
     compile: bool = False  # also time kinema with compile_blocks()
     seed: int = 0  # noise seed of the step-cache sweep (kinema calibrates on seed + 1)
+    steps: int | None = None  # denoising steps of end_to_end / step_cache (None: the shape's)
 
 
 def bench_forward(s: BenchShape, st: Settings) -> dict[str, Any]:
@@ -425,10 +430,12 @@ def twin_pipelines(s: BenchShape, st: Settings) -> tuple:
 
 
 class StepClock:
-    """Timestamps of sampler steps (kinema progress / diffusers step-end callbacks)."""
+    """Timestamps of sampler steps (kinema progress / diffusers step-end callbacks), from the
+    clock's creation on (so the first step's interval also holds the run's set-up, which the
+    median over many steps leaves out)."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.stamps = device, []
+        self.device, self.stamps = device, [time.perf_counter()]
 
     def tick(self, *args: Any) -> Any:
         synchronize(self.device)
@@ -520,7 +527,7 @@ def bench_vae_decode(s: BenchShape, st: Settings, tile: Any = "auto") -> dict[st
             "kinema_plain": lambda: ours.decode(z, split_time=False),
             "diffusers": lambda: theirs.decode(z, return_dict=False)[0].clamp(-1, 1),
         }
-        times = alternate(fns, max(2, st.repeats // 2), st.device)
+        times = alternate(fns, max(1, st.repeats // 2), st.device)
         outs = {k: peak_memory(fn, st.device) for k, fn in fns.items()}
     default, plain, ref = (outs[k][0] for k in ("kinema", "kinema_plain", "diffusers"))
     return {
@@ -789,9 +796,10 @@ def run(shapes: list[str], st: Settings, parts: tuple[str, ...]) -> dict[str, An
     for n in shapes:
         if SHAPES[n].gpu_only and st.device.type != "cuda":
             raise ValueError(f"config {n!r} needs a CUDA device (got {st.device})")
+    chosen = [replace(SHAPES[n], steps=st.steps or SHAPES[n].steps) for n in shapes]
     out: dict[str, Any] = {"machine": machine(st.device), "dtype": str(st.dtype)[6:]}
     for part in parts:
-        out[part] = [benches[part](SHAPES[n], st) for n in shapes]
+        out[part] = [benches[part](s, st) for s in chosen]
     return out
 
 
@@ -823,6 +831,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--compile", action="store_true", help="also time compile_blocks()")
     p.add_argument("--seed", type=int, default=0,
                    help="noise seed of the step_cache sweep (calibration: seed + 1)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps of end_to_end and step_cache (default: the config's)")  # fmt: skip
     p.add_argument("--out", default="benchmarks/results", help="folder for JSON + markdown")
     p.add_argument("--name", default=None, help="file stem (default: <device>-<dtype>)")
 
@@ -837,11 +847,13 @@ def settings_from_args(args: Any) -> Settings:
         raise ValueError(f"--repeats {args.repeats} must be >= 1")
     if args.seed < 0:
         raise ValueError(f"--seed {args.seed} must be >= 0")
+    steps = getattr(args, "steps", None)
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps {steps} must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    return Settings(
-        device=device, dtype=dtype, repeats=args.repeats, compile=args.compile, seed=args.seed
-    )
+    return Settings(device=device, dtype=dtype, repeats=args.repeats, compile=args.compile,
+                    seed=args.seed, steps=steps)  # fmt: skip
 
 
 def run_cli(args: Any) -> int:

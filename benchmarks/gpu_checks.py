@@ -1,0 +1,285 @@
+"""GPU checks that the test suite (CPU only) cannot make: offload policies with CUDA streams,
+bf16 autocast with gradient checkpointing, and the built-in model on a GPU in its default dtype.
+
+    python benchmarks/gpu_checks.py record            # here, on the CPU: .gpucheck/builtin.pt
+    python benchmarks/gpu_checks.py run --out DIR     # there, on the GPU (benchmarks/gpu.sh)
+
+``record`` keeps what the GPU machine cannot make itself (it has no MiniLM package): the built-in
+text encoder's tokens for two prompts and the CPU fp32 clips from fixed seeds. ``run`` writes
+``gpu-checks.json`` and ``gpu-checks.md``:
+
+* offload: the Wan 2.1 1.3B DiT shape (random weights, bf16) at 480x832x17, 4 steps, under the
+  policies none / model / block: peak ``max_memory_allocated``, wall time, and the videos
+  compared (offload moves weights, it must not change a pixel);
+* training: a small-Wan-shaped DiT's flow-matching loss under bf16 autocast, with and without
+  gradient checkpointing: gradients compared, peak memory, and 30 AdamW steps that must lower
+  the loss;
+* built-in: kinema-tiny on the GPU in bf16 (what ``kinema generate --device cuda`` uses) and
+  fp32, against the CPU fp32 clips: PSNR, and what the eval's judge sees in each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kinema import bench
+from kinema.configs import WAN21_T2V_1_3B, WAN21_VAE
+
+RECORD = Path(".gpucheck/builtin.pt")
+PROMPTS = ("a red circle moving right on a navy background", "a yellow square moving up", "")
+SEEDS = (0, 1)
+
+
+def reset_peak(device: torch.device) -> int:
+    """Start a peak-memory window on ``device``; returns the memory allocated now (0 on a CPU,
+    where these checks only make sure the code runs)."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def peak(device: torch.device) -> int:
+    """The most memory allocated on ``device`` since :func:`reset_peak` (0 on a CPU)."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+class RecordedText:
+    """A text encoder that hands out recorded (tokens, mask) rows per prompt."""
+
+    def __init__(self, rows: dict[str, tuple[Tensor, Tensor]], device: torch.device,
+                 dtype: torch.dtype) -> None:  # fmt: skip
+        self.rows = {p: (t.to(device, dtype), m.to(device)) for p, (t, m) in rows.items()}
+        first = next(iter(self.rows.values()))[0]
+        self.dim, self.max_length = first.shape[-1], first.shape[-2]
+
+    def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        tokens, masks = zip(*(self.rows[p] for p in prompts), strict=True)
+        return torch.stack(tokens), torch.stack(masks)  # (B, L, D), (B, L)
+
+
+def record() -> None:
+    """The built-in model on this CPU (fp32): text tokens and clips for :func:`builtin_check`."""
+    import kinema
+    from kinema.pipeline import Request
+
+    pipe = kinema.load(device="cpu", dtype="fp32")
+    tokens, masks = pipe.text_encoder.encode(list(PROMPTS))
+    rows = {p: (tokens[i], masks[i]) for i, p in enumerate(PROMPTS)}
+    clips = {f"{p}|{s}": pipe.run(Request(prompt=p, seed=s)).frames for p in PROMPTS[:2]
+             for s in SEEDS}  # fmt: skip
+    RECORD.parent.mkdir(exist_ok=True)
+    torch.save({"rows": rows, "clips": {k: torch.from_numpy(v) for k, v in clips.items()}}, RECORD)
+    print(f"wrote {RECORD} ({RECORD.stat().st_size / 2**20:.1f} MiB)")
+
+
+def judged(frames: np.ndarray) -> list[str]:
+    from kinema.eval.judge import judge_clip
+
+    return [f"{o.colour} {o.shape} {o.motion}" for o in judge_clip(frames).objects]
+
+
+def builtin_check(device: torch.device, smoke: bool = False) -> dict[str, Any]:
+    """kinema-tiny on ``device`` in bf16 and fp32 against the recorded CPU fp32 clips."""
+    from kinema.configs import SamplingDefaults, from_dict
+    from kinema.io.checkpoint import load_dit, load_vae
+    from kinema.loading import ASSETS, BUILTIN, _vae_dtype
+    from kinema.pipeline import Pipeline, Request
+
+    rec = torch.load(RECORD, weights_only=False)
+    folder = ASSETS / BUILTIN
+    meta = json.loads((folder / "kinema.json").read_text())
+    out: dict[str, Any] = {}
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    clips = list(rec["clips"].items())
+    if smoke:  # bf16 is very slow on a CPU
+        dtypes, clips = {"fp32": torch.float32}, clips[:1]
+    for name, dt in dtypes.items():
+        pipe = Pipeline(load_dit(folder / "transformer", device, dt),
+                        load_vae(folder / "vae", device, _vae_dtype(dt)),
+                        RecordedText(rec["rows"], device, dt), name=BUILTIN,
+                        defaults=from_dict(SamplingDefaults, meta["sampling"]))  # fmt: skip
+        rows = []
+        for key, cpu in clips:
+            prompt, seed = key.rsplit("|", 1)
+            start = time.perf_counter()
+            frames = pipe.run(Request(prompt=prompt, seed=int(seed))).frames
+            seconds = time.perf_counter() - start
+            cpu = cpu.numpy()
+            rows.append({"prompt": prompt, "seed": int(seed), "seconds": seconds,
+                         "psnr_vs_cpu_fp32_db": bench.psnr(frames, cpu, 255.0),
+                         "judge_gpu": judged(frames), "judge_cpu": judged(cpu)})  # fmt: skip
+        out[name] = rows
+    return out
+
+
+def offload_check(device: torch.device, smoke: bool = False) -> dict[str, Any]:
+    """One clip of the Wan 2.1 1.3B DiT shape (random bf16 weights) at 832x480x17, 4 steps,
+    under each policy (``smoke``: small-Wan shapes at 64x64x5, 2 steps)."""
+    from kinema.configs import SamplingDefaults
+    from kinema.models.dit import VideoDiT
+    from kinema.models.vae import CausalVAE
+    from kinema.offload import Placement
+    from kinema.pipeline import Pipeline, Request
+
+    small = bench.SHAPES["small-wan"]
+    dit_cfg, vae_cfg = (small.dit, small.vae) if smoke else (WAN21_T2V_1_3B, WAN21_VAE)
+    width, height, frames, steps = (64, 64, 5, 2) if smoke else (832, 480, 17, 4)
+    torch.manual_seed(0)
+    dit = VideoDiT(dit_cfg).eval().to(torch.bfloat16).fuse_projections()
+    vae = CausalVAE(vae_cfg).eval()
+    gen = torch.Generator().manual_seed(1)
+    ones = torch.ones(512, dtype=torch.bool)
+    rows = {p: (torch.randn(512, dit_cfg.text_dim, generator=gen), ones) for p in ("bench", "")}
+    defaults = SamplingDefaults(width=width, height=height, frames=frames, steps=steps,
+                                guidance=5.0, shift=3.0, sampler="unipc")  # fmt: skip
+    results, videos = {}, {}
+    for policy in ("none", "model", "block"):
+        home = device if policy == "none" else torch.device("cpu")
+        dit.to(home), vae.to(home)
+        text = RecordedText(rows, device, torch.bfloat16)
+        pipe = Pipeline(dit, vae, text, name="wan-1.3b-shape", defaults=defaults,
+                        placement=Placement(policy, device))  # fmt: skip
+        reset_peak(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            videos[policy] = pipe.run(Request(prompt="bench", seed=0)).frames
+        results[policy] = {"peak_bytes": peak(device), "seconds": time.perf_counter() - start}
+        dit.to("cpu"), vae.to("cpu")
+    for policy in ("model", "block"):
+        diff = np.abs(videos[policy].astype(int) - videos["none"].astype(int)).max()
+        results[policy]["max_uint8_diff_vs_none"] = int(diff)
+    return {"shape": f"{width}x{height}x{frames}, {steps} steps", **results}
+
+
+def training_check(device: torch.device, smoke: bool = False) -> dict[str, Any]:
+    """bf16 autocast, with and without gradient checkpointing, as ``kinema train`` runs them:
+    gradients compared, peak memory, then 30 AdamW steps on one batch (``smoke``: 3)."""
+    from kinema.models.dit import VideoDiT
+    from kinema.train.config import OptimFields
+    from kinema.train.loop import autocast
+    from kinema.train.loss import flow_matching_loss
+
+    cfg = bench.SHAPES["small-wan"].dit
+    optim = OptimFields(precision="bf16")
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, cfg.in_channels, 5, 32, 32, generator=g).to(device)
+    noise = torch.randn(x0.shape, generator=g).to(device)
+    sigmas = torch.tensor([0.3, 0.8], device=device)
+    context = torch.randn(2, 64, cfg.text_dim, generator=g).to(device)
+
+    def grads(checkpointing: bool) -> tuple[list[Tensor], float, int]:
+        torch.manual_seed(0)
+        model = VideoDiT(cfg).to(device)
+        model.gradient_checkpointing = checkpointing
+        base = reset_peak(device)
+        with autocast(optim, device):
+            loss = flow_matching_loss(model, x0, noise, sigmas, context)
+        loss.backward()
+        got = [p.grad.float() for p in model.parameters()]
+        return got, float(loss.detach()), peak(device) - base
+
+    plain, loss_a, peak_a = grads(False)
+    ckpt, loss_b, peak_b = grads(True)
+    flat_a, flat_b = torch.cat([g.flatten() for g in plain]), torch.cat([g.flatten() for g in ckpt])
+    rel = float((flat_a - flat_b).norm() / flat_a.norm())
+    torch.manual_seed(0)
+    model = VideoDiT(cfg).to(device)
+    model.gradient_checkpointing = True
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(3 if smoke else 30):
+        with autocast(optim, device):
+            loss = flow_matching_loss(model, x0, noise, sigmas, context)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return {"loss_plain": loss_a, "loss_checkpointed": loss_b, "grad_rel_diff": rel,
+            "peak_bytes_plain": peak_a, "peak_bytes_checkpointed": peak_b,
+            "losses_first_last": [losses[0], statistics.mean(losses[-5:])]}  # fmt: skip
+
+
+def markdown(r: dict[str, Any]) -> str:
+    gib = lambda n: f"{n / 2**30:.2f} GiB"
+    lines = [f"GPU checks on {r['machine'].get('gpu', r['machine']['cpu'])}, torch "
+             f"{r['machine']['torch']}.", ""]  # fmt: skip
+    if "offload" in r:
+        o = r["offload"]
+        lines += [f"### Offload policies (Wan 2.1 1.3B DiT, random bf16 weights, {o['shape']})",
+                  "", "| policy | peak GPU memory | time | max pixel diff vs none |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for p in ("none", "model", "block"):
+            lines.append(f"| {p} | {gib(o[p]['peak_bytes'])} | {o[p]['seconds']:.1f} s | "
+                         f"{o[p].get('max_uint8_diff_vs_none', '-')} |")  # fmt: skip
+        lines.append("")
+    if "training" in r:
+        t = r["training"]
+        lines += ["### bf16 autocast training step (small-Wan DiT shape)", "",
+                  f"- gradient checkpointing: peak {gib(t['peak_bytes_checkpointed'])} vs "
+                  f"{gib(t['peak_bytes_plain'])} without; gradients differ by "
+                  f"{t['grad_rel_diff']:.1e} (relative L2)",
+                  f"- 30 AdamW steps on one batch: loss {t['losses_first_last'][0]:.3f} -> "
+                  f"{t['losses_first_last'][1]:.3f}", ""]  # fmt: skip
+    if "builtin" in r:
+        lines += ["### kinema-tiny on the GPU vs the CPU (fp32)", "",
+                  "| dtype | prompt | seed | PSNR vs CPU | judge (GPU) | judge (CPU) | time |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for dt, rows in r["builtin"].items():
+            for x in rows:
+                lines.append(f"| {dt} | {x['prompt']} | {x['seed']} | "
+                             f"{x['psnr_vs_cpu_fp32_db']:.1f} dB | {'; '.join(x['judge_gpu'])} | "
+                             f"{'; '.join(x['judge_cpu'])} | {x['seconds']:.2f} s |")  # fmt: skip
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def run(out: Path, checks: list[str], device: torch.device, smoke: bool) -> int:
+    results: dict[str, Any] = {"machine": bench.machine(device)}
+    funcs = {"training": training_check, "builtin": builtin_check, "offload": offload_check}
+    for name in checks:
+        start = time.perf_counter()
+        try:
+            results[name] = funcs[name](device, smoke)
+        except Exception as err:  # one broken check must not hide the others' numbers
+            results[f"{name}_error"] = repr(err)
+            print(f"{name}: {err!r}", file=sys.stderr)
+        print(f"{name}: {time.perf_counter() - start:.1f} s", flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu-checks.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        (out / "gpu-checks.md").write_text(markdown(results))
+    print(markdown(results))
+    return 1 if any(k.endswith("_error") for k in results) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=("record", "run"))
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--checks", default="training,builtin,offload")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--smoke", action="store_true", help="small shapes: that it runs, on a CPU")
+    args = p.parse_args(argv)
+    if args.what == "record":
+        record()
+        return 0
+    return run(Path(args.out), args.checks.split(","), torch.device(args.device), args.smoke)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
