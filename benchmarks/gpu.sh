@@ -24,9 +24,11 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, diffusers; print(torch.__version__, diffusers.__version__)" || exit 1
 
+stages=" ${STAGES:-forward sdpa e2e vae checks small compile} "  # STAGES="vae small": a rerun
 stage() {  # stage SECONDS NAME COMMAND...: run, report, pack what there is
   local limit=$1 name=$2 start=$SECONDS
   shift 2
+  [[ $stages == *" $name "* ]] || return 0
   echo "=== $name (limit ${limit}s)"
   timeout "$limit" "$@"
   echo "=== $name: rc $? in $((SECONDS - start)) s"
@@ -37,6 +39,9 @@ harness=(python3 benchmarks/harness.py --out "$work")  # timeout runs programs, 
 # 1. Wan 2.1 1.3B at 480x832x81, bf16: DiT forward (CFG batch of 2) and MFU
 stage 150 forward "${harness[@]}" --configs wan2.1-1.3b --device cuda --dtype bf16 --repeats 3 \
   --parts forward --name gpu-bf16-wan1.3b-forward
+# ... and with each of torch's attention kernels forced, in both libraries
+stage 150 sdpa "${harness[@]}" --configs wan2.1-1.3b --device cuda --dtype bf16 --repeats 3 \
+  --parts forward --sdpa cudnn,flash,efficient --name gpu-bf16-wan1.3b-sdpa
 # 2. the same shape: time per denoising step (10 of the 50 steps) and peak memory; VAE decode
 stage 120 e2e "${harness[@]}" --configs wan2.1-1.3b --device cuda --dtype bf16 --repeats 1 \
   --steps 10 --parts end_to_end --name gpu-bf16-wan1.3b-e2e

@@ -262,7 +262,7 @@ def ratio(ours: list[float], theirs: list[float]) -> float:
 
 def psnr(a: Tensor | np.ndarray, b: Tensor | np.ndarray, peak: float) -> float:
     """Peak signal-to-noise ratio in dB of ``a`` against ``b`` (inf when equal)."""
-    a, b = torch.as_tensor(np.asarray(a)).double(), torch.as_tensor(np.asarray(b)).double()
+    a, b = (torch.as_tensor(x).detach().cpu().double() for x in (a, b))
     mse = float(((a - b) ** 2).mean())
     return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
 
@@ -346,6 +346,7 @@ class Settings:
     compile: bool = False  # also time kinema with compile_blocks()
     seed: int = 0  # noise seed of the step-cache sweep (kinema calibrates on seed + 1)
     steps: int | None = None  # denoising steps of end_to_end / step_cache (None: the shape's)
+    sdpa: tuple[str, ...] = ()  # forward: also time both libraries with these SDPA backends
 
 
 def bench_forward(s: BenchShape, st: Settings) -> dict[str, Any]:
@@ -359,10 +360,33 @@ def bench_forward(s: BenchShape, st: Settings) -> dict[str, Any]:
         if st.compile:
             compiled = _compiled_twin(s, st)
             fns["kinema_compiled"] = lambda: compiled(x, t, ctx)
+        for name in st.sdpa:
+            for lib in ("kinema", "diffusers"):
+                fns[f"{lib}_sdpa_{name}"] = _with_sdpa(fns[lib], name)
         times = alternate(fns, st.repeats, st.device)
         (a, mem_a), (b, mem_b) = (peak_memory(fns[k], st.device) for k in ("kinema", "diffusers"))
+        variants = {k: _diff(fn(), b)["max_abs_diff"] for k, fn in fns.items() if "_sdpa_" in k}
     flops = dit_flops(s.dit, tokens_of(s), s.context_len, batch=2)
-    return _forward_report(s, st, times, flops, (mem_a, mem_b), _diff(a, b))
+    report = _forward_report(s, st, times, flops, (mem_a, mem_b), _diff(a, b))
+    return report | ({"max_abs_diff_vs_diffusers": variants} if variants else {})
+
+
+SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")
+
+
+def _with_sdpa(fn: Callable[[], Any], name: str) -> Callable[[], Any]:
+    """``fn`` run with torch's SDPA restricted to one backend (cudnn, flash, efficient, math)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
+    backend = backends[name]
+
+    def run() -> Any:
+        with sdpa_kernel(backend):
+            return fn()
+
+    return run
 
 
 def _compiled_twin(s: BenchShape, st: Settings) -> Any:
@@ -833,6 +857,9 @@ def add_arguments(p: Any) -> None:
                    help="noise seed of the step_cache sweep (calibration: seed + 1)")  # fmt: skip
     p.add_argument("--steps", type=int, default=None,
                    help="steps of end_to_end and step_cache (default: the config's)")  # fmt: skip
+    p.add_argument("--sdpa", default="",
+                   help=f"forward: also time both libraries with these SDPA backends, "
+                        f"comma-separated from {', '.join(SDPA_BACKENDS)}")  # fmt: skip
     p.add_argument("--out", default="benchmarks/results", help="folder for JSON + markdown")
     p.add_argument("--name", default=None, help="file stem (default: <device>-<dtype>)")
 
@@ -847,13 +874,16 @@ def settings_from_args(args: Any) -> Settings:
         raise ValueError(f"--repeats {args.repeats} must be >= 1")
     if args.seed < 0:
         raise ValueError(f"--seed {args.seed} must be >= 0")
+    sdpa = tuple(n for n in getattr(args, "sdpa", "").split(",") if n)
+    if any(n not in SDPA_BACKENDS for n in sdpa):
+        raise ValueError(f"--sdpa {args.sdpa!r}; valid: {', '.join(SDPA_BACKENDS)}")
     steps = getattr(args, "steps", None)
     if steps is not None and steps < 1:
         raise ValueError(f"--steps {steps} must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     return Settings(device=device, dtype=dtype, repeats=args.repeats, compile=args.compile,
-                    seed=args.seed, steps=steps)  # fmt: skip
+                    seed=args.seed, steps=steps, sdpa=sdpa)  # fmt: skip
 
 
 def run_cli(args: Any) -> int:
