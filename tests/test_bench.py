@@ -75,19 +75,28 @@ def test_bad_configs_and_parts_are_refused():
     with pytest.raises(ValueError, match="steps"):
         bench.settings_from_args(parser.parse_args(["--steps", "0"]))
     assert bench.settings_from_args(parser.parse_args(["--steps", "4"])).steps == 4
+    for bad in ("0", "two"):
+        with pytest.raises(ValueError, match="decode-pieces"):
+            bench.settings_from_args(parser.parse_args(["--decode-pieces", bad]))
+    args = parser.parse_args(["--decode-pieces", "2,4"])
+    assert bench.settings_from_args(args).decode_pieces == (2, 4)
 
 
 def test_steps_override_reaches_end_to_end_and_vae_decode_runs_once(monkeypatch):
     """--steps reaches the sampler; on a CPU the decode peaks come from processes of their own."""
     monkeypatch.setitem(bench.SHAPES, "tiny", TINY)
-    st = bench.Settings(repeats=1, steps=1)
+    st = bench.Settings(repeats=1, steps=1, decode_pieces=(2,))
     out = bench.run(["tiny"], st, ("end_to_end", "vae_decode"))
     e2e, vae = out["end_to_end"][0], out["vae_decode"][0]
     assert e2e["steps"] == 1 and TINY.steps == 2  # the shape itself is left as it was
     assert e2e["video_max_uint8_diff"] <= 1  # same weights, same seed: same video
-    assert [v["n"] for v in vae["times"].values()] == [1, 1, 1]
+    assert [v["n"] for v in vae["times"].values()] == [1, 1, 1, 1]
+    piece = vae["pieces"]["kinema_piece2"]  # two frames a pass: the same decode, other kernels
+    assert piece["psnr_vs_untiled_db"] > 60 and piece["ratio_memory"] > 0
+    assert "2 frames a pass" in bench.markdown({"machine": out["machine"], "dtype": "float32",
+                                                "vae_decode": [vae]})  # fmt: skip
     assert vae["max_abs_diff"] < 1e-4
     own, shared = vae["peak_memory_bytes"], vae["peak_memory_bytes_shared_process"]
-    assert own.keys() == {"kinema", "diffusers"} and min(own.values()) > 0  # own processes
-    assert shared.keys() == {"kinema", "kinema_plain", "diffusers"}
+    assert own.keys() == {"kinema", "diffusers", "kinema_piece2"} and min(own.values()) > 0
+    assert shared.keys() == {"kinema", "kinema_plain", "diffusers", "kinema_piece2"}
     assert vae["ratio_memory"] == own["kinema"] / own["diffusers"]

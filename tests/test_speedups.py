@@ -80,7 +80,14 @@ def test_frame_by_frame_decode_equals_whole_chunks():
         head, cache = vae.decode_chunk(z[:, :, :1], piece=None)  # the public chunk API
         tail, _ = vae.decode_chunk(z[:, :, 1:2], cache, piece=None)
         tail2, _ = vae.decode_chunk(z[:, :, 1:2], cache, piece=1)  # cache not consumed
+        passes = []
+        hook = vae.decoder.conv_out.register_forward_hook(lambda m, a, o: passes.append(o.shape[2]))
+        halves = vae.decode(z, piece=2)  # first chunk 1 frame, then 2 passes of 2
+        hook.remove()
+        with pytest.raises(ValueError, match="piece must be >= 1"):
+            vae.decode(z, piece=0)
     assert split.shape == whole.shape == (1, 3, 9, 32, 40)
+    assert (halves - whole).abs().max().item() <= 1e-5 and passes == [1, 2, 2, 2, 2]
     assert (split - whole).abs().max().item() <= 1e-5  # conv2d vs oneDNN conv3d rounding
     assert torch.equal(torch.cat([head, tail], 2), whole[:, :, :5])
     assert (tail2 - tail).abs().max().item() <= 1e-5

@@ -347,6 +347,7 @@ class Settings:
     seed: int = 0  # noise seed of the step-cache sweep (kinema calibrates on seed + 1)
     steps: int | None = None  # denoising steps of end_to_end / step_cache (None: the shape's)
     sdpa: tuple[str, ...] = ()  # forward: also time both libraries with these SDPA backends
+    decode_pieces: tuple[int, ...] = ()  # vae_decode: also frames per full-resolution pass
 
 
 def bench_forward(s: BenchShape, st: Settings) -> dict[str, Any]:
@@ -536,25 +537,33 @@ def _e2e_report(s: BenchShape, pipe: Any, runs: dict[str, list], frames: tuple) 
     }  # fmt: skip
 
 
-def vae_decoders(s: BenchShape, device: torch.device, tile: Any = "auto") -> dict[str, Any]:
+def vae_decoders(
+    s: BenchShape, device: torch.device, tile: Any = "auto", pieces: tuple[int, ...] = ()
+) -> dict[str, Any]:
     """The decodes :func:`bench_vae_decode` compares, as calls on one random latent of ``s``:
-    ``kinema`` (the pipeline's default), ``kinema_plain`` (exact), ``diffusers`` (untiled)."""
+    ``kinema`` (the pipeline's default), ``kinema_plain`` (exact), ``diffusers`` (untiled), and
+    ``kinema_piece<n>``: the default with ``n`` frames per full-resolution pass."""
     from kinema.models.vae import LEAN_CACHE
 
     ours, theirs = twin_vaes(s.vae, device, torch.float32)
     z = torch.randn(latent_shape(s), generator=torch.Generator().manual_seed(2)).to(device)
     lean = LEAN_CACHE.get(torch.float32)  # the pipeline's decode
-    return {
-        "kinema": lambda: ours.decode(z, None if tile == "auto" else tile, cache_dtype=lean),
+    tiles = None if tile == "auto" else tile
+    fns = {
+        "kinema": lambda: ours.decode(z, tiles, cache_dtype=lean),
         "kinema_plain": lambda: ours.decode(z, split_time=False),
         "diffusers": lambda: theirs.decode(z, return_dict=False)[0].clamp(-1, 1),
     }
+    for n in pieces:
+        fns[f"kinema_piece{n}"] = lambda n=n: ours.decode(z, tiles, cache_dtype=lean, piece=n)
+    return fns
 
 
 def _own_process_peak(s: BenchShape, name: str, tile: Any, threads: int) -> int:
     """In a fresh process: the RSS peak of decode ``name`` (after one warm-up call)."""
     torch.set_num_threads(threads)
-    fn = vae_decoders(s, torch.device("cpu"), tile)[name]
+    pieces = (int(name.removeprefix("kinema_piece")),) if name.startswith("kinema_piece") else ()
+    fn = vae_decoders(s, torch.device("cpu"), tile, pieces)[name]
     with torch.inference_mode():
         fn()
         return peak_memory(fn, torch.device("cpu"))[1]
@@ -581,7 +590,7 @@ def bench_vae_decode(s: BenchShape, st: Settings, tile: Any = "auto") -> dict[st
     On a CPU the memory ratio comes from each decode run in a process of its own
     (:func:`own_process_peaks`); the peaks sampled in this process, where the libraries
     alternate, are kept as ``peak_memory_bytes_shared_process``."""
-    fns = vae_decoders(s, st.device, tile)
+    fns = vae_decoders(s, st.device, tile, st.decode_pieces)
     with torch.inference_mode():
         times = alternate(fns, max(1, st.repeats // 2), st.device)
         outs = {k: peak_memory(fn, st.device) for k, fn in fns.items()}
@@ -590,7 +599,12 @@ def bench_vae_decode(s: BenchShape, st: Settings, tile: Any = "auto") -> dict[st
     shared = {}
     if st.device.type == "cpu":
         shared = {"peak_memory_bytes_shared_process": peaks}
-        peaks = own_process_peaks(s, ("kinema", "diffusers"), tile)
+        names = tuple(k for k in fns if k != "kinema_plain")
+        peaks = own_process_peaks(s, names, tile)
+    pieces = {k: {"ratio_time": ratio(times[k], times["diffusers"]),
+                  "ratio_memory": peaks[k] / max(1, peaks["diffusers"]),
+                  "psnr_vs_untiled_db": psnr(outs[k][0], plain, 2.0)}
+              for k in fns if k.startswith("kinema_piece")}  # fmt: skip
     return {
         "shape": s.name, "latent": list(latent_shape(s)),
         "times": {k: summary(v) for k, v in times.items()},
@@ -598,7 +612,7 @@ def bench_vae_decode(s: BenchShape, st: Settings, tile: Any = "auto") -> dict[st
         "peak_memory_bytes": peaks, **shared,
         "ratio_memory": peaks["kinema"] / max(1, peaks["diffusers"]),
         "psnr_default_vs_untiled_db": psnr(default, plain, 2.0),
-        **_diff(plain, ref),
+        **_diff(plain, ref), **({"pieces": pieces} if pieces else {}),
     }  # fmt: skip
 
 
@@ -823,6 +837,11 @@ def _vae_table(rows: list[dict[str, Any]]) -> list[str]:
             f"{_gib(mem['kinema'])} / {_gib(mem['diffusers'])} | {r['ratio_memory']:.2f} | "
             f"{r['psnr_default_vs_untiled_db']:.1f} dB | {r['max_abs_diff']:.1e} |"
         )
+        for name, v in r.get("pieces", {}).items():
+            n = name.removeprefix("kinema_piece")
+            out.append(f"| {r['shape']}, {n} frames a pass | | {v['ratio_time']:.2f} | "
+                       f"{_gib(mem[name])} / {_gib(mem['diffusers'])} | {v['ratio_memory']:.2f} | "
+                       f"{v['psnr_vs_untiled_db']:.1f} dB | |")  # fmt: skip
     return [*out, ""]
 
 
@@ -897,6 +916,9 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--sdpa", default="",
                    help=f"forward: also time both libraries with these SDPA backends, "
                         f"comma-separated from {', '.join(SDPA_BACKENDS)}")  # fmt: skip
+    p.add_argument("--decode-pieces", default="",
+                   help="vae_decode: also time kinema's decode with these output frames per "
+                        "full-resolution pass, comma-separated (default pass: 1)")  # fmt: skip
     p.add_argument("--out", default="benchmarks/results", help="folder for JSON + markdown")
     p.add_argument("--name", default=None, help="file stem (default: <device>-<dtype>)")
 
@@ -914,13 +936,20 @@ def settings_from_args(args: Any) -> Settings:
     sdpa = tuple(n for n in getattr(args, "sdpa", "").split(",") if n)
     if any(n not in SDPA_BACKENDS for n in sdpa):
         raise ValueError(f"--sdpa {args.sdpa!r}; valid: {', '.join(SDPA_BACKENDS)}")
+    try:
+        pieces = tuple(int(n) for n in getattr(args, "decode_pieces", "").split(",") if n)
+    except ValueError:
+        pieces = (0,)
+    if any(n < 1 for n in pieces):
+        raise ValueError(f"--decode-pieces {args.decode_pieces!r}: whole numbers >= 1, e.g. 2,4")
     steps = getattr(args, "steps", None)
     if steps is not None and steps < 1:
         raise ValueError(f"--steps {steps} must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     return Settings(device=device, dtype=dtype, repeats=args.repeats, compile=args.compile,
-                    seed=args.seed, steps=steps, sdpa=sdpa)  # fmt: skip
+                    seed=args.seed, steps=steps, sdpa=sdpa,
+                    decode_pieces=pieces)  # fmt: skip
 
 
 def run_cli(args: Any) -> int:

@@ -654,6 +654,7 @@ class CausalVAE(nn.Module):
         clamp: bool = True,
         split_time: bool = True,
         cache_dtype: torch.dtype | None = None,
+        piece: int | None = None,
     ) -> Tensor:
         """Latents (B, z, F, h, w), unnormalised -> video (B, 3, 1 + 4(F - 1), 8h, 8w) in
         [-1, 1]. With ``tile`` (in output pixels), decodes overlapping tiles and blends them.
@@ -662,13 +663,17 @@ class CausalVAE(nn.Module):
         same result, about a quarter of their activation memory. ``cache_dtype`` (e.g.
         ``torch.float16`` for an fp32 VAE): the causal cache between chunks is kept in it, half
         the cache's memory for a rounding of the cached activations (entries whose values
-        would overflow it stay as they are)."""
+        would overflow it stay as they are). ``piece`` (overrides ``split_time``): output
+        frames per pass through the full-resolution stages (1 = ``split_time``; the temporal
+        factor = the whole chunk): fewer, larger kernels for more activation memory."""
         if latent.ndim != 5 or latent.shape[1] != self.config.z_dim or latent.shape[2] < 1:
             raise ValueError(
                 f"latent must be (B, {self.config.z_dim}, F >= 1, h, w), "
                 f"got shape {tuple(latent.shape)}"
             )
-        piece = 1 if split_time else None
+        if piece is not None and piece < 1:
+            raise ValueError(f"piece must be >= 1 output frames, got {piece}")
+        piece = piece or (1 if split_time else None)
         frames = lambda z: self._frames(z, clamp, piece, cache_dtype)
         if tile is None:
             return frames(latent)
