@@ -3,6 +3,7 @@ bf16 autocast with gradient checkpointing, and the built-in model on a GPU in it
 
     python benchmarks/gpu_checks.py record            # here, on the CPU: .gpucheck/builtin.pt
     python benchmarks/gpu_checks.py run --out DIR     # there, on the GPU (benchmarks/gpu.sh)
+    python benchmarks/gpu_checks.py run --device cpu --smoke --out /tmp/x   # that it runs, here
 
 ``record`` keeps what the GPU machine cannot make itself (it has no MiniLM package): the built-in
 text encoder's tokens for two prompts and the CPU fp32 clips from fixed seeds. ``run`` writes
