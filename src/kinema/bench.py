@@ -555,30 +555,40 @@ def vae_decoders(
         "diffusers": lambda: theirs.decode(z, return_dict=False)[0].clamp(-1, 1),
     }
     for n in pieces:
-        fns[f"kinema_piece{n}"] = lambda n=n: ours.decode(z, tiles, cache_dtype=lean, piece=n)
+        fns[piece_name(n)] = lambda n=n: ours.decode(z, tiles, cache_dtype=lean, piece=n)
     return fns
 
 
-def _own_process_peak(s: BenchShape, name: str, tile: Any, threads: int) -> int:
+def piece_name(frames: int) -> str:
+    """The :func:`vae_decoders` name of the decode with ``frames`` frames a full-res pass."""
+    return f"kinema_piece{frames}"
+
+
+def _own_process_peak(
+    s: BenchShape, name: str, tile: Any, pieces: tuple[int, ...], threads: int
+) -> int:
     """In a fresh process: the RSS peak of decode ``name`` (after one warm-up call)."""
     torch.set_num_threads(threads)
-    pieces = (int(name.removeprefix("kinema_piece")),) if name.startswith("kinema_piece") else ()
     fn = vae_decoders(s, torch.device("cpu"), tile, pieces)[name]
     with torch.inference_mode():
         fn()
         return peak_memory(fn, torch.device("cpu"))[1]
 
 
-def own_process_peaks(s: BenchShape, names: tuple[str, ...], tile: Any = "auto") -> dict[str, int]:
-    """CPU decode peaks with each decode in a process of its own (spawned, one after another),
-    so no library's RSS reading depends on what the allocator kept from another's run."""
+def own_process_peaks(
+    s: BenchShape, names: tuple[str, ...], tile: Any = "auto", pieces: tuple[int, ...] = ()
+) -> dict[str, int]:
+    """CPU peaks of the :func:`vae_decoders` ``names``, each decode in a process of its own
+    (spawned, one after another), so no library's RSS reading depends on what the allocator
+    kept from another's run."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     out = {}
     for name in names:
         with ctx.Pool(1) as pool:
-            out[name] = pool.apply(_own_process_peak, (s, name, tile, torch.get_num_threads()))
+            args = (s, name, tile, pieces, torch.get_num_threads())
+            out[name] = pool.apply(_own_process_peak, args)
     return out
 
 
@@ -600,11 +610,13 @@ def bench_vae_decode(s: BenchShape, st: Settings, tile: Any = "auto") -> dict[st
     if st.device.type == "cpu":
         shared = {"peak_memory_bytes_shared_process": peaks}
         names = tuple(k for k in fns if k != "kinema_plain")
-        peaks = own_process_peaks(s, names, tile)
-    pieces = {k: {"ratio_time": ratio(times[k], times["diffusers"]),
-                  "ratio_memory": peaks[k] / max(1, peaks["diffusers"]),
-                  "psnr_vs_untiled_db": psnr(outs[k][0], plain, 2.0)}
-              for k in fns if k.startswith("kinema_piece")}  # fmt: skip
+        peaks = own_process_peaks(s, names, tile, st.decode_pieces)
+    pieces = {}
+    for n in st.decode_pieces:
+        k = piece_name(n)
+        pieces[k] = {"frames": n, "ratio_time": ratio(times[k], times["diffusers"]),
+                     "ratio_memory": peaks[k] / max(1, peaks["diffusers"]),
+                     "psnr_vs_untiled_db": psnr(outs[k][0], plain, 2.0)}  # fmt: skip
     return {
         "shape": s.name, "latent": list(latent_shape(s)),
         "times": {k: summary(v) for k, v in times.items()},
@@ -838,8 +850,7 @@ def _vae_table(rows: list[dict[str, Any]]) -> list[str]:
             f"{r['psnr_default_vs_untiled_db']:.1f} dB | {r['max_abs_diff']:.1e} |"
         )
         for name, v in r.get("pieces", {}).items():
-            n = name.removeprefix("kinema_piece")
-            out.append(f"| {r['shape']}, {n} frames a pass | | {v['ratio_time']:.2f} | "
+            out.append(f"| {r['shape']}, {v['frames']} frames a pass | | {v['ratio_time']:.2f} | "
                        f"{_gib(mem[name])} / {_gib(mem['diffusers'])} | {v['ratio_memory']:.2f} | "
                        f"{v['psnr_vs_untiled_db']:.1f} dB | |")  # fmt: skip
     return [*out, ""]
@@ -923,6 +934,14 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--name", default=None, help="file stem (default: <device>-<dtype>)")
 
 
+def _whole_numbers(text: str, flag: str) -> tuple[int, ...]:
+    """Comma-separated whole numbers >= 1 (ValueError naming ``flag`` otherwise)."""
+    parts = [p for p in text.split(",") if p]
+    if not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise ValueError(f"{flag} {text!r}: whole numbers >= 1, comma-separated, e.g. 2,4")
+    return tuple(int(p) for p in parts)
+
+
 def settings_from_args(args: Any) -> Settings:
     """Validated :class:`Settings` from parsed ``kinema bench`` arguments."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -936,12 +955,7 @@ def settings_from_args(args: Any) -> Settings:
     sdpa = tuple(n for n in getattr(args, "sdpa", "").split(",") if n)
     if any(n not in SDPA_BACKENDS for n in sdpa):
         raise ValueError(f"--sdpa {args.sdpa!r}; valid: {', '.join(SDPA_BACKENDS)}")
-    try:
-        pieces = tuple(int(n) for n in getattr(args, "decode_pieces", "").split(",") if n)
-    except ValueError:
-        pieces = (0,)
-    if any(n < 1 for n in pieces):
-        raise ValueError(f"--decode-pieces {args.decode_pieces!r}: whole numbers >= 1, e.g. 2,4")
+    pieces = _whole_numbers(getattr(args, "decode_pieces", ""), "--decode-pieces")
     steps = getattr(args, "steps", None)
     if steps is not None and steps < 1:
         raise ValueError(f"--steps {steps} must be >= 1")
