@@ -41,6 +41,7 @@ from kinema.train.loop import (
     load_caches,
     precompute,
     read_log,
+    read_metadata,
     start_run,
     timed_lookup,
     train_loop,
@@ -322,6 +323,14 @@ def test_extra_caches_mix_earlier_runs_clips_in(
     changing = next(i for i in range(12) if earlier.timed(i))
     assert timed(4 + changing) == earlier.timed(changing)  # the clip's own world, not seed 2's
     assert timed(4 + changing) != ClipDataset(world(2, 16)).timed(4 + changing)
+    # the precompute workers stored every clip's timed captions: the same as the world's
+    assert cache.timed == [timed(i) for i in range(16)] and cache.timed[4 + changing]
+    shard = next(old.glob("latents-*.safetensors"))  # a cache from before they were stored
+    latents = load_file(str(shard))
+    meta = {k: v for k, v in read_metadata(shard).items() if k != "timed"}
+    save_file(latents, str(shard), metadata=meta)
+    assert LatentCache.load(old).timed is None
+    assert load_caches(config, check_extra_caches(config))[0].timed is None  # world lookup
     exported = train_dit(config, text_encoder=text_encoder)  # 16 clips in the stream
     meta = json.loads((exported / "kinema.json").read_text())
     assert meta["vocabulary"] == list(vocabulary())  # a synthetic world's model knows its words

@@ -688,8 +688,11 @@ class SyntheticClips:
         spec, rng = self.spec(i)
         return render(spec), caption(spec, rng, self.phrasing), spec
 
-    def timed(self, i: int) -> tuple[tuple[int, str], tuple[int, str]] | None:
-        """Clip ``i``'s :func:`timed_captions` (None when its motion does not change)."""
-        spec, _ = self.spec(i)
+    def timed(
+        self, i: int, spec: ClipSpec | None = None
+    ) -> tuple[tuple[int, str], tuple[int, str]] | None:
+        """Clip ``i``'s :func:`timed_captions` (None when its motion does not change);
+        ``spec``: clip ``i``'s spec when the caller has it (``ds[i][2]``), saving its draw."""
+        spec = spec if spec is not None else self.spec(i)[0]
         rng = np.random.default_rng([self.seed, i, 2])
         return timed_captions(spec, rng, self.phrasing)

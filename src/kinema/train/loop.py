@@ -109,6 +109,15 @@ class ClipDataset(torch.utils.data.Dataset):
         a clip without one, and for folders)."""
         return self.source.timed(i) if self.data.kind == "synthetic" else None
 
+    def with_timed(self, i: int) -> tuple[Tensor, str, str]:
+        """``ds[i]`` and its :meth:`timed` captions as JSON (``"null"`` for none), from one
+        draw of the clip's spec (a precompute worker's output, collated as strings)."""
+        if self.data.kind != "synthetic":
+            video, caption = self[i]
+            return video, caption, "null"
+        frames, caption, spec = self.source[i]
+        return uint8_to_video(frames), caption, json.dumps(self.source.timed(i, spec))
+
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, str]:
         """``key``: a clip index, or (index, epoch) -- a folder clip's start depends on both."""
         i, epoch = key if isinstance(key, tuple) else (key, 0)
@@ -475,16 +484,36 @@ def write_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str
     tmp.replace(path)
 
 
+class _WithTimed(torch.utils.data.Dataset):
+    """Clips ``indices`` of ``ds`` as (video, caption, timed captions as JSON)."""
+
+    def __init__(self, ds: ClipDataset, indices: range) -> None:
+        self.ds, self.indices = ds, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, n: int) -> tuple[Tensor, str, str]:
+        return self.ds.with_timed(self.indices[n])
+
+
+def encode_batch(device: torch.device) -> int:
+    """Clips a VAE encode call takes: 4 on the CPU; more where small kernels cost launches."""
+    return 4 if device.type == "cpu" else 32
+
+
 def encode_shard(ds: ClipDataset, indices: range, vae: nn.Module, device: torch.device,
-                 workers: int) -> tuple[Tensor, list[str]]:  # fmt: skip
-    """Latents (n, z, F, h, w) float16 and captions of clips ``indices``."""
-    subset = torch.utils.data.Subset(ds, list(indices))
-    loader = torch.utils.data.DataLoader(subset, batch_size=4, num_workers=workers)
-    latents, captions = [], []
-    for video, caps in loader:
+                 workers: int) -> tuple[Tensor, list[str], list[str]]:  # fmt: skip
+    """Latents (n, z, F, h, w) float16, captions and timed captions (JSON) of clips
+    ``indices``."""
+    batch = encode_batch(device)
+    loader = torch.utils.data.DataLoader(_WithTimed(ds, indices), batch, num_workers=workers)
+    latents, captions, timed = [], [], []
+    for video, caps, times in loader:
         latents.append(encode_clips(vae, video, device).half().cpu())
         captions.extend(caps)
-    return torch.cat(latents), captions
+        timed.extend(times)
+    return torch.cat(latents), captions, timed
 
 
 def encode_captions(text: Any, captions: list[str], folder: Path) -> None:
@@ -516,9 +545,10 @@ def precompute(
         if path.exists():
             captions += json.loads(read_metadata(path)["captions"])
             continue
-        latents, caps = encode_shard(ds, range(start, min(start + shard_size, len(ds))), vae,
-                                     device, config.num_workers)  # fmt: skip
-        write_atomic({"latents": latents}, path, {"captions": json.dumps(caps)})
+        latents, caps, timed = encode_shard(ds, range(start, min(start + shard_size, len(ds))),
+                                            vae, device, config.num_workers)  # fmt: skip
+        meta = {"captions": json.dumps(caps), "timed": "[" + ", ".join(timed) + "]"}
+        write_atomic({"latents": latents}, path, meta)
         captions += caps
     if not (folder / "text.safetensors").exists():
         encode_captions(text_encoder or load_text(config, device), captions, folder)
@@ -533,12 +563,15 @@ def read_metadata(path: Path) -> dict[str, str]:
 @dataclass
 class LatentCache:
     """Precomputed latents (N, z, F, h, w) float16, captions [N], and tokens (U, L, D) of each
-    unique caption (row ``rows[caption]``)."""
+    unique caption (row ``rows[caption]``); ``timed`` [N]: each clip's timed captions as the
+    world gives them (None for a clip without), or None for a cache written before they were
+    stored (look them up in the world then: :func:`timed_lookup`)."""
 
     latents: Tensor
     captions: list[str]
     tokens: Tensor
     rows: dict[str, int]
+    timed: list[Any] | None = None
 
     @classmethod
     def load(cls, folder: Path) -> LatentCache:
@@ -546,10 +579,14 @@ class LatentCache:
 
         shards = sorted(folder.glob("latents-*.safetensors"))
         latents = torch.cat([load_file(str(p))["latents"] for p in shards])
-        captions = [c for p in shards for c in json.loads(read_metadata(p)["captions"])]
+        metas = [read_metadata(p) for p in shards]
+        captions = [c for m in metas for c in json.loads(m["captions"])]
+        timed = None
+        if all("timed" in m for m in metas):
+            timed = [_timed_tuples(t) for m in metas for t in json.loads(m["timed"])]
         unique = json.loads(read_metadata(folder / "text.safetensors")["captions"])
         tokens = load_file(str(folder / "text.safetensors"))["tokens"]
-        return cls(latents, captions, tokens, {c: i for i, c in enumerate(unique)})
+        return cls(latents, captions, tokens, {c: i for i, c in enumerate(unique)}, timed)
 
     def text(self, captions: list[str]) -> Tensor:
         """Captions [B] -> tokens (B, L, D) float32."""
@@ -566,9 +603,17 @@ class LatentCache:
                 if caption not in rows:
                     rows[caption] = len(rows)
                     tokens.append(cache.tokens[row])
+        timed = None
+        if all(c.timed is not None for c in caches):
+            timed = [t for c in caches for t in c.timed]  # type: ignore[union-attr]
         return cls(torch.cat([c.latents for c in caches]),
                    [caption for c in caches for caption in c.captions],
-                   torch.stack(tokens), rows)  # fmt: skip
+                   torch.stack(tokens), rows, timed)  # fmt: skip
+
+
+def _timed_tuples(timed: Any) -> Any:
+    """JSON's lists of [frame, caption] back to the world's tuples (None stays None)."""
+    return None if timed is None else tuple((int(f), str(c)) for f, c in timed)
 
 
 def check_extra_caches(config: TrainConfig) -> list[tuple[Path, DataConfig]]:
@@ -778,7 +823,7 @@ def dit_data(config: TrainConfig, run: Run, text_encoder: Any, vae: nn.Module) -
         cache, sources = load_caches(config, extras)
         if not config.timed_captions:
             return cache_stream(cache, start, b, seed), cache.text
-        timed = timed_lookup(sources)
+        timed = cache.timed.__getitem__ if cache.timed is not None else timed_lookup(sources)
         return cache_stream(cache, start, b, seed, timed), cached_or_encoded(cache, text_encoder)
     from kinema.models.text import CachedTextEncoder
 
