@@ -229,7 +229,7 @@ def load_training_state(
         dt.load_full_optimizer(model, optimizer, blob["optimizer"])
     else:
         optimizer.load_state_dict(blob["optimizer"])
-    set_rng_state({k: _cpu(v) if k != "cuda" else v for k, v in blob["rng"].items()})
+    set_rng_state({k: _cpu(v) for k, v in blob["rng"].items()})  # CUDA's states too
     meta = read_state(folder)
     return Progress(step=int(meta["step"]), samples_seen=int(meta["samples_seen"]))
 
@@ -244,8 +244,8 @@ def _cpu(value: Any) -> Any:
     """RNG states must be CPU byte tensors even when loaded with a CUDA map_location."""
     if isinstance(value, torch.Tensor):
         return value.cpu()
-    if isinstance(value, tuple):
-        return tuple(_cpu(v) for v in value)
+    if isinstance(value, tuple | list):
+        return type(value)(_cpu(v) for v in value)
     return value
 
 
