@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Reproduce the built-in model kinema-tiny from scratch on a CPU (about 17 h on 2 cores):
+# Reproduce the built-in model kinema-tiny from scratch: stages 1-8 on a CPU (about 17 h on 2
+# cores), stage 9 on a GPU:
 #
 #   1. the causal VAE in five stages (configs/kinema-tiny-vae{,-2,-3,-4,-5}.yaml): 64x64x9 crops,
 #      then 32x32x5 crops at a higher learning rate (sharper), then whole 33-frame clips at
@@ -21,7 +22,10 @@
 #   7. and on 2048 further fresh clips mixed with the caches of stages 4-6 (8192 clips)
 #      (configs/kinema-tiny-dit-5.yaml; extra_caches) -> runs/kinema-tiny-dit-5/model
 #   8. and on 2048 further fresh clips mixed with the caches of stages 4-7 (10240 clips)
-#      (configs/kinema-tiny-dit-6.yaml; extra_caches) -> src/kinema/assets/kinema-tiny
+#      (configs/kinema-tiny-dit-6.yaml; extra_caches) -> runs/kinema-tiny-dit-6/model
+#   9. on a GPU: 16384 further fresh clips, batch 64, bf16 (configs/kinema-tiny-dit-7.yaml;
+#      ~8 min on an H200)                           -> src/kinema/assets/kinema-tiny
+#      Without a GPU the script stops after stage 8 and says so.
 #
 # Resumable: every stage checkpoints (and saves on Ctrl-C / SIGTERM); running this script again
 # continues where it stopped and skips finished stages. Delete runs/ to start over.
@@ -50,3 +54,12 @@ for config in configs/kinema-tiny-dit.yaml configs/kinema-tiny-dit-2.yaml config
   "$PY" -c 'import sys; from kinema.train import load_train_config, train_dit
 print(train_dit(load_train_config(sys.argv[1])))' "$config"
 done
+
+config=configs/kinema-tiny-dit-7.yaml
+if "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+  echo "[2/2] precomputing latents, then training the DiT on the GPU ($config)"
+  "$PY" -c 'import sys; from kinema.train import load_train_config, train_dit
+print(train_dit(load_train_config(sys.argv[1])))' "$config"
+else
+  echo "stage 9 ($config) needs a CUDA GPU; the stage-8 weights are in runs/kinema-tiny-dit-6/model"
+fi
