@@ -48,18 +48,20 @@ train_vae(load_vae_train_config(sys.argv[1]))' "$config"
   fi
 done
 
+train_dit() {  # train_dit CONFIG: precompute its latents, then train (or resume) the DiT
+  echo "[2/2] precomputing latents, then training the DiT ($1)"
+  "$PY" -c 'import sys; from kinema.train import load_train_config, train_dit
+print(train_dit(load_train_config(sys.argv[1])))' "$1"
+}
+
 for config in configs/kinema-tiny-dit.yaml configs/kinema-tiny-dit-2.yaml configs/kinema-tiny-dit-3.yaml \
   configs/kinema-tiny-dit-4.yaml configs/kinema-tiny-dit-5.yaml configs/kinema-tiny-dit-6.yaml; do
-  echo "[2/2] precomputing latents, then training the DiT ($config)"
-  "$PY" -c 'import sys; from kinema.train import load_train_config, train_dit
-print(train_dit(load_train_config(sys.argv[1])))' "$config"
+  train_dit "$config"
 done
 
 config=configs/kinema-tiny-dit-7.yaml
 if "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
-  echo "[2/2] precomputing latents, then training the DiT on the GPU ($config)"
-  "$PY" -c 'import sys; from kinema.train import load_train_config, train_dit
-print(train_dit(load_train_config(sys.argv[1])))' "$config"
+  train_dit "$config"
 else
   echo "stage 9 ($config) needs a CUDA GPU; the stage-8 weights are in runs/kinema-tiny-dit-6/model"
 fi
