@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -141,3 +144,26 @@ def test_calibrate_cache_command_writes_what_load_reads(tmp_path, capsys):
         main(["calibrate-cache", str(model), "--steps", "2"])
     assert exit_.value.code == 2
     assert (model / "step_cache.json").read_bytes() == before
+
+
+def test_a_model_folder_can_recommend_a_cache(tmp_path):
+    """A model whose kinema.json sets ``cache`` (as kinema-tiny's does) samples with it when a
+    request leaves it out; ``cache=0`` evaluates every step; a negative, non-finite or
+    non-number threshold is refused before any work."""
+    from kinema.loading import load
+    from tests.serve_helpers import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny")
+    meta = json.loads((model / "kinema.json").read_text())
+    meta["sampling"].update(cache=1e9, steps=8)  # guidance 1: one DiT call a step uncached
+    (model / "kinema.json").write_text(json.dumps(meta))
+    pipe = load(model)
+    assert pipe.defaults.cache == 1e9
+    cached, plain = pipe.generate("a red circle"), pipe.generate("a red circle", cache=0)
+    assert (cached.info["cache"], plain.info["cache"]) == (1e9, 0)
+    assert plain.info["transformer_evaluations"] == 8
+    assert 1 <= cached.info["transformer_evaluations"] < 8
+    assert not np.array_equal(cached.frames, plain.frames)
+    for bad in (-0.5, float("nan"), True, "fast"):
+        with pytest.raises(ValueError, match="must be a number >= 0"):
+            pipe.generate("a red circle", cache=bad)

@@ -238,6 +238,7 @@ def error_of(response: httpx.Response, status: int, param: str | None) -> dict:
         ({"at": "0.5 a cat"}, "at", "at '0.5 a cat' must be SECONDS:PROMPT"),
         ({"seconds": "1", "at": "2:a cat"}, "at", "prompt time 2 s is outside the clip"),
         ({"at": "0.25:a cat", "switch": "fade"}, "switch", "unknown switch mode 'fade'"),
+        ({"cache": "-1"}, "cache", "must be a number >= 0 (0 turns the step cache off)"),
     ],
 )
 def test_bad_create_requests(http, fields, param, message):

@@ -6,6 +6,7 @@ Bad input of any kind ends with one line on stderr (``kinema: error: ...``) and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -374,6 +375,7 @@ def add_eval(sub: Any) -> None:
     p.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
     p.add_argument("--steps", type=int, default=None, help="default: the model's")
     p.add_argument("--guidance", type=float, default=None, help="default: the model's")
+    p.add_argument("--cache", type=float, default=None, help="step cache; default: the model's")
     p.add_argument("--quick", action="store_true", help="5 prompts per set instead of 10")
     p.add_argument(
         "--beyond", action="store_true",
@@ -392,6 +394,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ValueError(f"seeds {args.seeds} must be >= 1")
     pipe = load(args.model, device=args.device)
+    if args.cache is not None:  # every clip of the eval, --beyond's too, samples with it
+        pipe.defaults = dataclasses.replace(pipe.defaults, cache=args.cache)
     log = (lambda line: print(line, file=sys.stderr)) if args.verbose else (lambda line: None)
     results = evaluate(pipe, seeds=args.seeds, steps=args.steps, quick=args.quick, log=log,
                        guidance=args.guidance)  # fmt: skip

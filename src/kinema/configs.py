@@ -118,6 +118,7 @@ class SamplingDefaults:
     shift: float = 3.0
     sampler: str = "unipc"
     negative_prompt: str = ""
+    cache: float = 0.0  # step-cache threshold (kinema.sampling.cache); 0: every step evaluated
 
 
 # ---------------------------------------------------------------------------------------------

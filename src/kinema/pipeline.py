@@ -14,6 +14,7 @@ happens once in :func:`kinema.loading.load`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -66,7 +67,7 @@ class Request:
     video: Any = None
     strength: float | None = None
     extend: Any = None
-    cache: float | None = None  # step-cache threshold (kinema.sampling.cache); None or 0: off
+    cache: float | None = None  # step-cache threshold (kinema.sampling.cache); 0: off
 
     def __post_init__(self) -> None:  # timed prompts as given by JSON: [[seconds, prompt], ...]
         timed = tuple((float(t), str(p)) for t, p in self.prompts)
@@ -167,6 +168,9 @@ def validate(req: Request, spatial: int, temporal: int, extension: bool = False)
         raise ValueError(f"shift {req.shift} must be > 0")
     if req.fps < 1:
         raise ValueError(f"fps {req.fps} must be >= 1")
+    number = isinstance(req.cache, int | float) and not isinstance(req.cache, bool)
+    if not number or not math.isfinite(req.cache) or req.cache < 0:
+        raise ValueError(f"cache {req.cache!r} must be a number >= 0 (0 turns the step cache off)")
     timeline.check_switch(req.switch)
     switches(req, temporal, extension)  # raises on prompt times outside the clip or out of order
 

@@ -126,8 +126,8 @@ def evaluate(
         results = {name: score_set(pipe, p, seeds, settings, log) for name, p in sets.items()}
         results["vae_psnr_db"] = round(vae_psnr(pipe, 3 if quick else 6), 2)
     results["model"], results["seeds"] = pipe.name, seeds
-    results["settings"] = {"steps": pipe.defaults.steps, "guidance": pipe.defaults.guidance,
-                           **settings}  # fmt: skip
+    d = pipe.defaults
+    results["settings"] = {"steps": d.steps, "guidance": d.guidance, "cache": d.cache, **settings}
     return results
 
 

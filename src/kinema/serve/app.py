@@ -194,7 +194,7 @@ class KinemaFields(TimedFields):
     sampler: str | None = Field(None, description="unipc or euler")
     fps: int | None = Field(None, ge=1, le=120)
     cache: str | float | bool | None = Field(
-        None, description="step cache setting, passed to the pipeline when it supports one"
+        None, description="step-cache threshold (>= 0; 0: off; default: the model's)"
     )
 
 
@@ -275,7 +275,7 @@ PARAM_OF_MESSAGE = (("width", "size"), ("height", "size"), ("an extension keeps"
                     ("strength", "strength"), ("steps", "steps"), ("guidance", "guidance"),
                     ("seed", "seed"), ("unknown sampler", "sampler"), ("shift", "shift"),
                     ("fps", "fps"), ("prompt time", "at"), ("unknown switch mode", "switch"),
-                    ("switch", "switch"), ("prompt", "prompt"))  # fmt: skip
+                    ("switch", "switch"), ("prompt", "prompt"), ("cache", "cache"))  # fmt: skip
 
 
 def param_of(message: str) -> str | None:
