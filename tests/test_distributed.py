@@ -123,10 +123,10 @@ def float_video(pipe, request) -> torch.Tensor:  # noqa: ANN001
     from kinema.sampling import flow_schedule
 
     req, _, _ = pipe.prepare(request)
-    context, uncond = pipe.encode_text(req)
+    contexts = pipe.encode_text(req)
     noise = initial_noise(req.seed, pipe.latent_shape(req))
     schedule = flow_schedule(req.steps, req.shift, req.sampler)
-    latents, _ = pipe.denoise(req, noise, schedule, context, uncond, None, Steps(None, 0))
+    latents, _ = pipe.denoise(req, noise, schedule, contexts, None, Steps(None, 0))
     with torch.no_grad():  # the exact decode: the pipeline's fp16 cache would round 1e-6 apart
         return pipe.vae.decode(pipe.vae.denormalize(latents))  # inputs to ~1e-4 apart outputs
 

@@ -13,6 +13,7 @@ from torch import Tensor
 from kinema.sampling import (
     SAMPLERS,
     cfg,
+    contrast_cfg,
     count_calls,
     euler,
     flow_schedule,
@@ -289,3 +290,24 @@ def test_cfg_rejects_bad_input():
         cfg(model, cond, uncond, math.inf)
     with pytest.raises(ValueError, match=r"same shape.*\(2, 7, 8\) and \(2, 5, 8\)"):
         cfg(model, cond, uncond[:, :5], 3.0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_contrast_cfg_adds_a_push_away_from_the_other_contexts_in_one_forward(scale):
+    batches: list[int] = []
+    model, (cond, uncond) = context_model(batches), contexts()
+    other = torch.randn(cond.shape, generator=torch.Generator().manual_seed(9))
+    x = torch.randn(LATENT_SHAPE, generator=torch.Generator().manual_seed(10))
+    t = torch.full((2, 3), 400.0)  # per frame, as frame conditioning gives it
+    got = contrast_cfg(model, cond, None if scale == 1 else uncond, other, scale, 0.7)(x, t)
+    assert batches == [4 if scale == 1 else 6]  # one forward: prompt, [negative,] neighbours
+    v_c, v_u, v_o = model(x, t, cond), model(x, t, uncond), model(x, t, other)
+    base = v_c if scale == 1 else v_u + scale * (v_c - v_u)
+    torch.testing.assert_close(got, base + 0.7 * (v_c - v_o), rtol=1e-6, atol=1e-6)
+    same = contrast_cfg(model, cond, uncond, other, scale, 0.0)(x, t)
+    torch.testing.assert_close(same, cfg(model, cond, uncond, scale)(x, t), rtol=0, atol=0)
+    for weight in (-0.1, math.nan, True):
+        with pytest.raises(ValueError, match="contrast weight"):
+            contrast_cfg(model, cond, uncond, other, scale, weight)
+    with pytest.raises(ValueError, match="must match cond"):
+        contrast_cfg(model, cond, uncond, other[:, :5], scale, 1.0)

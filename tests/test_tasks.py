@@ -97,13 +97,33 @@ def test_timed_prompts_blend_switches_at_the_given_second(pipe, monkeypatch):
     monkeypatch.setattr(pipe, "denoise", denoise)
     pipe.generate("first", frames=17, prompts=((1.0, "second"),), switch="blend", **BASE)
     tokens = pipe.text_encoder.encode(["first", "second"])[0]  # (2, L, D)
-    first, switching, second = (call[3] for call in denoise.calls)  # three windows
+    first, switching, second = (call[3][0] for call in denoise.calls)  # three windows
     # window 1: frames 0-8, latent frames start at 0, 1, 5 -> "first" throughout: one context
     torch.testing.assert_close(first, tokens[:1].to(first.dtype))
     # window 2: frames 4-12 (4-8 given), latent frames start at 4, 5, 9 -> "second" from 9 on
     assert switching.shape[:2] == (1, 3)  # one context per latent frame
     torch.testing.assert_close(switching[0], tokens[[0, 0, 1]].to(first.dtype))
     torch.testing.assert_close(second, tokens[1:].to(first.dtype))  # window 3: frames 8-16
+    # each latent frame's neighbouring prompt, for the contrast: only where a window switches
+    neighbours = [call[3][2] for call in denoise.calls]
+    assert neighbours[0] is None and neighbours[2] is None
+    torch.testing.assert_close(neighbours[1][0], tokens[[1, 1, 0]].to(first.dtype))
+
+
+def test_blend_contrast_acts_only_on_windows_that_switch(pipe):
+    """``contrast`` (default 1) steers each frame of a switching window away from its
+    neighbouring prompt; 0 is plain guidance, and a clip without a switch ignores it. The
+    DiT is still called once a step (one batch holding the prompt and the neighbours)."""
+    timed = dict(frames=9, prompts=((0.5, "second"),), **BASE)
+    default, off = pipe.generate("first", **timed), pipe.generate("first", contrast=0, **timed)
+    assert default.info["contrast"] == 1.0 and off.info["contrast"] == 0
+    assert not np.array_equal(default.frames, off.frames)
+    assert default.info["transformer_evaluations"] == off.info["transformer_evaluations"] == 2
+    plain = pipe.generate("first", frames=9, **BASE)
+    assert np.array_equal(plain.frames, pipe.generate("first", frames=9, contrast=5, **BASE).frames)
+    for bad in (-1, float("inf"), "strong"):
+        with pytest.raises(ValueError, match="contrast .* must be a number >= 0"):
+            pipe.prepare(Request("first", contrast=bad, **timed))
 
 
 def test_timed_prompts_cut_ends_a_whole_window_at_the_switch(pipe, monkeypatch):
@@ -115,7 +135,7 @@ def test_timed_prompts_cut_ends_a_whole_window_at_the_switch(pipe, monkeypatch):
     monkeypatch.setattr(kp, "to_uint8", lambda v: decoded.append(to_uint8(v)) or decoded[-1])
     video = pipe.generate("first", frames=17, prompts=((0.5, "second"),), switch="cut", **BASE)
     tokens = pipe.text_encoder.encode(["first", "second"])[0]  # (2, L, D)
-    contexts = [call[3] for call in denoise.calls]
+    contexts = [call[3][0] for call in denoise.calls]
     # a whole 9-frame window under "first", kept up to frame 4 (latent frame 2 would be
     # "second"); then windows of 5 given + 4 new frames, each under "second" alone
     assert [c.shape[:2] for c in contexts] == [(1, tokens.shape[1])] * 4
@@ -134,7 +154,7 @@ def test_image_condition_is_kept_in_the_first_latent_frame(pipe, monkeypatch):
     a = pipe.generate("a cat", frames=9, image=image, **BASE)
     b = pipe.generate("a cat", frames=9, **BASE)
     assert not np.array_equal(a.frames, b.frames)
-    cond = denoise.calls[0][5]
+    cond = denoise.calls[0][4]
     assert cond.mask.tolist() == [True, False, False]
     given = pipe.encode(image[None])
     assert torch.allclose(cond.latents[:, :, :1], given)
@@ -162,9 +182,11 @@ def test_video_to_video_switches_prompts_per_latent_frame(pipe, monkeypatch):
     timed = ((1.0, "second"),)
     video = pipe.generate("first", video=clip(13), fps=8, prompts=timed, **BASE)
     tokens = pipe.text_encoder.encode(["first", "second"])[0]  # (2, L, D)
-    (context,) = (call[3] for call in denoise.calls)  # one pass
+    (context,) = (call[3][0] for call in denoise.calls)  # one pass
     # 13 frames at 8 fps: latent frames start at 0, 1, 5, 9; the switch at 1 s is frame 8
     torch.testing.assert_close(context[0], tokens[[0, 0, 0, 1]].to(context.dtype))
+    neighbours = denoise.calls[0][3][2]
+    torch.testing.assert_close(neighbours[0], tokens[[1, 1, 1, 0]].to(context.dtype))
     assert video.info["prompts"] == [[1.0, "second"]] and len(video.frames) == 13
     with pytest.raises(ValueError, match="prompt time 2 s is outside the clip"):
         pipe.prepare(Request("x", video=clip(13), fps=8, prompts=((2.0, "late"),), **BASE))

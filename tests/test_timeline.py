@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kinema.timeline import latent_prompts, plan, switch_frames
+from kinema.timeline import latent_prompts, neighbour_prompts, plan, switch_frames
 
 
 def test_short_clip_is_one_plain_window():
@@ -100,3 +100,12 @@ def test_unknown_switch_mode_is_refused():
 def test_bad_times_are_refused(timed, message):
     with pytest.raises(ValueError, match=message):
         switch_frames(timed, fps=16, duration=2.0, temporal=4)
+
+
+@pytest.mark.parametrize(
+    "which, neighbours",
+    [([0, 0, 0], None), ([0, 0, 1, 1], [1, 1, 0, 0]), ([0, 1, 2], [1, 2, 1]),
+     ([0, 0, 0, 1, 1, 2], [1, 1, 1, 0, 2, 1])],
+)  # fmt: skip
+def test_neighbour_prompts_name_the_nearest_other_prompt(which, neighbours):
+    assert neighbour_prompts(which) == neighbours

@@ -109,6 +109,10 @@ def add_switch_arg(p: argparse.ArgumentParser) -> None:
         "--switch", choices=SWITCH_MODES, default="blend",
         help="how --at switches: blend (per frame, default) or cut (a window ends at the switch)",
     )  # fmt: skip
+    p.add_argument(
+        "--contrast", type=float, default=None,
+        help="blend: guidance away from the neighbouring prompt (>= 0; 0 off; default 1)",
+    )  # fmt: skip
 
 
 def parse_timed(text: str) -> tuple[float, str]:
@@ -154,6 +158,7 @@ def request_from_args(args: argparse.Namespace, defaults: Any, temporal: int) ->
         prompt=args.prompt, negative_prompt=args.negative, width=width, height=height,
         frames=frames, fps=fps, steps=args.steps, guidance=args.guidance, shift=args.shift,
         sampler=args.sampler, seed=args.seed, prompts=tuple(args.at), switch=args.switch,
+        contrast=args.contrast,
         image=args.image, last_image=args.last_image, video=args.video, strength=args.strength,
         cache=args.cache,
     )  # fmt: skip
@@ -240,7 +245,7 @@ def run_extend(args: argparse.Namespace) -> int:
     request = Request(
         prompt=args.prompt, negative_prompt=args.negative, frames=frames, fps=fps,
         steps=args.steps, guidance=args.guidance, seed=args.seed, prompts=tuple(args.at),
-        switch=args.switch, extend=args.video,
+        switch=args.switch, contrast=args.contrast, extend=args.video,
     )  # fmt: skip
     return finish(pipe, request, args.output, args)
 

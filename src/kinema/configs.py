@@ -119,6 +119,7 @@ class SamplingDefaults:
     sampler: str = "unipc"
     negative_prompt: str = ""
     cache: float = 0.0  # step-cache threshold (kinema.sampling.cache); 0: every step evaluated
+    contrast: float = 1.0  # timed prompts, blend: weight of guidance away from the next prompt
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from kinema.conditioning import FrameCondition, condition_frames
 from kinema.configs import SamplingDefaults
 from kinema.i2v import ImageCondition, build_condition, image_conditioned
 from kinema.offload import Placement
-from kinema.sampling import SAMPLERS, cfg, count_calls, flow_schedule
+from kinema.sampling import SAMPLERS, cfg, contrast_cfg, count_calls, flow_schedule
 
 Progress = Callable[[int, int], None]
 
@@ -68,6 +68,7 @@ class Request:
     strength: float | None = None
     extend: Any = None
     cache: float | None = None  # step-cache threshold (kinema.sampling.cache); 0: off
+    contrast: float | None = None  # blended timed prompts: guidance away from the next prompt
 
     def __post_init__(self) -> None:  # timed prompts as given by JSON: [[seconds, prompt], ...]
         timed = tuple((float(t), str(p)) for t, p in self.prompts)
@@ -168,11 +169,16 @@ def validate(req: Request, spatial: int, temporal: int, extension: bool = False)
         raise ValueError(f"shift {req.shift} must be > 0")
     if req.fps < 1:
         raise ValueError(f"fps {req.fps} must be >= 1")
-    number = isinstance(req.cache, int | float) and not isinstance(req.cache, bool)
-    if not number or not math.isfinite(req.cache) or req.cache < 0:
-        raise ValueError(f"cache {req.cache!r} must be a number >= 0 (0 turns the step cache off)")
+    for name, off in (("cache", "the step cache"), ("contrast", "timed-prompt contrast")):
+        v = getattr(req, name)
+        if not _number(v) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name} {v!r} must be a number >= 0 (0 turns {off} off)")
     timeline.check_switch(req.switch)
     switches(req, temporal, extension)  # raises on prompt times outside the clip or out of order
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def switches(req: Request, temporal: int, extension: bool = False) -> list[tuple[int, str]]:
@@ -466,11 +472,11 @@ class Pipeline:
         wreq = dataclasses.replace(
             req, prompt=window.prompt, frames=window.frames, seed=window.seed
         )
-        context, uncond = self.encode_text(wreq, window.prompts[1:])
+        context, uncond, other = self.encode_text(wreq, window.prompts[1:])
         clock.add("text")
         noise = initial_noise(wreq.seed, self.latent_shape(wreq)).to(self.device)
         schedule = flow_schedule(req.steps, req.shift, req.sampler)
-        latents, calls = self.denoise(wreq, noise, schedule, context, uncond, cond, steps)
+        latents, calls = self.denoise(wreq, noise, schedule, (context, uncond, other), cond, steps)
         clock.add("denoise")
         pixels = to_uint8(self.decode(latents))
         clock.add("decode")
@@ -482,7 +488,7 @@ class Pipeline:
         """Video-to-video (SDEdit, Meng et al. 2022): noise the source's latents to the level
         ``strength`` and denoise them under the new prompt (timed prompts: per latent frame,
         the whole clip being one window)."""
-        context, uncond = self.encode_text(req, switches(req, self.temporal_factor))
+        contexts = self.encode_text(req, switches(req, self.temporal_factor))
         clock.add("text")
         x0 = self.encode(source)
         cond = self.image_condition({0: source[0]}, len(source)) if self.image_channels else None
@@ -492,7 +498,7 @@ class Pipeline:
         s0 = float(schedule.sigmas[0])
         x = (1 - s0) * x0.float() + s0 * noise
         steps = Steps(progress, len(schedule.timesteps))
-        latents, calls = self.denoise(req, x, schedule, context, uncond, cond, steps)
+        latents, calls = self.denoise(req, x, schedule, contexts, cond, steps)
         clock.add("denoise")
         frames = to_uint8(self.decode(latents))
         clock.add("decode")
@@ -502,11 +508,12 @@ class Pipeline:
 
     def encode_text(
         self, req: Request, timed: Sequence[tuple[int, str]] = ()
-    ) -> tuple[Tensor, Tensor | None]:
-        """Context tokens (1, L, D) for the prompt, and for the negative prompt under guidance.
-        ``timed`` ((first pixel frame, prompt), ...): prompts that take over within the clip;
-        then the contexts are per latent frame, (1, F, L, D), each frame's the tokens of the
-        prompt in force at its first pixel frame (the negative prompt's repeated)."""
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Context tokens (1, L, D) for the prompt, for the negative prompt under guidance,
+        and None. ``timed`` ((first pixel frame, prompt), ...): prompts that take over within
+        the clip; then the contexts are per latent frame, (1, F, L, D), each frame's the tokens
+        of the prompt in force at its first pixel frame (the negative prompt's repeated), and
+        the third holds each frame's neighbouring prompt (:func:`timeline.neighbour_prompts`)."""
         guided = req.guidance > 1
         prompts = [req.prompt, *(p for _, p in timed)] + ([req.negative_prompt] if guided else [])
         with self.placement.text(self.text_encoder):
@@ -516,11 +523,12 @@ class Pipeline:
         f = self.latent_shape(req)[2]
         starts = [0, *(frame for frame, _ in timed)]
         which = timeline.latent_prompts(starts, f, self.temporal_factor)
-        if len(set(which)) == 1:
-            return tokens[which[0]][None], uncond  # (1, L, D)
+        neighbours = timeline.neighbour_prompts(which)
+        if neighbours is None:
+            return tokens[which[0]][None], uncond, None  # (1, L, D)
         # a switch inside the clip: one context per latent frame
         uncond = uncond[:, None].expand(-1, f, -1, -1) if uncond is not None else None
-        return tokens[which][None], uncond  # (1, F, L, D)
+        return tokens[which][None], uncond, tokens[neighbours][None]  # (1, F, L, D)
 
     def latent_shape(self, req: Request) -> tuple[int, int, int, int, int]:
         s, t = self.vae.config.spatial_factor, self.vae.config.temporal_factor
@@ -557,17 +565,21 @@ class Pipeline:
         req: Request,
         x: Tensor,
         schedule: Any,
-        context: Tensor,
-        uncond: Tensor | None,
+        contexts: tuple[Tensor, Tensor | None, Tensor | None],
         condition: FrameCondition | ImageCondition | None,
         steps: Steps,
     ) -> tuple[Tensor, int]:
-        """Run the sampler from ``x``; returns normalised latents and the DiT calls made."""
+        """Run the sampler from ``x`` under ``contexts`` (:meth:`encode_text`'s prompt,
+        negative prompt and neighbouring prompts); returns normalised latents and the DiT
+        calls made."""
+        context, uncond, other = contexts
         velocity = self.velocity
         if isinstance(condition, ImageCondition):  # extra input channels, not clean frames
             velocity, condition = image_conditioned(self.velocity, condition), None
         counted, calls = count_calls(velocity)
-        if uncond is None:  # guidance <= 1: one conditional forward per step, as diffusers
+        if other is not None and req.contrast:  # timed prompts, blended: see timeline
+            model_fn = contrast_cfg(counted, context, uncond, other, req.guidance, req.contrast)
+        elif uncond is None:  # guidance <= 1: one conditional forward per step, as diffusers
             model_fn = cfg(counted, context, context, 1.0)
         else:
             model_fn = cfg(counted, context, uncond, req.guidance)
@@ -594,7 +606,7 @@ class Pipeline:
                              "calibrated on text-to-video models")  # fmt: skip
         req = Request(prompt=prompt, seed=seed, **settings).resolved(self.defaults)
         validate(req, self.spatial_factor, self.temporal_factor)
-        context, uncond = self.encode_text(req)
+        context, uncond, _ = self.encode_text(req)
         guided = cfg(self.velocity, context, context if uncond is None else uncond,
                      1.0 if uncond is None else req.guidance)  # fmt: skip
         noise = initial_noise(req.seed, self.latent_shape(req)).to(self.device)

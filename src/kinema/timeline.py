@@ -8,7 +8,10 @@ Two ways to switch (``SWITCH_MODES``):
 
 - ``blend`` (the default): a window over a switch holds both prompts, and each latent frame's
   tokens cross-attend to the prompt in force at that frame (:func:`latent_prompts`); for models
-  trained with per-frame captions, as kinema-tiny is.
+  trained with per-frame captions, as kinema-tiny is. Through self-attention the next prompt
+  leaks into the frames before a switch (and the last into those after), so guidance also
+  pushes each frame away from its neighbouring prompt (:func:`neighbour_prompts`; the
+  request's ``contrast`` weight).
 - ``cut``: a window that reaches a switch is still made at the full window length under the
   prompt in force at its first new frame (so the motion is that of a whole clip), but only its
   frames before the switch are kept; the next window starts there, under the new prompt, with
@@ -147,3 +150,18 @@ def latent_prompts(starts: Sequence[int], latent_frames: int, temporal: int) -> 
     frame ``starts`` (increasing, the first 0)."""
     first = [0] + [temporal * (j - 1) + 1 for j in range(1, latent_frames)]
     return [max(i for i, s in enumerate(starts) if s <= f) for f in first]
+
+
+def neighbour_prompts(which: Sequence[int]) -> list[int] | None:
+    """For each latent frame, the prompt of the nearest latent frame under another prompt (the
+    later one on a tie), given each frame's prompt ``which`` (:func:`latent_prompts`); None
+    when one prompt holds the whole window. ``blend``'s contrast pushes each frame away from
+    it (:func:`kinema.sampling.guidance.contrast_cfg`)."""
+    if len(set(which)) < 2:
+        return None
+    out = []
+    for j, here in enumerate(which):
+        others = [k for k, w in enumerate(which) if w != here]
+        nearest = min(others, key=lambda k: (abs(k - j), -k))
+        out.append(which[nearest])
+    return out

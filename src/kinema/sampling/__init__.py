@@ -1,6 +1,6 @@
 """kinema.sampling: flow-matching schedules, samplers and guidance (all pure functions)."""
 
-from kinema.sampling.guidance import ContextModelFn, cfg, count_calls
+from kinema.sampling.guidance import ContextModelFn, cfg, contrast_cfg, count_calls
 from kinema.sampling.samplers import (
     SAMPLERS,
     UNIPC_ORDERS,
@@ -27,6 +27,7 @@ __all__ = [
     "ModelFn",
     "Schedule",
     "cfg",
+    "contrast_cfg",
     "count_calls",
     "euler",
     "euler_step",

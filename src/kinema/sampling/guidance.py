@@ -60,6 +60,39 @@ def cfg(model_fn_ctx: ContextModelFn, cond: Tensor, uncond: Tensor, scale: float
     return guided
 
 
+def contrast_cfg(
+    model_fn_ctx: ContextModelFn, cond: Tensor, uncond: Tensor | None, other: Tensor,
+    scale: float, weight: float,
+) -> ModelFn:  # fmt: skip
+    """Guidance that also steers away from ``other`` contexts (B, F, L, D) -- for timed
+    prompts, each latent frame's neighbouring prompt:
+    ``cfg + weight * (v_cond - v_other)``, the same contrast as negative-prompt guidance but
+    per frame and added to the usual term rather than replacing it, so colour and shape (which
+    both prompts name) keep their guidance. One forward of batch 3B (2B without ``uncond``,
+    i.e. ``scale == 1``); ``weight == 0`` is :func:`cfg` itself."""
+    if isinstance(weight, bool) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"contrast weight must be a finite number >= 0, got {weight!r}")
+    if weight == 0:
+        return cfg(model_fn_ctx, cond, cond if uncond is None else uncond, scale)
+    if other.shape != cond.shape:
+        raise ValueError(f"other contexts {tuple(other.shape)} must match cond {tuple(cond.shape)}")
+    guided = scale != 1 and uncond is not None
+    if guided:
+        _check_cfg(cond, uncond, scale)
+    parts = [cond, uncond, other] if guided else [cond, other]
+    stacked = torch.cat(parts)  # (nB, F, L, D)
+
+    def contrasted(x: Tensor, t: Tensor) -> Tensor:
+        b, n = x.shape[0], len(parts)
+        tt = torch.cat([t] * n) if t.ndim > 0 and t.shape[0] == b else t
+        v = model_fn_ctx(torch.cat([x] * n), tt, stacked).split(b)
+        v_cond, v_other = v[0], v[-1]
+        base = v[1] + scale * (v_cond - v[1]) if guided else v_cond
+        return base + weight * (v_cond - v_other)
+
+    return contrasted
+
+
 def count_calls(model_fn: Callable[P, R]) -> tuple[Callable[P, R], Callable[[], int]]:
     """``model_fn`` wrapped to count its calls, and a function returning the count so far."""
     calls = [0]

@@ -193,6 +193,9 @@ class KinemaFields(TimedFields):
     shift: float | None = Field(None, gt=0, le=100)
     sampler: str | None = Field(None, description="unipc or euler")
     fps: int | None = Field(None, ge=1, le=120)
+    contrast: float | None = Field(
+        None, ge=0, le=100, description="timed prompts (blend): guidance away from the next one"
+    )
     cache: str | float | bool | None = Field(
         None, description="step-cache threshold (>= 0; 0: off; default: the model's)"
     )
@@ -275,7 +278,8 @@ PARAM_OF_MESSAGE = (("width", "size"), ("height", "size"), ("an extension keeps"
                     ("strength", "strength"), ("steps", "steps"), ("guidance", "guidance"),
                     ("seed", "seed"), ("unknown sampler", "sampler"), ("shift", "shift"),
                     ("fps", "fps"), ("prompt time", "at"), ("unknown switch mode", "switch"),
-                    ("switch", "switch"), ("prompt", "prompt"), ("cache", "cache"))  # fmt: skip
+                    ("switch", "switch"), ("prompt", "prompt"), ("cache", "cache"),
+                    ("contrast", "contrast"))  # fmt: skip
 
 
 def param_of(message: str) -> str | None:
