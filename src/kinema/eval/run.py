@@ -127,7 +127,8 @@ def evaluate(
         results["vae_psnr_db"] = round(vae_psnr(pipe, 3 if quick else 6), 2)
     results["model"], results["seeds"] = pipe.name, seeds
     d = pipe.defaults
-    results["settings"] = {"steps": d.steps, "guidance": d.guidance, "cache": d.cache, **settings}
+    results["settings"] = {"steps": d.steps, "guidance": d.guidance, "cache": d.cache,
+                           "contrast": d.contrast, **settings}  # fmt: skip
     return results
 
 
