@@ -82,7 +82,7 @@ def record() -> None:
     pipe = kinema.load(device="cpu", dtype="fp32")
     tokens, masks = pipe.text_encoder.encode(list(PROMPTS))
     rows = {p: (tokens[i], masks[i]) for i, p in enumerate(PROMPTS)}
-    clips = {f"{p}|{s}": pipe.run(Request(prompt=p, seed=s, cache=0.0)).frames for p in PROMPTS[:2]
+    clips = {f"{p}|{s}": pipe.run(Request(prompt=p, seed=s)).frames for p in PROMPTS[:2]
              for s in SEEDS}  # fmt: skip
     RECORD.parent.mkdir(exist_ok=True)
     torch.save({"rows": rows, "clips": {k: torch.from_numpy(v) for k, v in clips.items()}}, RECORD)
@@ -119,7 +119,7 @@ def builtin_check(device: torch.device, smoke: bool = False) -> dict[str, Any]:
         for key, cpu in clips:
             prompt, seed = key.rsplit("|", 1)
             start = time.perf_counter()
-            frames = pipe.run(Request(prompt=prompt, seed=int(seed), cache=0.0)).frames
+            frames = pipe.run(Request(prompt=prompt, seed=int(seed))).frames
             seconds = time.perf_counter() - start
             cpu = cpu.numpy()
             rows.append({"prompt": prompt, "seed": int(seed), "seconds": seconds,

@@ -577,7 +577,7 @@ class Pipeline:
         if isinstance(condition, ImageCondition):  # extra input channels, not clean frames
             velocity, condition = image_conditioned(self.velocity, condition), None
         counted, calls = count_calls(velocity)
-        if other is not None and req.contrast:  # timed prompts, blended: see timeline
+        if other is not None:  # timed prompts, blended: see timeline (contrast 0: plain cfg)
             model_fn = contrast_cfg(counted, context, uncond, other, req.guidance, req.contrast)
         elif uncond is None:  # guidance <= 1: one conditional forward per step, as diffusers
             model_fn = cfg(counted, context, context, 1.0)

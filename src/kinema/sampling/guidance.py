@@ -31,10 +31,10 @@ def _check_cfg(cond: Tensor, uncond: Tensor, scale: float) -> None:
         )
 
 
-def _double_timestep(t: Tensor, batch: int) -> Tensor:
-    """t as () (shared), (B,) or (B, F) -> the same for the doubled batch 2B."""
+def _repeat_timestep(t: Tensor, batch: int, copies: int = 2) -> Tensor:
+    """t as () (shared), (B,) or (B, F) -> the same for the batch of ``copies`` x B."""
     if t.ndim > 0 and t.shape[0] == batch:
-        return torch.cat([t, t])  # (2B, ...)
+        return torch.cat([t] * copies)  # (copies B, ...)
     return t
 
 
@@ -53,7 +53,7 @@ def cfg(model_fn_ctx: ContextModelFn, cond: Tensor, uncond: Tensor, scale: float
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
         b = x.shape[0]
-        v = model_fn_ctx(torch.cat([x, x]), _double_timestep(t, b), both)  # (2B, ...)
+        v = model_fn_ctx(torch.cat([x, x]), _repeat_timestep(t, b), both)  # (2B, ...)
         v_cond, v_uncond = v[:b], v[b:]
         return v_uncond + scale * (v_cond - v_uncond)
 
@@ -69,11 +69,16 @@ def contrast_cfg(
     ``cfg + weight * (v_cond - v_other)``, the same contrast as negative-prompt guidance but
     per frame and added to the usual term rather than replacing it, so colour and shape (which
     both prompts name) keep their guidance. One forward of batch 3B (2B without ``uncond``,
-    i.e. ``scale == 1``); ``weight == 0`` is :func:`cfg` itself."""
+    i.e. ``scale == 1``); ``weight == 0`` is :func:`cfg` itself (one conditional forward
+    without ``uncond``)."""
     if isinstance(weight, bool) or not math.isfinite(weight) or weight < 0:
         raise ValueError(f"contrast weight must be a finite number >= 0, got {weight!r}")
     if weight == 0:
-        return cfg(model_fn_ctx, cond, cond if uncond is None else uncond, scale)
+        return (
+            cfg(model_fn_ctx, cond, cond, 1.0)
+            if uncond is None
+            else cfg(model_fn_ctx, cond, uncond, scale)
+        )
     if other.shape != cond.shape:
         raise ValueError(f"other contexts {tuple(other.shape)} must match cond {tuple(cond.shape)}")
     guided = scale != 1 and uncond is not None
@@ -84,8 +89,7 @@ def contrast_cfg(
 
     def contrasted(x: Tensor, t: Tensor) -> Tensor:
         b, n = x.shape[0], len(parts)
-        tt = torch.cat([t] * n) if t.ndim > 0 and t.shape[0] == b else t
-        v = model_fn_ctx(torch.cat([x] * n), tt, stacked).split(b)
+        v = model_fn_ctx(torch.cat([x] * n), _repeat_timestep(t, b, n), stacked).split(b)
         v_cond, v_other = v[0], v[-1]
         base = v[1] + scale * (v_cond - v[1]) if guided else v_cond
         return base + weight * (v_cond - v_other)
