@@ -239,8 +239,32 @@ def test_bad_arguments_raise_value_error():
         lambda: ClipSpec((obj,), "plaid"),
         lambda: ClipSpec((), "black"),
         lambda: caption(ClipSpec((obj,), "black"), np.random.default_rng(0), "poetic"),
+        lambda: SyntheticClips(0, motion_weights={"sideways": 1.0}),
+        lambda: SyntheticClips(0, motion_weights={"up": -1.0}),
+        lambda: sample_clip_spec(
+            np.random.default_rng(0), motion_weights=dict.fromkeys(MOTIONS, 0)
+        ),
     ]
     for make in bad:
         with pytest.raises(ValueError):
             make()
     assert set(BACKGROUNDS) and ClipSpec((obj,), "black").duration == 2.0
+
+
+def _motion_counts(n: int, **kw) -> dict[str, int]:
+    motions = [o.motion for spec in _specs(n, **kw) for o in spec.objects]
+    return {m: motions.count(m) for m in MOTIONS}
+
+
+def test_motion_weights_set_how_often_each_motion_is_drawn():
+    plain = _motion_counts(300, change_prob=0.0)
+    drilled = _motion_counts(300, change_prob=0.0, motion_weights={"up-left": 3.0})
+    assert drilled["up-left"] > 2 * plain["up-left"] > 0
+    assert drilled["left"] < plain["left"]
+    only = _motion_counts(
+        60, change_prob=0.0, motion_weights={**dict.fromkeys(MOTIONS, 0), "down": 1}
+    )
+    assert only["down"] == sum(only.values()) > 60
+    # held-out combinations stay out of training whatever the weights
+    specs = _specs(200, motion_weights={"up-left": 5.0})
+    assert not {(o.colour, o.shape, o.motion) for s in specs for o in s.objects} & HELDOUT

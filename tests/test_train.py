@@ -177,9 +177,13 @@ def test_lr_schedule_and_positions() -> None:
 
 def test_config_errors_name_the_key(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
-    good.write_text("vae: v\nmodel: {num_layers: 2}\ndata: {frames: 9}\nbetas: [0.9, 0.95]\n")
+    good.write_text(
+        "vae: v\nmodel: {num_layers: 2}\nbetas: [0.9, 0.95]\n"
+        "data: {frames: 9, motion_weights: {up-left: 3}}\n"
+    )
     config = load_train_config(good)
     assert config.model.num_layers == 2 and config.data.frames == 9 and config.betas == (0.9, 0.95)
+    assert config.data.motion_weights == {"up-left": 3.0}
     cases = {
         "vae: v\nmodel: {}\nlearning_rate: 1\n": "learning_rate",
         "vae: v\nmodel: {}\ndata: {fpss: 3}\n": "fpss",
@@ -188,6 +192,8 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         "vae: v\nmodel: {}\ndata: {frames: 8}\n": "data.frames",
         "vae: v\nmodel: {}\ncond_probs: [0.5, 0.5, 0.5]\n": "cond_probs",
         "vae: v\nmodel: {}\ndata: {object_scale: 3}\n": "data.object_scale",
+        "vae: v\nmodel: {}\ndata: {motion_weights: {upleft: 2}}\n": "data.motion_weights",
+        "vae: v\nmodel: {}\ndata: {motion_weights: [1, 2]}\n": "motion_weights",
     }
     for i, (text, key) in enumerate(cases.items()):
         path = tmp_path / f"bad{i}.yaml"

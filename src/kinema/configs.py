@@ -171,6 +171,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise TypeError(f"{where}: expected {len(item_types)} values, got {len(value)}")
         pairs = enumerate(zip(value, item_types, strict=True))
         return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in pairs)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        key_type, value_type = typing.get_args(annotation)
+        return {_coerce(k, key_type, where): _coerce(v, value_type, f"{where}[{k}]")
+                for k, v in value.items()}  # fmt: skip
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if dataclasses.is_dataclass(annotation) and isinstance(value, dict):

@@ -12,12 +12,15 @@ bottom RGB); equal ends = flat), ``HELDOUT`` (held-out (colour, shape, motion) t
 ``ObjectSpec`` / ``ClipSpec``
     Frozen dataclasses; every field needed to render is in them (see their field comments).
 ``sample_clip_spec(rng, *, width=128, height=128, frames=33, fps=16, split="train",
-max_objects=3, change_prob=0.2, object_scale=1.0) -> ClipSpec``
+max_objects=3, change_prob=0.2, object_scale=1.0, motion_weights=None) -> ClipSpec``
     ``split="train"`` never yields a ``HELDOUT`` triple (neither as the first motion nor as
     the motion after a change); ``split="heldout"`` yields objects whose first motion is one.
     ``change_prob`` is the chance that a clip's first object changes motion part-way (0
     gives first-motion-only clips). ``object_scale`` (0.5 to 1.6) multiplies every radius:
     larger objects span more latent patches of a small model (kinema-tiny trains at 1.5).
+    ``motion_weights`` (motion -> weight >= 0; unnamed motions weigh 1; None: all equal)
+    makes some motions more or less frequent, e.g. ``{"up-left": 3}`` to drill one the model
+    gets wrong (``check_motion_weights`` validates one).
 ``render(spec) -> np.ndarray``
     uint8 (T, H, W, 3); drawn with Pillow at 2x and box-downsampled (anti-aliased).
 ``trajectory(obj, frames, fps) -> (x, y, r, angle)``
@@ -41,7 +44,7 @@ max_objects=3, change_prob=0.2, object_scale=1.0) -> ClipSpec``
     keys found), for any phrasing the grammar produces and simple user phrasings such as
     "a yellow circle moving right". Unknown words are ignored.
 ``SyntheticClips(seed, size=(w, h), frames=33, fps=16, split="train", length=None,
-max_objects=3, change_prob=0.2, phrasing="train", object_scale=1.0)``
+max_objects=3, change_prob=0.2, phrasing="train", object_scale=1.0, motion_weights=None)``
     ``ds[i] -> (video uint8 (T, H, W, 3), caption, spec)``, a pure function of (seed, i);
     ``ds.timed(i)``: clip i's ``timed_captions`` (None without a motion change).
 
@@ -373,18 +376,37 @@ def annotations(spec: ClipSpec) -> list[list[dict]]:
 # --- sampling ----------------------------------------------------------------------------------
 
 
+def check_motion_weights(weights: dict[str, float] | None) -> None:
+    """Raise ValueError naming the first motion or weight that ``motion_weights`` refuses."""
+    for name, w in (weights or {}).items():
+        _check("motion", name, MOTIONS)
+        if not (isinstance(w, int | float) and w >= 0):
+            raise ValueError(f"motion weight {name}: {w!r}; valid: a number >= 0")
+    if weights is not None and all(weights.get(m, 1.0) == 0 for m in MOTIONS):
+        raise ValueError("motion_weights give every motion weight 0; valid: at least one > 0")
+
+
+def _draw(rng: np.random.Generator, n: int, weights: list[float] | None) -> int:
+    """An index below ``n``, uniform or (when ``weights`` sum above 0) in their proportion."""
+    if weights is None or sum(weights) == 0:
+        return int(rng.integers(n))
+    return int(rng.choice(n, p=np.asarray(weights) / sum(weights)))
+
+
 def _triple(
-    rng: np.random.Generator, split: str, taken: set[str], motions: tuple[str, ...] = MOTIONS
-) -> tuple[str, str, str]:
-    """(colour, shape, motion) for one object, motion from ``motions``; colours in ``taken``
-    are avoided."""
+    rng: np.random.Generator, split: str, taken: set[str], motions: tuple[str, ...] = MOTIONS,
+    motion_weights: dict[str, float] | None = None,
+) -> tuple[str, str, str]:  # fmt: skip
+    """(colour, shape, motion) for one object, motion from ``motions`` (drawn by
+    ``motion_weights`` when given); colours in ``taken`` are avoided."""
+    weigh = None if motion_weights is None else (lambda m: motion_weights.get(m, 1.0))
     if split == "heldout":
         pool = [t for t in sorted(HELDOUT) if t[0] not in taken and t[2] in motions]
-        return pool[int(rng.integers(len(pool)))]
+        return pool[_draw(rng, len(pool), weigh and [weigh(t[2]) for t in pool])]
     while True:
         c = list(COLOURS)[int(rng.integers(len(COLOURS)))]
         s = SHAPES[int(rng.integers(len(SHAPES)))]
-        m = motions[int(rng.integers(len(motions)))]
+        m = motions[_draw(rng, len(motions), weigh and [weigh(m) for m in motions])]
         if c not in taken and (c, s, m) not in HELDOUT and (s, m) != ("circle", "rotating"):
             return c, s, m
 
@@ -411,11 +433,13 @@ def _then(rng: np.random.Generator, motion: str, colour: str, shape: str, split:
 
 
 def _draft(
-    rng: np.random.Generator, split: str, taken: set[str], change: bool, frames: int, fps: int
-) -> ObjectSpec:
+    rng: np.random.Generator, split: str, taken: set[str], change: bool, frames: int, fps: int,
+    motion_weights: dict[str, float] | None = None,
+) -> ObjectSpec:  # fmt: skip
     """An object placed at the centre (``_place`` moves it to a valid start). When ``change``
     its motion is one that can change (``CHANGES``) and gets a ``then_motion``."""
-    colour, shape, motion = _triple(rng, split, taken, tuple(CHANGES) if change else MOTIONS)
+    motions = tuple(CHANGES) if change else MOTIONS
+    colour, shape, motion = _triple(rng, split, taken, motions, motion_weights)
     speed, size = _speed_and_size(rng, motion, (frames - 1) / fps)
     then = _then(rng, motion, colour, shape, split) if change else ""
     switch = int(round(rng.uniform(0.4, 0.6) * (frames - 1))) if then else None
@@ -460,10 +484,11 @@ def _overlap(a: np.ndarray, b: np.ndarray, pad: float = 0.04) -> bool:
 def sample_clip_spec(
     rng: np.random.Generator, *, width: int = 128, height: int = 128, frames: int = 33,
     fps: int = 16, split: str = "train", max_objects: int = 3, change_prob: float = 0.2,
-    object_scale: float = 1.0,
+    object_scale: float = 1.0, motion_weights: dict[str, float] | None = None,
 ) -> ClipSpec:  # fmt: skip
     """A random clip of the world (see the module docstring for the rules)."""
     _check("split", split, ("train", "heldout"))
+    check_motion_weights(motion_weights)
     _check_size(width, height, frames, fps)
     if not 1 <= max_objects <= 3:
         raise ValueError(f"max_objects {max_objects}; valid: 1 to 3")
@@ -478,7 +503,8 @@ def sample_clip_spec(
     for _ in range(12 * n):
         if len(objects) == n:
             break
-        o = _draft(rng, split, {p.colour for p in objects}, change and not objects, frames, fps)
+        taken = {p.colour for p in objects}
+        o = _draft(rng, split, taken, change and not objects, frames, fps, motion_weights)
         o = replace(o, size=o.size * object_scale * (1 - 0.12 * (n - 1)))
         placed = _place(rng, o, boxes, (width, height), frames, fps)
         if placed is not None:
@@ -657,8 +683,10 @@ class SyntheticClips:
         self, seed: int = 0, size: tuple[int, int] = (128, 128), frames: int = 33,
         fps: int = 16, split: str = "train", length: int | None = None, max_objects: int = 3,
         change_prob: float = 0.2, phrasing: str = "train", object_scale: float = 1.0,
+        motion_weights: dict[str, float] | None = None,
     ) -> None:  # fmt: skip
         _check("split", split, ("train", "heldout"))
+        check_motion_weights(motion_weights)
         _check("phrasing", phrasing, TEMPLATES)
         _check_size(size[0], size[1], frames, fps)
         if length is not None and length < 1:
@@ -666,7 +694,7 @@ class SyntheticClips:
         self.seed, self.size, self.frames, self.fps = seed, size, frames, fps
         self.split, self.length, self.phrasing = split, length, phrasing
         self.max_objects, self.change_prob = max_objects, change_prob
-        self.object_scale = object_scale
+        self.object_scale, self.motion_weights = object_scale, motion_weights
 
     def __len__(self) -> int:
         return self.length if self.length is not None else 2**31 - 1
@@ -680,7 +708,7 @@ class SyntheticClips:
         spec = sample_clip_spec(
             rng, width=w, height=h, frames=self.frames, fps=self.fps, split=self.split,
             max_objects=self.max_objects, change_prob=self.change_prob,
-            object_scale=self.object_scale,
+            object_scale=self.object_scale, motion_weights=self.motion_weights,
         )  # fmt: skip
         return spec, rng
 

@@ -40,6 +40,8 @@ class DataConfig:
     frames: int = 33  # clip length in frames (4k + 1)
     fps: int = 16  # frames per second the clips are sampled at
     object_scale: float = 1.0  # synthetic: multiplies every object's radius (0.5 to 1.6)
+    motion_weights: dict[str, float] | None = None  # synthetic: relative frequency of motions
+    #   (e.g. {up-left: 3}; unnamed ones weigh 1), to drill motions a model gets wrong
 
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
@@ -52,6 +54,13 @@ class DataConfig:
             raise ValueError(f"data.num_clips {self.num_clips} must be >= 1")
         if not 0.5 <= self.object_scale <= 1.6:
             raise ValueError(f"data.object_scale {self.object_scale}; valid: 0.5 to 1.6")
+        if self.motion_weights is not None:
+            from kinema.data.synthetic import check_motion_weights
+
+            try:
+                check_motion_weights(self.motion_weights)
+            except ValueError as err:
+                raise ValueError(f"data.motion_weights: {err}") from None
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ class ClipDataset(torch.utils.data.Dataset):
 
             self.source: Any = SyntheticClips(
                 data.seed, size=size, frames=data.frames, fps=data.fps, split=split,
-                object_scale=data.object_scale,
+                object_scale=data.object_scale, motion_weights=data.motion_weights,
             )  # fmt: skip
             self.length = data.num_clips
         else:
