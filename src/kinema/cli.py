@@ -399,11 +399,13 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ValueError(f"seeds {args.seeds} must be >= 1")
     pipe = load(args.model, device=args.device)
-    if args.cache is not None:  # every clip of the eval, --beyond's too, samples with it
-        pipe.defaults = dataclasses.replace(pipe.defaults, cache=args.cache)
+    given = {"steps": args.steps, "guidance": args.guidance, "cache": args.cache}
+    # every clip of the eval, --beyond's too, samples with what was given
+    pipe.defaults = dataclasses.replace(
+        pipe.defaults, **{k: v for k, v in given.items() if v is not None}
+    )
     log = (lambda line: print(line, file=sys.stderr)) if args.verbose else (lambda line: None)
-    results = evaluate(pipe, seeds=args.seeds, steps=args.steps, quick=args.quick, log=log,
-                       guidance=args.guidance)  # fmt: skip
+    results = evaluate(pipe, seeds=args.seeds, quick=args.quick, log=log)
     print(table(results))
     if args.beyond:
         from kinema.eval import beyond

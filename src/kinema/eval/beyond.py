@@ -153,7 +153,9 @@ def timed_prompts(
 def evaluate_beyond(pipe: Any, model: str | None, quick: bool = False) -> dict[str, Any]:
     """All four checks as a JSON-ready dict (``quick``: fewer clips, 8 s instead of 16 s)."""
     timed = SWITCHES[:4] if quick else SWITCHES
+    d = pipe.defaults  # what every clip but the memory check's (4 steps) samples with
     return {
+        "settings": {"steps": d.steps, "guidance": d.guidance, "cache": d.cache},
         "first_frame_psnr_db": first_frame_fidelity(pipe, 2 if quick else 4),
         "extension": seam_continuity(pipe, 2 if quick else 3),
         "long_video_memory": long_video_memory(model, 4.0, 8.0 if quick else 16.0),
