@@ -109,13 +109,10 @@ def score_set(
 
 
 def evaluate(
-    pipe: Any, seeds: int = 2, steps: int | None = None, quick: bool = False,
-    log: Callable[[str], None] = lambda s: None, guidance: float | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """All prompt sets plus VAE PSNR, as a JSON-ready dict (``steps`` / ``guidance``: None
-    for the model's defaults)."""
-    given = {"steps": steps, "guidance": guidance}
-    settings = {k: v for k, v in given.items() if v is not None}
+    pipe: Any, seeds: int = 2, quick: bool = False, log: Callable[[str], None] = lambda s: None
+) -> dict[str, Any]:
+    """All prompt sets plus VAE PSNR, as a JSON-ready dict; every clip samples with
+    ``pipe.defaults`` (``kinema eval --steps`` and the like replace those)."""
     per_set = 5 if quick else 10
     sets = {
         "heldout": heldout_prompts(per_set),
@@ -123,12 +120,12 @@ def evaluate(
         "seen": seen_prompts(per_set, paraphrase=False),
     }
     with torch.inference_mode():
-        results = {name: score_set(pipe, p, seeds, settings, log) for name, p in sets.items()}
+        results = {name: score_set(pipe, p, seeds, {}, log) for name, p in sets.items()}
         results["vae_psnr_db"] = round(vae_psnr(pipe, 3 if quick else 6), 2)
     results["model"], results["seeds"] = pipe.name, seeds
     d = pipe.defaults
     results["settings"] = {"steps": d.steps, "guidance": d.guidance, "cache": d.cache,
-                           "contrast": d.contrast, **settings}  # fmt: skip
+                           "contrast": d.contrast}  # fmt: skip
     return results
 
 
