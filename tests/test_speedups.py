@@ -135,3 +135,20 @@ def test_causal_conv_by_onednn_equals_conv3d(kernel, stride, padding, frames):
     grad = conv(x, past if padding else None)  # with autograd: the plain conv3d
     assert len(taken) == 1 and grad.requires_grad
     torch.testing.assert_close(grad.detach(), exact, atol=1e-6, rtol=1e-6)
+
+
+def test_matmul_attention_equals_sdpa_and_hands_long_sequences_to_it(monkeypatch):
+    from kinema.models import ops
+
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 20, 3, 8, generator=g)  # (B, S, H, D)
+    kv = [torch.randn(2, length, 3, 8, generator=g) for length in (20, 20, 7, 7)]
+    for k, v in (kv[:2], kv[2:]):  # self- and cross-attention shapes
+        want = ops.sdpa_attention(q, k, v)
+        got = ops.matmul_attention(q, k, v)
+        assert got.shape == want.shape
+        assert (got - want).abs().max().item() <= 1e-5
+    calls = []
+    monkeypatch.setattr(ops, "sdpa_attention", lambda *a: calls.append(1) or want)
+    monkeypatch.setattr(ops, "MATMUL_ATTENTION_MAX", 2 * 3 * 20 * 7 - 1)  # one weight too many
+    assert ops.matmul_attention(q, *kv[2:]) is want and calls == [1]

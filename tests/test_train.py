@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from kinema.configs import DiTConfig, VAEConfig
 from kinema.data.synthetic import vocabulary
 from kinema.io.checkpoint import load_dit, load_vae, save_component
+from kinema.models import ops
 from kinema.models.dit import VideoDiT
 from kinema.models.vae import CausalVAE
 from kinema.train import (
@@ -36,8 +37,10 @@ from kinema.train.config import OptimFields
 from kinema.train.loop import (
     ClipDataset,
     LatentCache,
+    autocast,
     caption_context,
     check_extra_caches,
+    cpu_has_bf16,
     load_caches,
     precompute,
     read_log,
@@ -254,6 +257,26 @@ def test_dit_resume_is_exact(tmp_path: Path, vae_folder: Path, text_encoder, vid
     assert len(list((tmp_path / "a" / "checkpoints").glob("step-*"))) == 2  # keeps the last 2
     dit = load_dit(straight / "transformer")
     assert dit.proj_out.weight.dtype == torch.float16  # lossless enough for fp16
+
+
+def test_bf16_precision_trains_in_bf16_on_a_cpu_that_has_it(
+    tmp_path: Path, vae_folder: Path, text_encoder, videos, capsys
+) -> None:
+    native = cpu_has_bf16()  # AVX512-BF16 / AMX: bf16 autocast, else fp32 with a notice
+    bf16 = dit_config(tmp_path / "bf16", vae_folder, data=videos, precision="bf16", max_steps=2)
+    with autocast(bf16, torch.device("cpu")):
+        dtype = torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype
+        backend = ops._ATTENTION
+    assert dtype == (torch.bfloat16 if native else torch.float32)
+    assert (backend is ops.matmul_attention) == native
+    assert ops._ATTENTION is ops.sdpa_attention  # restored on exit
+    train_dit(bf16, text_encoder=text_encoder)
+    assert ("training in fp32" in capsys.readouterr().out) != native
+    fp32 = dit_config(tmp_path / "fp32", vae_folder, data=videos, max_steps=2)
+    train_dit(fp32, text_encoder=text_encoder)
+    a, b = (float(read_log(c.out_dir)[0]["loss"]) for c in (bf16, fp32))
+    assert (a != b) == native  # the same batch and weights: only the precision differs
+    assert abs(a - b) <= 0.02 * b
 
 
 def test_timed_captions_give_each_latent_frame_the_caption_in_force(

@@ -80,7 +80,7 @@ class OptimFields:
     grad_clip: float = 1.0  # global gradient-norm clip (0 disables)
     ema_decay: float = 0.999  # EMA of the weights (0 disables: EMA = weights)
     ema_warmup: bool = True  # decay ramps as min(decay, (1+n)/(10+n)) over the first updates
-    precision: str = "fp32"  # "fp32", or "bf16" autocast (CUDA only; fp32 elsewhere)
+    precision: str = "fp32"  # "fp32", or "bf16" autocast (CUDA, or a CPU with native bf16)
     gradient_checkpointing: bool = False  # recompute activations in backward (CUDA only)
     checkpoint_every: int = 200  # steps between checkpoints (also saved on Ctrl-C / SIGTERM)
     keep_checkpoints: int = 2  # most recent checkpoints kept

@@ -30,7 +30,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from kinema.configs import SamplingDefaults
 from kinema.distributed import train as dt
+from kinema.models.ops import matmul_attention, use_attention
 from kinema.timeline import latent_prompts
 from kinema.train.config import DataConfig, OptimFields, TrainConfig, config_to_dict, parse_config
 from kinema.train.ema import EMA
@@ -170,11 +171,33 @@ def pick_device(name: str | None) -> torch.device:
     return resolve_device(name)
 
 
+def cpu_has_bf16() -> bool:
+    """True when this CPU computes in bf16 natively (AVX512-BF16 or AMX, through oneDNN)."""
+    return bool(
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+def autocast_device(config: OptimFields, device: torch.device) -> str | None:
+    """Where ``precision: bf16`` autocasts: ``"cuda"``, ``"cpu"`` (only on a CPU with native
+    bf16, where its matmuls run ~3x faster than fp32), or None (fp32)."""
+    if config.precision != "bf16":
+        return None
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()):
+        return device.type
+    return None
+
+
 def autocast(config: OptimFields, device: torch.device) -> Any:
-    """bf16 autocast on CUDA when asked for; a no-op elsewhere."""
-    if config.precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    """bf16 autocast when asked for and the device runs it natively (on a CPU with the
+    matmul attention, faster there than SDPA's CPU kernel); a no-op elsewhere."""
+    kind = autocast_device(config, device)
+    stack = ExitStack()
+    if kind:
+        stack.enter_context(torch.autocast(kind, dtype=torch.bfloat16))
+    if kind == "cpu":
+        stack.enter_context(use_attention(matmul_attention))
+    return stack
 
 
 def build_optimizer(model: nn.Module, config: OptimFields) -> torch.optim.AdamW:
@@ -210,6 +233,9 @@ def start_run(
     (:func:`kinema.distributed.train.wrap_model`) before the EMA and optimiser are built.
     """
     device = device or pick_device(config.device)
+    fallback = config.precision == "bf16" and autocast_device(config, device) is None
+    if fallback and dt.world()[0] == 0:
+        print(f"precision bf16: {device.type} has no native bf16 here, training in fp32")
     ckpt = latest_checkpoint(config.out_dir)
     torch.manual_seed(config.seed)
     model = freeze(build_model(ckpt).to(device).train().requires_grad_(True), frozen)
