@@ -152,3 +152,18 @@ def test_matmul_attention_equals_sdpa_and_hands_long_sequences_to_it(monkeypatch
     monkeypatch.setattr(ops, "sdpa_attention", lambda *a: calls.append(1) or want)
     monkeypatch.setattr(ops, "MATMUL_ATTENTION_MAX", 2 * 3 * 20 * 7 - 1)  # one weight too many
     assert ops.matmul_attention(q, *kv[2:]) is want and calls == [1]
+
+
+def test_default_attention_is_matmul_attention_in_bf16_on_a_cpu_and_sdpa_elsewhere():
+    from kinema.models import ops
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 20, 3, 8, generator=g) for _ in range(3))
+    assert ops._ATTENTION is ops.default_attention
+    assert torch.equal(ops.attention(q, k, v), ops.sdpa_attention(q, k, v))  # fp32: SDPA
+    half = [t.bfloat16() for t in (q, k, v)]
+    assert torch.equal(ops.attention(*half), ops.matmul_attention(*half))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 tensors under bf16 autocast
+        got, want = ops.attention(q, k, v), ops.matmul_attention(q, k, v)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert (got.float() - ops.sdpa_attention(q, k, v)).abs().max().item() < 0.05

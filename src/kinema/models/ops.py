@@ -2,8 +2,9 @@
 embeddings, patchify.
 
 Attention goes through one function, :func:`attention`, whose backend can be swapped with
-:func:`use_attention` (SDPA by default; sequence-parallel backends plug in here). All tensors
-in the attention path use the (B, S, H, D) layout: batch, sequence, heads, head channels.
+:func:`use_attention` (:func:`default_attention`: SDPA, or plain matmuls in bf16 on a CPU;
+sequence-parallel backends plug in here). All tensors in the attention path use the
+(B, S, H, D) layout: batch, sequence, heads, head channels.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ MATMUL_ATTENTION_MAX = 2**26
 def matmul_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q kᵀ / √D) v as two plain matmuls: q (B, S, H, D), k/v (B, L, H, D) -> (B, S, H, D).
 
-    Under CPU bf16 autocast both matmuls run on oneDNN's bf16 kernels, which beat torch's CPU
-    flash kernel (kinema-tiny's training step: ~1.3 s against ~1.8 s); the softmax output is
-    bf16, as flash attention casts it before its second matmul. It holds the (B, H, S, L)
-    weights for backward, so past ``MATMUL_ATTENTION_MAX`` of them it is SDPA.
+    In bf16 on a CPU both matmuls run on oneDNN's bf16 kernels, which beat torch's CPU flash
+    kernel (kinema-tiny's training step ~1.3 s against ~1.8 s, its default clip ~3.5 s against
+    ~4.3 s); the softmax output is bf16, as flash attention casts it before its second matmul.
+    It holds the (B, H, S, L) weights (for backward too), so past ``MATMUL_ATTENTION_MAX`` of
+    them it is SDPA.
     """
     b, s, h, _ = q.shape
     if b * h * s * k.shape[1] > MATMUL_ATTENTION_MAX:
@@ -45,10 +47,21 @@ def matmul_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return (weights.softmax(dim=-1) @ v).transpose(1, 2)  # (B, S, H, D)
 
 
+def default_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """SDPA, except on a CPU in bf16 (bf16 tensors, or under bf16 autocast), where
+    :func:`matmul_attention` is faster. q (B, S, H, D), k/v (B, L, H, D) -> (B, S, H, D)."""
+    autocast_bf16 = torch.is_autocast_enabled("cpu") and (
+        torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
+    if q.device.type == "cpu" and (q.dtype == torch.bfloat16 or autocast_bf16):
+        return matmul_attention(q, k, v)
+    return sdpa_attention(q, k, v)
+
+
 # The backend is a plain module global, not a ContextVar: torch.compile traces a global (and
 # recompiles if it changes) but breaks the graph at every ContextVar.get(). It is process-wide;
 # every distributed rank is its own process.
-_ATTENTION: AttentionFn = sdpa_attention
+_ATTENTION: AttentionFn = default_attention
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

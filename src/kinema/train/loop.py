@@ -30,7 +30,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,6 @@ from tqdm.auto import tqdm
 
 from kinema.configs import SamplingDefaults
 from kinema.distributed import train as dt
-from kinema.models.ops import matmul_attention, use_attention
 from kinema.timeline import latent_prompts
 from kinema.train.config import DataConfig, OptimFields, TrainConfig, config_to_dict, parse_config
 from kinema.train.ema import EMA
@@ -189,15 +188,9 @@ def autocast_device(config: OptimFields, device: torch.device) -> str | None:
 
 
 def autocast(config: OptimFields, device: torch.device) -> Any:
-    """bf16 autocast when asked for and the device runs it natively (on a CPU with the
-    matmul attention, faster there than SDPA's CPU kernel); a no-op elsewhere."""
+    """bf16 autocast when asked for and the device runs it natively; a no-op elsewhere."""
     kind = autocast_device(config, device)
-    stack = ExitStack()
-    if kind:
-        stack.enter_context(torch.autocast(kind, dtype=torch.bfloat16))
-    if kind == "cpu":
-        stack.enter_context(use_attention(matmul_attention))
-    return stack
+    return torch.autocast(kind, dtype=torch.bfloat16) if kind else nullcontext()
 
 
 def build_optimizer(model: nn.Module, config: OptimFields) -> torch.optim.AdamW:
