@@ -50,8 +50,10 @@ def test_eval_beyond_runs_every_check(tmp_path, capsys):
     model = build_tiny_model(tmp_path / "tiny")
     out = tmp_path / "eval.json"
     args = ["eval", "--model", str(model), "--quick", "--seeds", "1", "--beyond", "--out", str(out)]
-    assert main([*args, "--steps", "1", "--guidance", "2.5"]) == 0
-    beyond = json.loads(out.read_text())["beyond"]
+    assert main([*args, "--steps", "1", "--guidance", "2.5", "--dtype", "bf16"]) == 0
+    results = json.loads(out.read_text())
+    assert results["settings"]["dtype"] == "bfloat16"  # --dtype reached the pipeline
+    beyond = results["beyond"]
     # --steps and --guidance reach these clips too (the model's own are 2 and 3.0)
     assert beyond["settings"] == {"steps": 1, "guidance": 2.5, "cache": 0.0}
     assert beyond["first_frame_psnr_db"] > 0

@@ -388,6 +388,7 @@ def add_eval(sub: Any) -> None:
     )  # fmt: skip
     p.add_argument("--out", default="outputs/eval.json", help="JSON results")
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: per device)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every verdict")
     p.set_defaults(run=run_eval)
 
@@ -398,7 +399,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise ValueError(f"seeds {args.seeds} must be >= 1")
-    pipe = load(args.model, device=args.device)
+    pipe = load(args.model, device=args.device, dtype=args.dtype)
     given = {"steps": args.steps, "guidance": args.guidance, "cache": args.cache}
     # every clip of the eval, --beyond's too, samples with what was given
     pipe.defaults = dataclasses.replace(

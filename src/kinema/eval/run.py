@@ -124,8 +124,9 @@ def evaluate(
         results["vae_psnr_db"] = round(vae_psnr(pipe, 3 if quick else 6), 2)
     results["model"], results["seeds"] = pipe.name, seeds
     d = pipe.defaults
+    dtype = str(pipe.dtype).removeprefix("torch.")
     results["settings"] = {"steps": d.steps, "guidance": d.guidance, "cache": d.cache,
-                           "contrast": d.contrast}  # fmt: skip
+                           "contrast": d.contrast, "dtype": dtype}  # fmt: skip
     return results
 
 
