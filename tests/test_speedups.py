@@ -167,3 +167,23 @@ def test_default_attention_is_matmul_attention_in_bf16_on_a_cpu_and_sdpa_elsewhe
         got, want = ops.attention(q, k, v), ops.matmul_attention(q, k, v)
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
     assert (got.float() - ops.sdpa_attention(q, k, v)).abs().max().item() < 0.05
+
+
+def test_qk_norm_is_torchs_rms_norm_with_the_inputs_dtype_under_bf16_autocast():
+    """Under bf16 autocast the q/k norm gets bf16 input: its weight is cast to bf16 so torch
+    takes the fused kernel (an fp32 weight takes a slower path and warns, once a process)."""
+    import torch.nn.functional as F
+
+    from kinema.models.dit import RMSNorm
+
+    norm, plain = RMSNorm(64, eps=1e-6), torch.nn.RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        plain.weight.copy_(norm.weight)
+    x = torch.randn(3, 50, 64)
+    assert torch.equal(norm(x), plain(x))  # fp32: nn.RMSNorm exactly
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        xb = F.linear(x, torch.eye(64))  # bf16, as a projection's output is
+        got = norm(xb)
+    want = F.rms_norm(xb, (64,), norm.weight.bfloat16(), 1e-6)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)

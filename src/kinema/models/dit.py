@@ -48,6 +48,16 @@ class FP32LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
+class RMSNorm(nn.RMSNorm):
+    """torch's RMSNorm with its weight cast to the input's dtype. Under bf16 autocast the
+    input is bf16 and an fp32 weight keeps torch off its fused kernel (with a warning); in one
+    dtype throughout it is nn.RMSNorm exactly."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight.to(x.dtype) if self.weight is not None else None
+        return F.rms_norm(x, self.normalized_shape, w, self.eps)
+
+
 class MLP(nn.Module):
     """linear_1 -> activation -> linear_2 (timestep and text embedders)."""
 
@@ -146,13 +156,13 @@ class Attention(nn.Module):
         self.heads = c.num_heads
         self.to_q, self.to_k, self.to_v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.to_out = nn.ModuleList([nn.Linear(d, d)])
-        norm = (lambda: nn.RMSNorm(d, eps=c.eps)) if c.qk_norm else nn.Identity
+        norm = (lambda: RMSNorm(d, eps=c.eps)) if c.qk_norm else nn.Identity
         self.norm_q, self.norm_k = norm(), norm()
         self.add_k_proj = self.add_v_proj = None
         if image_kv:
             kv_in = c.added_kv_proj_dim or d
             self.add_k_proj, self.add_v_proj = nn.Linear(kv_in, d), nn.Linear(kv_in, d)
-            self.norm_added_k = nn.RMSNorm(d, eps=c.eps) if c.qk_norm else nn.Identity()
+            self.norm_added_k = RMSNorm(d, eps=c.eps) if c.qk_norm else nn.Identity()
 
     def heads_of(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.heads, -1))  # (B, S, H, Dh)
