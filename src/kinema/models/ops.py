@@ -34,8 +34,8 @@ def matmul_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q kᵀ / √D) v as two plain matmuls: q (B, S, H, D), k/v (B, L, H, D) -> (B, S, H, D).
 
     In bf16 on a CPU both matmuls run on oneDNN's bf16 kernels, which beat torch's CPU flash
-    kernel (kinema-tiny's training step ~1.3 s against ~1.8 s, its default clip ~3.5 s against
-    ~4.3 s); the softmax output is bf16, as flash attention casts it before its second matmul.
+    kernel at kinema-tiny's lengths (its bf16 training step and clip are the README's numbers);
+    the softmax output is bf16, as flash attention casts it before its second matmul.
     It holds the (B, H, S, L) weights (for backward too), so past ``MATMUL_ATTENTION_MAX`` of
     them it is SDPA.
     """
