@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "src" / "kinema" / "assets" / "kinema-tiny"
 
 
-def configs(work: Path, steps: int) -> dict[str, object]:
+def configs(steps: int) -> dict[str, object]:
     """The two recipe configs, shrunk to a benchmark: small data, a log row every step."""
     common = dict(max_steps=10 * steps, log_every=1, checkpoint_every=10 * steps, progress=False)
     dit = load_train_config(ROOT / "configs" / "kinema-tiny-dit-8.yaml")
@@ -58,7 +58,7 @@ def main(steps: int, rounds: int) -> dict:
     results: dict = {"machine": machine(torch.device("cpu")), "cpu_has_bf16": cpu_has_bf16(),
                      "steps": steps, "rounds": rounds}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        for kind, config in configs(Path(tmp), steps).items():
+        for kind, config in configs(steps).items():
             times: dict[str, list[float]] = {"fp32": [], "bf16": []}
             losses: dict[str, float] = {}
             for _ in range(rounds):

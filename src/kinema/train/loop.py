@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import csv
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -170,6 +171,7 @@ def pick_device(name: str | None) -> torch.device:
     return resolve_device(name)
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """True when this CPU computes in bf16 natively (AVX512-BF16 or AMX, through oneDNN)."""
     return bool(
@@ -179,7 +181,7 @@ def cpu_has_bf16() -> bool:
 
 def autocast_device(config: OptimFields, device: torch.device) -> str | None:
     """Where ``precision: bf16`` autocasts: ``"cuda"``, ``"cpu"`` (only on a CPU with native
-    bf16, where its matmuls run ~3x faster than fp32), or None (fp32)."""
+    bf16; elsewhere bf16 would be emulated, slower than fp32), or None (fp32)."""
     if config.precision != "bf16":
         return None
     if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()):
