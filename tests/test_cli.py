@@ -46,6 +46,9 @@ BASE = ["--size", "32x32", "--steps", "2", "-q"]
         (["--at", "soon:a dog"], "--at 'soon:a dog' must be SECONDS:PROMPT"),
         (["--at", "9:a dog"], "prompt time 9 s is outside the clip"),
         (["--at", "0.2:a dog", "--at", "0.1:a cow"], "must increase"),
+        (["--lora", "nowhere.safetensors"], "LoRA file nowhere.safetensors does not exist"),
+        (["--lora", "x.safetensors:strong"], "the strength after ':' must be a number"),
+        (["--lora", "x.safetensors", "--devices", "2"], "--lora runs in one process"),
         (
             ["--switch", "fade"],
             "argument --switch: invalid choice: 'fade' (choose from 'blend', 'cut')",

@@ -349,5 +349,10 @@ def test_cli_binds_loopback_by_default(tmp_path):
     assert settings.offload == "none" and not settings.compile
     assert settings_from_args(parser.parse_args(["serve", "--compile"])).compile
     assert settings_from_args(parser.parse_args(["serve", "--offload", "block"])).offload == "block"
+    lora = ["serve", "--lora", "a.safetensors", "--lora", "b/lora.safetensors:0.5"]
+    assert settings_from_args(parser.parse_args(lora)).lora == (
+        ("a.safetensors", 1.0),
+        ("b/lora.safetensors", 0.5),
+    )
     with pytest.raises(ValueError, match="--offload 'all'; valid: none, model, block"):
         settings_from_args(parser.parse_args(["serve", "--offload", "all"]))

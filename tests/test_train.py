@@ -258,6 +258,41 @@ def test_dit_resume_is_exact(tmp_path: Path, vae_folder: Path, text_encoder, vid
     assert dit.proj_out.weight.dtype == torch.float16  # lossless enough for fp16
 
 
+def test_lora_trains_only_its_factors_resumes_exactly_and_exports_what_merges(
+    tmp_path: Path, vae_folder: Path, text_encoder, videos
+) -> None:
+    from kinema.lora import LoRAConfig, merge_lora, read_lora
+
+    base = train_dit(dit_config(tmp_path / "base", vae_folder, data=videos, max_steps=2),
+                     text_encoder=text_encoder)  # fmt: skip
+    lora = LoRAConfig(rank=4, alpha=8.0, targets=("attn1.to_q", "attn2.to_v", "ffn.net.2"))
+    config = lambda out: dit_config(out, vae_folder, data=videos, model=None, max_steps=4,
+                                    init_from=str(base), lora=lora)  # fmt: skip
+    straight = train_dit(config(tmp_path / "a"), text_encoder=text_encoder)
+    assert train_dit(config(tmp_path / "b"), text_encoder=text_encoder, stop_after=2)
+    resumed = train_dit(config(tmp_path / "b"), text_encoder=text_encoder)
+    a, b = latest_checkpoint(tmp_path / "a"), latest_checkpoint(tmp_path / "b")
+    assert not (a / "model").exists()  # a checkpoint holds the LoRA, not the frozen base
+    for name in ("lora.safetensors", "ema.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert sorted(wa) == sorted(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+        assert len(wa) == 2 * 2 * 3  # A and B of 3 targets in 2 blocks: nothing else trains
+    assert all(v.abs().max() > 0 for k, v in wa.items() if k.endswith("lora_B"))  # B moved
+    exported = read_lora(straight / "lora.safetensors")
+    assert sorted(exported) == sorted(read_lora(resumed / "lora.safetensors"))
+    frozen, merged = (load_dit(base / "transformer", dtype=torch.float32) for _ in range(2))
+    assert merge_lora(merged, exported) == 6
+    for name, w in merged.state_dict().items():
+        layer = name.removesuffix(".weight")
+        if f"{layer}.lora_A" not in wa:
+            assert torch.equal(w, frozen.state_dict()[name]), name
+            continue
+        delta = 2.0 * wa[f"{layer}.lora_B"] @ wa[f"{layer}.lora_A"]  # EMA factors, alpha / r
+        assert torch.allclose(w, frozen.state_dict()[name] + delta, atol=1e-5), name
+    with pytest.raises(ValueError, match="lora needs init_from"):
+        dit_config(tmp_path / "c", vae_folder, lora=lora)
+
+
 def test_bf16_precision_trains_in_bf16_on_a_cpu_that_has_it(
     tmp_path: Path, vae_folder: Path, text_encoder, videos, capsys
 ) -> None:

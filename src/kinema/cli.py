@@ -78,6 +78,7 @@ def add_generate(sub: Any) -> None:
     )  # fmt: skip
     add_switch_arg(p)
     add_device_args(p)
+    add_lora_arg(p)
     from kinema.distributed.cli import add_generate_options
 
     add_generate_options(p)
@@ -100,6 +101,24 @@ def add_device_args(p: argparse.ArgumentParser, quiet: bool = True) -> None:
     )  # fmt: skip
     if quiet:
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def add_lora_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lora", action="append", default=[], type=parse_lora, metavar="PATH[:STRENGTH]",
+        help="merge a LoRA file (kinema, diffusers/PEFT or Wan layout) into the DiT; "
+        "repeatable; strength 1 by default",
+    )  # fmt: skip
+
+
+def parse_lora(text: str) -> tuple[str, float]:
+    """``--lora`` 'PATH[:STRENGTH]' -> (path, strength) (:func:`kinema.lora.parse_lora_arg`)."""
+    from kinema.lora import parse_lora_arg
+
+    try:
+        return parse_lora_arg(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def add_switch_arg(p: argparse.ArgumentParser) -> None:
@@ -134,12 +153,14 @@ def run_generate(args: argparse.Namespace) -> int:
     from kinema.distributed.cli import distributed_generate
     from kinema.loading import load
 
+    if args.lora and args.devices > 1:
+        raise ValueError("--lora runs in one process; leave out --devices")
     if (code := distributed_generate(args)) is not None:
         return code
     from_output_check(args.output)
     pipe = load(
         args.model, device=args.device, dtype=args.dtype, offload=args.offload,
-        compile=args.compile,
+        compile=args.compile, lora=args.lora,
     )  # fmt: skip
     request = request_from_args(args, pipe.defaults, pipe.temporal_factor)
     return finish(pipe, request, args.output or default_output(args.prompt, args.seed), args)
@@ -224,6 +245,7 @@ def add_extend(sub: Any) -> None:
     )  # fmt: skip
     add_switch_arg(p)
     add_device_args(p)
+    add_lora_arg(p)
     p.set_defaults(run=run_extend)
 
 
@@ -235,7 +257,7 @@ def run_extend(args: argparse.Namespace) -> int:
     from_output_check(args.output)
     pipe = load(
         args.model, device=args.device, dtype=args.dtype, offload=args.offload,
-        compile=args.compile,
+        compile=args.compile, lora=args.lora,
     )  # fmt: skip
     fps = args.fps or source_fps(args.video, pipe.defaults.fps)
     t = pipe.temporal_factor

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     offload: str = "none",
     compile: bool = False,
+    lora: Sequence[str | Path | tuple[str | Path, float]] = (),
 ) -> Pipeline:
     """Load a model (``None`` = the built-in kinema-tiny) onto ``device`` in ``dtype``.
 
@@ -102,6 +104,9 @@ def load(
     every DiT block (:meth:`VideoDiT.compile_blocks`). The same outputs (within 1e-4) and
     faster steps, after a warm-up the first clip pays (seconds on CPU): for many clips or a
     server, not for one.
+
+    ``lora``: LoRA files (:mod:`kinema.lora`; or folders holding ``lora.safetensors``), each a
+    path or (path, strength), merged into the DiT's weights once (no cost per step).
     """
     from kinema.offload import Placement
 
@@ -125,6 +130,13 @@ def load(
     from kinema.sampling.cache import load_calibration
 
     parts["cache_calibration"] = load_calibration(path)  # step_cache.json, if calibrated
+    if lora:
+        from kinema.lora import merge_lora, read_lora
+
+        pairs = [item if isinstance(item, tuple) else (item, 1.0) for item in lora]
+        for file, strength in pairs:
+            merge_lora(parts["dit"], read_lora(file), strength)
+        parts["loras"] = [(str(file), float(strength)) for file, strength in pairs]
     if compile:
         parts["dit"].fuse_projections().compile_blocks()
     return Pipeline(**parts, placement=placement, load_seconds=time.perf_counter() - start)

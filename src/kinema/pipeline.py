@@ -280,8 +280,10 @@ class Pipeline:
         cache_calibration: Any = None,
         placement: Placement | None = None,
         vocabulary: Sequence[str] | None = None,
+        loras: Sequence[tuple[str, float]] = (),
     ) -> None:
         self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
+        self.loras = list(loras)  # (file, strength) merged into the DiT, for the sidecar
         self.vocabulary = frozenset(vocabulary) if vocabulary else None  # words it was trained on
         self.image_encoder, self.cache_calibration = image_encoder, cache_calibration
         self.name, self.defaults, self.load_seconds = name, defaults, load_seconds
@@ -639,9 +641,11 @@ class Pipeline:
         """The sidecar: request, model, versions, DiT evaluations and timings in seconds."""
         timings = {"load": round(self.load_seconds, 4), **clock.rounded()}
         timings["total"] = round(sum(timings.values()), 4)
+        loras = {"loras": [{"path": p, "strength": w} for p, w in self.loras]} if self.loras else {}
         return {
             **req.summary(),
             "model": self.name,
+            **loras,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "transformer_evaluations": evaluations,

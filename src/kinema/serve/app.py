@@ -54,6 +54,7 @@ class ServeSettings:
     dtype: str | None = None  # fp32, bf16, fp16 (None: per device)
     offload: str = "none"  # none, model, block (kinema.offload.Placement)
     compile: bool = False  # torch.compile the DiT's blocks (kinema.loading.load)
+    lora: tuple[tuple[str, float], ...] = ()  # LoRA files and strengths merged into the DiT
     api_key: str | None = None  # when set, /v1 needs "Authorization: Bearer <key>"
     max_queue: int = 32  # queued + running jobs before 429
     max_upload_bytes: int = 32 * 2**20  # per uploaded file
@@ -721,7 +722,8 @@ def create_app(settings: ServeSettings, pipe: Any = None) -> FastAPI:
         from kinema.loading import load
 
         pipe = load(settings.model, device=settings.device, dtype=settings.dtype,
-                    offload=settings.offload, compile=settings.compile)  # fmt: skip
+                    offload=settings.offload, compile=settings.compile,
+                    lora=settings.lora)  # fmt: skip
     service = Service(settings, pipe)
 
     @asynccontextmanager

@@ -21,7 +21,7 @@ def default_data_dir() -> Path:
 
 
 def add_serve(sub: Any) -> None:
-    from kinema.cli import add_device_args
+    from kinema.cli import add_device_args, add_lora_arg
 
     p = sub.add_parser("serve", help="OpenAI-compatible Videos API and web page")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
@@ -31,6 +31,7 @@ def add_serve(sub: Any) -> None:
     p.add_argument("--api-key", default=os.environ.get("KINEMA_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (or $KINEMA_API_KEY)")  # fmt: skip
     add_device_args(p, quiet=False)
+    add_lora_arg(p)
     p.add_argument("--max-queue", type=int, default=32, help="queued + running jobs before 429")
     p.add_argument("--max-upload-mb", type=float, default=32.0, help="per uploaded file")
     p.add_argument("--max-seconds", type=float, default=60.0, help="longest clip a request gets")
@@ -56,7 +57,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     return ServeSettings(
         data_dir=(args.data_dir or default_data_dir()).expanduser(), model=args.model,
         device=args.device, dtype=args.dtype, offload=args.offload, compile=args.compile,
-        api_key=args.api_key,
+        api_key=args.api_key, lora=tuple(args.lora),
         max_queue=args.max_queue,
         max_upload_bytes=int(args.max_upload_mb * 2**20), max_seconds=args.max_seconds,
         retention_s=int(args.retention_hours * 3600),

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import yaml
 
 from kinema.configs import DiTConfig, SamplingDefaults, VAEConfig, from_dict
+from kinema.lora import LoRAConfig
 
 T = TypeVar("T")
 
@@ -141,11 +142,17 @@ class TrainConfig(OptimFields):
     sampling: SamplingDefaults | None = None  # defaults written on export (None: from data)
     export_dir: str | None = None  # where the final model folder goes (None: out_dir/model)
     parallel: str = "none"  # under torchrun: "ddp" or "fsdp" (FSDP2); "none" means ddp there
+    lora: LoRAConfig | None = None  # train only a LoRA on init_from's frozen DiT (kinema.lora);
+    # the export is then OUT/lora.safetensors, for ``kinema generate --lora``
 
     def __post_init__(self) -> None:
         self.check_optim()
         if (self.model is None) == (self.init_from is None):
             raise ValueError("give exactly one of model (train from scratch) or init_from")
+        if self.lora is not None and self.init_from is None:
+            raise ValueError("lora needs init_from (the model whose DiT the LoRA adapts)")
+        if self.lora is not None and self.parallel == "fsdp":
+            raise ValueError("lora trains with parallel: ddp (or none), not fsdp")
         if self.parallel not in PARALLEL:
             raise ValueError(f"parallel {self.parallel!r} is not one of {PARALLEL}")
         if self.vae is None and self.init_from is None:

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -233,7 +233,9 @@ def start_run(
         print(f"precision bf16: {device.type} has no native bf16 here, training in fp32")
     ckpt = latest_checkpoint(config.out_dir)
     torch.manual_seed(config.seed)
-    model = freeze(build_model(ckpt).to(device).train().requires_grad_(True), frozen)
+    model = build_model(ckpt).to(device).train()
+    if getattr(model, "lora_config", None) is None:  # a LoRA run trains its factors only
+        model = freeze(model.requires_grad_(True), frozen)
     net = dt.wrap_model(model, strategy, device)  # FSDP shards ``model`` in place
     ema = EMA(model, config.ema_decay, config.ema_warmup)
     optimizer = build_optimizer(model, config)
@@ -596,8 +598,6 @@ class LatentCache:
 
     @classmethod
     def load(cls, folder: Path) -> LatentCache:
-        from safetensors.torch import load_file
-
         shards = sorted(folder.glob("latents-*.safetensors"))
         latents = torch.cat([load_file(str(p))["latents"] for p in shards])
         metas = [read_metadata(p) for p in shards]
@@ -824,6 +824,17 @@ def build_dit(config: TrainConfig, ckpt: Path | None) -> nn.Module:
     from kinema.io.checkpoint import load_dit
     from kinema.models.dit import VideoDiT
 
+    if config.lora is not None:  # init_from's DiT, frozen, with the LoRA's factors to train
+        from kinema.lora import add_lora, lora_state
+
+        base = component_folder(str(config.init_from), "transformer")
+        dit = add_lora(load_dit(base, dtype=torch.float32), config.lora)
+        if ckpt is not None:
+            state = load_file(str(ckpt / "lora.safetensors"))
+            if set(state) != set(lora_state(dit)):
+                raise ValueError(f"{ckpt} holds another LoRA than lora: {config.lora}")
+            dit.load_state_dict(state, strict=False)
+        return dit
     if ckpt is not None:
         return load_dit(ckpt / "model", dtype=torch.float32)
     if config.init_from is not None:
@@ -959,10 +970,17 @@ def export(out_dir: str | Path, dest: str | Path | None = None) -> Path:
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         raise ValueError(f"{out} holds no checkpoint to export")
-    dit = load_dit(ckpt / "model", dtype=torch.float32)
+    dit = build_dit(config, ckpt) if config.lora else load_dit(ckpt / "model", dtype=torch.float32)
     ema = EMA(dit, 0.0)
     load_ema(ckpt, ema)
     ema.copy_to(dit)
+    if config.lora is not None:
+        from kinema.lora import save_lora
+
+        dest = Path(dest) if dest is not None else out / "model"
+        path = save_lora(dit, dest / "lora.safetensors", base=str(config.init_from))
+        print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MB)")
+        return dest
     shipped = component_folder(config.export_vae, "vae") if config.export_vae else None
     vae = load_frozen_vae(shipped or vae_source(config), torch.device("cpu"))
     dtype = torch.float16 if fp16_is_lossless(dit) and fp16_is_lossless(vae) else None

@@ -97,7 +97,13 @@ def save_checkpoint(
         return final
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
-        save_component(model, tmp / "model")
+        if getattr(model, "lora_config", None) is not None:  # the frozen base is init_from's
+            from kinema.lora import lora_state
+
+            lora = {k: v.detach().contiguous().cpu() for k, v in lora_state(model).items()}
+            save_file(lora, str(tmp / "lora.safetensors"))
+        else:
+            save_component(model, tmp / "model")
         save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / "optimizer.pt")
         write_state(tmp, progress, ema, extra)

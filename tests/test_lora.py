@@ -1,0 +1,130 @@
+"""LoRA: merged into kinema's DiT it gives diffusers' (PEFT) output; the original Wan key
+layout reads the same; bad files are refused with the reason; ``load(lora=...)`` merges."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kinema.io.wan_keys import kinema_to_original
+from kinema.lora import DEFAULT_TARGETS, LoRAConfig, lora_targets, merge_lora, read_lora
+from tests.test_dit import kinema_twin, tiny_reference
+
+RANK = 4
+
+
+def random_lora(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random rank-4 LoRA over every default target, in the PEFT / diffusers layout."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name in lora_targets(model, DEFAULT_TARGETS):
+        out, inp = model.get_submodule(name).weight.shape
+        state[f"transformer.{name}.lora_A.weight"] = 0.2 * torch.randn(RANK, inp, generator=g)
+        state[f"transformer.{name}.lora_B.weight"] = 0.2 * torch.randn(out, RANK, generator=g)
+    return state
+
+
+def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return (
+        torch.randn(2, 16, 3, 4, 4, generator=g),
+        torch.tensor([999.0, 400.0]),
+        torch.randn(2, 7, 32, generator=g),
+    )
+
+
+def test_merged_lora_matches_diffusers_peft_adapter(tmp_path) -> None:
+    ref = tiny_reference(tmp_path)
+    ours = kinema_twin(tmp_path, ref)
+    state = random_lora(ours)
+    assert len(state) == 2 * 2 * len(DEFAULT_TARGETS)  # two blocks, every target
+    save_file(state, str(tmp_path / "lora.safetensors"))
+    x, t, ctx = inputs()
+    with torch.no_grad():
+        before = ours(x, t, ctx)
+        ref.load_lora_adapter(dict(state), prefix="transformer", adapter_name="test")
+        want = ref(x, t, ctx, return_dict=False)[0]
+        assert merge_lora(ours, read_lora(tmp_path)) == 2 * len(DEFAULT_TARGETS)
+        got = ours(x, t, ctx)
+    assert (want - before).abs().max() > 1e-2  # the LoRA changes the output: the test bites
+    assert (got - want).abs().max() <= 1e-4
+
+
+def test_original_wan_names_with_alpha_read_the_same(tmp_path) -> None:
+    ref = tiny_reference(tmp_path)
+    peft, wan = kinema_twin(tmp_path, ref), kinema_twin(tmp_path, ref)
+    state = random_lora(peft)
+    doubled = {k: v * (2 if "lora_B" in k else 1) for k, v in state.items()}
+    original = {}
+    for key, value in state.items():  # alpha 8 at rank 4: scale 2
+        layer = key.removeprefix("transformer.").rsplit(".lora_", 1)[0]
+        name = next(iter(kinema_to_original({layer + ".weight": 0}))).removesuffix(".weight")
+        part = "lora_down" if ".lora_A." in key else "lora_up"
+        original[f"diffusion_model.{name}.{part}.weight"] = value
+        original[f"diffusion_model.{name}.alpha"] = torch.tensor(2.0 * RANK)
+    assert any(".self_attn.q." in k for k in original) and any(".ffn.0." in k for k in original)
+    save_file(doubled, str(tmp_path / "peft.safetensors"))
+    save_file(original, str(tmp_path / "wan.safetensors"))
+    merge_lora(peft, read_lora(tmp_path / "peft.safetensors"))
+    merge_lora(wan, read_lora(tmp_path / "wan.safetensors"))
+    for (name, a), b in zip(peft.state_dict().items(), wan.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_bad_lora_files_are_refused_with_the_reason(tmp_path) -> None:
+    ref = tiny_reference(tmp_path)
+    ours = kinema_twin(tmp_path, ref)
+    state = random_lora(ours)
+    with pytest.raises(ValueError, match="does not exist"):
+        read_lora(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="is not a safetensors LoRA file"):
+        read_lora(tmp_path / "junk.safetensors")
+    save_file({**state, "transformer.blocks.0.attn1.to_q.diff_b": torch.zeros(24)},
+              str(tmp_path / "extra.safetensors"))  # fmt: skip
+    with pytest.raises(ValueError, match="unrecognised LoRA key.*diff_b"):
+        read_lora(tmp_path / "extra.safetensors")
+    save_file(
+        {k: v for k, v in state.items() if "lora_B" not in k}, str(tmp_path / "half.safetensors")
+    )
+    with pytest.raises(ValueError, match="has no matching .*lora_B"):
+        read_lora(tmp_path / "half.safetensors")
+    other = {k.replace("blocks.1.", "blocks.7."): v for k, v in state.items()}
+    save_file(other, str(tmp_path / "deep.safetensors"))
+    with pytest.raises(ValueError, match="blocks.7.* does not have"):
+        merge_lora(ours, read_lora(tmp_path / "deep.safetensors"))
+    wide = {k: torch.cat([v, v], 1) if "lora_A" in k else v for k, v in state.items()}
+    save_file(wide, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(ValueError, match="this model's weight there is"):
+        merge_lora(ours, read_lora(tmp_path / "wide.safetensors"))
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        LoRAConfig(rank=0)
+
+
+def test_train_config_reads_a_lora_block() -> None:
+    from kinema.train.config import TrainConfig, parse_config
+
+    data = {"init_from": "models/base", "lora": {"rank": 8, "targets": ["attn1.to_q"]}}
+    config = parse_config(TrainConfig, data)
+    assert config.lora == LoRAConfig(rank=8, targets=("attn1.to_q",)) and config.lora.scale == 1
+    with pytest.raises(
+        ValueError, match=r"TrainConfig.lora: LoRAConfig: unknown key\(s\) \['rnk'\]"
+    ):
+        parse_config(TrainConfig, {**data, "lora": {"rnk": 8}})
+
+
+def test_load_merges_loras_with_their_strengths(tmp_path) -> None:
+    from kinema.loading import load
+
+    base = load(None, device="cpu", dtype="fp32").dit
+    state = random_lora(base, seed=3)
+    save_file(state, str(tmp_path / "lora.safetensors"))
+    pipe = load(None, device="cpu", dtype="fp32", lora=[(tmp_path / "lora.safetensors", 0.5)])
+    name = "blocks.3.attn2.to_v"
+    a, b = state[f"transformer.{name}.lora_A.weight"], state[f"transformer.{name}.lora_B.weight"]
+    want = base.get_submodule(name).weight + 0.5 * b @ a
+    assert torch.allclose(pipe.dit.get_submodule(name).weight, want, atol=1e-6)
+    assert pipe.loras == [(str(tmp_path / "lora.safetensors"), 0.5)]
+    untouched = "blocks.3.norm2.weight"
+    assert torch.equal(pipe.dit.state_dict()[untouched], base.state_dict()[untouched])
