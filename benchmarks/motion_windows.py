@@ -71,7 +71,7 @@ def world(count: int = 8) -> dict:
 
 def main(seeds: int = 2) -> dict:
     pipe = load(os.environ.get("KINEMA_MODEL"))
-    sets = {"heldout": heldout_prompts(10), "seen": seen_prompts(10, paraphrase=False)}
+    sets = {"heldout": heldout_prompts(10), "seen": seen_prompts(10)}
     out = {name: generated(pipe, prompts, seeds) for name, prompts in sets.items()}
     return out | {"world": world()}
 

@@ -42,7 +42,7 @@ def sentences(encoder, count: int = 40) -> dict[str, float]:  # noqa: ANN001
     triples = [(c, s, m) for c in COLOURS for s in SHAPES for m in MOTIONS]
     captions = [f"a {c} {s} {TRAIN_WORDS['motion'][m][0]}" for c, s, m in triples]
     known = torch.cat([embed(encoder, captions[i : i + 128]) for i in range(0, len(captions), 128)])
-    prompts = seen_prompts(count, paraphrase=True, seed=3)
+    prompts = seen_prompts(count, "paraphrase", seed=3)
     nearest = (embed(encoder, prompts) @ known.T).argmax(1)
     hits = dict.fromkeys(("colour", "shape", "motion", "all"), 0)
     for prompt, j in zip(prompts, nearest.tolist(), strict=True):

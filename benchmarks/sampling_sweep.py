@@ -26,7 +26,7 @@ ATTRIBUTES = ("colour_ok", "shape_ok", "motion_ok", "count_ok")
 
 def main(seeds: int, grid: list[dict]) -> None:
     pipe = load(os.environ.get("KINEMA_MODEL"))
-    sets = {"heldout": heldout_prompts(10), "seen": seen_prompts(10, paraphrase=False)}
+    sets = {"heldout": heldout_prompts(10), "seen": seen_prompts(10)}
     for settings in grid:
         start = time.time()
         with torch.inference_mode():

@@ -14,10 +14,13 @@ from kinema.data.synthetic import (
     COLOURS,
     DIRECTIONS,
     HELDOUT,
+    JOINERS,
     MIN_CONTRAST,
     MOTIONS,
     PARAPHRASE_WORDS,
     SHAPES,
+    TEMPLATES,
+    THEN_WORDS,
     ClipSpec,
     ObjectSpec,
     SyntheticClips,
@@ -150,7 +153,7 @@ def test_motion_changes_are_perpendicular_mid_clip_and_a_fifth_by_default():
     assert 0.16 <= changing <= 0.24, changing
 
 
-@pytest.mark.parametrize("phrasing", ["train", "paraphrase"])
+@pytest.mark.parametrize("phrasing", ["train", "paraphrase", "rephrase"])
 def test_captions_parse_back_to_their_objects(phrasing):
     ds = SyntheticClips(1, change_prob=0.3)
     right = 0
@@ -195,6 +198,12 @@ def test_paraphrase_captions_use_words_never_seen_in_training():
         spec, rng = ds.spec(i)
         unseen = _tokens(caption(spec, rng, "paraphrase")) - train_tokens
         assert len(unseen) >= 2 + min(len(spec.objects), 2)
+    forms = set().union(*map(_tokens, (*TEMPLATES["paraphrase"], *JOINERS["paraphrase"],
+                                       THEN_WORDS["paraphrase"])))  # fmt: skip
+    for i in range(300):  # rephrase: the training words in the paraphrases' sentence forms
+        spec, rng = ds.spec(i)
+        unseen = _tokens(caption(spec, rng, "rephrase")) - train_tokens
+        assert unseen and unseen <= forms, unseen
 
 
 @pytest.mark.parametrize(

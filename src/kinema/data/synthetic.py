@@ -29,10 +29,11 @@ max_objects=3, change_prob=0.2, object_scale=1.0, motion_weights=None) -> ClipSp
 ``annotations(spec) -> list[list[dict]]``
     Per frame, per object: ``box`` (x0, y0, x1, y1) and ``centre`` (x, y) in pixels,
     ``radius`` in pixels, ``colour``, ``shape``, ``motion`` (the motion in force).
-``caption(spec, rng, phrasing="train"|"paraphrase") -> str``
+``caption(spec, rng, phrasing="train"|"paraphrase"|"rephrase") -> str``
     A caption from a template grammar; it always names colour, shape and motion of every
     object (and a motion change as "..., then ..."). ``"paraphrase"`` uses only words and
-    templates that ``"train"`` never uses (``PARAPHRASE_WORDS``), to measure generalisation.
+    templates that ``"train"`` never uses (``PARAPHRASE_WORDS``), to measure generalisation;
+    ``"rephrase"`` the training words in those templates (new wording, known words).
 ``timed_captions(spec, rng, phrasing="train") -> ((0, caption), (switch_frame, caption)) | None``
     A clip whose first object changes motion as two captions, before and after the change,
     each naming one motion per object (training data for timed prompts).
@@ -164,6 +165,11 @@ TEMPLATES = {
 }  # fmt: skip
 JOINERS = {"train": (" and ",), "paraphrase": (" alongside ",)}
 THEN_WORDS = {"train": ", then ", "paraphrase": " and afterwards "}
+# phrasing -> (colour/shape/motion words, sentence forms: templates, joiners, "then"):
+# "rephrase" says the training words in the paraphrase sentence forms, which tells a new
+# wording of known words apart from new words.
+PHRASINGS = {"train": ("train", "train"), "paraphrase": ("paraphrase", "paraphrase"),
+             "rephrase": ("train", "paraphrase")}  # fmt: skip
 
 
 # --- specs -------------------------------------------------------------------------------------
@@ -528,21 +534,23 @@ def _article(word: str) -> str:
 
 def describe(o: ObjectSpec, rng: np.random.Generator, phrasing: str = "train") -> str:
     """One object in words: "a red circle moving right[, then moving up]"."""
-    words = TRAIN_WORDS if phrasing == "train" else PARAPHRASE_WORDS
+    vocab, form = PHRASINGS[phrasing]
+    words = TRAIN_WORDS if vocab == "train" else PARAPHRASE_WORDS
     colour = _pick(rng, words["colour"][o.colour])
     shape = _pick(rng, words["shape"][o.shape])
     text = f"{_article(colour)} {colour} {shape} {_pick(rng, words['motion'][o.motion])}"
     if o.then_motion is not None:
-        text += THEN_WORDS[phrasing] + _pick(rng, words["motion"][o.then_motion])
+        text += THEN_WORDS[form] + _pick(rng, words["motion"][o.then_motion])
     return text
 
 
 def caption(spec: ClipSpec, rng: np.random.Generator, phrasing: str = "train") -> str:
     """A caption naming colour, shape and motion of every object (may name the background)."""
-    _check("phrasing", phrasing, TEMPLATES)
-    objs = _pick(rng, JOINERS[phrasing]).join(describe(o, rng, phrasing) for o in spec.objects)
+    _check("phrasing", phrasing, PHRASINGS)
+    form = PHRASINGS[phrasing][1]
+    objs = _pick(rng, JOINERS[form]).join(describe(o, rng, phrasing) for o in spec.objects)
     bg = f"{_article(spec.background)} {spec.background}"
-    return _pick(rng, TEMPLATES[phrasing]).format(objs=objs, bg=bg)
+    return _pick(rng, TEMPLATES[form]).format(objs=objs, bg=bg)
 
 
 def timed_captions(

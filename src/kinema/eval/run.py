@@ -5,6 +5,8 @@ from the decoded frames alone:
 
 * ``heldout``: (colour, shape, motion) combinations never seen in training;
 * ``paraphrase``: seen combinations in words never used in training captions;
+* ``rephrase``: seen combinations in the training words, in sentence forms never used in
+  training captions (the paraphrases' templates): a new wording of known words;
 * ``seen``: training combinations and phrasing (a sanity line).
 
 Also the VAE's reconstruction PSNR on held-out clips.
@@ -34,6 +36,7 @@ from kinema.eval.judge import judge_clip, score
 from kinema.pipeline import UnknownWordsWarning
 
 ATTRIBUTES = ("colour_ok", "shape_ok", "motion_ok", "count_ok")
+PROMPT_SETS = ("heldout", "paraphrase", "rephrase", "seen")
 
 
 def heldout_prompts(count: int) -> list[str]:
@@ -51,14 +54,15 @@ def heldout_prompts(count: int) -> list[str]:
     return [f"{article(c)} {c} {s} {TRAIN_WORDS['motion'][m][0]}" for c, s, m in picks]
 
 
-def seen_prompts(count: int, paraphrase: bool, seed: int = 11) -> list[str]:
-    """Single-object, single-motion captions of training clips (optionally paraphrased)."""
+def seen_prompts(count: int, phrasing: str = "train", seed: int = 11) -> list[str]:
+    """Single-object, single-motion captions of training clips in ``phrasing`` ("train",
+    "paraphrase" or "rephrase", :func:`kinema.data.synthetic.caption`)."""
     ds, out, i = SyntheticClips(seed), [], 0
     while len(out) < count:
         spec, rng = ds.spec(i)
         i += 1
         if len(spec.objects) == 1 and spec.objects[0].then_motion is None:
-            out.append(caption(spec, rng, "paraphrase" if paraphrase else "train"))
+            out.append(caption(spec, rng, phrasing))
     return out
 
 
@@ -116,8 +120,9 @@ def evaluate(
     per_set = 5 if quick else 10
     sets = {
         "heldout": heldout_prompts(per_set),
-        "paraphrase": seen_prompts(per_set, paraphrase=True),
-        "seen": seen_prompts(per_set, paraphrase=False),
+        "paraphrase": seen_prompts(per_set, "paraphrase"),
+        "rephrase": seen_prompts(per_set, "rephrase"),
+        "seen": seen_prompts(per_set),
     }
     with torch.inference_mode():
         results = {name: score_set(pipe, p, seeds, {}, log) for name, p in sets.items()}
@@ -134,7 +139,7 @@ def table(results: dict[str, Any]) -> str:
     """A markdown table of the results."""
     lines = ["| prompt set | clips | colour | shape | motion | count | consistency |",
              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for name in ("heldout", "paraphrase", "seen"):
+    for name in [n for n in PROMPT_SETS if n in results]:  # older JSON may lack rephrase
         r = results[name]
         cells = [f"{100 * r[k]:.0f} %" for k in ATTRIBUTES] + [f"{r['consistency']:.2f}"]
         lines.append(f"| {name} | {r['clips']} | " + " | ".join(cells) + " |")
