@@ -51,9 +51,9 @@ def test_merged_lora_matches_diffusers_peft_adapter(tmp_path) -> None:
     assert (got - want).abs().max() <= 1e-4
 
 
-def test_original_wan_names_with_alpha_read_the_same(tmp_path) -> None:
+def test_original_wan_and_kohya_names_with_alpha_read_the_same(tmp_path) -> None:
     ref = tiny_reference(tmp_path)
-    peft, wan = kinema_twin(tmp_path, ref), kinema_twin(tmp_path, ref)
+    peft = kinema_twin(tmp_path, ref)
     state = random_lora(peft)
     doubled = {k: v * (2 if "lora_B" in k else 1) for k, v in state.items()}
     original = {}
@@ -64,12 +64,23 @@ def test_original_wan_names_with_alpha_read_the_same(tmp_path) -> None:
         original[f"diffusion_model.{name}.{part}.weight"] = value
         original[f"diffusion_model.{name}.alpha"] = torch.tensor(2.0 * RANK)
     assert any(".self_attn.q." in k for k in original) and any(".ffn.0." in k for k in original)
+    kohya = {
+        k.replace("diffusion_model.", "lora_unet_")
+        .replace(".", "_", 4)
+        .replace("_lora_", ".lora_")
+        .replace("_alpha", ".alpha"): v
+        for k, v in original.items()
+    }
+    assert "lora_unet_blocks_1_cross_attn_o.lora_up.weight" in kohya
     save_file(doubled, str(tmp_path / "peft.safetensors"))
     save_file(original, str(tmp_path / "wan.safetensors"))
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
     merge_lora(peft, read_lora(tmp_path / "peft.safetensors"))
-    merge_lora(wan, read_lora(tmp_path / "wan.safetensors"))
-    for (name, a), b in zip(peft.state_dict().items(), wan.state_dict().values(), strict=True):
-        assert torch.allclose(a, b, atol=1e-6), name
+    for file in ("wan", "kohya"):
+        wan = kinema_twin(tmp_path, ref)
+        merge_lora(wan, read_lora(tmp_path / f"{file}.safetensors"))
+        for (name, a), b in zip(peft.state_dict().items(), wan.state_dict().values(), strict=True):
+            assert torch.allclose(a, b, atol=1e-6), (file, name)
 
 
 def test_bad_lora_files_are_refused_with_the_reason(tmp_path) -> None:

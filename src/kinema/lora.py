@@ -6,12 +6,13 @@ swaps the targeted ``nn.Linear`` layers of every block for :class:`LoRALinear` (
 bias, plus ``lora_A``/``lora_B``; B starts at zero, so step 0 is the base model) and trains only
 A and B. The export is one safetensors file in the PEFT / diffusers layout
 (``transformer.blocks.0.attn1.to_q.lora_A.weight``) with ``scale`` folded into B, so readers
-that assume alpha = r (diffusers' ``load_lora_weights`` among them) apply it as kinema does.
+that take alpha = r when a file names none apply it as kinema does.
 
 At inference :func:`merge_lora` adds ``strength * scale * B A`` into the weights once, so a
 LoRA costs no time per step. :func:`read_lora` reads that layout, the ``lora_down`` /
-``lora_up`` (+ ``alpha``) layout, and the original Wan module names
-(``diffusion_model.blocks.0.self_attn.q``) that community Wan LoRAs use.
+``lora_up`` (+ ``alpha``) layout, and the module names community Wan LoRAs use: the original
+Wan ones (``diffusion_model.blocks.0.self_attn.q``) and kohya / musubi-tuner's
+(``lora_unet_blocks_0_self_attn_q``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ DEFAULT_TARGETS = (
 )  # fmt: skip
 _BLOCK_LINEAR = re.compile(r"blocks\.\d+\.(.+)")
 _PREFIXES = ("transformer.", "diffusion_model.", "model.diffusion_model.", "base_model.model.")
+# kohya / musubi-tuner names: lora_unet_blocks_0_self_attn_q -> blocks.0.self_attn.q
+_KOHYA = re.compile(r"lora_unet_blocks_(\d+)_(self_attn|cross_attn|ffn)_(k_img|v_img|[qkvo02])")
 _PAIRS = {"lora_A.weight": "lora_B.weight", "lora_down.weight": "lora_up.weight"}
 
 
@@ -123,7 +126,7 @@ def save_lora(model: nn.Module, path: str | Path, base: str = "") -> Path:
         layer, factor = name.rsplit(".", 1)
         value = p.detach().float() * (scales[layer] if factor == "lora_B" else 1.0)
         state[f"transformer.{layer}.{factor}.weight"] = value.contiguous().cpu()
-    rank = next(iter(state.values())).shape[0]
+    rank = model.lora_config.rank
     meta = {"format": "kinema-lora", "rank": str(rank), "alpha": str(rank), "base": base}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata=meta)
@@ -148,6 +151,8 @@ def _module_name(key: str) -> str:
         if key.startswith(prefix):
             key = key[len(prefix) :]
             break
+    if kohya := _KOHYA.fullmatch(key):
+        key = "blocks.{}.{}.{}".format(*kohya.groups())
     # original Wan names (blocks.0.self_attn.q) -> diffusers'; those pass through unchanged
     return next(iter(original_to_kinema({key + ".weight": None}))).removesuffix(".weight")
 
