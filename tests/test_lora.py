@@ -51,6 +51,32 @@ def test_merged_lora_matches_diffusers_peft_adapter(tmp_path) -> None:
     assert (got - want).abs().max() <= 1e-4
 
 
+def test_a_trained_lora_export_loads_in_diffusers_as_it_runs_in_kinema(tmp_path) -> None:
+    """save_lora folds alpha / r into B: diffusers reads the file (no alpha) and gets the
+    output of kinema's unmerged LoRA layers, and of the merged weights."""
+    from kinema.lora import add_lora, save_lora
+
+    ref = tiny_reference(tmp_path)
+    adapted = add_lora(kinema_twin(tmp_path, ref), LoRAConfig(rank=RANK, alpha=3.0 * RANK))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in adapted.parameters():
+            if p.requires_grad:  # the factors: as if trained
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    file = save_lora(adapted, tmp_path / "out" / "lora.safetensors", base="tiny")
+    merged = kinema_twin(tmp_path, ref)
+    x, t, ctx = inputs()
+    with torch.no_grad():
+        before = merged(x, t, ctx)
+        running = adapted(x, t, ctx)
+        merge_lora(merged, read_lora(file))
+        ref.load_lora_adapter(str(file), prefix="transformer", adapter_name="kinema")
+        want = ref(x, t, ctx, return_dict=False)[0]
+        got = merged(x, t, ctx)
+    assert (running - want).abs().max() <= 1e-4 and (got - want).abs().max() <= 1e-4
+    assert (want - before).abs().max() > 1e-2  # the LoRA matters: the test bites
+
+
 def test_original_wan_and_kohya_names_with_alpha_read_the_same(tmp_path) -> None:
     ref = tiny_reference(tmp_path)
     peft = kinema_twin(tmp_path, ref)
