@@ -148,18 +148,25 @@ def test_eval_command_writes_table_and_json(tmp_path, capsys):
     """`kinema eval` runs end to end (a random tiny model scores near zero: mechanics only)."""
     import json
 
+    from safetensors.torch import save_file
+
     from kinema.cli import main
     from kinema.eval.run import heldout_prompts
+    from kinema.loading import load
     from tests.serve_helpers import build_tiny_model
+    from tests.test_lora import random_lora
 
     model = build_tiny_model(tmp_path / "tiny")
+    lora = tmp_path / "lora.safetensors"
+    save_file(random_lora(load(model).dit), str(lora))
     out = tmp_path / "eval.json"
     args = ["eval", "--model", str(model), "--quick", "--seeds", "1", "--guidance", "2.5"]
-    assert main([*args, "--cache", "0.3", "--out", str(out)]) == 0
+    assert main([*args, "--cache", "0.3", "--lora", f"{lora}:0.5", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
-    # the model's steps and contrast, the given CFG and step cache
+    # the model's steps and contrast, the given CFG, step cache and LoRA
     assert results["settings"] == {"steps": 2, "guidance": 2.5, "cache": 0.3, "contrast": 1.0,
-                                   "dtype": "float32"}  # fmt: skip
+                                   "dtype": "float32",
+                                   "loras": [{"path": str(lora), "strength": 0.5}]}  # fmt: skip
     assert all(results[name]["clips"] == 5 for name in ("heldout", "paraphrase", "rephrase"))
     assert 0 <= results["heldout"]["colour_ok"] <= 1 and results["vae_psnr_db"] > 0
     clips = results["heldout"]["per_clip"]  # each clip's verdict and what the judge found

@@ -412,6 +412,7 @@ def add_eval(sub: Any) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: per device)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every verdict")
+    add_lora_arg(p)
     p.set_defaults(run=run_eval)
 
 
@@ -421,7 +422,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise ValueError(f"seeds {args.seeds} must be >= 1")
-    pipe = load(args.model, device=args.device, dtype=args.dtype)
+    pipe = load(args.model, device=args.device, dtype=args.dtype, lora=args.lora)
     given = {"steps": args.steps, "guidance": args.guidance, "cache": args.cache}
     # every clip of the eval, --beyond's too, samples with what was given
     pipe.defaults = dataclasses.replace(
