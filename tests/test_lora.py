@@ -57,7 +57,8 @@ def test_a_trained_lora_export_loads_in_diffusers_as_it_runs_in_kinema(tmp_path)
     from kinema.lora import add_lora, save_lora
 
     ref = tiny_reference(tmp_path)
-    adapted = add_lora(kinema_twin(tmp_path, ref), LoRAConfig(rank=RANK, alpha=3.0 * RANK))
+    fused = kinema_twin(tmp_path, ref).fuse_projections()  # add_lora drops the fused copies
+    adapted = add_lora(fused, LoRAConfig(rank=RANK, alpha=3.0 * RANK))
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for p in adapted.parameters():

@@ -102,6 +102,9 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         raise ValueError(f"lora.targets {list(config.targets)} match no linear layer of the "
                          f"model's blocks; valid: {list(DEFAULT_TARGETS)}")  # fmt: skip
     model.requires_grad_(False)
+    for m in model.modules():  # fused q/k/v copies would bypass the LoRA layers
+        if hasattr(m, "unfuse_projections"):
+            m.unfuse_projections()
     for name in names:
         layer = model.get_submodule(name)
         layer.__class__ = LoRALinear
