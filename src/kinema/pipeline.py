@@ -289,6 +289,10 @@ class Pipeline:
         self.name, self.defaults, self.load_seconds = name, defaults, load_seconds
         self.placement = placement or Placement("none", next(dit.parameters()).device)
 
+    def lora_records(self) -> list[dict[str, Any]]:
+        """The merged LoRAs as the sidecar and the eval JSON record them."""
+        return [{"path": path, "strength": strength} for path, strength in self.loras]
+
     @property
     def device(self) -> torch.device:
         """Where the pipeline computes (the DiT's device, or the offload target)."""
@@ -641,7 +645,7 @@ class Pipeline:
         """The sidecar: request, model, versions, DiT evaluations and timings in seconds."""
         timings = {"load": round(self.load_seconds, 4), **clock.rounded()}
         timings["total"] = round(sum(timings.values()), 4)
-        loras = {"loras": [{"path": p, "strength": w} for p, w in self.loras]} if self.loras else {}
+        loras = {"loras": self.lora_records()} if self.loras else {}
         return {
             **req.summary(),
             "model": self.name,

@@ -132,8 +132,8 @@ def evaluate(
     dtype = str(pipe.dtype).removeprefix("torch.")
     results["settings"] = {"steps": d.steps, "guidance": d.guidance, "cache": d.cache,
                            "contrast": d.contrast, "dtype": dtype}  # fmt: skip
-    if getattr(pipe, "loras", None):
-        results["settings"]["loras"] = [{"path": p, "strength": w} for p, w in pipe.loras]
+    if pipe.loras:
+        results["settings"]["loras"] = pipe.lora_records()
     return results
 
 

@@ -143,7 +143,7 @@ class TrainConfig(OptimFields):
     export_dir: str | None = None  # where the final model folder goes (None: out_dir/model)
     parallel: str = "none"  # under torchrun: "ddp" or "fsdp" (FSDP2); "none" means ddp there
     lora: LoRAConfig | None = None  # train only a LoRA on init_from's frozen DiT (kinema.lora);
-    # the export is then OUT/lora.safetensors, for ``kinema generate --lora``
+    # the export is then export_dir (or OUT/model) / lora.safetensors, for ``--lora``
 
     def __post_init__(self) -> None:
         self.check_optim()

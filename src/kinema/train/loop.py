@@ -962,29 +962,29 @@ def fp16_is_lossless(module: nn.Module, tolerance: float = 1e-3) -> bool:
 
 def export(out_dir: str | Path, dest: str | Path | None = None) -> Path:
     """Write the newest checkpoint's EMA weights as a kinema model folder (kinema.json +
-    transformer/ + vae/); float16 when lossless enough, else float32. Returns the folder."""
-    from kinema.io.checkpoint import load_dit, save_model_folder
+    transformer/ + vae/); float16 when lossless enough, else float32. A LoRA run writes its
+    factors as ``lora.safetensors`` there instead. Returns the folder."""
+    from kinema.io.checkpoint import save_model_folder
 
     out = Path(out_dir)
     config = parse_config(TrainConfig, json.loads((out / "train_config.json").read_text()))
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         raise ValueError(f"{out} holds no checkpoint to export")
-    dit = build_dit(config, ckpt) if config.lora else load_dit(ckpt / "model", dtype=torch.float32)
+    dit = build_dit(config, ckpt)  # the checkpoint's weights (a LoRA: init_from's + factors)
     ema = EMA(dit, 0.0)
     load_ema(ckpt, ema)
     ema.copy_to(dit)
+    dest = Path(dest) if dest is not None else out / "model"
     if config.lora is not None:
         from kinema.lora import save_lora
 
-        dest = Path(dest) if dest is not None else out / "model"
         path = save_lora(dit, dest / "lora.safetensors", base=str(config.init_from))
         print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MB)")
         return dest
     shipped = component_folder(config.export_vae, "vae") if config.export_vae else None
     vae = load_frozen_vae(shipped or vae_source(config), torch.device("cpu"))
     dtype = torch.float16 if fp16_is_lossless(dit) and fp16_is_lossless(vae) else None
-    dest = Path(dest) if dest is not None else out / "model"
     text = {"kind": config.text_encoder, "max_length": config.text_max_length}
     sampling = sampling_defaults(config)
     from kinema.data.synthetic import vocabulary
