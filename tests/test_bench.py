@@ -44,6 +44,21 @@ def test_rss_peak_sees_a_big_allocation():
     assert 48 * 2**20 < added < 256 * 2**20
 
 
+def test_tensor_peak_counts_live_storage_once_and_not_what_came_before():
+    x = torch.ones(1000)  # made before: not counted, nor are its views
+    with bench.TensorPeak() as tp:
+        a = torch.empty(1000)  # 4000 B
+        b = x + 1  # 4000 B
+        view = b[:10].view(2, 5)  # same storage as b
+        del a
+        c = torch.empty(2000)  # 8000 B; a is gone: peak 4000 + 8000
+        x.add_(1)  # in place on storage from before: nothing new
+    assert tp.peak == 12000
+    assert tp.live == 12000 and view.shape == (2, 5) and c.numel() == 2000
+    del b, view, c
+    assert tp.live == 0
+
+
 def test_tiny_forward_run_checks_equality_and_writes_tables(tmp_path):
     st = bench.Settings(repeats=2)
     row = bench.bench_forward(TINY, st)

@@ -19,6 +19,7 @@ import platform
 import statistics
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from kinema.configs import WAN21_T2V_1_3B, WAN21_VAE, DiTConfig, VAEConfig
 
@@ -234,6 +237,53 @@ class RSSPeak:
     @property
     def bytes(self) -> int:
         return self.peak - self.start
+
+
+class TensorPeak(TorchDispatchMode):
+    """Peak bytes of tensor storage allocated and alive inside the ``with`` body, counted at
+    every aten op: what a GPU's ``max_memory_allocated`` sees, here on any device and the same
+    on every run (no allocator or page effects, unlike an RSS peak). Storage that existed
+    before the body (weights, inputs) is not counted, nor are kernels' internal workspaces.
+    """
+
+    def __enter__(self) -> TensorPeak:
+        self.live = self.peak = 0
+        # storage pointer -> [live tensors seen, bytes counted (0 for storage made before)]
+        self.storages: dict[int, list[int]] = {}
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, Tensor) and _storage_ptr(t) not in self.storages:
+                self._track(t, nbytes=0)  # first seen as an input: allocated before the body
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor):
+                self._track(t, nbytes=t.untyped_storage().nbytes())
+        return out
+
+    def _track(self, t: Tensor, nbytes: int) -> None:
+        ptr = _storage_ptr(t)
+        if ptr == 0:  # no storage (empty or meta)
+            return
+        entry = self.storages.get(ptr)
+        if entry is None:
+            entry = self.storages[ptr] = [0, nbytes]
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        entry[0] += 1
+        weakref.finalize(t, self._release, ptr)
+
+    def _release(self, ptr: int) -> None:
+        entry = self.storages[ptr]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self.storages[ptr]
+
+
+def _storage_ptr(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr()
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int]:
@@ -990,6 +1040,7 @@ __all__ = [
     "run_cli",
     "BenchShape",
     "Settings",
+    "TensorPeak",
     "alternate",
     "bench_end_to_end",
     "bench_forward",
