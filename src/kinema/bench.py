@@ -286,6 +286,13 @@ def _storage_ptr(t: Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
+def tensor_peak(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Run ``fn``; return its result and its :class:`TensorPeak` (bytes)."""
+    with TensorPeak() as tp:
+        out = fn()
+    return out, tp.peak
+
+
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int]:
     """Run ``fn``; return its result and the peak memory it added (bytes; see module notes)."""
     if device.type == "cuda":
@@ -609,6 +616,11 @@ def vae_decoders(
     return fns
 
 
+def _ratios(peaks: dict[str, int], names: tuple[str, ...]) -> dict[str, float]:
+    """Each of ``names``' peak over diffusers'."""
+    return {k: peaks[k] / max(1, peaks["diffusers"]) for k in names}
+
+
 def piece_name(frames: int) -> str:
     """The :func:`vae_decoders` name of the decode with ``frames`` frames a full-res pass."""
     return f"kinema_piece{frames}"
@@ -648,17 +660,21 @@ def bench_vae_decode(s: BenchShape, st: Settings, tile: Any = "auto") -> dict[st
     peak memory, PSNR of kinema's default against its exact decode, exact-decode equality.
 
     On a CPU the memory ratio comes from each decode run in a process of its own
-    (:func:`own_process_peaks`); the peaks sampled in this process, where the libraries
-    alternate, are kept as ``peak_memory_bytes_shared_process``."""
+    (:func:`own_process_peaks`), and the peak of live tensor storage (:class:`TensorPeak`,
+    the same on every run) is kept as ``peak_tensor_bytes`` with its ratio."""
     fns = vae_decoders(s, st.device, tile, st.decode_pieces)
     with torch.inference_mode():
         times = alternate(fns, max(1, st.repeats // 2), st.device)
-        outs = {k: peak_memory(fn, st.device) for k, fn in fns.items()}
+        if st.device.type == "cpu":
+            outs = {k: tensor_peak(fn) for k, fn in fns.items()}
+        else:
+            outs = {k: peak_memory(fn, st.device) for k, fn in fns.items()}
     default, plain, ref = (outs[k][0] for k in ("kinema", "kinema_plain", "diffusers"))
     peaks = {k: v[1] for k, v in outs.items()}
-    shared = {}
+    tensors: dict[str, Any] = {}
     if st.device.type == "cpu":
-        shared = {"peak_memory_bytes_shared_process": peaks}
+        ours = ("kinema", *map(piece_name, st.decode_pieces))
+        tensors = {"peak_tensor_bytes": peaks, "ratio_memory_tensors": _ratios(peaks, ours)}
         names = tuple(k for k in fns if k != "kinema_plain")
         peaks = own_process_peaks(s, names, tile, st.decode_pieces)
     pieces = {}
@@ -671,7 +687,7 @@ def bench_vae_decode(s: BenchShape, st: Settings, tile: Any = "auto") -> dict[st
         "shape": s.name, "latent": list(latent_shape(s)),
         "times": {k: summary(v) for k, v in times.items()},
         "ratio_time": ratio(times["kinema"], times["diffusers"]),
-        "peak_memory_bytes": peaks, **shared,
+        "peak_memory_bytes": peaks, **tensors,
         "ratio_memory": peaks["kinema"] / max(1, peaks["diffusers"]),
         "psnr_default_vs_untiled_db": psnr(default, plain, 2.0),
         **_diff(plain, ref), **({"pieces": pieces} if pieces else {}),
@@ -891,18 +907,21 @@ def _vae_table(rows: list[dict[str, Any]]) -> list[str]:
         return []
     out = ["### VAE decode (kinema default vs diffusers untiled)", "",
            "| config | latent | time ratio | peak mem kinema / diffusers | memory ratio | "
-           "PSNR vs untiled | untiled max diff |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+           "live-tensor ratio | PSNR vs untiled | untiled max diff |",
+           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        mem = r["peak_memory_bytes"]
+        mem, live = r["peak_memory_bytes"], r.get("ratio_memory_tensors", {})
+        tensors = lambda name, live=live: f"{live[name]:.2f}" if name in live else "—"
         out.append(
             f"| {r['shape']} | {'x'.join(map(str, r['latent'][2:]))} | {r['ratio_time']:.2f} | "
             f"{_gib(mem['kinema'])} / {_gib(mem['diffusers'])} | {r['ratio_memory']:.2f} | "
-            f"{r['psnr_default_vs_untiled_db']:.1f} dB | {r['max_abs_diff']:.1e} |"
+            f"{tensors('kinema')} | {r['psnr_default_vs_untiled_db']:.1f} dB | "
+            f"{r['max_abs_diff']:.1e} |"
         )
         for name, v in r.get("pieces", {}).items():
             out.append(f"| {r['shape']}, {v['frames']} frames a pass | | {v['ratio_time']:.2f} | "
                        f"{_gib(mem[name])} / {_gib(mem['diffusers'])} | {v['ratio_memory']:.2f} | "
-                       f"{v['psnr_vs_untiled_db']:.1f} dB | |")  # fmt: skip
+                       f"{tensors(name)} | {v['psnr_vs_untiled_db']:.1f} dB | |")  # fmt: skip
     return [*out, ""]
 
 

@@ -59,15 +59,26 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0)
         pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
         self.past_frames = 2 * pt
-        self.spatial_pad = (pw, pw, ph, ph)
+        self.spatial_padding = (0, ph, pw)
 
     def forward(self, x: Tensor, past: Tensor | None = None) -> Tensor:
         """(B, C, T, H, W), past (B, C, P <= past_frames, H, W) -> (B, C', T', H', W')."""
+        return self.run_padded(self.pad_time(x, past))
+
+    def pad_time(self, x: Tensor, past: Tensor | None) -> Tensor:
+        """[zeros, past, x] in time, ``past_frames`` frames before ``x``: the conv's input.
+        (B, C, T, H, W) -> (B, C, past_frames + T, H, W)."""
+        if self.past_frames == 0:
+            return x
         missing = self.past_frames
-        if past is not None and self.past_frames > 0:
+        if past is not None:
             x = torch.cat([past.to(x.device, x.dtype), x], dim=2)
             missing -= past.shape[2]
-        x = F.pad(x, (*self.spatial_pad, missing, 0))
+        return F.pad(x, (0, 0, 0, 0, missing, 0)) if missing else x
+
+    def run_padded(self, x: Tensor) -> Tensor:
+        """The conv on an input already padded in time (:meth:`pad_time`); the spatial zeros
+        are the conv's own padding (no padded copy). (B, C, T, H, W) -> (B, C', T', H', W')."""
         if x.shape[2] == self.kernel_size[0] and self.stride[0] == 1:
             return self._one_frame(x)
         if (
@@ -77,14 +88,17 @@ class CausalConv3d(nn.Conv3d):
             and not torch.is_grad_enabled()
         ):
             return self._onednn(x)
-        return super().forward(x)
+        return F.conv3d(
+            x, self.weight, self.bias, self.stride, self.spatial_padding, self.dilation,
+            self.groups,
+        )  # fmt: skip
 
     def _onednn(self, x: Tensor) -> Tensor:
         """oneDNN's 3D conv, called directly: for these shapes this CPU build's ``F.conv3d``
         takes its im2col kernel, 2-5x slower (same values up to float rounding; inference only,
         as the call has no autograd here). (B, C, T, H, W) -> (B, C', T', H', W')."""
         return torch.ops.aten.mkldnn_convolution(
-            x.contiguous(), self.weight, self.bias, [0, 0, 0], list(self.stride),
+            x.contiguous(), self.weight, self.bias, list(self.spatial_padding), list(self.stride),
             list(self.dilation), self.groups,
         )  # fmt: skip
 
@@ -95,7 +109,8 @@ class CausalConv3d(nn.Conv3d):
         b, c, kt, h, w = x.shape
         weight = self.weight.flatten(1, 2)  # (C', C * kt, kh, kw)
         stacked = x.reshape(b, c * kt, h, w)  # (B, C * kt, H, W)
-        y = F.conv2d(stacked, weight, self.bias, self.stride[1:], 0, self.dilation[1:])
+        pad = self.spatial_padding[1:]
+        y = F.conv2d(stacked, weight, self.bias, self.stride[1:], pad, self.dilation[1:])
         return y.unsqueeze(2)  # (B, C', 1, H', W')
 
 
@@ -114,7 +129,8 @@ def newest_frames(x: Tensor, past: Tensor | None, n: int = CACHE_FRAMES) -> Tens
 
 def compact(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t`` in the narrower float ``dtype`` (a copy), unless its values would overflow it."""
-    if t.abs().amax() >= torch.finfo(dtype).max:
+    low, high = torch.aminmax(t)  # no full-size temporary, unlike t.abs().amax()
+    if torch.maximum(-low, high) >= torch.finfo(dtype).max:
         return t.clone()
     return t.to(dtype)
 
@@ -122,6 +138,33 @@ def compact(t: Tensor, dtype: torch.dtype) -> Tensor:
 def cached_conv(conv: CausalConv3d, x: Tensor, past: Tensor | None) -> tuple[Tensor, Tensor]:
     """Run a causal conv on one chunk; return its output and the context for the next chunk."""
     return conv(x, past), newest_frames(x, past)
+
+
+def norm_silu_padded(
+    norm: RMSNorm, x: Tensor, past: Tensor | None, frames: int
+) -> tuple[Tensor, Tensor]:
+    """``silu(norm(x))`` written after ``frames`` frames of causal context (zeros, then
+    ``past``) in one new tensor: a causal conv's time-padded input (see
+    :meth:`CausalConv3d.pad_time`) with no separate activation for a ``cat`` to copy.
+    (B, C, T, H, W) -> (B, C, frames + T, H, W), and the context for the next chunk."""
+    b, c, t, h, w = x.shape
+    buf = x.new_empty(b, c, frames + t, h, w)
+    given = 0 if past is None else past.shape[2]
+    buf[:, :, : frames - given].zero_()
+    if given:
+        buf[:, :, frames - given : frames].copy_(past)
+    act = F.silu(norm(x, out=buf[:, :, frames:]), inplace=True)  # (B, C, T, H, W), a view
+    return buf, newest_frames(act, past)
+
+
+def norm_silu_conv(
+    norm: RMSNorm, conv: CausalConv3d, x: Tensor, past: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """``conv(silu(norm(x)))`` of one chunk, and the context for the next chunk."""
+    if torch.is_grad_enabled():
+        return cached_conv(conv, F.silu(norm(x)), past)
+    buf, newest = norm_silu_padded(norm, x, past, conv.past_frames)
+    return conv.run_padded(buf), newest
 
 
 def per_frame(module: nn.Module, x: Tensor) -> Tensor:
@@ -156,6 +199,16 @@ def run_chain(
     return x, new
 
 
+def square_sum(x: Tensor, group: int = 32) -> Tensor:
+    """Sum of squares over channels, ``group`` channels at a time so that the temporary is
+    ``group / C`` of ``x`` (as fast as squaring all at once). (B, C, ...) -> (B, 1, ...)."""
+    total = None
+    for part in x.split(group, dim=1):
+        sq = part.square().sum(1, keepdim=True)
+        total = sq if total is None else total.add_(sq)
+    return total  # type: ignore[return-value]
+
+
 class RMSNorm(nn.Module):
     """RMS norm over channels (dim 1) with a learned per-channel gain, no bias.
 
@@ -168,13 +221,17 @@ class RMSNorm(nn.Module):
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim, *([1] * spatial_dims)))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, C, ...) -> same shape."""
+    def forward(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """(B, C, ...) -> same shape; written into ``out`` (x's shape and dtype) when given."""
         y = x.float() if x.element_size() < 4 else x
         # x / max(||x||, 1e-12) as F.normalize, but one fused pass over a channel-strided
         # tensor is several times faster on CPU than F.normalize's vector norm over dim 1
-        inv = y.square().sum(1, keepdim=True).clamp_min_(1e-24).rsqrt_()  # (B, 1, ...)
-        return (y * inv).to(x.dtype).mul_(self.scale * self.gamma)  # one full-size temporary
+        inv = square_sum(y).clamp_min_(1e-24).rsqrt_()  # (B, 1, ...)
+        if out is None:
+            out = (y * inv).to(x.dtype)  # the one full-size temporary
+        else:
+            torch.mul(y, inv, out=out)
+        return out.mul_(self.scale * self.gamma)
 
 
 class Upsample2x(nn.Module):
@@ -269,10 +326,24 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: Tensor, cache: Sequence[Tensor | None]) -> tuple[Tensor, Slots]:
         """(B, C_in, T, H, W) -> (B, C_out, T, H, W)."""
-        h, past1 = cached_conv(self.conv1, F.silu(self.norm1(x)), cache[0])
-        h = self.dropout(F.silu(self.norm2(h)))
-        h, past2 = cached_conv(self.conv2, h, cache[1])
-        return h + self.conv_shortcut(x), [past1, past2]
+        if torch.is_grad_enabled() or (self.training and self.dropout.p > 0):
+            h, past1 = cached_conv(self.conv1, F.silu(self.norm1(x)), cache[0])
+            h = self.dropout(F.silu(self.norm2(h)))
+            h, past2 = cached_conv(self.conv2, h, cache[1])
+            return h + self.conv_shortcut(x), [past1, past2]
+        # Inference: the same values, each conv reading a buffer its input was written into
+        # (see norm_silu_padded) and each activation freed once the next is made: at most
+        # x + one padded input + one output alive, a third less than the lines above.
+        old1, old2 = take(cache, 0, 2)  # the old context, freed once copied
+        buf, past1 = norm_silu_padded(self.norm1, x, old1, self.conv1.past_frames)
+        del old1
+        h = self.conv1.run_padded(buf)
+        del buf
+        buf, past2 = norm_silu_padded(self.norm2, h, old2, self.conv2.past_frames)
+        del h, old2
+        h = self.conv2.run_padded(buf)
+        del buf
+        return h.add_(self.conv_shortcut(x)), [past1, past2]
 
 
 class AttentionBlock(nn.Module):
@@ -325,14 +396,15 @@ class UpBlock(nn.Module):
             ResidualBlock(i, o, dropout) for i, o in zip(dims[:-1], dims[1:], strict=True)
         )
         self.upsamplers = nn.ModuleList([Resample(out_dim, mode)]) if mode else None
-        self.cache_slots = sum(m.cache_slots for m in self._blocks())
+        self.cache_slots = sum(m.cache_slots for m in self.blocks())
 
-    def _blocks(self) -> list[nn.Module]:
+    def blocks(self) -> list[nn.Module]:
+        """The cached blocks, in order: residual blocks, then the upsampler if any."""
         return [*self.resnets, *(self.upsamplers or [])]
 
     def forward(self, x: Tensor, cache: Sequence[Tensor | None]) -> tuple[Tensor, Slots]:
         """(B, C_in, T, H, W) -> (B, C_out or C_out // 2, T or 2T, H or 2H, W or 2W)."""
-        return run_chain(self._blocks(), x, cache)
+        return run_chain(self.blocks(), x, cache)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +442,7 @@ class Encoder3d(nn.Module):
         """One chunk (B, 3, T, H, W) -> (B, 2 * z_dim, T', H / 8, W / 8) and its new cache."""
         x, past_in = cached_conv(self.conv_in, x, cache[0])
         x, middle = run_chain([*self.down_blocks, self.mid_block], x, cache[1:-1])
-        x, past_out = cached_conv(self.conv_out, F.silu(self.norm_out(x)), cache[-1])
+        x, past_out = norm_silu_conv(self.norm_out, self.conv_out, x, cache[-1])
         return x, [past_in, *middle, past_out]
 
 
@@ -418,10 +490,12 @@ class Decoder3d(nn.Module):
         x, middle = run_chain(early, x, cache, start=1)
         late = take(cache, 1 + n_early, len(cache) - 2 - n_early)
         past_out = take(cache, len(cache) - 1, 1)[0]
+        # the late blocks' own blocks in one chain: no up block holds its input meanwhile
+        late_chain = [b for up in self.up_blocks[self.late_start :] for b in up.blocks()]
         outs = []
         for part in [x] if piece is None else x.split(piece, dim=2):
-            y, late = run_chain(self.up_blocks[self.late_start :], part, late)
-            y, past_out = cached_conv(self.conv_out, F.silu(self.norm_out(y)), past_out)
+            y, late = run_chain(late_chain, part, late)
+            y, past_out = norm_silu_conv(self.norm_out, self.conv_out, y, past_out)
             outs.append(y)
         return torch.cat(outs, dim=2), [past_in, *middle, *late, past_out]
 
