@@ -1,11 +1,12 @@
 """``kinema train`` on 2 processes (gloo, spawned like torchrun would set them up) equals one
 process on the same global batch: DDP and FSDP2 give the same loss log and weights, and their
-checkpoints resume with another number of processes.
+checkpoints resume with another number of processes; a LoRA trains under DDP as in one process.
 
 One 1-process reference run (4 steps, micro-batch of 2 clips, 2 micro-batches per step, random
-conditioning masks and caption dropout), then one spawn of 2 ranks runs three jobs: DDP from
-scratch, FSDP from scratch, and FSDP resumed from the reference's step-2 checkpoint. Finally one
-process resumes the FSDP run's step-2 checkpoint (sharded optimiser state).
+conditioning masks and caption dropout) and a 1-process LoRA run on its exported model, then one
+spawn of 2 ranks runs four jobs: DDP from scratch, FSDP from scratch, FSDP resumed from the
+reference's step-2 checkpoint, and the LoRA under DDP. Finally one process resumes the FSDP
+run's step-2 checkpoint (sharded optimiser state).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from safetensors.torch import load_file
 
 from kinema.configs import DiTConfig, VAEConfig
 from kinema.io.checkpoint import save_component
+from kinema.lora import LoRAConfig
 from kinema.models.vae import CausalVAE
 from kinema.train import DataConfig, TrainConfig, train_dit
 from kinema.train.loop import read_log
@@ -37,7 +39,8 @@ DATA = DataConfig(num_clips=6, width=32, height=32, frames=5, fps=8)  # the synt
 # is near Adam's eps (1e-8): there m / (sqrt(v) + eps) amplifies it, bounded by the lr (1e-3).
 TOL = 1e-5  # every weight but at most 1 in 1000 of a tensor
 ADAM_TOL = 1e-4  # those few
-JOBS = ("ddp", "fsdp", "fsdp_resume")
+JOBS = ("ddp", "fsdp", "fsdp_resume", "lora_ddp")
+LORA = LoRAConfig(rank=4, alpha=8.0, targets=("attn1.to_q", "attn2.to_v", "ffn.net.2"))
 
 
 def train_config(out: Path, vae: Path, **kw) -> TrainConfig:
@@ -46,6 +49,12 @@ def train_config(out: Path, vae: Path, **kw) -> TrainConfig:
                 checkpoint_every=2, cond_probs=(0.4, 0.3, 0.3), ema_decay=0.9,
                 caption_dropout=0.3, device="cpu", progress=False)  # fmt: skip
     return TrainConfig(**{**base, **kw})
+
+
+def lora_config(out: Path, base: Path, **kw) -> TrainConfig:
+    """A LoRA on the reference run's exported model (its DiT frozen, its VAE)."""
+    model = base / "single" / "model"
+    return train_config(out, model / "vae", model=None, init_from=str(model), lora=LORA, **kw)
 
 
 def load_minilm():  # noqa: ANN201
@@ -65,7 +74,10 @@ def worker(rank: int, port: int, base: str, vae: str) -> None:
     text = load_minilm()
     for job in JOBS:
         out = Path(base) / job
-        config = train_config(out, Path(vae), parallel="ddp" if job == "ddp" else "fsdp")
+        if job == "lora_ddp":
+            config = lora_config(out, Path(base), parallel="ddp")
+        else:
+            config = train_config(out, Path(vae), parallel="ddp" if job == "ddp" else "fsdp")
         try:
             train_dit(config, text_encoder=text)
         except Exception:  # recorded, so each test names its own failure
@@ -97,6 +109,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     text = load_minilm()
     single = base / "single"
     train_dit(train_config(single, vae), text_encoder=text)
+    train_dit(lora_config(base / "lora_single", base), text_encoder=text)
     copy_run(single, base / "fsdp_resume", keep_step=2)  # the 2-rank FSDP run resumes it
     mp.spawn(worker, args=(free_port(), str(base), str(vae)), nprocs=2)
     errors = "\n".join(p.read_text() for p in sorted(base.glob("*.err")))
@@ -107,8 +120,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def weights(run: Path, step: int = 4) -> dict[str, torch.Tensor]:
+    """What trains in the checkpoint of ``step`` (the DiT, or a LoRA's factors) and its EMA."""
     ckpt = run / "checkpoints" / f"step-{step:08d}"
-    model = load_file(str(ckpt / "model" / "model.safetensors"))
+    lora = ckpt / "lora.safetensors"
+    model = load_file(str(lora if lora.exists() else ckpt / "model" / "model.safetensors"))
     ema = load_file(str(ckpt / "ema.safetensors"))
     return {**model, **{f"ema.{k}": v for k, v in ema.items()}}
 
@@ -137,6 +152,16 @@ def test_two_processes_equal_one(runs: dict, job: str) -> None:
     assert not list(base.glob(f"{job}/samples")) and (base / job / "log.csv").exists()
     if job == "fsdp":  # optimiser state sharded by both ranks, weights gathered for export
         assert (base / job / "checkpoints" / "step-00000004" / "optimizer" / ".metadata").exists()
+
+
+def test_a_lora_trains_under_ddp_as_in_one_process(runs: dict) -> None:
+    assert not runs["errors"], runs["errors"]
+    base = runs["base"]
+    assert_same_run(base / "lora_ddp", base / "lora_single")
+    factors = weights(base / "lora_ddp")
+    assert len(factors) == 2 * 2 * 2 * 3  # A and B of 3 targets in 2 blocks, and their EMA
+    assert all(v.abs().max() > 0 for k, v in factors.items() if k.endswith("lora_B"))  # trained
+    assert (base / "lora_ddp" / "model" / "lora.safetensors").exists()  # rank 0 exported
 
 
 def test_two_process_fsdp_checkpoint_resumes_in_one(runs: dict) -> None:
