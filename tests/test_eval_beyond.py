@@ -44,15 +44,24 @@ def test_background_colour_ignores_an_object_that_leaves():
 def test_eval_beyond_runs_every_check(tmp_path, capsys):
     """Mechanics on a random tiny model (its numbers mean nothing; the built-in model's are in
     the README)."""
+    from safetensors.torch import save_file
+
     from kinema.cli import main
+    from kinema.io.checkpoint import load_dit
     from tests.serve_helpers import build_tiny_model
+    from tests.test_lora import random_lora
 
     model = build_tiny_model(tmp_path / "tiny")
+    lora = tmp_path / "lora.safetensors"
+    save_file(random_lora(load_dit(model / "transformer")), str(lora))
     out = tmp_path / "eval.json"
     args = ["eval", "--model", str(model), "--quick", "--seeds", "1", "--beyond", "--out", str(out)]
-    assert main([*args, "--steps", "1", "--guidance", "2.5", "--dtype", "bf16"]) == 0
+    given = ["--steps", "1", "--guidance", "2.5", "--dtype", "bf16", "--lora", f"{lora}:0.5"]
+    assert main([*args, *given]) == 0
     results = json.loads(out.read_text())
     assert results["settings"]["dtype"] == "bfloat16"  # --dtype reached the pipeline
+    loras = [{"path": str(lora), "strength": 0.5}]
+    assert results["settings"]["loras"] == loras
     beyond = results["beyond"]
     # --steps and --guidance reach these clips too (the model's own are 2 and 3.0)
     assert beyond["settings"] == {"steps": 1, "guidance": 2.5, "cache": 0.0}
@@ -62,6 +71,8 @@ def test_eval_beyond_runs_every_check(tmp_path, capsys):
     memory = beyond["long_video_memory"]
     assert (memory["short_s"], memory["long_s"]) == (4.0, 8.0)
     assert memory["long_peak_mib"] > 100 and memory["ratio"] > 0.5
+    # the memory check's own processes load the model as the eval did
+    assert memory["loaded"] == {"dtype": "bfloat16", "loras": loras}
     assert beyond["timed_prompts"]["clips"] == beyond["timed_prompts_cut"]["clips"] == 4
     assert (beyond["timed_prompts"]["switch"], beyond["timed_prompts_cut"]["switch"]) == (
         "blend",

@@ -102,25 +102,36 @@ def seam_continuity(pipe: Any, extensions: int = 3, seconds: float = 1.0) -> dic
 _PEAK = """
 import json, resource, sys
 import kinema
-pipe = kinema.load(sys.argv[1] or None)
+how = json.loads(sys.argv[3])
+pipe = kinema.load(sys.argv[1] or None, dtype=how["dtype"], lora=[tuple(x) for x in how["lora"]])
 fps = pipe.defaults.fps
 pipe.generate("a red circle moving right", frames=round(float(sys.argv[2]) * fps) + 1, steps=4)
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_kib": peak, "dtype": str(pipe.dtype), "loras": pipe.lora_records()}))
 """
 
 
-def peak_rss_mib(model: str | None, seconds: float) -> float:
-    """Peak RSS (MiB) of a fresh process that loads ``model`` and makes a clip of ``seconds``."""
-    out = subprocess.run([sys.executable, "-c", _PEAK, model or "", str(seconds)],
-                         capture_output=True, text=True, check=True)  # fmt: skip
-    return json.loads(out.stdout.strip().splitlines()[-1]) / 1024  # ru_maxrss is KiB on Linux
+def peak_rss_mib(pipe: Any, model: str | None, seconds: float) -> tuple[float, dict]:
+    """Peak RSS (MiB) of a fresh process that loads ``model`` as ``pipe`` was loaded (its dtype
+    and LoRAs) and makes a clip of ``seconds``; and what that process loaded."""
+    how = {"dtype": str(pipe.dtype).removeprefix("torch."),
+           "lora": [[path, strength] for path, strength in pipe.loras]}  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", _PEAK, model or "", str(seconds), json.dumps(how)],
+                         capture_output=True, text=True)  # fmt: skip
+    if out.returncode:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the long-video memory check's process failed: {last}")
+    run = json.loads(out.stdout.strip().splitlines()[-1])
+    loaded = {"dtype": run["dtype"].removeprefix("torch."), "loras": run["loras"]}
+    return run["peak_kib"] / 1024, loaded  # ru_maxrss is KiB on Linux
 
 
-def long_video_memory(model: str | None, short: float = 4.0, long: float = 16.0) -> dict:
-    """Peak RSS of a ``long`` and a ``short`` clip, and their ratio (<= 1.25 is the target)."""
-    a, b = peak_rss_mib(model, short), peak_rss_mib(model, long)
+def long_video_memory(pipe: Any, model: str | None, short: float = 4.0, long: float = 16.0) -> dict:
+    """Peak RSS of a ``long`` and a ``short`` clip, and their ratio (<= 1.25 is the target),
+    each from a fresh process that loads the model as ``pipe`` was loaded."""
+    (a, loaded), (b, _) = peak_rss_mib(pipe, model, short), peak_rss_mib(pipe, model, long)
     return {"short_s": short, "long_s": long, "short_peak_mib": round(a),
-            "long_peak_mib": round(b), "ratio": round(b / a, 3)}  # fmt: skip
+            "long_peak_mib": round(b), "ratio": round(b / a, 3), "loaded": loaded}  # fmt: skip
 
 
 def timed_prompts(
@@ -158,7 +169,7 @@ def evaluate_beyond(pipe: Any, model: str | None, quick: bool = False) -> dict[s
         "settings": {"steps": d.steps, "guidance": d.guidance, "cache": d.cache},
         "first_frame_psnr_db": first_frame_fidelity(pipe, 2 if quick else 4),
         "extension": seam_continuity(pipe, 2 if quick else 3),
-        "long_video_memory": long_video_memory(model, 4.0, 8.0 if quick else 16.0),
+        "long_video_memory": long_video_memory(pipe, model, 4.0, 8.0 if quick else 16.0),
         "timed_prompts": timed_prompts(pipe, 1 if quick else 2, switches=timed),
         "timed_prompts_cut": timed_prompts(pipe, 1 if quick else 2, switch="cut", switches=timed),
     }
