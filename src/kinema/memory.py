@@ -6,7 +6,8 @@ VAE term follows how :class:`~kinema.models.vae.CausalVAE` decodes: one latent f
 the full-resolution stages one output frame at a time, so its peak is the causal cache (two
 input frames for every causal convolution, at that convolution's resolution), the chunk entering
 the full-resolution stages, a few live full-resolution feature maps, and the decoded video.
-Checked against measured peaks by ``benchmarks/harness.py`` (end-to-end table).
+Checked against measured peaks by ``benchmarks/harness.py`` (end-to-end table) and against the
+live tensors of a decode (``tests/test_memory.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-LIVE_MAPS = 6  # full-resolution feature maps alive at once in a residual block (+ conv input)
+# Full-resolution feature maps of one frame (at the stage's channels) alive at once in the
+# decoder's inference path: a residual block's input, its conv's time-padded input (3 frames)
+# and output, and the upsampler's doubled channels just before (bench.TensorPeak: 7.0 at
+# Wan 2.1's VAE, 208x120x81 and 104x64x17).
+LIVE_MAPS = 7
 
 
 def weight_bytes(module: Any) -> int:
@@ -55,12 +60,13 @@ def vae_decode_bytes(
 ) -> int:
     """Peak of a decode: cache (``cache_nbytes`` per value: 2 for the pipeline's fp16 cache of
     an fp32 VAE) + the chunk entering the full-resolution stages (temporal factor frames at
-    half resolution) + live full-resolution maps of one frame + the output video."""
+    half resolution) + live full-resolution maps of one frame + the output video (written
+    into one preallocated tensor)."""
     full = config.base_dim * config.dim_mult[0]
     pixels = width * height
     chunk = config.temporal_factor * 2 * full * pixels // 4  # (B, 2C, 4, H/2, W/2)
-    live = LIVE_MAPS * 2 * full * pixels  # one frame; conv inputs carry 2C before the upsampler
-    video = 4 * 3 * frames * pixels  # decoded chunks, their concatenation, uint8 conversion
+    live = LIVE_MAPS * full * pixels
+    video = 3 * frames * pixels
     return vae_cache_bytes(config, width, height, cache_nbytes) + (chunk + live + video) * nbytes
 
 

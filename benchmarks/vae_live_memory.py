@@ -1,0 +1,63 @@
+"""Peak live tensor memory of VAE decodes with Wan 2.1's VAE (random weights), on any device:
+kinema's pipeline decode (1, 2 or 4 output frames a full-resolution pass, half-precision
+cache), its exact whole-chunk decode, and diffusers' untiled decode.
+
+    python benchmarks/vae_live_memory.py [--size 104x64x17] [--pieces 1,2,4] [--out FILE]
+
+(``PYTHONPATH=OTHER/src python benchmarks/vae_live_memory.py``: another checkout's kinema, e.g.
+a ``git worktree`` of an earlier commit, from session 21's ``TensorPeak`` on.)
+
+``bench.TensorPeak`` counts the tensor storage alive at every aten op, what a GPU's
+``max_memory_allocated`` sees, and is the same on every run; so this CPU reproduces the decode
+memory ratios of a GPU run at a size it can afford (a GPU adds only kernel workspaces).
+Prints JSON: each decode's peak (MiB), its ratio to diffusers', and its largest difference
+from kinema's exact decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from kinema.bench import TensorPeak, machine, piece_name, shape_with, vae_decoders
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", default="104x64x17", help="WIDTHxHEIGHTxFRAMES of the video")
+    p.add_argument("--pieces", default="1,2,4", help="frames a full-resolution pass")
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    args = p.parse_args()
+    width, height, frames = map(int, args.size.split("x"))
+    pieces = tuple(int(n) for n in args.pieces.split(","))
+    shape = shape_with("wan2.1-1.3b", width=width, height=height, frames=frames)
+    fns = vae_decoders(shape, torch.device("cpu"), pieces=tuple(n for n in pieces if n != 1))
+    names = ["diffusers", "kinema_plain", *("kinema" if n == 1 else piece_name(n) for n in pieces)]
+    outs, peaks, seconds = {}, {}, {}
+    with torch.inference_mode():
+        for name in names:
+            start = time.perf_counter()
+            with TensorPeak() as tp:
+                outs[name] = fns[name]()
+            peaks[name] = tp.peak
+            seconds[name] = round(time.perf_counter() - start, 1)
+    exact = outs["kinema_plain"]
+    result = {
+        "machine": machine(torch.device("cpu")), "size": [width, height, frames],
+        "peak_mib": {k: round(v / 2**20, 1) for k, v in peaks.items()},
+        "ratio_to_diffusers": {k: round(v / peaks["diffusers"], 3) for k, v in peaks.items()},
+        "max_diff_vs_exact": {k: float((v - exact).abs().max()) for k, v in outs.items()},
+        "seconds_with_counting": seconds,
+    }  # fmt: skip
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
