@@ -267,8 +267,10 @@ def test_lora_trains_only_its_factors_resumes_exactly_and_exports_what_merges(
                      text_encoder=text_encoder)  # fmt: skip
     lora = LoRAConfig(rank=4, alpha=8.0, targets=("attn1.to_q", "attn2.to_v", "ffn.net.2"))
     config = lambda out: dit_config(out, vae_folder, data=videos, model=None, max_steps=4,
-                                    init_from=str(base), lora=lora)  # fmt: skip
+                                    init_from=str(base), lora=lora, sample_every=2,
+                                    sample_prompts=("a red square",), sample_steps=2)  # fmt: skip
     straight = train_dit(config(tmp_path / "a"), text_encoder=text_encoder)
+    assert (tmp_path / "a" / "samples" / "step-00000004-0.mp4").stat().st_size > 0  # LoRA + EMA
     assert train_dit(config(tmp_path / "b"), text_encoder=text_encoder, stop_after=2)
     resumed = train_dit(config(tmp_path / "b"), text_encoder=text_encoder)
     a, b = latest_checkpoint(tmp_path / "a"), latest_checkpoint(tmp_path / "b")
