@@ -306,9 +306,9 @@ def run_info(args: argparse.Namespace) -> int:
         "defaults": dataclasses.asdict(pipe.defaults),
         "vocabulary": sorted(pipe.vocabulary) if pipe.vocabulary else None,  # None: open
         "request": {"width": width, "height": height, "frames": frames},
-        "peak_memory_bytes": {
-            dt: estimate_peak_bytes(pipe, width, height, frames, dtype_bytes=n)
-            for dt, n in (("fp32", 4), ("bf16", 2))
+        "peak_memory_bytes": {  # on a GPU in each dtype, and on a CPU
+            key: estimate_peak_bytes(pipe, width, height, frames, dtype_bytes=n, device=device)
+            for key, n, device in (("fp32", 4, "cuda"), ("bf16", 2, "cuda"), ("cpu_fp32", 4, "cpu"))
         },
     }
     print(json.dumps(info, indent=2) if args.json else format_info(info))
@@ -328,7 +328,8 @@ def format_info(info: dict[str, Any]) -> str:
         f"defaults    {info['defaults']}",
         f"request     {req['width']}x{req['height']}, {req['frames']} frames",
     ]
-    lines += [f"peak memory {k}: ~{gib(v)}" for k, v in info["peak_memory_bytes"].items()]
+    where = {"fp32": "GPU fp32", "bf16": "GPU bf16", "cpu_fp32": "CPU fp32"}
+    lines += [f"peak memory {where[k]}: ~{gib(v)}" for k, v in info["peak_memory_bytes"].items()]
     if info["vocabulary"]:  # a model of a closed world reads only its training words
         lines.append(f"vocabulary  {' '.join(info['vocabulary'])}")
     return "\n".join(lines)

@@ -1,11 +1,12 @@
 """A peak-memory estimate for a request, from configs alone (no forward pass).
 
-peak ~= weights + max(DiT activations, VAE decode). The DiT term counts the live tensors of one
-block at inference (residual, q/k/v, attention output, FFN hidden) for the guidance batch. The
-VAE term follows how :class:`~kinema.models.vae.CausalVAE` decodes: one latent frame at a time,
-the full-resolution stages one output frame at a time, so its peak is the causal cache (two
-input frames for every causal convolution, at that convolution's resolution), the chunk entering
-the full-resolution stages, a few live full-resolution feature maps, and the decoded video.
+peak ~= weights + max(DiT activations, VAE decode), plus on a CPU what the runtime holds. The
+DiT term counts the live tensors of one block at inference (residual, q/k/v, attention output,
+FFN hidden) for the guidance batch. The VAE term follows how
+:class:`~kinema.models.vae.CausalVAE` decodes: one latent frame at a time, the full-resolution
+stages one output frame at a time, so its peak is the causal cache (two input frames for every
+causal convolution, at that convolution's resolution), the chunk entering the full-resolution
+stages, a few live full-resolution feature maps, and the decoded video.
 Checked against measured peaks by ``benchmarks/harness.py`` (end-to-end table) and against the
 live tensors of a decode (``tests/test_memory.py``).
 """
@@ -20,6 +21,13 @@ from typing import Any
 # and output, and the upsampler's doubled channels just before (bench.TensorPeak: 7.0 at
 # Wan 2.1's VAE, 208x120x81 and 104x64x17).
 LIVE_MAPS = 7
+
+
+# What a request's peak RSS on a CPU holds beyond its tensors (allocator arenas, oneDNN's
+# scratch and reordered weights): 25-27 MiB at both CPU harness shapes, whose tensor peaks
+# differ 5x (benchmarks/results/cpu-fp32-e2e-lean.json). A GPU's max_memory_allocated
+# counts tensors only.
+CPU_RUNTIME_BYTES = 24 * 2**20
 
 
 def weight_bytes(module: Any) -> int:
@@ -70,8 +78,11 @@ def vae_decode_bytes(
     return vae_cache_bytes(config, width, height, cache_nbytes) + (chunk + live + video) * nbytes
 
 
-def estimate_peak_bytes(pipe: Any, width: int, height: int, frames: int, dtype_bytes: int) -> int:
-    """Estimated peak bytes for one request of ``pipe`` with weights of ``dtype_bytes``."""
+def estimate_peak_bytes(
+    pipe: Any, width: int, height: int, frames: int, dtype_bytes: int, device: str | None = None
+) -> int:
+    """Estimated peak bytes for one request of ``pipe`` with weights of ``dtype_bytes`` on a
+    ``device`` of this type ("cpu", "cuda"; default: where ``pipe`` computes)."""
     from kinema.models.vae import LEAN_CACHE
 
     c, v = pipe.dit.config, pipe.vae.config
@@ -84,4 +95,5 @@ def estimate_peak_bytes(pipe: Any, width: int, height: int, frames: int, dtype_b
     weights = params * dtype_bytes + weight_bytes(pipe.vae)
     dit = dit_activation_bytes(c, tokens, 512, 2, dtype_bytes)
     vae = vae_decode_bytes(v, width, height, frames, cache_nbytes=cache_nbytes)
-    return int(weights + max(dit, vae))
+    runtime = CPU_RUNTIME_BYTES if (device or pipe.device.type) == "cpu" else 0
+    return int(weights + max(dit, vae) + runtime)
