@@ -61,9 +61,11 @@ class CausalConv3d(nn.Conv3d):
         self.past_frames = 2 * pt
         self.spatial_padding = (0, ph, pw)
 
-    def forward(self, x: Tensor, past: Tensor | None = None) -> Tensor:
-        """(B, C, T, H, W), past (B, C, P <= past_frames, H, W) -> (B, C', T', H', W')."""
-        return self.run_padded(self.pad_time(x, past))
+    def forward(self, x: Tensor, past: Tensor | None = None, padded: bool = False) -> Tensor:
+        """(B, C, T, H, W), past (B, C, P <= past_frames, H, W) -> (B, C', T', H', W').
+        ``padded``: ``x`` already starts with its ``past_frames`` frames of context (as
+        :func:`norm_silu_padded` writes it), so no ``past`` is added."""
+        return self.run_padded(x if padded else self.pad_time(x, past))
 
     def pad_time(self, x: Tensor, past: Tensor | None) -> Tensor:
         """[zeros, past, x] in time, ``past_frames`` frames before ``x``: the conv's input.
@@ -164,7 +166,7 @@ def norm_silu_conv(
     if torch.is_grad_enabled():
         return cached_conv(conv, F.silu(norm(x)), past)
     buf, newest = norm_silu_padded(norm, x, past, conv.past_frames)
-    return conv.run_padded(buf), newest
+    return conv(buf, padded=True), newest
 
 
 def per_frame(module: nn.Module, x: Tensor) -> Tensor:
@@ -337,11 +339,11 @@ class ResidualBlock(nn.Module):
         old1, old2 = take(cache, 0, 2)  # the old context, freed once copied
         buf, past1 = norm_silu_padded(self.norm1, x, old1, self.conv1.past_frames)
         del old1
-        h = self.conv1.run_padded(buf)
+        h = self.conv1(buf, padded=True)
         del buf
         buf, past2 = norm_silu_padded(self.norm2, h, old2, self.conv2.past_frames)
         del h, old2
-        h = self.conv2.run_padded(buf)
+        h = self.conv2(buf, padded=True)
         del buf
         return h.add_(self.conv_shortcut(x)), [past1, past2]
 
