@@ -1,8 +1,10 @@
 """Peak live tensor memory of VAE decodes with Wan 2.1's VAE (random weights), on any device:
 kinema's pipeline decode (1, 2 or 4 output frames a full-resolution pass, half-precision
-cache), its exact whole-chunk decode, and diffusers' untiled decode.
+cache), its exact whole-chunk decode, and diffusers' untiled decode; with ``--encode``, the
+encode of a random video of that size instead (kinema's and diffusers').
 
-    python benchmarks/vae_live_memory.py [--size 104x64x17] [--pieces 1,2,4] [--out FILE]
+    python benchmarks/vae_live_memory.py [--size 104x64x17] [--pieces 1,2,4] [--encode]
+                                         [--out FILE]
 
 (``PYTHONPATH=OTHER/src python benchmarks/vae_live_memory.py``: another checkout's kinema, e.g.
 a ``git worktree`` of an earlier commit, from session 21's ``TensorPeak`` on.)
@@ -23,20 +25,28 @@ from pathlib import Path
 
 import torch
 
-from kinema.bench import TensorPeak, machine, piece_name, shape_with, vae_decoders
+from kinema.bench import TensorPeak, machine, piece_name, shape_with, twin_vaes, vae_decoders
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", default="104x64x17", help="WIDTHxHEIGHTxFRAMES of the video")
     p.add_argument("--pieces", default="1,2,4", help="frames a full-resolution pass")
+    p.add_argument("--encode", action="store_true", help="measure the encode instead")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     args = p.parse_args()
     width, height, frames = map(int, args.size.split("x"))
     pieces = tuple(int(n) for n in args.pieces.split(","))
     shape = shape_with("wan2.1-1.3b", width=width, height=height, frames=frames)
-    fns = vae_decoders(shape, torch.device("cpu"), pieces=tuple(n for n in pieces if n != 1))
-    names = ["diffusers", "kinema_plain", *("kinema" if n == 1 else piece_name(n) for n in pieces)]
+    if args.encode:
+        fns, names = encoders(shape), ["diffusers", "kinema", "kinema_plain"]
+    else:
+        fns = vae_decoders(shape, torch.device("cpu"), pieces=tuple(n for n in pieces if n != 1))
+        names = [
+            "diffusers",
+            "kinema_plain",
+            *("kinema" if n == 1 else piece_name(n) for n in pieces),
+        ]
     outs, peaks, seconds = {}, {}, {}
     with torch.inference_mode():
         for name in names:
@@ -48,6 +58,7 @@ def main() -> None:
     exact = outs["kinema_plain"]
     result = {
         "machine": machine(torch.device("cpu")), "size": [width, height, frames],
+        "part": "encode" if args.encode else "decode",
         "peak_mib": {k: round(v / 2**20, 1) for k, v in peaks.items()},
         "ratio_to_diffusers": {k: round(v / peaks["diffusers"], 3) for k, v in peaks.items()},
         "max_diff_vs_exact": {k: float((v - exact).abs().max()) for k, v in outs.items()},
@@ -57,6 +68,19 @@ def main() -> None:
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
+
+
+def encoders(shape) -> dict:  # noqa: ANN001
+    """Encodes of one random video of ``shape``: kinema's (chunk by chunk), its whole clip in
+    one pass (``kinema_plain``), diffusers'."""
+    ours, theirs = twin_vaes(shape.vae, torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(2)
+    video = torch.rand(1, 3, shape.frames, shape.height, shape.width, generator=g) * 2 - 1
+    return {
+        "kinema": lambda: ours.encode(video),
+        "kinema_plain": lambda: ours.encode_posterior(video, whole=True)[0],
+        "diffusers": lambda: theirs.encode(video).latent_dist.mean,
+    }
 
 
 if __name__ == "__main__":

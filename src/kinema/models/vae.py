@@ -439,13 +439,33 @@ class Encoder3d(nn.Module):
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], 2 * config.z_dim, 3, padding=1)
         self.cache_slots = 2 + sum(b.cache_slots for b in (*self.down_blocks, self.mid_block))
+        halves_time = [i for i, b in enumerate(blocks) if getattr(b, "mode", "") == "downsample3d"]
+        self.early_end = halves_time[0] if halves_time else len(blocks)
 
-    def forward(self, x: Tensor, cache: Sequence[Tensor | None]) -> tuple[Tensor, Slots]:
-        """One chunk (B, 3, T, H, W) -> (B, 2 * z_dim, T', H / 8, W / 8) and its new cache."""
-        x, past_in = cached_conv(self.conv_in, x, cache[0])
-        x, middle = run_chain([*self.down_blocks, self.mid_block], x, cache[1:-1])
-        x, past_out = norm_silu_conv(self.norm_out, self.conv_out, x, cache[-1])
-        return x, [past_in, *middle, past_out]
+    def forward(
+        self, x: Tensor, cache: Sequence[Tensor | None], piece: int | None = None
+    ) -> tuple[Tensor, Slots]:
+        """One chunk (B, 3, T, H, W) -> (B, 2 * z_dim, T', H / 8, W / 8) and its new cache.
+
+        The stages before the first temporal downsampler (the widest, at full resolution) run
+        ``piece`` input frames at a time (None: the whole chunk at once): every layer there is
+        causal in time or per frame, so the result is the same while their activations shrink
+        by T / piece (as in :meth:`Decoder3d.forward`)."""
+        past_in = take(cache, 0, 1)[0]
+        n_early = sum(b.cache_slots for b in self.down_blocks[: self.early_end])
+        early = take(cache, 1, n_early)
+        rest = take(cache, 1 + n_early, len(cache) - 2 - n_early)
+        past_out = take(cache, len(cache) - 1, 1)[0]
+        outs = []
+        for part in [x] if piece is None else x.split(piece, dim=2):
+            y, past_in = cached_conv(self.conv_in, part, past_in)
+            y, early = run_chain(self.down_blocks[: self.early_end], y, early)
+            outs.append(y)
+        x = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        del outs
+        x, rest = run_chain([*self.down_blocks[self.early_end :], self.mid_block], x, rest)
+        x, past_out = norm_silu_conv(self.norm_out, self.conv_out, x, past_out)
+        return x, [past_in, *early, *rest, past_out]
 
 
 class Decoder3d(nn.Module):
@@ -644,17 +664,19 @@ class CausalVAE(nn.Module):
         return list(cache.frames)
 
     def encode_chunk(
-        self, x: Tensor, cache: CausalCache | None = None
+        self, x: Tensor, cache: CausalCache | None = None, piece: int | None = 1
     ) -> tuple[Tensor, CausalCache]:
         """Encode one chunk: the first (``cache=None``) must be 1 + ``temporal_factor`` k
         frames (Wan's is 1), later ones a multiple of ``temporal_factor`` frames.
         (B, 3, t, H, W) -> moments (B, 2z, t', H/8, W/8) (mean then log-variance, unclamped),
-        t' = 1 + k for the first chunk else t / temporal_factor."""
+        t' = 1 + k for the first chunk else t / temporal_factor. ``piece``: input frames per
+        pass through the full-resolution stages (see :meth:`Encoder3d.forward`)."""
         tf, t = self.config.temporal_factor, x.shape[2]
         if (cache is None and (t - 1) % tf) or (cache is not None and (t == 0 or t % tf)):
             need = f"1 + {tf} k frames" if cache is None else f"a positive multiple of {tf} frames"
             raise ValueError(f"this encode chunk must have {need}, got {t}")
-        h, frames = self.encoder(x, self._start(cache, self.encoder.cache_slots, "encoder"))
+        slots = self._start(cache, self.encoder.cache_slots, "encoder")
+        h, frames = self.encoder(x, slots, piece)
         return self.quant_conv(h), CausalCache(tuple(frames))
 
     def decode_chunk(
@@ -681,12 +703,13 @@ class CausalVAE(nn.Module):
     def _moments(self, video: Tensor, whole: bool = False) -> Tensor:
         """(B, 3, 1 + 4k, H, W) -> (B, 2z, 1 + k, H/8, W/8), chunk by chunk (``whole``: in one)."""
         if whole:
-            return self.encode_chunk(video)[0]
-        tf, cache, out = self.config.temporal_factor, None, []
+            return self.encode_chunk(video, piece=None)[0]
+        tf, out = self.config.temporal_factor, []
+        cache: Slots = [None] * self.encoder.cache_slots  # owned: emptied as it is used
         for start in [0, *range(1, video.shape[2], tf)]:
             end = 1 if start == 0 else start + tf
-            moments, cache = self.encode_chunk(video[:, :, start:end], cache)
-            out.append(moments)
+            h, cache = self.encoder(video[:, :, start:end], cache, 1)
+            out.append(self.quant_conv(h))
         return torch.cat(out, dim=2)
 
     def _frames(
