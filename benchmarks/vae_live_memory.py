@@ -39,7 +39,8 @@ def main() -> None:
     pieces = tuple(int(n) for n in args.pieces.split(","))
     shape = shape_with("wan2.1-1.3b", width=width, height=height, frames=frames)
     if args.encode:
-        fns, names = encoders(shape), ["diffusers", "kinema", "kinema_plain"]
+        fns = encoders(shape)
+        names = ["diffusers", "kinema", "kinema_exact", "kinema_plain"]
     else:
         fns = vae_decoders(shape, torch.device("cpu"), pieces=tuple(n for n in pieces if n != 1))
         names = [
@@ -71,13 +72,17 @@ def main() -> None:
 
 
 def encoders(shape) -> dict:  # noqa: ANN001
-    """Encodes of one random video of ``shape``: kinema's (chunk by chunk), its whole clip in
-    one pass (``kinema_plain``), diffusers'."""
+    """Encodes of one random video of ``shape``: the pipeline's (chunk by chunk, fp16 cache),
+    ``kinema_exact`` (chunk by chunk, exact), the whole clip in one pass (``kinema_plain``),
+    diffusers'."""
+    from kinema.models.vae import LEAN_CACHE
+
     ours, theirs = twin_vaes(shape.vae, torch.device("cpu"), torch.float32)
     g = torch.Generator().manual_seed(2)
     video = torch.rand(1, 3, shape.frames, shape.height, shape.width, generator=g) * 2 - 1
     return {
-        "kinema": lambda: ours.encode(video),
+        "kinema": lambda: ours.encode(video, cache_dtype=LEAN_CACHE[torch.float32]),
+        "kinema_exact": lambda: ours.encode(video),
         "kinema_plain": lambda: ours.encode_posterior(video, whole=True)[0],
         "diffusers": lambda: theirs.encode(video).latent_dist.mean,
     }

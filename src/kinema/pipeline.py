@@ -623,13 +623,17 @@ class Pipeline:
         return self.cache_calibration
 
     def encode(self, frames: np.ndarray) -> Tensor:
-        """Frames (T, H, W, 3) uint8 -> normalised latents (1, C, F, h, w) on the DiT's device."""
+        """Frames (T, H, W, 3) uint8 -> normalised latents (1, C, F, h, w) on the DiT's device,
+        with the causal cache in half precision for an fp32 VAE (``LEAN_CACHE``)."""
+        from kinema.models.vae import LEAN_CACHE
+
         vae_dtype = next(self.vae.parameters()).dtype
         frames = np.require(frames, requirements=["C_CONTIGUOUS", "WRITEABLE"])  # copy if not
         video = torch.from_numpy(frames).to(self.device)
         video = video.permute(3, 0, 1, 2)[None].to(vae_dtype) / 127.5 - 1  # (1, 3, T, H, W)
         with torch.inference_mode(), self.placement.part(self.vae):
-            return self.vae.normalize(self.vae.encode(video)).float()
+            latents = self.vae.encode(video, cache_dtype=LEAN_CACHE.get(vae_dtype))
+            return self.vae.normalize(latents).float()
 
     def decode(self, latents: Tensor) -> Tensor:
         """Normalised latents (1, C, F, h, w) -> video (1, 3, T, H, W) in [-1, 1], with the

@@ -541,8 +541,10 @@ class SplitDecodeVAE(nn.Module):
     def config(self) -> Any:
         return self.inner.config
 
-    def encode(self, video: Tensor, tile: Any = None) -> Tensor:
-        return self.inner.encode(video, tile)
+    def encode(
+        self, video: Tensor, tile: Any = None, cache_dtype: torch.dtype | None = None
+    ) -> Tensor:
+        return self.inner.encode(video, tile, cache_dtype=cache_dtype)
 
     def normalize(self, z: Tensor) -> Tensor:
         return self.inner.normalize(z)

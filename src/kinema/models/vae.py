@@ -700,8 +700,11 @@ class CausalVAE(nn.Module):
 
     # --- whole videos ----------------------------------------------------------------------
 
-    def _moments(self, video: Tensor, whole: bool = False) -> Tensor:
-        """(B, 3, 1 + 4k, H, W) -> (B, 2z, 1 + k, H/8, W/8), chunk by chunk (``whole``: in one)."""
+    def _moments(
+        self, video: Tensor, whole: bool = False, cache_dtype: torch.dtype | None = None
+    ) -> Tensor:
+        """(B, 3, 1 + 4k, H, W) -> (B, 2z, 1 + k, H/8, W/8), chunk by chunk (``whole``: in one;
+        ``cache_dtype``: as in :meth:`_frames`)."""
         if whole:
             return self.encode_chunk(video, piece=None)[0]
         tf, out = self.config.temporal_factor, []
@@ -709,6 +712,8 @@ class CausalVAE(nn.Module):
         for start in [0, *range(1, video.shape[2], tf)]:
             end = 1 if start == 0 else start + tf
             h, cache = self.encoder(video[:, :, start:end], cache, 1)
+            if start == 0 and cache_dtype is not None:
+                cache = [c if c is None else compact(c, cache_dtype) for c in cache]
             out.append(self.quant_conv(h))
         return torch.cat(out, dim=2)
 
@@ -736,15 +741,17 @@ class CausalVAE(nn.Module):
         return out  # type: ignore[return-value]
 
     def encode_posterior(
-        self, video: Tensor, tile: TileSpec | None = None, whole: bool = False
-    ) -> tuple[Tensor, Tensor]:
+        self, video: Tensor, tile: TileSpec | None = None, whole: bool = False,
+        cache_dtype: torch.dtype | None = None,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
         """Video (B, 3, 1 + 4k, H, W) in [-1, 1] -> (mean, logvar), each (B, z, 1 + k, H/8, W/8);
         logvar clamped to [-30, 20] as in diffusers' DiagonalGaussianDistribution.
         ``whole``: the clip in one pass instead of chunk by chunk (the same result; fewer,
-        larger kernels for more activation memory, what training wants)."""
+        larger kernels for more activation memory, what training wants). ``cache_dtype``: the
+        causal cache between chunks in that dtype, as :meth:`decode` keeps it."""
         s = self.config.spatial_factor
         _check_video(video, self.config.temporal_factor, s)
-        run = lambda v: self._moments(v, whole)
+        run = lambda v: self._moments(v, whole, cache_dtype)
         if tile is None:
             moments = run(video)
         else:
@@ -753,9 +760,11 @@ class CausalVAE(nn.Module):
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def encode(self, video: Tensor, tile: TileSpec | None = None) -> Tensor:
+    def encode(
+        self, video: Tensor, tile: TileSpec | None = None, cache_dtype: torch.dtype | None = None
+    ) -> Tensor:
         """Video (B, 3, 1 + 4k, H, W) in [-1, 1] -> posterior mean (B, z, 1 + k, H/8, W/8)."""
-        return self.encode_posterior(video, tile)[0]
+        return self.encode_posterior(video, tile, cache_dtype=cache_dtype)[0]
 
     @staticmethod
     def sample(mean: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
