@@ -137,6 +137,11 @@ def compact(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype)
 
 
+def compact_cache(cache: Sequence[Tensor | None], dtype: torch.dtype) -> Slots:
+    """Every entry of ``cache`` in ``dtype`` where its values fit (see :func:`compact`)."""
+    return [c if c is None else compact(c, dtype) for c in cache]
+
+
 def cached_conv(conv: CausalConv3d, x: Tensor, past: Tensor | None) -> tuple[Tensor, Tensor]:
     """Run a causal conv on one chunk; return its output and the context for the next chunk."""
     return conv(x, past), newest_frames(x, past)
@@ -337,10 +342,8 @@ class ResidualBlock(nn.Module):
         # (see norm_silu_padded) and each activation freed once the next is made: at most
         # x + one padded input + one output alive, a third less than the lines above.
         old1, old2 = take(cache, 0, 2)  # the old context, freed once copied
-        buf, past1 = norm_silu_padded(self.norm1, x, old1, self.conv1.past_frames)
+        h, past1 = norm_silu_conv(self.norm1, self.conv1, x, old1)
         del old1
-        h = self.conv1(buf, padded=True)
-        del buf
         buf, past2 = norm_silu_padded(self.norm2, h, old2, self.conv2.past_frames)
         del h, old2
         h = self.conv2(buf, padded=True)
@@ -713,7 +716,7 @@ class CausalVAE(nn.Module):
             end = 1 if start == 0 else start + tf
             h, cache = self.encoder(video[:, :, start:end], cache, 1)
             if start == 0 and cache_dtype is not None:
-                cache = [c if c is None else compact(c, cache_dtype) for c in cache]
+                cache = compact_cache(cache, cache_dtype)
             out.append(self.quant_conv(h))
         return torch.cat(out, dim=2)
 
@@ -732,7 +735,7 @@ class CausalVAE(nn.Module):
         for f in range(latent.shape[2]):
             x, cache = self._decode_owned(latent[:, :, f : f + 1], cache, clamp, piece)
             if f == 0 and cache_dtype is not None:
-                cache = [c if c is None else compact(c, cache_dtype) for c in cache]
+                cache = compact_cache(cache, cache_dtype)
             if out is None:
                 frames = 1 + self.config.temporal_factor * (latent.shape[2] - 1)
                 out = x.new_empty(*x.shape[:2], frames, *x.shape[3:])  # (B, 3, T, H, W)
