@@ -187,3 +187,59 @@ def test_qk_norm_is_torchs_rms_norm_with_the_inputs_dtype_under_bf16_autocast():
         got = norm(xb)
     want = F.rms_norm(xb, (64,), norm.weight.bfloat16(), 1e-6)
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("gelu", [None, "tanh", "none"])
+def test_linear_by_onednn_equals_f_linear(gelu, monkeypatch):
+    """ops.linear's inference path (oneDNN's matmul with the bias and GELU fused, on CPU fp32)
+    against F.linear then F.gelu; with autograd on it is that plain path, gradients included."""
+    import torch.nn.functional as F
+
+    from kinema.models import ops
+
+    g = torch.Generator().manual_seed(4)
+    weight, bias = torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
+    x = torch.randn(16, 2, 9, generator=g).permute(1, 2, 0)  # (2, 9, 16), not contiguous
+    plain = F.linear(x, weight, bias)
+    if gelu is not None:
+        plain = F.gelu(plain, approximate=gelu)
+    calls, onednn = [], torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise",
+                        lambda *a: calls.append(a[3:]) or onednn(*a), raising=False)  # fmt: skip
+    with torch.no_grad():
+        fast = ops.linear(x, weight, bias, gelu)
+        no_bias = ops.linear(x, weight)
+    assert calls == [("none" if gelu is None else "gelu", [], gelu or ""), ("none", [], "")]
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(no_bias, F.linear(x, weight), atol=1e-5, rtol=1e-5)
+    w = weight.clone().requires_grad_()
+    out = ops.linear(x, w, bias, gelu)  # autograd on: F.linear
+    out.sum().backward()
+    assert len(calls) == 2 and torch.equal(out.detach(), plain) and w.grad is not None
+
+
+def test_inference_rms_norm_equals_torchs():
+    import torch.nn.functional as F
+
+    from kinema.models import ops
+
+    g = torch.Generator().manual_seed(5)
+    x, w = 3 * torch.randn(2, 40, 32, generator=g), torch.randn(32, generator=g)
+    with torch.no_grad():
+        for weight, eps in ((w, 1e-6), (None, None)):
+            got, want = ops.rms_norm(x, weight, eps), F.rms_norm(x, (32,), weight, eps)
+            assert got.shape == want.shape and (got - want).abs().max().item() < 2e-6
+    assert torch.equal(ops.rms_norm(x, w, 1e-6), F.rms_norm(x, (32,), w, 1e-6))  # autograd on
+
+
+def test_modulate_and_gated_add_are_the_per_group_formulas():
+    from kinema.models import ops
+
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(2, 12, 8, generator=g), torch.randn(2, 12, 8, generator=g)
+    shift, scale, gate = (torch.randn(2, 3, 8, generator=g) for _ in range(3))  # G = 3 groups
+    per_token = lambda t: t.repeat_interleave(4, dim=1)  # (B, G, D) -> (B, 12, D)
+    want = x * (1 + per_token(scale)) + per_token(shift)
+    torch.testing.assert_close(ops.modulate(x, shift, scale), want, atol=1e-6, rtol=1e-6)
+    want = x + y * per_token(gate)
+    torch.testing.assert_close(ops.gated_add(x, y, gate), want, atol=1e-6, rtol=1e-6)

@@ -28,6 +28,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from kinema.models.ops import Linear, apply_gelu
+
 # Linear layers inside each block that a LoRA adapts by default (diffusers' names).
 DEFAULT_TARGETS = (
     "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
@@ -62,7 +64,7 @@ class LoRAConfig:
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
 
-class LoRALinear(nn.Linear):
+class LoRALinear(Linear):
     """``nn.Linear`` with a low-rank update: y = x Wᵀ + b + scale (x Aᵀ) Bᵀ.
 
     Made from an existing layer by :func:`add_lora` (its weight and bias stay, under the same
@@ -81,9 +83,10 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device))
         self.lora_scale = scale
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, gelu: str | None = None) -> Tensor:
         low = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return super().forward(x) + self.lora_scale * low
+        y = F.linear(x, self.weight, self.bias) + self.lora_scale * low
+        return y if gelu is None else apply_gelu(y, gelu)
 
 
 def lora_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:

@@ -28,11 +28,13 @@ from torch.utils.checkpoint import checkpoint
 
 from kinema.configs import DiTConfig
 from kinema.models.ops import (
+    Linear,
     apply_rope,
     attention,
-    gate,
-    gelu_tanh,
+    gated_add,
+    linear,
     modulate,
+    rms_norm,
     rope_3d,
     timestep_embedding,
     unpatchify,
@@ -51,11 +53,11 @@ class FP32LayerNorm(nn.LayerNorm):
 class RMSNorm(nn.RMSNorm):
     """torch's RMSNorm with its weight cast to the input's dtype. Under bf16 autocast the
     input is bf16 and an fp32 weight keeps torch off its fused kernel (with a warning); in one
-    dtype throughout it is nn.RMSNorm exactly."""
+    dtype throughout it is nn.RMSNorm (computed by :func:`~kinema.models.ops.rms_norm`)."""
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight.to(x.dtype) if self.weight is not None else None
-        return F.rms_norm(x, self.normalized_shape, w, self.eps)
+        return rms_norm(x, w, self.eps)
 
 
 class MLP(nn.Module):
@@ -63,9 +65,9 @@ class MLP(nn.Module):
 
     def __init__(self, d_in: int, d_hidden: int, d_out: int, act: nn.Module) -> None:
         super().__init__()
-        self.linear_1 = nn.Linear(d_in, d_hidden)
+        self.linear_1 = Linear(d_in, d_hidden)
         self.act = act
-        self.linear_2 = nn.Linear(d_hidden, d_out)
+        self.linear_2 = Linear(d_hidden, d_out)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear_2(self.act(self.linear_1(x)))
@@ -76,12 +78,11 @@ class GELUProj(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, approximate: str) -> None:
         super().__init__()
-        self.proj = nn.Linear(d_in, d_out)
+        self.proj = Linear(d_in, d_out)
         self.approximate = approximate
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.proj(x)
-        return gelu_tanh(h) if self.approximate == "tanh" else F.gelu(h, approximate="none")
+        return self.proj(x, gelu=self.approximate)
 
 
 class FeedForward(nn.Module):
@@ -90,7 +91,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int, out: int, approximate: str = "tanh") -> None:
         super().__init__()
         self.net = nn.ModuleList([GELUProj(dim, hidden, approximate), nn.Dropout(0.0)])
-        self.net.append(nn.Linear(hidden, out))
+        self.net.append(Linear(hidden, out))
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in self.net:
@@ -127,7 +128,7 @@ class ConditionEmbedder(nn.Module):
         super().__init__()
         self.freq_dim = c.freq_dim
         self.time_embedder = MLP(c.freq_dim, c.dim, c.dim, nn.SiLU())
-        self.time_proj = nn.Linear(c.dim, 6 * c.dim)
+        self.time_proj = Linear(c.dim, 6 * c.dim)
         self.text_embedder = MLP(c.text_dim, c.dim, c.dim, nn.GELU(approximate="tanh"))
         self.image_embedder = None
         if c.image_dim is not None:
@@ -154,14 +155,14 @@ class Attention(nn.Module):
         super().__init__()
         d = c.dim
         self.heads = c.num_heads
-        self.to_q, self.to_k, self.to_v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-        self.to_out = nn.ModuleList([nn.Linear(d, d)])
+        self.to_q, self.to_k, self.to_v = Linear(d, d), Linear(d, d), Linear(d, d)
+        self.to_out = nn.ModuleList([Linear(d, d)])
         norm = (lambda: RMSNorm(d, eps=c.eps)) if c.qk_norm else nn.Identity
         self.norm_q, self.norm_k = norm(), norm()
         self.add_k_proj = self.add_v_proj = None
         if image_kv:
             kv_in = c.added_kv_proj_dim or d
-            self.add_k_proj, self.add_v_proj = nn.Linear(kv_in, d), nn.Linear(kv_in, d)
+            self.add_k_proj, self.add_v_proj = Linear(kv_in, d), Linear(kv_in, d)
             self.norm_added_k = RMSNorm(d, eps=c.eps) if c.qk_norm else nn.Identity()
 
     def heads_of(self, x: Tensor) -> Tensor:
@@ -193,9 +194,9 @@ class Attention(nn.Module):
             return self.to_q(x), self.to_k(kv_in), self.to_v(kv_in)
         w, b, d = fused, self._buffers["qkv_bias"], fused.shape[1]
         if kv_in is None:
-            return F.linear(x, w, b).chunk(3, dim=-1)  # 3 x (B, S, D)
-        k, v = F.linear(kv_in, w[d:], b[d:]).chunk(2, dim=-1)  # 2 x (B, L, D)
-        return F.linear(x, w[:d], b[:d]), k, v
+            return linear(x, w, b).chunk(3, dim=-1)  # 3 x (B, S, D)
+        k, v = linear(kv_in, w[d:], b[d:]).chunk(2, dim=-1)  # 2 x (B, L, D)
+        return linear(x, w[:d], b[:d]), k, v
 
     def forward(
         self,
@@ -255,11 +256,11 @@ class Block(nn.Module):
         table = self.scale_shift_table[:, None].float()  # (1, 1, 6, D)
         shift, scale, g_msa, c_shift, c_scale, g_ffn = (table + mod.float()).unbind(2)
         h = modulate(self.norm1(x.float()), shift, scale).type_as(x)
-        x = (x.float() + gate(self.attn1(h, rope=rope), g_msa)).type_as(x)
+        x = gated_add(x.float(), self.attn1(h, rope=rope).float(), g_msa).type_as(x)
         h = self.norm2(x.float()).type_as(x)
         x = x + self.attn2(h, context, image=image)
         h = modulate(self.norm3(x.float()), c_shift, c_scale).type_as(x)
-        return (x.float() + gate(self.ffn(h).float(), g_ffn)).type_as(x)
+        return gated_add(x.float(), self.ffn(h).float(), g_ffn).type_as(x)
 
 
 class Embedded(NamedTuple):
@@ -289,7 +290,7 @@ class VideoDiT(nn.Module):
         self.condition_embedder = ConditionEmbedder(c)
         self.blocks = nn.ModuleList([Block(c) for _ in range(c.num_layers)])
         self.norm_out = FP32LayerNorm(c.dim, c.eps, elementwise_affine=False)
-        self.proj_out = nn.Linear(c.dim, c.out_channels * math.prod(c.patch_size))
+        self.proj_out = Linear(c.dim, c.out_channels * math.prod(c.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, c.dim).mul_(c.dim**-0.5))
         self.gradient_checkpointing = False
         self._rope_cache: dict[tuple[int, int, int, str], tuple[Tensor, Tensor]] = {}

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kinema.models.ops import Linear
+
 
 @dataclass(frozen=True)
 class BertConfig:
@@ -56,7 +58,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         d = c.hidden_size
         self.heads = c.num_attention_heads
-        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.query, self.key, self.value = Linear(d, d), Linear(d, d), Linear(d, d)
 
     def forward(self, x: Tensor, bias: Tensor) -> Tensor:
         split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, L, Dh)
@@ -70,7 +72,7 @@ class DenseNorm(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, eps: float) -> None:
         super().__init__()
-        self.dense = nn.Linear(d_in, d_out)
+        self.dense = Linear(d_in, d_out)
         self.LayerNorm = nn.LayerNorm(d_out, eps=eps)
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
@@ -90,10 +92,10 @@ class Attention(nn.Module):
 class Intermediate(nn.Module):
     def __init__(self, c: BertConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.dense = Linear(c.hidden_size, c.intermediate_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(self.dense(x))
+        return self.dense(x, gelu="none")
 
 
 class Layer(nn.Module):
