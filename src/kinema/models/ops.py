@@ -31,21 +31,35 @@ def linear(
     fp32 inference on a CPU calls oneDNN's matmul directly, with the bias and the GELU fused
     into it, where this torch build's ``F.linear`` takes MKL's GEMM and a separate GELU pass:
     0.5-0.85x the time at the DiT's shapes on the AMD CPU measured, the same values up to
-    float rounding (~3e-6 at the DiT's FFN). Inference only, as the call has no autograd.
-    Everywhere else, and under torch.compile (whose Inductor picks its own kernels), it is
-    ``F.linear``.
+    float rounding (~3e-6 at the DiT's FFN). Under torch.compile the same kernel is an opaque
+    custom op (Inductor would lower its own GEMM around MKL's). Inference only, as the call
+    has no autograd; everywhere else it is ``F.linear``.
     """
     if (
         ONEDNN
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
     ):
+        if torch.compiler.is_compiling():
+            return onednn_linear(x, weight, bias, gelu or "")
         attr, form = ("none", "") if gelu is None else ("gelu", gelu)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], form)
     y = F.linear(x, weight, bias)
     return y if gelu is None else apply_gelu(y, gelu)
+
+
+@torch.library.custom_op("kinema::onednn_linear", mutates_args=())
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: str) -> Tensor:
+    """oneDNN's fp32 matmul (+ bias, + GELU of form ``gelu`` unless ""), as one custom op a
+    compiled graph calls as it is. x (..., in), weight (out, in) -> (..., out)."""
+    attr, form = ("gelu", gelu) if gelu else ("none", "")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], form)
+
+
+@onednn_linear.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: str) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def apply_gelu(x: Tensor, form: str) -> Tensor:
