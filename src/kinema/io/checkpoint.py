@@ -117,10 +117,17 @@ class _SkipFills(TorchFunctionMode):
         + [torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.fill_, torch.Tensor.zero_]
     )  # fmt: skip
 
+    # Random factories become torch.empty: a meta randn (a modulation table's init) goes
+    # through torch._refs, whose import is half a second of every model load.
+    FACTORIES = {torch.randn: torch.empty, torch.rand: torch.empty}
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         if func in self.FILLS:  # nn.init passes its tensor by name, Tensor methods as self
             return args[0] if args else kwargs["tensor"]
+        if func in self.FACTORIES:
+            kwargs.pop("generator", None)
+            return self.FACTORIES[func](*args, **kwargs)
         return func(*args, **kwargs)
 
 

@@ -31,9 +31,10 @@ def linear(
     fp32 inference on a CPU calls oneDNN's matmul directly, with the bias and the GELU fused
     into it, where this torch build's ``F.linear`` takes MKL's GEMM and a separate GELU pass:
     0.76-0.96x the time at the DiT's shapes on the AMD CPU measured, 0.74x with the FFN's
-    GELU (interleaved runs), the same values up to float rounding (~3e-6 at the DiT's FFN). Under torch.compile the same kernel is an opaque
-    custom op (Inductor would lower its own GEMM around MKL's). Inference only, as the call
-    has no autograd; everywhere else it is ``F.linear``.
+    GELU (interleaved runs), the same values up to float rounding (~3e-6 at the DiT's FFN).
+    Under torch.compile the same kernel is an opaque custom op (Inductor would lower its own
+    GEMM around MKL's). Inference only, as the call has no autograd; everywhere else it is
+    ``F.linear``.
     """
     if (
         ONEDNN
