@@ -27,3 +27,38 @@ def test_decode_estimate_is_within_15_percent_of_the_live_tensor_peak() -> None:
     assert 0.85 * peak <= estimate <= 1.15 * peak, (estimate, peak)
     # the cache alone is a third or more of the peak: an estimate without it would fail
     assert vae_cache_bytes(config, width, height, 2) > 0.3 * peak
+
+
+def test_tiled_decode_estimate_is_never_below_the_live_tensor_peak() -> None:
+    """The tiled decode's estimate (what an automatic tile size is chosen by) errs high, by
+    at most 40 %, and the tiles hold a fraction of the untiled decode's peak."""
+    from kinema.memory import tiled_decode_bytes
+    from kinema.models.vae import TileSpec
+
+    config = replace(WAN21_VAE, base_dim=16)
+    torch.manual_seed(0)
+    vae = CausalVAE(config).eval()
+    z = torch.randn(1, config.z_dim, 3, 24, 32)  # 256 x 192 pixels, 9 frames
+    with torch.no_grad():
+        _, untiled = tensor_peak(lambda: vae.decode(z, cache_dtype=torch.float16))
+        _, tiled = tensor_peak(
+            lambda: vae.decode(z, tile=TileSpec(128, 32), cache_dtype=torch.float16)
+        )
+    estimate = tiled_decode_bytes(config, 256, 192, 9, 128, cache_nbytes=2)
+    assert tiled <= estimate <= 1.4 * tiled, (estimate, tiled)
+    assert tiled < 0.5 * untiled
+
+
+def test_decode_tile_is_none_when_the_decode_fits_else_the_largest_tile_that_does() -> None:
+    from kinema.memory import TILE_SIZES, decode_tile, tiled_decode_bytes
+
+    config, (w, h, f) = WAN21_VAE, (1280, 720, 81)
+    untiled = vae_decode_bytes(config, w, h, f, cache_nbytes=2)
+    assert decode_tile(config, w, h, f, untiled, cache_nbytes=2) is None
+    need = {s: tiled_decode_bytes(config, w, h, f, s, cache_nbytes=2) for s in TILE_SIZES}
+    assert list(need.values()) == sorted(need.values(), reverse=True)  # smaller tiles, less
+    assert all(n < untiled for n in need.values())
+    for size in TILE_SIZES[1:]:  # a budget just short of the next larger tile's need
+        budget = need[TILE_SIZES[TILE_SIZES.index(size) - 1]] - 1
+        assert decode_tile(config, w, h, f, budget, cache_nbytes=2) == size
+    assert decode_tile(config, w, h, f, 1, cache_nbytes=2) == TILE_SIZES[-1]  # the leanest

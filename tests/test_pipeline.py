@@ -124,3 +124,22 @@ def test_text_to_video_needs_no_pyav(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_decode_that_would_not_fit_in_the_budget_is_tiled(tmp_path):
+    """``decode_budget`` (on a GPU: its free memory) below the untiled decode's estimate
+    decodes in spatial tiles, with a warning; with room, the decode is the untiled one."""
+    from kinema.models.vae import TileSpec
+
+    pipe = kinema.load(build_wan_folder(tmp_path / "wan"), device="cpu")
+    z = torch.randn(1, pipe.vae.config.z_dim, 3, 8, 24, generator=torch.Generator().manual_seed(0))
+    untiled = pipe.decode(z)  # 64 x 192 pixels
+    pipe.decode_budget = 2**40
+    assert torch.equal(pipe.decode(z), untiled)
+    pipe.decode_budget = 1  # nothing fits: the smallest tiles there are
+    with pytest.warns(UserWarning, match="VAE decode in 128 px tiles"):
+        tiled = pipe.decode(z)
+    with torch.no_grad():
+        latent = pipe.vae.denormalize(z)
+        want = pipe.vae.decode(latent, tile=TileSpec(128, 32), cache_dtype=torch.float16)
+    assert torch.equal(tiled, want) and not torch.equal(tiled, untiled)

@@ -78,6 +78,39 @@ def vae_decode_bytes(
     return vae_cache_bytes(config, width, height, cache_nbytes) + (chunk + live + video) * nbytes
 
 
+# Tile sizes (output pixels, overlap a quarter of the size) an automatic tiled decode tries,
+# largest first: the fewer tiles, the fewer seams.
+TILE_SIZES = (512, 384, 256, 192, 128)
+
+
+def tiled_decode_bytes(
+    config: Any, width: int, height: int, frames: int, size: int, cache_nbytes: int = 4
+) -> int:
+    """Peak of a decode in square tiles of ``size`` output pixels (``vae.tiled_apply``): while
+    a tile decodes, the finished rows (up to a video) and the previous and current rows of
+    decoded tiles (which the blend reads); at the end, the finished rows, the video they are
+    joined into and the last row."""
+    tile_w, tile_h = min(size, width), min(size, height)
+    one = vae_decode_bytes(config, tile_w, tile_h, frames, cache_nbytes=cache_nbytes)
+    row, video = 3 * frames * tile_h * width * 4, 3 * frames * width * height * 4
+    return max(one + video + 2 * row, 2 * video + row)
+
+
+def decode_tile(
+    config: Any, width: int, height: int, frames: int, budget: int, cache_nbytes: int = 4
+) -> int | None:
+    """The tile size (output pixels) for a decode that must fit in ``budget`` bytes: None when
+    the untiled decode fits (tiles cost seams and time), else the largest of ``TILE_SIZES``
+    whose tiled decode fits, or the smallest when none does."""
+    if vae_decode_bytes(config, width, height, frames, cache_nbytes=cache_nbytes) <= budget:
+        return None
+    sizes = [s for s in TILE_SIZES if s < max(width, height)] or [TILE_SIZES[-1]]
+    for size in sizes:
+        if tiled_decode_bytes(config, width, height, frames, size, cache_nbytes) <= budget:
+            return size
+    return sizes[-1]
+
+
 def estimate_peak_bytes(
     pipe: Any, width: int, height: int, frames: int, dtype_bytes: int, device: str | None = None
 ) -> int:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from kinema.configs import SamplingDefaults
 from kinema.i2v import ImageCondition, build_condition, image_conditioned
 from kinema.offload import Placement
 from kinema.sampling import SAMPLERS, cfg, contrast_cfg, count_calls, flow_schedule
+
+if TYPE_CHECKING:
+    from kinema.models.vae import TileSpec
 
 Progress = Callable[[int, int], None]
 
@@ -288,6 +291,9 @@ class Pipeline:
         self.image_encoder, self.cache_calibration = image_encoder, cache_calibration
         self.name, self.defaults, self.load_seconds = name, defaults, load_seconds
         self.placement = placement or Placement("none", next(dit.parameters()).device)
+        # Bytes a VAE decode may use; None: on a GPU its free memory, elsewhere no limit.
+        # A decode that would not fit is tiled in space (:meth:`decode_tile`).
+        self.decode_budget: int | None = None
 
     def lora_records(self) -> list[dict[str, Any]]:
         """The merged LoRAs as the sidecar and the eval JSON record them."""
@@ -641,9 +647,36 @@ class Pipeline:
         from kinema.models.vae import LEAN_CACHE
 
         vae_dtype = next(self.vae.parameters()).dtype
+        cache_dtype = LEAN_CACHE.get(vae_dtype)
         with torch.inference_mode(), self.placement.part(self.vae):
             z = self.vae.denormalize(latents.to(vae_dtype))
-            return self.vae.decode(z, cache_dtype=LEAN_CACHE.get(vae_dtype))
+            tile = self.decode_tile(z, (cache_dtype or vae_dtype).itemsize)
+            return self.vae.decode(z, tile=tile, cache_dtype=cache_dtype)
+
+    def decode_tile(self, latents: Tensor, cache_nbytes: int) -> TileSpec | None:
+        """Spatial tiles for decoding ``latents`` (1, C, F, h, w) when the untiled decode would
+        not fit in the decode budget (``decode_budget``, or a GPU's free memory), else None.
+        A tiled decode differs from the untiled one at the seams, so it is only the way out
+        of running out of memory; it warns (the sidecar keeps the note)."""
+        budget = self.decode_budget
+        if budget is None and latents.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(latents.device)
+            held = torch.cuda.memory_reserved(latents.device)
+            budget = free + held - torch.cuda.memory_allocated(latents.device)
+        if budget is None:
+            return None
+        from kinema.memory import decode_tile, vae_decode_bytes
+        from kinema.models.vae import TileSpec  # noqa: F811 (the annotation's, at run time)
+
+        v, (f, h, w) = self.vae.config, latents.shape[2:]
+        frames, s = 1 + v.temporal_factor * (f - 1), v.spatial_factor
+        size = decode_tile(v, w * s, h * s, frames, budget, cache_nbytes)
+        if size is None:
+            return None
+        need = vae_decode_bytes(v, w * s, h * s, frames, cache_nbytes=cache_nbytes)
+        notes.warn(f"VAE decode in {size} px tiles: untiled it needs about {need / 2**30:.2f} "
+                   f"GiB, {budget / 2**30:.2f} GiB are free")  # fmt: skip
+        return TileSpec(size, size // 4)
 
     def describe(self, req: Request, evaluations: int, clock: Clock) -> dict[str, Any]:
         """The sidecar: request, model, versions, DiT evaluations and timings in seconds."""
