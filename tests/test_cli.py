@@ -121,6 +121,18 @@ def test_info_prints_parameters_and_memory(capsys, wan):
     peaks = info["peak_memory_bytes"]
     assert peaks["cpu_fp32"] > peaks["fp32"] > peaks["bf16"] > 0  # a CPU runtime holds more
     assert info["vocabulary"] is None  # Wan reads any words
+    decode = info["decode"]  # this machine's free memory (/proc/meminfo) holds a tiny decode
+    assert 0 < decode["untiled_bytes"] < decode["cpu_free_bytes"] and decode["cpu_tile"] is None
+
+
+def test_free_cpu_memory_is_the_kernels_available_memory():
+    from pathlib import Path
+
+    from kinema.memory import free_bytes
+
+    meminfo = dict(line.split(":") for line in Path("/proc/meminfo").read_text().splitlines())
+    total = int(meminfo["MemTotal"].split()[0]) * 1024
+    assert 0 < free_bytes("cpu") <= total
 
 
 def test_info_lists_the_words_the_built_in_model_knows(capsys):

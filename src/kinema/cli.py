@@ -290,11 +290,13 @@ def run_info(args: argparse.Namespace) -> int:
     import dataclasses
 
     from kinema.loading import load
-    from kinema.memory import estimate_peak_bytes
+    from kinema.memory import decode_tile, estimate_peak_bytes, free_bytes, vae_decode_bytes
 
     pipe = load(args.model, device="cpu", dtype="fp32")
     width, height = args.size or (pipe.defaults.width, pipe.defaults.height)
     frames = args.frames or pipe.defaults.frames
+    free = free_bytes("cpu")
+    v = pipe.vae.config  # fp32, as the pipeline decodes on a CPU: an fp16 cache
     info = {
         "name": pipe.name,
         "transformer": dataclasses.asdict(pipe.dit.config),
@@ -309,6 +311,11 @@ def run_info(args: argparse.Namespace) -> int:
         "peak_memory_bytes": {  # on a GPU in each dtype, and on a CPU
             key: estimate_peak_bytes(pipe, width, height, frames, dtype_bytes=n, device=device)
             for key, n, device in (("fp32", 4, "cuda"), ("bf16", 2, "cuda"), ("cpu_fp32", 4, "cpu"))
+        },
+        "decode": {  # on this machine's CPU: untiled, or the tile the pipeline would take
+            "untiled_bytes": vae_decode_bytes(v, width, height, frames, cache_nbytes=2),
+            "cpu_free_bytes": free,
+            "cpu_tile": None if free is None else decode_tile(v, width, height, frames, free, 2),
         },
     }
     print(json.dumps(info, indent=2) if args.json else format_info(info))
@@ -330,6 +337,11 @@ def format_info(info: dict[str, Any]) -> str:
     ]
     where = {"fp32": "GPU fp32", "bf16": "GPU bf16", "cpu_fp32": "CPU fp32"}
     lines += [f"peak memory {where[k]}: ~{gib(v)}" for k, v in info["peak_memory_bytes"].items()]
+    dec = info["decode"]
+    if dec["cpu_free_bytes"] is not None:
+        how = f"in {dec['cpu_tile']} px tiles" if dec["cpu_tile"] else "untiled"
+        lines.append(f"vae decode  ~{gib(dec['untiled_bytes'])} untiled; this CPU has "
+                     f"{gib(dec['cpu_free_bytes'])} free: {how}")  # fmt: skip
     if info["vocabulary"]:  # a model of a closed world reads only its training words
         lines.append(f"vocabulary  {' '.join(info['vocabulary'])}")
     return "\n".join(lines)

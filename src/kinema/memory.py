@@ -14,6 +14,7 @@ live tensors of a decode (``tests/test_memory.py``).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 # Full-resolution feature maps of one frame (at the stage's channels) alive at once in the
@@ -76,6 +77,24 @@ def vae_decode_bytes(
     live = LIVE_MAPS * full * pixels
     video = 3 * frames * pixels
     return vae_cache_bytes(config, width, height, cache_nbytes) + (chunk + live + video) * nbytes
+
+
+def free_bytes(device: Any) -> int | None:
+    """Memory a computation on ``device`` may still take: on a GPU its free memory plus what
+    torch's allocator holds unused; on a CPU under Linux the kernel's ``MemAvailable``; None
+    where neither is known."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    meminfo = Path("/proc/meminfo")
+    if device.type == "cpu" and meminfo.exists():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # kB
+    return None
 
 
 # Tile sizes (output pixels, overlap a quarter of the size) an automatic tiled decode tries,

@@ -291,7 +291,7 @@ class Pipeline:
         self.image_encoder, self.cache_calibration = image_encoder, cache_calibration
         self.name, self.defaults, self.load_seconds = name, defaults, load_seconds
         self.placement = placement or Placement("none", next(dit.parameters()).device)
-        # Bytes a VAE decode may use; None: on a GPU its free memory, elsewhere no limit.
+        # Bytes a VAE decode may use; None: the device's free memory (memory.free_bytes).
         # A decode that would not fit is tiled in space (:meth:`decode_tile`).
         self.decode_budget: int | None = None
 
@@ -655,19 +655,19 @@ class Pipeline:
 
     def decode_tile(self, latents: Tensor, cache_nbytes: int) -> TileSpec | None:
         """Spatial tiles for decoding ``latents`` (1, C, F, h, w) when the untiled decode would
-        not fit in the decode budget (``decode_budget``, or a GPU's free memory), else None.
-        A tiled decode differs from the untiled one at the seams, so it is only the way out
-        of running out of memory; it warns (the sidecar keeps the note)."""
+        not fit in the decode budget (``decode_budget``, else the device's free memory,
+        :func:`kinema.memory.free_bytes`), else None. A tiled decode differs from the untiled
+        one at the seams, so it is only the way out of running out of memory; it warns (the
+        sidecar keeps the note). A VAE whose decode the ranks split by tiles keeps its own."""
+        from kinema.memory import decode_tile, free_bytes, vae_decode_bytes
+        from kinema.models.vae import CausalVAE, TileSpec  # noqa: F811 (the annotation's)
+
+        if not isinstance(self.vae, CausalVAE):
+            return None
         budget = self.decode_budget
-        if budget is None and latents.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(latents.device)
-            held = torch.cuda.memory_reserved(latents.device)
-            budget = free + held - torch.cuda.memory_allocated(latents.device)
+        budget = free_bytes(latents.device) if budget is None else budget
         if budget is None:
             return None
-        from kinema.memory import decode_tile, vae_decode_bytes
-        from kinema.models.vae import TileSpec  # noqa: F811 (the annotation's, at run time)
-
         v, (f, h, w) = self.vae.config, latents.shape[2:]
         frames, s = 1 + v.temporal_factor * (f - 1), v.spatial_factor
         size = decode_tile(v, w * s, h * s, frames, budget, cache_nbytes)
