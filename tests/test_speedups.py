@@ -215,9 +215,37 @@ def test_linear_by_onednn_equals_f_linear(gelu, monkeypatch):
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(no_bias, F.linear(x, weight), atol=1e-5, rtol=1e-5)
     w = weight.clone().requires_grad_()
-    out = ops.linear(x, w, bias, gelu)  # autograd on: F.linear
+    out = ops.linear(x, w, bias, gelu)  # autograd on: OneDNNLinear, then the GELU
     out.sum().backward()
-    assert len(calls) == 2 and torch.equal(out.detach(), plain) and w.grad is not None
+    assert len(calls) == 3 and calls[-1] == ("none", [], "") and w.grad is not None
+    torch.testing.assert_close(out.detach(), plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_onednn_linear_gradients_equal_f_linears(with_bias):
+    """Training through ops.linear (oneDNN forward and input gradient) gives F.linear's
+    gradients for the input, the weight and the bias; a frozen weight gets none."""
+    import torch.nn.functional as F
+
+    from kinema.models import ops
+
+    g = torch.Generator().manual_seed(7)
+    x0, w0 = torch.randn(2, 9, 16, generator=g), torch.randn(24, 16, generator=g)
+    b0 = torch.randn(24, generator=g) if with_bias else None
+    upstream = torch.randn(2, 9, 24, generator=g)
+    grads = []
+    for fn in (ops.linear, F.linear):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        b = b0.clone().requires_grad_() if with_bias else None
+        (fn(x, w, b) * upstream).sum().backward()
+        grads.append([x.grad, w.grad] + ([b.grad] if with_bias else []))
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    x = x0.clone().requires_grad_()
+    (ops.linear(x, w0, b0) * upstream).sum().backward()  # frozen weight (a LoRA's base)
+    torch.testing.assert_close(x.grad, grads[1][0], atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: F.linear, in bf16
+        assert ops.linear(x0, w0, b0).dtype == torch.bfloat16
 
 
 def test_inference_rms_norm_equals_torchs():

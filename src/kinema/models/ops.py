@@ -28,26 +28,66 @@ def linear(
     """x Wᵀ + b, then GELU when ``gelu`` names its form ("tanh" or "none", as ``F.gelu``'s
     ``approximate``). x (..., in), weight (out, in) -> (..., out).
 
-    fp32 inference on a CPU calls oneDNN's matmul directly, with the bias and the GELU fused
-    into it, where this torch build's ``F.linear`` takes MKL's GEMM and a separate GELU pass:
-    0.76-0.96x the time at the DiT's shapes on the AMD CPU measured, 0.74x with the FFN's
-    GELU (interleaved runs), the same values up to float rounding (~3e-6 at the DiT's FFN).
-    Under torch.compile the same kernel is an opaque custom op (Inductor would lower its own
-    GEMM around MKL's). Inference only, as the call has no autograd; everywhere else it is
-    ``F.linear``.
+    fp32 on a CPU calls oneDNN's matmul directly, where this torch build's ``F.linear`` takes
+    MKL's GEMM: 0.81-0.96x the time at kinema-tiny's shapes on the AMD CPU measured
+    (``benchmarks/onednn_linear.py``), the same values up to float rounding (~3e-6 at the
+    DiT's FFN). At inference the bias and the GELU are fused into it (0.79-0.81x the FFN's
+    linear + GELU); under torch.compile
+    that kernel is an opaque custom op (Inductor would lower its own GEMM around MKL's). With
+    autograd (training) it is :class:`OneDNNLinear`. In other dtypes, under autocast and on
+    other devices it is ``F.linear``.
     """
-    if (
+    if not (
         ONEDNN
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
-        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
     ):
+        y = F.linear(x, weight, bias)
+    elif torch.is_grad_enabled():
         if torch.compiler.is_compiling():
-            return onednn_linear(x, weight, bias, gelu or "")
+            y = F.linear(x, weight, bias)
+        else:
+            y = OneDNNLinear.apply(x, weight, bias)
+    elif torch.compiler.is_compiling():
+        return onednn_linear(x, weight, bias, gelu or "")
+    else:
         attr, form = ("none", "") if gelu is None else ("gelu", gelu)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], form)
-    y = F.linear(x, weight, bias)
     return y if gelu is None else apply_gelu(y, gelu)
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """x Wᵀ + b by oneDNN's fp32 matmul, with autograd: the input's gradient g W by oneDNN too
+    (0.84-1.00x MKL's time at kinema-tiny's training shapes), the weight's gᵀx by torch's
+    matmul (oneDNN took 0.83-1.49x MKL's time there). x (..., in), weight (out, in) ->
+    (..., out)."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def setup_context(ctx: object, inputs: tuple, output: Tensor) -> None:
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)  # type: ignore[attr-defined]
+        ctx.has_bias = bias is not None  # type: ignore[attr-defined]
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors  # type: ignore[attr-defined]
+        want_x, want_w, want_b = ctx.needs_input_grad  # type: ignore[attr-defined]
+        rows = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        gx = gw = gb = None
+        if want_x:  # (..., out) (out, in) -> (..., in)
+            gx = torch.ops.mkldnn._linear_pointwise(
+                grad.contiguous(), weight.t().contiguous(), None, "none", [], ""
+            )
+        if want_w:
+            gw = rows.t() @ x.reshape(-1, x.shape[-1])  # (out, in)
+        if want_b and ctx.has_bias:  # type: ignore[attr-defined]
+            gb = rows.sum(0)
+        return gx, gw, gb
 
 
 @torch.library.custom_op("kinema::onednn_linear", mutates_args=())
