@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kinema.models.ops import Linear, apply_gelu
+from kinema.models.ops import Linear, apply_gelu, linear
 
 # Linear layers inside each block that a LoRA adapts by default (diffusers' names).
 DEFAULT_TARGETS = (
@@ -85,7 +85,7 @@ class LoRALinear(Linear):
 
     def forward(self, x: Tensor, gelu: str | None = None) -> Tensor:
         low = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        y = F.linear(x, self.weight, self.bias) + self.lora_scale * low
+        y = linear(x, self.weight, self.bias) + self.lora_scale * low
         return y if gelu is None else apply_gelu(y, gelu)
 
 
