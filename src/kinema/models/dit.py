@@ -256,7 +256,7 @@ class Block(nn.Module):
         table = self.scale_shift_table[:, None].float()  # (1, 1, 6, D)
         shift, scale, g_msa, c_shift, c_scale, g_ffn = (table + mod.float()).unbind(2)
         h = modulate(self.norm1(x.float()), shift, scale).type_as(x)
-        x = gated_add(x.float(), self.attn1(h, rope=rope).float(), g_msa).type_as(x)
+        x = gated_add(x.float(), self.attn1(h, rope=rope), g_msa).type_as(x)
         h = self.norm2(x.float()).type_as(x)
         x = x + self.attn2(h, context, image=image)
         h = modulate(self.norm3(x.float()), c_shift, c_scale).type_as(x)

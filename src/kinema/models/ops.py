@@ -264,8 +264,9 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 def gated_add(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
-    """The gated residual x + y * gate in one kernel (addcmul): x, y (B, S, D), a per-group
-    gate (B, G, D), groups as in :func:`modulate` -> (B, S, D)."""
+    """The gated residual x + y * gate in one kernel (addcmul, which promotes a bf16 ``y``
+    without a copy): x, y (B, S, D), a per-group gate (B, G, D), groups as in
+    :func:`modulate` -> (B, S, D)."""
     g = gate.shape[1]
     grouped = x.unflatten(1, (g, -1)), y.unflatten(1, (g, -1))  # 2 x (B, G, S/G, D)
     return torch.addcmul(*grouped, gate[:, :, None]).flatten(1, 2)
