@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import platform
 from collections.abc import Callable, Iterator
 
 import torch
@@ -19,7 +20,9 @@ from torch import Tensor, nn
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
-ONEDNN = torch.backends.mkldnn.is_available()  # CPU builds without oneDNN keep F.linear
+# oneDNN's matmul for fp32 linears on x86 CPUs, where torch's F.linear takes MKL's GEMM (other
+# CPUs' builds link other BLAS libraries; builds without oneDNN keep F.linear).
+ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
 
 
 def linear(
@@ -28,14 +31,13 @@ def linear(
     """x Wᵀ + b, then GELU when ``gelu`` names its form ("tanh" or "none", as ``F.gelu``'s
     ``approximate``). x (..., in), weight (out, in) -> (..., out).
 
-    fp32 on a CPU calls oneDNN's matmul directly, where this torch build's ``F.linear`` takes
-    MKL's GEMM: 0.81-0.96x the time at kinema-tiny's shapes on the AMD CPU measured
+    fp32 on an x86 CPU calls oneDNN's matmul directly, where this torch build's ``F.linear``
+    takes MKL's GEMM: 0.81-0.96x the time at kinema-tiny's shapes on the AMD CPU measured
     (``benchmarks/onednn_linear.py``), the same values up to float rounding (~3e-6 at the
     DiT's FFN). At inference the bias and the GELU are fused into it (0.79-0.81x the FFN's
-    linear + GELU); under torch.compile
-    that kernel is an opaque custom op (Inductor would lower its own GEMM around MKL's). With
-    autograd (training) it is :class:`OneDNNLinear`. In other dtypes, under autocast and on
-    other devices it is ``F.linear``.
+    linear + GELU); under torch.compile that kernel is an opaque custom op (Inductor would
+    lower its own GEMM around MKL's). With autograd (training) it is :class:`OneDNNLinear`.
+    In other dtypes, under autocast and on other devices it is ``F.linear``.
     """
     if not (
         ONEDNN
