@@ -117,8 +117,8 @@ class _SkipFills(TorchFunctionMode):
         + [torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.fill_, torch.Tensor.zero_]
     )  # fmt: skip
 
-    # Random factories become torch.empty: a meta randn (a modulation table's init) goes
-    # through torch._refs, whose import is half a second of every model load.
+    # Random factories become torch.empty: a meta randn (a modulation table's init) imports
+    # torch's symbolic shapes and sympy, half a second of every model load.
     FACTORIES = {torch.randn: torch.empty, torch.rand: torch.empty}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]

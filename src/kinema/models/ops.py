@@ -39,24 +39,27 @@ def linear(
     lower its own GEMM around MKL's). With autograd (training) it is :class:`OneDNNLinear`.
     In other dtypes, under autocast and on other devices it is ``F.linear``.
     """
-    if not (
+    onednn = (
         ONEDNN
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
-    ):
-        y = F.linear(x, weight, bias)
-    elif torch.is_grad_enabled():
+    )
+    if onednn and not torch.is_grad_enabled():
         if torch.compiler.is_compiling():
-            y = F.linear(x, weight, bias)
-        else:
-            y = OneDNNLinear.apply(x, weight, bias)
-    elif torch.compiler.is_compiling():
-        return onednn_linear(x, weight, bias, gelu or "")
+            return onednn_linear(x, weight, bias, gelu or "")
+        return _pointwise(x, weight, bias, gelu)
+    if onednn and not torch.compiler.is_compiling():
+        y = OneDNNLinear.apply(x, weight, bias)
     else:
-        attr, form = ("none", "") if gelu is None else ("gelu", gelu)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], form)
+        y = F.linear(x, weight, bias)
     return y if gelu is None else apply_gelu(y, gelu)
+
+
+def _pointwise(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: str | None) -> Tensor:
+    """oneDNN's fp32 matmul x Wᵀ (+ bias) (+ GELU of form ``gelu``), no autograd."""
+    attr, form = ("none", "") if gelu is None else ("gelu", gelu)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], form)
 
 
 class OneDNNLinear(torch.autograd.Function):
@@ -67,7 +70,7 @@ class OneDNNLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return _pointwise(x, weight, bias, None)
 
     @staticmethod
     def setup_context(ctx: object, inputs: tuple, output: Tensor) -> None:
@@ -82,9 +85,7 @@ class OneDNNLinear(torch.autograd.Function):
         rows = grad.reshape(-1, grad.shape[-1])  # (N, out)
         gx = gw = gb = None
         if want_x:  # (..., out) (out, in) -> (..., in)
-            gx = torch.ops.mkldnn._linear_pointwise(
-                grad.contiguous(), weight.t().contiguous(), None, "none", [], ""
-            )
+            gx = _pointwise(grad.contiguous(), weight.t().contiguous(), None, None)
         if want_w:
             gw = rows.t() @ x.reshape(-1, x.shape[-1])  # (out, in)
         if want_b and ctx.has_bias:  # type: ignore[attr-defined]
@@ -96,8 +97,7 @@ class OneDNNLinear(torch.autograd.Function):
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: str) -> Tensor:
     """oneDNN's fp32 matmul (+ bias, + GELU of form ``gelu`` unless ""), as one custom op a
     compiled graph calls as it is. x (..., in), weight (out, in) -> (..., out)."""
-    attr, form = ("gelu", gelu) if gelu else ("none", "")
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], form)
+    return _pointwise(x, weight, bias, gelu or None)
 
 
 @onednn_linear.register_fake
