@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from kinema.data.synthetic import HELDOUT, SHAPES, parse_prompt
 from kinema.eval.run import heldout_prompts
 
@@ -16,3 +18,21 @@ def test_heldout_prompts_are_held_out_and_balanced_over_shapes_and_motions():
     assert Counter(t[1] for t in triples) == dict.fromkeys(SHAPES, 2)
     assert len({t[2] for t in triples}) == 10  # ten different motions
     assert heldout_prompts(10) == prompts and heldout_prompts(5) == prompts[:5]
+
+
+def test_heldout_prompts_cover_every_triple_from_len_heldout_on():
+    """``kinema eval --prompts 59`` judges every held-out triple once, in a fixed order."""
+    prompts = heldout_prompts(len(HELDOUT))
+    triples = [tuple(parse_prompt(p)[0][k] for k in ("colour", "shape", "motion")) for p in prompts]
+    assert len(triples) == len(HELDOUT) and set(triples) == HELDOUT
+    assert heldout_prompts(len(HELDOUT) + 5) == prompts  # no triple twice
+    assert len(set(heldout_prompts(len(HELDOUT) - 1))) == len(HELDOUT) - 1
+
+
+def test_eval_rejects_a_prompt_count_below_one(capsys):
+    from kinema.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--prompts", "0"])
+    assert exit_.value.code == 2
+    assert "prompts 0 per set; valid: 1 or more" in capsys.readouterr().err

@@ -418,6 +418,10 @@ def add_eval(sub: Any) -> None:
     p.add_argument("--cache", type=float, default=None, help="step cache; default: the model's")
     p.add_argument("--quick", action="store_true", help="5 prompts per set instead of 10")
     p.add_argument(
+        "--prompts", type=int, default=None,
+        help="prompts per set (default 10); the held-out set has 59 at most: 59 judges all",
+    )  # fmt: skip
+    p.add_argument(
         "--beyond", action="store_true",
         help="also image-to-video, extension seams, long-video memory and timed prompts",
     )  # fmt: skip
@@ -435,6 +439,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise ValueError(f"seeds {args.seeds} must be >= 1")
+    if args.prompts is not None and args.prompts < 1:
+        raise ValueError(f"prompts {args.prompts} per set; valid: 1 or more")
     pipe = load(args.model, device=args.device, dtype=args.dtype, lora=args.lora)
     given = {"steps": args.steps, "guidance": args.guidance, "cache": args.cache}
     # every clip of the eval, --beyond's too, samples with what was given
@@ -442,7 +448,7 @@ def run_eval(args: argparse.Namespace) -> int:
         pipe.defaults, **{k: v for k, v in given.items() if v is not None}
     )
     log = (lambda line: print(line, file=sys.stderr)) if args.verbose else (lambda line: None)
-    results = evaluate(pipe, seeds=args.seeds, quick=args.quick, log=log)
+    results = evaluate(pipe, seeds=args.seeds, quick=args.quick, log=log, prompts=args.prompts)
     print(table(results))
     if args.beyond:
         from kinema.eval import beyond

@@ -40,15 +40,17 @@ PROMPT_SETS = ("heldout", "paraphrase", "rephrase", "seen")
 
 
 def heldout_prompts(count: int) -> list[str]:
-    """``count`` held-out (colour, shape, motion) triples: the shapes in turn, the motions
-    spread over the list (each pick the first of its shape's triples in a rotated motion
-    order), so no shape or motion dominates the set."""
-    picks: list[tuple[str, str, str]] = []
-    for k in range(count):
+    """``count`` held-out (colour, shape, motion) triples, all of ``HELDOUT`` (sorted) from
+    ``len(HELDOUT)`` on; fewer are picked with the shapes in turn and the motions spread
+    over the list (each pick the first of its shape's triples in a rotated motion order), so
+    no shape or motion dominates the set."""
+    picks: list[tuple[str, str, str]] = [] if count < len(HELDOUT) else sorted(HELDOUT)
+    for k in range(len(picks), min(count, len(HELDOUT))):
         shape = SHAPES[k % len(SHAPES)]
         start = 4 * k % len(MOTIONS)
         order = MOTIONS[start:] + MOTIONS[:start]
-        options = [t for t in HELDOUT if t[1] == shape and t not in picks]
+        left = [t for t in HELDOUT if t not in picks]
+        options = [t for t in left if t[1] == shape] or left  # a shape may run out near the end
         picks.append(min(options, key=lambda t: (order.index(t[2]), t[0])))
     article = lambda word: "an" if word[0] in "aeiou" else "a"
     return [f"{article(c)} {c} {s} {TRAIN_WORDS['motion'][m][0]}" for c, s, m in picks]
@@ -113,13 +115,23 @@ def score_set(
 
 
 def evaluate(
-    pipe: Any, seeds: int = 2, quick: bool = False, log: Callable[[str], None] = lambda s: None
+    pipe: Any,
+    seeds: int = 2,
+    quick: bool = False,
+    log: Callable[[str], None] = lambda s: None,
+    prompts: int | None = None,
 ) -> dict[str, Any]:
     """All prompt sets plus VAE PSNR, as a JSON-ready dict; every clip samples with
-    ``pipe.defaults`` (``kinema eval --steps`` and the like replace those)."""
-    per_set = 5 if quick else 10
+    ``pipe.defaults`` (``kinema eval --steps`` and the like replace those).
+
+    ``prompts`` per set (default 10, 5 when ``quick``); the held-out set has at most
+    ``len(HELDOUT)`` (59), so ``prompts=59`` judges every held-out triple.
+    """
+    per_set = prompts or (5 if quick else 10)
+    if per_set < 1:
+        raise ValueError(f"prompts {per_set} per set; valid: 1 or more")
     sets = {
-        "heldout": heldout_prompts(per_set),
+        "heldout": heldout_prompts(min(per_set, len(HELDOUT))),
         "paraphrase": seen_prompts(per_set, "paraphrase"),
         "rephrase": seen_prompts(per_set, "rephrase"),
         "seen": seen_prompts(per_set),
@@ -127,7 +139,7 @@ def evaluate(
     with torch.inference_mode():
         results = {name: score_set(pipe, p, seeds, {}, log) for name, p in sets.items()}
         results["vae_psnr_db"] = round(vae_psnr(pipe, 3 if quick else 6), 2)
-    results["model"], results["seeds"] = pipe.name, seeds
+    results["model"], results["seeds"], results["prompts"] = pipe.name, seeds, per_set
     d = pipe.defaults
     dtype = str(pipe.dtype).removeprefix("torch.")
     results["settings"] = {"steps": d.steps, "guidance": d.guidance, "cache": d.cache,
