@@ -45,13 +45,12 @@ PART = 15 * 2**20
 
 def config_captions(config) -> list[str]:  # noqa: ANN001 (a TrainConfig)
     """Every caption (and timed caption) of the config's clips, without rendering them."""
-    from kinema.data.synthetic import SyntheticClips, caption
+    from kinema.data.synthetic import caption
+    from kinema.train.loop import ClipDataset
 
-    d = config.data
-    world = SyntheticClips(d.seed, size=(d.width, d.height), frames=d.frames, fps=d.fps,
-                           object_scale=d.object_scale)  # fmt: skip
+    world = ClipDataset(config.data).source  # the world training draws from, every option kept
     out = []
-    for i in range(d.num_clips):
+    for i in range(config.data.num_clips):
         spec, rng = world.spec(i)
         out.append(caption(spec, rng, world.phrasing))
         out += [c for _, c in world.timed(i) or ()]

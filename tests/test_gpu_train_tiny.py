@@ -4,6 +4,7 @@ training captions as the full encoder does, and knows no other words."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,18 @@ def test_reduced_minilm_encodes_the_worlds_captions_like_the_full_one(
         reduced.encode(outside)[0][0, 1:3], full.encode(outside)[0][0, 1:3], dim=-1
     )
     assert far.min() < 0.99  # their rows are zero: the reduced encoder cannot stand in there
+
+
+def test_config_captions_follow_the_worlds_options(script, tmp_path: Path) -> None:
+    """The captions packed for a GPU stage are those its training draws: motion weights and
+    balance change the clips, so they must change the captions too."""
+    from kinema.data.synthetic import SyntheticClips
+
+    config_file = tmp_path / "config.json"
+    options = {"balance": "colour-motion", "motion_weights": {"up-left": 4.0}}
+    data = {"seed": 3, "num_clips": 8, **options}
+    config_file.write_text(json.dumps({"init_from": "unused", "data": data}))
+    captions = script.config_captions(load_train_config(config_file))
+    drawn = [SyntheticClips(3, **options)[i][1] for i in range(8)]
+    plain = [SyntheticClips(3)[i][1] for i in range(8)]
+    assert set(drawn) <= set(captions) and not set(plain) <= set(captions)

@@ -250,6 +250,8 @@ def test_bad_arguments_raise_value_error():
         lambda: caption(ClipSpec((obj,), "black"), np.random.default_rng(0), "poetic"),
         lambda: SyntheticClips(0, motion_weights={"sideways": 1.0}),
         lambda: SyntheticClips(0, motion_weights={"up": -1.0}),
+        lambda: SyntheticClips(0, balance="pairs"),
+        lambda: sample_clip_spec(np.random.default_rng(0), balance="colours"),
         lambda: sample_clip_spec(
             np.random.default_rng(0), motion_weights=dict.fromkeys(MOTIONS, 0)
         ),
@@ -277,3 +279,29 @@ def test_motion_weights_set_how_often_each_motion_is_drawn():
     # held-out combinations stay out of training whatever the weights
     specs = _specs(200, motion_weights={"up-left": 5.0})
     assert not {(o.colour, o.shape, o.motion) for s in specs for o in s.objects} & HELDOUT
+
+
+def _pair_shares(balance: str, n: int = 3000) -> tuple[dict[tuple[str, str], float], set]:
+    """Share of each (colour, motion) pair among ``n`` one-object, one-motion clips."""
+    triples = [(o.colour, o.shape, o.motion)
+               for spec in _specs(n, max_objects=1, change_prob=0.0, balance=balance)
+               for o in spec.objects]  # fmt: skip
+    pairs = [(c, m) for c, _, m in triples]
+    return {p: pairs.count(p) / n for p in set(pairs)}, set(triples)
+
+
+def test_colour_motion_balance_draws_every_pair_equally_often():
+    """Held-out shapes make their (colour, motion) pairs rarer when every allowed triple is
+    drawn equally often; ``balance="colour-motion"`` evens the pairs out and still never
+    draws a held-out triple."""
+    allowed = {(c, m): sum((c, s, m) not in HELDOUT and (s, m) != ("circle", "rotating")
+                           for s in SHAPES) for c in COLOURS for m in MOTIONS}  # fmt: skip
+    short = [p for p, k in allowed.items() if k == min(allowed.values())]  # e.g. red, up-left
+    full = [p for p, k in allowed.items() if k == len(SHAPES)]
+    plain, _ = _pair_shares("triples")
+    even, triples = _pair_shares("colour-motion")
+    mean = lambda shares, ps: sum(shares.get(p, 0.0) for p in ps) / len(ps)
+    assert mean(plain, short) < 0.8 * mean(plain, full)  # 3/5 of the others' share
+    assert mean(even, short) == pytest.approx(mean(even, full), rel=0.2)
+    assert mean(even, short) == pytest.approx(1 / len(allowed), rel=0.2)
+    assert not triples & HELDOUT and len({s for _, s, _ in triples}) == len(SHAPES)

@@ -181,11 +181,12 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(
         "vae: v\nmodel: {num_layers: 2}\nbetas: [0.9, 0.95]\n"
-        "data: {frames: 9, motion_weights: {up-left: 3}}\n"
+        "data: {frames: 9, motion_weights: {up-left: 3}, balance: colour-motion}\n"
     )
     config = load_train_config(good)
     assert config.model.num_layers == 2 and config.data.frames == 9 and config.betas == (0.9, 0.95)
     assert config.data.motion_weights == {"up-left": 3.0}
+    assert config.data.balance == "colour-motion"
     cases = {
         "vae: v\nmodel: {}\nlearning_rate: 1\n": "learning_rate",
         "vae: v\nmodel: {}\ndata: {fpss: 3}\n": "fpss",
@@ -196,6 +197,7 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         "vae: v\nmodel: {}\ndata: {object_scale: 3}\n": "data.object_scale",
         "vae: v\nmodel: {}\ndata: {motion_weights: {upleft: 2}}\n": "data.motion_weights",
         "vae: v\nmodel: {}\ndata: {motion_weights: [1, 2]}\n": "motion_weights",
+        "vae: v\nmodel: {}\ndata: {balance: pairs}\n": "data.balance 'pairs'; valid: triples",
     }
     for i, (text, key) in enumerate(cases.items()):
         path = tmp_path / f"bad{i}.yaml"

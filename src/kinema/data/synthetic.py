@@ -12,7 +12,8 @@ bottom RGB); equal ends = flat), ``HELDOUT`` (held-out (colour, shape, motion) t
 ``ObjectSpec`` / ``ClipSpec``
     Frozen dataclasses; every field needed to render is in them (see their field comments).
 ``sample_clip_spec(rng, *, width=128, height=128, frames=33, fps=16, split="train",
-max_objects=3, change_prob=0.2, object_scale=1.0, motion_weights=None) -> ClipSpec``
+max_objects=3, change_prob=0.2, object_scale=1.0, motion_weights=None, balance="triples")
+-> ClipSpec``
     ``split="train"`` never yields a ``HELDOUT`` triple (neither as the first motion nor as
     the motion after a change); ``split="heldout"`` yields objects whose first motion is one.
     ``change_prob`` is the chance that a clip's first object changes motion part-way (0
@@ -20,7 +21,11 @@ max_objects=3, change_prob=0.2, object_scale=1.0, motion_weights=None) -> ClipSp
     larger objects span more latent patches of a small model (kinema-tiny trains at 1.5).
     ``motion_weights`` (motion -> weight >= 0; unnamed motions weigh 1; None: all equal)
     makes some motions more or less frequent, e.g. ``{"up-left": 3}`` to drill one the model
-    gets wrong (``check_motion_weights`` validates one).
+    gets wrong (``check_motion_weights`` validates one). ``balance`` (``BALANCES``):
+    ``"triples"`` draws every allowed (colour, shape, motion) equally often, so a (colour,
+    motion) pair with held-out shapes is rarer than the others (red moving up-left: 3 of 5
+    shapes allowed); ``"colour-motion"`` draws (colour, motion) pairs equally often, then a
+    shape among the allowed ones.
 ``render(spec) -> np.ndarray``
     uint8 (T, H, W, 3); drawn with Pillow at 2x and box-downsampled (anti-aliased).
 ``trajectory(obj, frames, fps) -> (x, y, r, angle)``
@@ -45,7 +50,8 @@ max_objects=3, change_prob=0.2, object_scale=1.0, motion_weights=None) -> ClipSp
     keys found), for any phrasing the grammar produces and simple user phrasings such as
     "a yellow circle moving right". Unknown words are ignored.
 ``SyntheticClips(seed, size=(w, h), frames=33, fps=16, split="train", length=None,
-max_objects=3, change_prob=0.2, phrasing="train", object_scale=1.0, motion_weights=None)``
+max_objects=3, change_prob=0.2, phrasing="train", object_scale=1.0, motion_weights=None,
+balance="triples")``
     ``ds[i] -> (video uint8 (T, H, W, 3), caption, spec)``, a pure function of (seed, i);
     ``ds.timed(i)``: clip i's ``timed_captions`` (None without a motion change).
 
@@ -113,6 +119,8 @@ def _heldout() -> frozenset[tuple[str, str, str]]:
 
 
 HELDOUT = _heldout()
+# how training clips draw (colour, shape, motion): see sample_clip_spec
+BALANCES = ("triples", "colour-motion")
 
 # --- vocabulary: training words and, disjoint from them, paraphrase-only words ---------------
 
@@ -399,16 +407,29 @@ def _draw(rng: np.random.Generator, n: int, weights: list[float] | None) -> int:
     return int(rng.choice(n, p=np.asarray(weights) / sum(weights)))
 
 
+def _allowed_shapes(colour: str, motion: str) -> list[str]:
+    """The shapes a training clip may give a (colour, motion) pair."""
+    held = {s for s in SHAPES if (colour, s, motion) in HELDOUT}
+    return [s for s in SHAPES if s not in held and (s, motion) != ("circle", "rotating")]
+
+
 def _triple(
     rng: np.random.Generator, split: str, taken: set[str], motions: tuple[str, ...] = MOTIONS,
-    motion_weights: dict[str, float] | None = None,
+    motion_weights: dict[str, float] | None = None, balance: str = "triples",
 ) -> tuple[str, str, str]:  # fmt: skip
     """(colour, shape, motion) for one object, motion from ``motions`` (drawn by
-    ``motion_weights`` when given); colours in ``taken`` are avoided."""
+    ``motion_weights`` when given, ``balance`` as in :func:`sample_clip_spec`); colours in
+    ``taken`` are avoided."""
     weigh = None if motion_weights is None else (lambda m: motion_weights.get(m, 1.0))
     if split == "heldout":
         pool = [t for t in sorted(HELDOUT) if t[0] not in taken and t[2] in motions]
         return pool[_draw(rng, len(pool), weigh and [weigh(t[2]) for t in pool])]
+    if balance == "colour-motion":
+        pairs = [(c, m) for c in COLOURS if c not in taken for m in motions
+                 if _allowed_shapes(c, m)]  # fmt: skip
+        c, m = pairs[_draw(rng, len(pairs), weigh and [weigh(m) for _, m in pairs])]
+        shapes = _allowed_shapes(c, m)
+        return c, shapes[int(rng.integers(len(shapes)))], m
     while True:
         c = list(COLOURS)[int(rng.integers(len(COLOURS)))]
         s = SHAPES[int(rng.integers(len(SHAPES)))]
@@ -440,12 +461,12 @@ def _then(rng: np.random.Generator, motion: str, colour: str, shape: str, split:
 
 def _draft(
     rng: np.random.Generator, split: str, taken: set[str], change: bool, frames: int, fps: int,
-    motion_weights: dict[str, float] | None = None,
+    motion_weights: dict[str, float] | None = None, balance: str = "triples",
 ) -> ObjectSpec:  # fmt: skip
     """An object placed at the centre (``_place`` moves it to a valid start). When ``change``
     its motion is one that can change (``CHANGES``) and gets a ``then_motion``."""
     motions = tuple(CHANGES) if change else MOTIONS
-    colour, shape, motion = _triple(rng, split, taken, motions, motion_weights)
+    colour, shape, motion = _triple(rng, split, taken, motions, motion_weights, balance)
     speed, size = _speed_and_size(rng, motion, (frames - 1) / fps)
     then = _then(rng, motion, colour, shape, split) if change else ""
     switch = int(round(rng.uniform(0.4, 0.6) * (frames - 1))) if then else None
@@ -491,9 +512,11 @@ def sample_clip_spec(
     rng: np.random.Generator, *, width: int = 128, height: int = 128, frames: int = 33,
     fps: int = 16, split: str = "train", max_objects: int = 3, change_prob: float = 0.2,
     object_scale: float = 1.0, motion_weights: dict[str, float] | None = None,
+    balance: str = "triples",
 ) -> ClipSpec:  # fmt: skip
     """A random clip of the world (see the module docstring for the rules)."""
     _check("split", split, ("train", "heldout"))
+    _check("balance", balance, BALANCES)
     check_motion_weights(motion_weights)
     _check_size(width, height, frames, fps)
     if not 1 <= max_objects <= 3:
@@ -510,7 +533,8 @@ def sample_clip_spec(
         if len(objects) == n:
             break
         taken = {p.colour for p in objects}
-        o = _draft(rng, split, taken, change and not objects, frames, fps, motion_weights)
+        o = _draft(rng, split, taken, change and not objects, frames, fps, motion_weights,
+                   balance)  # fmt: skip
         o = replace(o, size=o.size * object_scale * (1 - 0.12 * (n - 1)))
         placed = _place(rng, o, boxes, (width, height), frames, fps)
         if placed is not None:
@@ -691,9 +715,10 @@ class SyntheticClips:
         self, seed: int = 0, size: tuple[int, int] = (128, 128), frames: int = 33,
         fps: int = 16, split: str = "train", length: int | None = None, max_objects: int = 3,
         change_prob: float = 0.2, phrasing: str = "train", object_scale: float = 1.0,
-        motion_weights: dict[str, float] | None = None,
+        motion_weights: dict[str, float] | None = None, balance: str = "triples",
     ) -> None:  # fmt: skip
         _check("split", split, ("train", "heldout"))
+        _check("balance", balance, BALANCES)
         check_motion_weights(motion_weights)
         _check("phrasing", phrasing, TEMPLATES)
         _check_size(size[0], size[1], frames, fps)
@@ -703,6 +728,7 @@ class SyntheticClips:
         self.split, self.length, self.phrasing = split, length, phrasing
         self.max_objects, self.change_prob = max_objects, change_prob
         self.object_scale, self.motion_weights = object_scale, motion_weights
+        self.balance = balance
 
     def __len__(self) -> int:
         return self.length if self.length is not None else 2**31 - 1
@@ -717,6 +743,7 @@ class SyntheticClips:
             rng, width=w, height=h, frames=self.frames, fps=self.fps, split=self.split,
             max_objects=self.max_objects, change_prob=self.change_prob,
             object_scale=self.object_scale, motion_weights=self.motion_weights,
+            balance=self.balance,
         )  # fmt: skip
         return spec, rng
 

@@ -43,6 +43,8 @@ class DataConfig:
     object_scale: float = 1.0  # synthetic: multiplies every object's radius (0.5 to 1.6)
     motion_weights: dict[str, float] | None = None  # synthetic: relative frequency of motions
     #   (e.g. {up-left: 3}; unnamed ones weigh 1), to drill motions a model gets wrong
+    balance: str = "triples"  # synthetic: "triples" (every allowed triple equally often) or
+    #   "colour-motion" (every (colour, motion) pair equally often; see sample_clip_spec)
 
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
@@ -55,9 +57,11 @@ class DataConfig:
             raise ValueError(f"data.num_clips {self.num_clips} must be >= 1")
         if not 0.5 <= self.object_scale <= 1.6:
             raise ValueError(f"data.object_scale {self.object_scale}; valid: 0.5 to 1.6")
-        if self.motion_weights is not None:
-            from kinema.data.synthetic import check_motion_weights
+        from kinema.data.synthetic import BALANCES, check_motion_weights
 
+        if self.balance not in BALANCES:
+            raise ValueError(f"data.balance {self.balance!r}; valid: {', '.join(BALANCES)}")
+        if self.motion_weights is not None:
             try:
                 check_motion_weights(self.motion_weights)
             except ValueError as err:

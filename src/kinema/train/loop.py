@@ -92,6 +92,7 @@ class ClipDataset(torch.utils.data.Dataset):
             self.source: Any = SyntheticClips(
                 data.seed, size=size, frames=data.frames, fps=data.fps, split=split,
                 object_scale=data.object_scale, motion_weights=data.motion_weights,
+                balance=data.balance,
             )  # fmt: skip
             self.length = data.num_clips
         else:
