@@ -47,8 +47,9 @@ stage 120 e2e "${harness[@]}" --configs wan2.1-1.3b --device cuda --dtype bf16 -
   --steps 10 --parts end_to_end --name gpu-bf16-wan1.3b-e2e
 stage 150 vae "${harness[@]}" --configs wan2.1-1.3b --device cuda --dtype bf16 --repeats 1 \
   --parts vae_decode --decode-pieces 2,4 --name gpu-bf16-wan1.3b-vae
-# 3. offload policies, bf16 training with checkpointing, the built-in model on the GPU
-stage 150 checks python3 benchmarks/gpu_checks.py run --out "$work"
+# 3. offload policies, bf16 training with checkpointing, the built-in model on the GPU, and
+#    automatic decode tiling with the GPU's free memory
+stage 200 checks python3 benchmarks/gpu_checks.py run --out "$work"
 # 4. the small shapes in fp32: outputs equal to diffusers' on the GPU, ratios
 stage 100 small "${harness[@]}" --configs kinema-tiny,small-wan --device cuda --dtype fp32 --repeats 3 \
   --name gpu-fp32

@@ -16,7 +16,10 @@ text encoder's tokens for two prompts and the CPU fp32 clips from fixed seeds. `
   gradient checkpointing: gradients compared, peak memory, and 30 AdamW steps that must lower
   the loss;
 * built-in: kinema-tiny on the GPU in bf16 (what ``kinema generate --device cuda`` uses) and
-  fp32, against the CPU fp32 clips: PSNR, and what the eval's judge sees in each.
+  fp32, against the CPU fp32 clips: PSNR, and what the eval's judge sees in each;
+* memory: automatic decode tiling with a GPU's free memory (``kinema.memory.free_bytes``
+  counts the allocator's unused memory) and with a budget that forces tiles: the chosen tile,
+  the measured peak against the budget, and tiled-vs-untiled PSNR.
 """
 
 from __future__ import annotations
@@ -216,6 +219,51 @@ def training_check(device: torch.device, smoke: bool = False) -> dict[str, Any]:
             "losses_first_last": [losses[0], statistics.mean(losses[-5:])]}  # fmt: skip
 
 
+def memory_check(device: torch.device, smoke: bool = False) -> dict[str, Any]:
+    """Automatic VAE decode tiling where the free memory is the GPU's: ``free_bytes`` must
+    count what torch's allocator holds unused; the Wan 2.1 VAE (random bf16 weights) decodes
+    480x832x81 untiled with the GPU's own free memory as the budget, and tiled within a budget
+    just above the 384 px tiled estimate (``smoke``: small-Wan VAE, 192x128x9, 128 px tiles)."""
+    from kinema.configs import SamplingDefaults
+    from kinema.memory import free_bytes, tiled_decode_bytes, vae_decode_bytes
+    from kinema.models.dit import VideoDiT
+    from kinema.models.vae import CausalVAE
+    from kinema.pipeline import Pipeline
+
+    small = bench.SHAPES["small-wan"]
+    vae_cfg = small.vae if smoke else WAN21_VAE
+    width, height, frames, tile = (192, 128, 9, 128) if smoke else (832, 480, 81, 384)
+    out: dict[str, Any] = {"shape": f"{width}x{height}x{frames}"}
+    if device.type == "cuda":
+        held = torch.empty(2**28, device=device)  # 1 GiB, then back to torch's allocator
+        del held
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        out["allocator"] = {"free_bytes": free_bytes(device), "reserved_unused": unused,
+                       "driver_free": torch.cuda.mem_get_info(device)[0]}  # fmt: skip
+    torch.manual_seed(0)
+    vae = CausalVAE(vae_cfg).eval().to(device, torch.bfloat16)
+    rows = {"": (torch.zeros(8, small.dit.text_dim), torch.ones(8, dtype=torch.bool))}
+    pipe = Pipeline(VideoDiT(small.dit), vae, RecordedText(rows, device, torch.bfloat16),
+                    name="wan-vae", defaults=SamplingDefaults())  # fmt: skip
+    s = vae_cfg.spatial_factor
+    z = torch.randn(1, vae_cfg.z_dim, 1 + (frames - 1) // vae_cfg.temporal_factor, height // s,
+                    width // s, generator=torch.Generator().manual_seed(0)).to(device)  # fmt: skip
+    videos = {}
+    budgets = {"untiled": None, "tiled": int(1.02 * tiled_decode_bytes(vae_cfg, width, height,
+                                                                    frames, tile, 2))}  # fmt: skip
+    for name, budget in budgets.items():
+        pipe.decode_budget = budget
+        chosen = pipe.decode_tile(vae.denormalize(z.to(torch.bfloat16)), 2)
+        base = reset_peak(device)
+        start = time.perf_counter()
+        videos[name] = pipe.decode(z).float().cpu()
+        out[name] = {"budget": budget, "tile": chosen and chosen.size, "seconds":
+                     time.perf_counter() - start, "peak_bytes": peak(device) - base}  # fmt: skip
+    out["untiled_estimate"] = vae_decode_bytes(vae_cfg, width, height, frames, 2, 2)
+    out["tiled_psnr_db"] = bench.psnr(videos["tiled"], videos["untiled"], 2.0)
+    return out
+
+
 def markdown(r: dict[str, Any]) -> str:
     gib = lambda n: f"{n / 2**30:.2f} GiB"
     lines = [f"GPU checks on {r['machine'].get('gpu', r['machine']['cpu'])}, torch "
@@ -237,6 +285,25 @@ def markdown(r: dict[str, Any]) -> str:
                   f"{t['grad_rel_diff']:.1e} (relative L2)",
                   f"- 30 AdamW steps on one batch: loss {t['losses_first_last'][0]:.3f} -> "
                   f"{t['losses_first_last'][1]:.3f}", ""]  # fmt: skip
+    if "memory" in r:
+        m = r["memory"]
+        lines += [f"### Automatic decode tiling (Wan 2.1 VAE, random bf16 weights, {m['shape']})",
+                  "", f"untiled estimate {gib(m['untiled_estimate'])}; tiled vs untiled "
+                  f"{m['tiled_psnr_db']:.1f} dB PSNR", "",
+                  "| budget | tile | peak | time |", "|---|---|---|---|"]  # fmt: skip
+        for x in (m["untiled"], m["tiled"]):
+            budget = gib(x["budget"]) if x["budget"] else "free_bytes"
+            cells = (budget, x["tile"] or "none", gib(x["peak_bytes"]), f"{x['seconds']:.1f} s")
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+        if "allocator" in m:
+            f = m["allocator"]
+            free, driver, unused = (
+                gib(f[k]) for k in ("free_bytes", "driver_free", "reserved_unused")
+            )
+            lines.append(
+                f"\nfree_bytes {free} = driver free {driver} + allocator's unused {unused}"
+            )
+        lines.append("")
     if "builtin" in r:
         lines += ["### kinema-tiny on the GPU vs the CPU (fp32)", "",
                   "| dtype | prompt | seed | PSNR vs CPU | judge (GPU) | judge (CPU) | time |",
@@ -252,7 +319,8 @@ def markdown(r: dict[str, Any]) -> str:
 
 def run(out: Path, checks: list[str], device: torch.device, smoke: bool) -> int:
     results: dict[str, Any] = {"machine": bench.machine(device)}
-    funcs = {"training": training_check, "builtin": builtin_check, "offload": offload_check}
+    funcs = {"training": training_check, "builtin": builtin_check, "offload": offload_check,
+             "memory": memory_check}  # fmt: skip
     for name in checks:
         start = time.perf_counter()
         try:
@@ -272,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=("record", "run"))
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--checks", default="training,builtin,offload")
+    p.add_argument("--checks", default="training,builtin,offload,memory")
     p.add_argument("--device", default="cuda")
     p.add_argument("--smoke", action="store_true", help="small shapes: that it runs, on a CPU")
     args = p.parse_args(argv)
