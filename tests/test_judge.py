@@ -175,4 +175,6 @@ def test_eval_command_writes_table_and_json(tmp_path, capsys):
     assert set(words) == {c["motion"] for c in clips} <= set(MOTIONS)
     weighted = sum(v * sum(c["motion"] == m for c in clips) for m, v in words.items()) / 5
     assert weighted == pytest.approx(results["heldout"]["motion_ok"], abs=1e-3)
-    assert "| heldout | 5 |" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "| heldout | 5 |" in captured.out
+    assert "eval: 100%" in captured.err and "20/20" in captured.err  # a bar over all clips

@@ -209,8 +209,9 @@ def from_output_check(output: str | None) -> None:
 class progress_bar:
     """A tqdm bar with ETA on stderr, as a ``progress(step, total)`` callback."""
 
-    def __init__(self, quiet: bool) -> None:
+    def __init__(self, quiet: bool, desc: str = "denoise", unit: str = "step") -> None:
         self.quiet, self.bar = quiet, None
+        self.desc, self.unit = desc, unit
 
     def __enter__(self) -> Callable[[int, int], None] | None:
         return None if self.quiet else self.update
@@ -219,7 +220,7 @@ class progress_bar:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc="denoise", unit="step", file=sys.stderr)
+            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=sys.stderr)
         self.bar.update(step - self.bar.n)
 
     def __exit__(self, *exc: object) -> None:
@@ -429,6 +430,7 @@ def add_eval(sub: Any) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: per device)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every verdict")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_lora_arg(p)
     p.set_defaults(run=run_eval)
 
@@ -448,7 +450,9 @@ def run_eval(args: argparse.Namespace) -> int:
         pipe.defaults, **{k: v for k, v in given.items() if v is not None}
     )
     log = (lambda line: print(line, file=sys.stderr)) if args.verbose else (lambda line: None)
-    results = evaluate(pipe, seeds=args.seeds, quick=args.quick, log=log, prompts=args.prompts)
+    with progress_bar(args.quiet or args.verbose, "eval", "clip") as progress:
+        results = evaluate(pipe, seeds=args.seeds, quick=args.quick, log=log,
+                           prompts=args.prompts, progress=progress)  # fmt: skip
     print(table(results))
     if args.beyond:
         from kinema.eval import beyond

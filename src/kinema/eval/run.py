@@ -87,11 +87,16 @@ def vae_psnr(pipe: Any, clips: int = 6) -> float:
 
 
 def score_set(
-    pipe: Any, prompts: list[str], seeds: int, settings: dict[str, Any], log: Callable
+    pipe: Any,
+    prompts: list[str],
+    seeds: int,
+    settings: dict[str, Any],
+    log: Callable,
+    judged: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
     """Generate every prompt with ``seeds`` seeds and average the judge's verdicts; also each
     clip's verdict and what the judge found (``per_clip``), and the motion score per expected
-    motion (``motion_by_word``: where the misses are)."""
+    motion (``motion_by_word``: where the misses are). ``judged()`` is called after each clip."""
     per_clip = []
     for prompt in prompts:
         expected = [o for o in parse_prompt(prompt) if {"colour", "shape", "motion"} <= set(o)]
@@ -101,6 +106,7 @@ def score_set(
                 found = judge_clip(pipe.generate(prompt, seed=seed, **settings).frames)
             verdict = score(expected, found)
             log(f"{prompt!r} seed {seed}: {verdict}")
+            judged()
             per_clip.append({
                 "prompt": prompt, "seed": seed, "motion": expected[0]["motion"], **verdict,
                 "found": [[o.colour, o.shape, o.motion] for o in found.objects],
@@ -120,12 +126,14 @@ def evaluate(
     quick: bool = False,
     log: Callable[[str], None] = lambda s: None,
     prompts: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """All prompt sets plus VAE PSNR, as a JSON-ready dict; every clip samples with
     ``pipe.defaults`` (``kinema eval --steps`` and the like replace those).
 
     ``prompts`` per set (default 10, 5 when ``quick``); the held-out set has at most
-    ``len(HELDOUT)`` (59), so ``prompts=59`` judges every held-out triple.
+    ``len(HELDOUT)`` (59), so ``prompts=59`` judges every held-out triple. ``progress(done,
+    total)`` hears of every judged clip.
     """
     per_set = prompts or (5 if quick else 10)
     if per_set < 1:
@@ -136,8 +144,16 @@ def evaluate(
         "rephrase": seen_prompts(per_set, "rephrase"),
         "seen": seen_prompts(per_set),
     }
+    total, done = seeds * sum(map(len, sets.values())), 0
+
+    def judged() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
     with torch.inference_mode():
-        results = {name: score_set(pipe, p, seeds, {}, log) for name, p in sets.items()}
+        results = {name: score_set(pipe, p, seeds, {}, log, judged) for name, p in sets.items()}
         results["vae_psnr_db"] = round(vae_psnr(pipe, 3 if quick else 6), 2)
     results["model"], results["seeds"], results["prompts"] = pipe.name, seeds, per_set
     d = pipe.defaults
