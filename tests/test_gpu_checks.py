@@ -1,0 +1,39 @@
+"""benchmarks/gpu_checks.py runs its checks on this CPU at small shapes (``--smoke``), so a
+lent GPU's few minutes are not lost to a check that no longer runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "gpu_checks.py"
+
+
+@pytest.fixture(scope="module")
+def checks():
+    spec = importlib.util.spec_from_file_location("gpu_checks", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_run_of_the_gpu_checks_on_a_cpu(checks, tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="VAE decode in 128 px tiles"):
+        rc = checks.run(tmp_path, ["training", "offload", "memory"], torch.device("cpu"), True)
+    assert rc == 0
+    r = json.loads((tmp_path / "gpu-checks.json").read_text())
+    assert r["offload"]["model"]["max_uint8_diff_vs_none"] == 0  # offload moves weights only
+    assert r["offload"]["block"]["max_uint8_diff_vs_none"] == 0
+    first, last = r["training"]["losses_first_last"]
+    assert last < first and r["training"]["grad_rel_diff"] < 1e-3
+    memory = r["memory"]
+    assert memory["untiled"]["tile"] is None  # this CPU's free memory holds the small decode
+    assert memory["tiled"]["tile"] == 128  # the budget is below the pipeline's untiled estimate
+    assert memory["tiled"]["budget"] < memory["untiled_estimate"]
+    assert math.isfinite(memory["tiled_psnr_db"]) and memory["tiled_psnr_db"] > 20
+    assert "### Automatic decode tiling (small-Wan VAE" in (tmp_path / "gpu-checks.md").read_text()
