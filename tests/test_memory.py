@@ -29,6 +29,22 @@ def test_decode_estimate_is_within_15_percent_of_the_live_tensor_peak() -> None:
     assert vae_cache_bytes(config, width, height, 2) > 0.3 * peak
 
 
+def test_a_bf16_decode_is_estimated_with_4_byte_activations_on_the_safe_side() -> None:
+    """A bf16 VAE (``kinema.load`` on a GPU with bf16) decodes with a live peak well above
+    half the fp32 one, so the estimate keeps 4 bytes an activation: above the peak, by at most
+    25 %, where 2 bytes would fall short."""
+    config = replace(WAN21_VAE, base_dim=16)
+    torch.manual_seed(0)
+    vae = CausalVAE(config).eval().to(torch.bfloat16)
+    width, height, frames = 64, 64, 9
+    z = torch.randn(1, config.z_dim, 3, height // 8, width // 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        _, peak = tensor_peak(lambda: vae.decode(z))
+    estimate = vae_decode_bytes(config, width, height, frames, nbytes=4, cache_nbytes=2)
+    assert peak <= estimate <= 1.25 * peak, (estimate, peak)
+    assert vae_decode_bytes(config, width, height, frames, nbytes=2, cache_nbytes=2) < peak
+
+
 def test_tiled_decode_estimate_is_never_below_the_live_tensor_peak() -> None:
     """The tiled decode's estimate (what an automatic tile size is chosen by) errs high, by
     at most 40 %, and the tiles hold a fraction of the untiled decode's peak."""
