@@ -234,8 +234,8 @@ def memory_check(device: torch.device, smoke: bool = False) -> dict[str, Any]:
     small = bench.SHAPES["small-wan"]
     vae_cfg = small.vae if smoke else WAN21_VAE
     width, height, frames, tile = (192, 128, 9, 128) if smoke else (832, 480, 81, 384)
-    name = "small-Wan VAE" if smoke else "Wan 2.1 VAE"
-    out: dict[str, Any] = {"vae": name, "shape": f"{width}x{height}x{frames}"}
+    out: dict[str, Any] = {"vae": "small-Wan VAE" if smoke else "Wan 2.1 VAE",
+                           "shape": f"{width}x{height}x{frames}"}  # fmt: skip
     if device.type == "cuda":
         held = torch.empty(2**28, device=device)  # 1 GiB, then back to torch's allocator
         del held
@@ -253,15 +253,15 @@ def memory_check(device: torch.device, smoke: bool = False) -> dict[str, Any]:
     videos = {}
     budgets = {"untiled": None, "tiled": int(1.02 * tiled_decode_bytes(vae_cfg, width, height,
                                                                     frames, tile, 2))}  # fmt: skip
-    for name, budget in budgets.items():
+    for key, budget in budgets.items():
         pipe.decode_budget = budget
         with warnings.catch_warnings():  # the decode below warns of its tiles itself
             warnings.simplefilter("ignore")
             chosen = pipe.decode_tile(vae.denormalize(z.to(torch.bfloat16)), 2)
         base = reset_peak(device)
         start = time.perf_counter()
-        videos[name] = pipe.decode(z).float().cpu()
-        out[name] = {"budget": budget, "tile": chosen and chosen.size, "seconds":
+        videos[key] = pipe.decode(z).float().cpu()
+        out[key] = {"budget": budget, "tile": chosen and chosen.size, "seconds":
                      time.perf_counter() - start, "peak_bytes": peak(device) - base}  # fmt: skip
     # the pipeline's estimate counts activations at 4 bytes even in a bf16 VAE: on the live
     # tensors of a bf16 decode (tests/test_memory.py) 2 bytes falls short; here against CUDA's
