@@ -3,7 +3,6 @@ lent GPU's few minutes are not lost to a check that no longer runs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,15 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "gpu_checks.py"
+from tests.repo_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def checks():
-    spec = importlib.util.spec_from_file_location("gpu_checks", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/gpu_checks.py")
 
 
 def test_smoke_run_of_the_gpu_checks_on_a_cpu(checks, tmp_path: Path) -> None:

@@ -3,7 +3,6 @@ training captions as the full encoder does, and knows no other words."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,16 +11,12 @@ import torch
 
 from kinema.models.text import MiniLMTextEncoder
 from kinema.train import load_train_config
-
-SCRIPT = Path(__file__).parents[1] / "scripts" / "gpu_train_tiny.py"
+from tests.repo_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("gpu_train_tiny", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/gpu_train_tiny.py")
 
 
 def test_reduced_minilm_encodes_the_worlds_captions_like_the_full_one(
