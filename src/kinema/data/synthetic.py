@@ -119,6 +119,15 @@ def _heldout() -> frozenset[tuple[str, str, str]]:
 
 
 HELDOUT = _heldout()
+# the shapes a training clip may give each (colour, motion) pair: not held out, and a circle
+# never rotates (it would not show)
+ALLOWED: dict[tuple[str, str], tuple[str, ...]] = {
+    (c, m): tuple(
+        s for s in SHAPES if (c, s, m) not in HELDOUT and (s, m) != ("circle", "rotating")
+    )
+    for c in COLOURS
+    for m in MOTIONS
+}
 # how training clips draw (colour, shape, motion): see sample_clip_spec
 BALANCES = ("triples", "colour-motion")
 
@@ -407,12 +416,6 @@ def _draw(rng: np.random.Generator, n: int, weights: list[float] | None) -> int:
     return int(rng.choice(n, p=np.asarray(weights) / sum(weights)))
 
 
-def _allowed_shapes(colour: str, motion: str) -> list[str]:
-    """The shapes a training clip may give a (colour, motion) pair."""
-    held = {s for s in SHAPES if (colour, s, motion) in HELDOUT}
-    return [s for s in SHAPES if s not in held and (s, motion) != ("circle", "rotating")]
-
-
 def _triple(
     rng: np.random.Generator, split: str, taken: set[str], motions: tuple[str, ...] = MOTIONS,
     motion_weights: dict[str, float] | None = None, balance: str = "triples",
@@ -425,16 +428,15 @@ def _triple(
         pool = [t for t in sorted(HELDOUT) if t[0] not in taken and t[2] in motions]
         return pool[_draw(rng, len(pool), weigh and [weigh(t[2]) for t in pool])]
     if balance == "colour-motion":
-        pairs = [(c, m) for c in COLOURS if c not in taken for m in motions
-                 if _allowed_shapes(c, m)]  # fmt: skip
+        pairs = [(c, m) for c in COLOURS if c not in taken for m in motions if ALLOWED[c, m]]
         c, m = pairs[_draw(rng, len(pairs), weigh and [weigh(m) for _, m in pairs])]
-        shapes = _allowed_shapes(c, m)
+        shapes = ALLOWED[c, m]
         return c, shapes[int(rng.integers(len(shapes)))], m
     while True:
         c = list(COLOURS)[int(rng.integers(len(COLOURS)))]
         s = SHAPES[int(rng.integers(len(SHAPES)))]
         m = motions[_draw(rng, len(motions), weigh and [weigh(m) for m in motions])]
-        if c not in taken and (c, s, m) not in HELDOUT and (s, m) != ("circle", "rotating"):
+        if c not in taken and s in ALLOWED[c, m]:
             return c, s, m
 
 
