@@ -31,6 +31,12 @@ def test_heldout_prompts_cover_every_triple_from_len_heldout_on():
 
 def test_eval_rejects_a_prompt_count_below_one(capsys):
     from kinema.cli import main
+    from kinema.eval.run import prompts_per_set
+
+    assert (prompts_per_set(None), prompts_per_set(None, quick=True), prompts_per_set(59)) == (
+        10, 5, 59)  # fmt: skip
+    with pytest.raises(ValueError, match="prompts 0 per set"):
+        prompts_per_set(0)  # as evaluate(prompts=0) would: not the default 10
 
     with pytest.raises(SystemExit) as exit_:
         main(["eval", "--prompts", "0"])

@@ -436,13 +436,12 @@ def add_eval(sub: Any) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from kinema.eval.run import evaluate, table, write_json
+    from kinema.eval.run import evaluate, prompts_per_set, table, write_json
     from kinema.loading import load
 
     if args.seeds < 1:
         raise ValueError(f"seeds {args.seeds} must be >= 1")
-    if args.prompts is not None and args.prompts < 1:
-        raise ValueError(f"prompts {args.prompts} per set; valid: 1 or more")
+    prompts_per_set(args.prompts)  # bad input fails before the model loads
     pipe = load(args.model, device=args.device, dtype=args.dtype, lora=args.lora)
     given = {"steps": args.steps, "guidance": args.guidance, "cache": args.cache}
     # every clip of the eval, --beyond's too, samples with what was given

@@ -49,7 +49,7 @@ def heldout_prompts(count: int) -> list[str]:
         shape = SHAPES[k % len(SHAPES)]
         start = 4 * k % len(MOTIONS)
         order = MOTIONS[start:] + MOTIONS[:start]
-        left = [t for t in HELDOUT if t not in picks]
+        left = [t for t in sorted(HELDOUT) if t not in picks]  # sorted: ties break the same
         options = [t for t in left if t[1] == shape] or left  # a shape may run out near the end
         picks.append(min(options, key=lambda t: (order.index(t[2]), t[0])))
     article = lambda word: "an" if word[0] in "aeiou" else "a"
@@ -120,6 +120,15 @@ def score_set(
     }
 
 
+def prompts_per_set(prompts: int | None, quick: bool = False) -> int:
+    """``prompts`` when given (ValueError below 1), else 10, or 5 when ``quick``."""
+    if prompts is None:
+        return 5 if quick else 10
+    if prompts < 1:
+        raise ValueError(f"prompts {prompts} per set; valid: 1 or more")
+    return prompts
+
+
 def evaluate(
     pipe: Any,
     seeds: int = 2,
@@ -135,9 +144,7 @@ def evaluate(
     ``len(HELDOUT)`` (59), so ``prompts=59`` judges every held-out triple. ``progress(done,
     total)`` hears of every judged clip.
     """
-    per_set = prompts or (5 if quick else 10)
-    if per_set < 1:
-        raise ValueError(f"prompts {per_set} per set; valid: 1 or more")
+    per_set = prompts_per_set(prompts, quick)
     sets = {
         "heldout": heldout_prompts(min(per_set, len(HELDOUT))),
         "paraphrase": seen_prompts(per_set, "paraphrase"),
