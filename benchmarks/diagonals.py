@@ -17,24 +17,19 @@ import sys
 
 import torch
 
-from kinema.data.synthetic import COLOURS, HELDOUT, SHAPES, TRAIN_WORDS
-from kinema.eval.run import score_set
+from kinema.data.synthetic import COLOURS, HELDOUT, SHAPES
+from kinema.eval.run import score_set, triple_prompt
 from kinema.loading import load
 
 DIAGONALS = ("up-left", "up-right", "down-left", "down-right")
-
-
-def prompt(colour: str, shape: str, motion: str) -> str:
-    article = "an" if colour[0] in "aeiou" else "a"
-    return f"{article} {colour} {shape} {TRAIN_WORDS['motion'][motion][0]}"
 
 
 def diagonal_sets() -> dict[str, list[str]]:
     seen = [(c, s, m) for m in DIAGONALS for c in COLOURS for s in SHAPES
             if (c, s, m) not in HELDOUT]  # fmt: skip
     return {
-        "heldout": [prompt(*t) for t in sorted(HELDOUT) if t[2] in DIAGONALS],
-        "seen": [prompt(*t) for t in seen[:: len(seen) // 20][:20]],
+        "heldout": [triple_prompt(*t) for t in sorted(HELDOUT) if t[2] in DIAGONALS],
+        "seen": [triple_prompt(*t) for t in seen[:: len(seen) // 20][:20]],
     }
 
 

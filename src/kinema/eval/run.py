@@ -52,8 +52,13 @@ def heldout_prompts(count: int) -> list[str]:
         left = [t for t in sorted(HELDOUT) if t not in picks]  # sorted: ties break the same
         options = [t for t in left if t[1] == shape] or left  # a shape may run out near the end
         picks.append(min(options, key=lambda t: (order.index(t[2]), t[0])))
-    article = lambda word: "an" if word[0] in "aeiou" else "a"
-    return [f"{article(c)} {c} {s} {TRAIN_WORDS['motion'][m][0]}" for c, s, m in picks]
+    return [triple_prompt(*t) for t in picks]
+
+
+def triple_prompt(colour: str, shape: str, motion: str) -> str:
+    """A (colour, shape, motion) triple in the training words: "a red circle moving right"."""
+    article = "an" if colour[0] in "aeiou" else "a"
+    return f"{article} {colour} {shape} {TRAIN_WORDS['motion'][motion][0]}"
 
 
 def seen_prompts(count: int, phrasing: str = "train", seed: int = 11) -> list[str]:
