@@ -137,8 +137,9 @@ def test_a_decode_that_would_not_fit_in_the_budget_is_tiled(tmp_path):
     pipe.decode_budget = 2**40
     assert torch.equal(pipe.decode(z), untiled)
     pipe.decode_budget = 1  # nothing fits: the smallest tiles there are
-    with pytest.warns(UserWarning, match="VAE decode in 128 px tiles"):
+    with pytest.warns(UserWarning, match="VAE decode in 128 px tiles") as caught:
         tiled = pipe.decode(z)
+    assert "the decode budget is 0.00 GiB" in str(caught[0].message)  # the limit it kept to
     with torch.no_grad():
         latent = pipe.vae.denormalize(z)
         want = pipe.vae.decode(latent, tile=TileSpec(128, 32), cache_dtype=torch.float16)

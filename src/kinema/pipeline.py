@@ -664,8 +664,9 @@ class Pipeline:
 
         if not isinstance(self.vae, CausalVAE):
             return None
-        budget = self.decode_budget
-        budget = free_bytes(latents.device) if budget is None else budget
+        budget, what = self.decode_budget, "the decode budget is"
+        if budget is None:
+            budget, what = free_bytes(latents.device), "free memory is"
         if budget is None:
             return None
         v, (f, h, w) = self.vae.config, latents.shape[2:]
@@ -675,7 +676,7 @@ class Pipeline:
             return None
         need = vae_decode_bytes(v, w * s, h * s, frames, cache_nbytes=cache_nbytes)
         notes.warn(f"VAE decode in {size} px tiles: untiled it needs about {need / 2**30:.2f} "
-                   f"GiB, {budget / 2**30:.2f} GiB are free")  # fmt: skip
+                   f"GiB, {what} {budget / 2**30:.2f} GiB")  # fmt: skip
         return TileSpec(size, size // 4)
 
     def describe(self, req: Request, evaluations: int, clock: Clock) -> dict[str, Any]:
