@@ -5,8 +5,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
-from kinema.eval.beyond import background_colour, frame_differences, mean_colour, seam_ratio
+from kinema.eval.beyond import (
+    background_colour,
+    frame_differences,
+    mean_colour,
+    object_colour,
+    seam_ratio,
+)
 
 
 def ramp(frames: int, step: float) -> np.ndarray:
@@ -41,6 +48,27 @@ def test_background_colour_ignores_an_object_that_leaves():
     assert background_colour(frames[1:]).tolist() == [0.0, 0.0, 90.0]
 
 
+def moving_square(colour: tuple[int, int, int], background: int = 80) -> np.ndarray:
+    """A 10-pixel square of ``colour`` crossing a blue background left to right: (8, 48, 48, 3)."""
+    frames = np.zeros((8, 48, 48, 3), np.uint8)
+    frames[..., 2] = background
+    for t in range(8):
+        frames[t, 19:29, 2 + 4 * t : 12 + 4 * t] = colour
+    return frames
+
+
+def test_object_colour_follows_the_object_not_its_place_or_the_background():
+    red = moving_square((220, 30, 30))
+    assert np.abs(object_colour(red) - (220, 30, 30)).max() < 1
+    later = moving_square((220, 30, 30), background=120)[::-1]  # moving back, lighter background
+    assert np.abs(object_colour(later) - object_colour(red)).max() < 1
+    drifted = moving_square((190, 60, 30))
+    assert np.abs(object_colour(drifted) - object_colour(red)).max() == pytest.approx(30, abs=1)
+    empty = np.zeros_like(red)
+    empty[..., 2] = 80
+    assert object_colour(empty) is None
+
+
 def test_eval_beyond_runs_every_check(tmp_path, capsys):
     """Mechanics on a random tiny model (its numbers mean nothing; the built-in model's are in
     the README)."""
@@ -68,6 +96,10 @@ def test_eval_beyond_runs_every_check(tmp_path, capsys):
     assert beyond["first_frame_psnr_db"] > 0
     assert beyond["extension"]["seam_ratio_max"] >= beyond["extension"]["seam_ratio_median"] > 0
     assert 0 <= beyond["extension"]["background_drift_max"] <= 255
+    assert 0 <= beyond["extension"]["object_colour_kept"] <= 1
+    drift = beyond["extension"]["object_drift_max"]
+    assert drift is None or 0 <= drift <= 255
+    assert [len(steps) for steps in beyond["extension"]["object_drift"]] == [2, 2]  # --quick: 2
     memory = beyond["long_video_memory"]
     assert (memory["short_s"], memory["long_s"]) == (4.0, 8.0)
     assert memory["long_peak_mib"] > 100 and memory["ratio"] > 0.5
@@ -81,4 +113,5 @@ def test_eval_beyond_runs_every_check(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| image-to-video first frame |" in printed
     assert "| peak RSS 8 s / 4 s clip |" in printed
+    assert "| object colour drift over extensions (0-255) |" in printed
     assert "| timed prompt (blend): motion before / after / both |" in printed

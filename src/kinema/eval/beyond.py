@@ -3,8 +3,8 @@ prompts) on a pipeline, judged from decoded frames only:
 
 - first-frame fidelity: PSNR of the output's first frame against the image it started from;
 - seam continuity: the frame difference across an extension's seam over the clip's median
-  frame-to-frame difference (<= 2 is invisible), and the colour drift (whole frame and
-  background) over repeated extensions;
+  frame-to-frame difference (<= 2 is invisible), and the colour drift (whole frame,
+  background and the prompt's object) over repeated extensions;
 - long-video memory: peak RSS of a long clip over that of a short one, each in a fresh process;
 - timed prompts: the judged motion before and after a prompt switch, 0.25 s either side of it.
 """
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from kinema.data.synthetic import SyntheticClips
-from kinema.eval.judge import motion_between
+from kinema.eval.judge import colour_name, estimate_background, motion_between, observe
 from kinema.eval.run import psnr
 
 SEAM_PROMPTS = (
@@ -77,26 +77,57 @@ def background_colour(frames: np.ndarray) -> np.ndarray:
     return np.median(frames.reshape(-1, 3), axis=0).astype(np.float64)
 
 
-def seam_continuity(pipe: Any, extensions: int = 3, seconds: float = 1.0) -> dict[str, float]:
+def object_colour(frames: np.ndarray) -> np.ndarray | None:
+    """Median RGB (3,) of the largest object in each frame, over the frames that show one (None
+    when none does): the colour of a one-object prompt's object, whatever colour name the judge
+    would give it and unmoved by the background or by where the object is."""
+    bgs = estimate_background(frames)  # (T, H, 1, 3)
+    found = [obs[0].rgb for i, frame in enumerate(frames) if (obs := observe(frame, i, bgs[i]))]
+    return np.median(np.array(found), axis=0) if found else None
+
+
+def colour_change(a: np.ndarray | None, b: np.ndarray | None) -> float | None:
+    """Largest per-channel difference (0-255) of two colours (None if either is missing)."""
+    return None if a is None or b is None else float(np.abs(b - a).max())
+
+
+def seam_continuity(
+    pipe: Any, extensions: int = 3, seconds: float = 1.0, seeds: int = 4
+) -> dict[str, Any]:
     """Extends a clip ``extensions`` times by ``seconds``: the worst seam ratio, and the colour
-    drift (largest per-channel change of the mean RGB, 0-255) from the source clip to the newest
-    second, and that of the background alone (:func:`background_colour`): the mean also moves
-    when an object leaves the frame or a new one enters."""
-    ratios, drifts, background = [], [], []
+    drift (largest per-channel change, 0-255) from the source clip to the newest second of the
+    mean RGB, of the background alone (:func:`background_colour`; the mean also moves when an
+    object leaves the frame or a new one enters) and of the prompt's object
+    (:func:`object_colour`, after each extension), with whether the newest second still shows
+    an object of the source's colour name. The yardstick for the object's drift: how far its
+    colour spreads over clips of the same prompt from ``seeds`` seeds."""
+    n = round(seconds * pipe.defaults.fps)
+    ratios, drifts, background, objects, kept, spread = [], [], [], [], [], []
     for prompt in SEAM_PROMPTS:
-        video = pipe.generate(prompt, seed=0).frames
-        source = video
+        video = source = pipe.generate(prompt, seed=0).frames
+        was, steps = object_colour(source), []
         for k in range(extensions):
             out = pipe.extend(video, seconds, prompt, seed=k + 1).frames
             ratios.append(seam_ratio(out, len(video)))
             video = out
-        newest = video[-round(seconds * pipe.defaults.fps) :]
+            steps.append(colour_change(was, object_colour(video[-n:])))
+        newest, now = video[-n:], object_colour(video[-n:])
         drifts.append(float(np.abs(mean_colour(newest) - mean_colour(source)).max()))
-        change = background_colour(newest) - background_colour(source)
-        background.append(float(np.abs(change).max()))
+        background.append(
+            float(np.abs(background_colour(newest) - background_colour(source)).max())
+        )
+        objects.append([None if d is None else round(d, 2) for d in steps])
+        kept.append(was is not None and now is not None and colour_name(now) == colour_name(was))
+        others = [object_colour(pipe.generate(prompt, seed=s).frames) for s in range(1, seeds)]
+        seen = [c for c in (was, *others) if c is not None]
+        spread += [colour_change(a, b) for a in seen for b in seen]
+    found = [d for steps in objects for d in steps if d is not None]
     return {"seam_ratio_max": round(max(ratios), 3), "seam_ratio_median": round(
         float(np.median(ratios)), 3), "colour_drift_max": round(max(drifts), 2),
-        "background_drift_max": round(max(background), 2)}  # fmt: skip
+        "background_drift_max": round(max(background), 2),
+        "object_drift": objects, "object_drift_max": max(found) if found else None,
+        "object_seed_spread_max": round(max(spread), 2) if spread else None,
+        "object_colour_kept": round(sum(kept) / len(kept), 4)}  # fmt: skip
 
 
 _PEAK = """
@@ -168,11 +199,15 @@ def evaluate_beyond(pipe: Any, model: str | None, quick: bool = False) -> dict[s
     return {
         "settings": {"steps": d.steps, "guidance": d.guidance, "cache": d.cache},
         "first_frame_psnr_db": first_frame_fidelity(pipe, 2 if quick else 4),
-        "extension": seam_continuity(pipe, 2 if quick else 3),
+        "extension": seam_continuity(pipe, 2 if quick else 3, seeds=2 if quick else 4),
         "long_video_memory": long_video_memory(pipe, model, 4.0, 8.0 if quick else 16.0),
         "timed_prompts": timed_prompts(pipe, 1 if quick else 2, switches=timed),
         "timed_prompts_cut": timed_prompts(pipe, 1 if quick else 2, switch="cut", switches=timed),
     }
+
+
+def _number(value: float | None) -> str:
+    return "no object" if value is None else f"{value:.1f}"  # None: no object to compare
 
 
 def table(results: dict[str, Any]) -> str:
@@ -186,6 +221,10 @@ def table(results: dict[str, Any]) -> str:
         f"| colour drift over extensions (0-255) | {ext['colour_drift_max']:.1f} | small |",
         f"| background drift over extensions (0-255) | {ext['background_drift_max']:.1f} "
         "| small |",
+        f"| object colour drift over extensions (0-255) | {_number(ext['object_drift_max'])} "
+        f"| within the seed spread ({_number(ext['object_seed_spread_max'])}) |",
+        f"| object keeps its colour name over extensions | "
+        f"{100 * ext['object_colour_kept']:.0f} % | 100 % |",
         f"| peak RSS {mem['long_s']:g} s / {mem['short_s']:g} s clip | {mem['ratio']:.2f} "
         "| <= 1.25 |",
         *(f"| timed prompt ({t['switch']}): motion before / after / both | "

@@ -176,6 +176,7 @@ class Observation:
     shape: str
     mask: np.ndarray = field(compare=False, repr=False)  # (h, w) bool, alpha >= 0.5, in box
     centre: tuple[float, float] = (0.0, 0.0)  # centroid in the mask's pixels (x, y)
+    rgb: tuple[float, float, float] = (0.0, 0.0, 0.0)  # the colour named by ``colour``, 0..255
 
 
 def _component(
@@ -262,6 +263,7 @@ def _observation(
     return Observation(
         index, cx / w, cy / h, area / (h * w), box, colour_name(colour),
         classify_shape(alpha), mask, (cx - sl[1].start, cy - sl[0].start),
+        tuple(float(c) for c in colour),
     )  # fmt: skip
 
 
