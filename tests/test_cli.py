@@ -41,6 +41,7 @@ BASE = ["--size", "32x32", "--steps", "2", "-q"]
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--dtype", "int8"], "unknown dtype 'int8'"),
         (["--seconds", "0"], "seconds 0.0 must be > 0"),
+        (["--fps", "0"], "fps 0 must be >= 1"),  # not the model's fps
         (["--cache", "-0.5"], "cache -0.5 must be a number >= 0 (0 turns the step cache off)"),
         (["-o", "clip.avi"], "unknown extension '.avi'"),
         (["--at", "soon:a dog"], "--at 'soon:a dog' must be SECONDS:PROMPT"),

@@ -80,6 +80,20 @@ def test_bad_requests_name_the_value(tmp_path, bad, message):
         pipe.generate("x", **{**SETTINGS, **bad})
 
 
+def test_a_zero_is_refused_not_taken_for_the_default(tmp_path):
+    """width, height, frames and fps of 0 are errors, also where media would supply them."""
+    pipe = kinema.load(build_wan_folder(tmp_path / "wan"), device="cpu")
+    video = np.zeros((9, 32, 32, 3), np.uint8)
+    with pytest.raises(ValueError, match="fps 0 must be >= 1"):
+        pipe.generate("x", **{**SETTINGS, "fps": 0})
+    with pytest.raises(ValueError, match="frames 0 must be >= 1"):
+        pipe.generate("x", video=video, frames=0)
+    with pytest.raises(ValueError, match="width 0 must be >= 1"):
+        pipe.generate("x", video=video, width=0)
+    with pytest.raises(ValueError, match="fps 0 must be >= 1"):
+        pipe.extend(video, 1.0, "x", fps=0)
+
+
 def test_words_a_closed_world_model_never_read_are_warned_about(tmp_path):
     """A model that records its training words (kinema-tiny) names the prompt's other words,
     timed prompts included, once per request; one without a vocabulary (Wan) never warns."""

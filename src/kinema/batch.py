@@ -131,7 +131,7 @@ def build_request(fields: dict[str, Any], pipe: Any) -> Request:
     if "seconds" in fields:
         if "frames" in fields:
             raise ValueError("give frames or seconds, not both")
-        fps = kw.get("fps") or pipe.defaults.fps
+        fps = kw["fps"] if kw.get("fps") is not None else pipe.defaults.fps
         kw["frames"] = frames_for_seconds(float(fields["seconds"]), fps, pipe.temporal_factor)
     if "at" in fields:
         if "prompts" in fields:

@@ -170,7 +170,7 @@ def request_from_args(args: argparse.Namespace, defaults: Any, temporal: int) ->
     """The :class:`~kinema.pipeline.Request` of ``kinema generate``'s arguments."""
     from kinema.pipeline import Request
 
-    fps = args.fps or (None if args.video else defaults.fps)
+    fps = args.fps if args.fps is not None or args.video else defaults.fps  # 0 is refused later
     frames = args.frames
     if args.seconds is not None:
         frames = frames_for_seconds(args.seconds, fps or defaults.fps, temporal)
@@ -260,7 +260,7 @@ def run_extend(args: argparse.Namespace) -> int:
         args.model, device=args.device, dtype=args.dtype, offload=args.offload,
         compile=args.compile, lora=args.lora,
     )  # fmt: skip
-    fps = args.fps or source_fps(args.video, pipe.defaults.fps)
+    fps = args.fps if args.fps is not None else source_fps(args.video, pipe.defaults.fps)
     t = pipe.temporal_factor
     if args.seconds <= 0:
         raise ValueError(f"seconds {args.seconds} must be > 0")

@@ -337,7 +337,8 @@ class Pipeline:
 
     def extend(self, video: Any, seconds: float, prompt: str, **settings: Any) -> Video:
         """Continue ``video`` (path or (T, H, W, 3) uint8) by ``seconds`` under ``prompt``."""
-        fps = settings.pop("fps", None) or self._source_fps(video)
+        fps = settings.pop("fps", None)
+        fps = self._source_fps(video) if fps is None else fps
         frames = max(1, round(seconds * fps / self.temporal_factor)) * self.temporal_factor
         return self.run(Request(prompt=prompt, extend=video, frames=frames, fps=fps, **settings))
 
@@ -365,6 +366,10 @@ class Pipeline:
 
     def _prepare(self, request: Request) -> tuple[Request, dict[str, np.ndarray]]:
         req, media = request, {}
+        for name in ("width", "height", "frames", "fps"):  # before they size any media
+            value = getattr(req, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} {value} must be >= 1")
         if req.strength is not None and not 0 < req.strength <= 1:
             raise ValueError(f"strength {req.strength} must be in (0, 1]")
         if req.video is not None and req.extend is not None:
