@@ -126,6 +126,19 @@ def test_info_prints_parameters_and_memory(capsys, wan):
     assert 0 < decode["untiled_bytes"] < decode["cpu_free_bytes"] and decode["cpu_tile"] is None
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--size", "40x32"], "width 40 is not a multiple of 16; nearest valid: 48"),
+        (["--frames", "0"], "frames 0 is not 4k+1"),
+        (["--frames", "6"], "frames 6 is not 4k+1"),
+    ],
+)
+def test_info_refuses_a_request_the_model_cannot_make(capsys, wan, args, message):
+    code, err = run(capsys, "info", str(wan), *args)
+    assert code == 2 and err.count("\n") == 1 and message in err
+
+
 def test_free_cpu_memory_is_the_kernels_available_memory():
     from pathlib import Path
 

@@ -292,10 +292,12 @@ def run_info(args: argparse.Namespace) -> int:
 
     from kinema.loading import load
     from kinema.memory import decode_tile, estimate_peak_bytes, free_bytes, vae_decode_bytes
+    from kinema.pipeline import check_shape
 
     pipe = load(args.model, device="cpu", dtype="fp32")
     width, height = args.size or (pipe.defaults.width, pipe.defaults.height)
-    frames = args.frames or pipe.defaults.frames
+    frames = pipe.defaults.frames if args.frames is None else args.frames
+    check_shape(width, height, frames, pipe.spatial_factor, pipe.temporal_factor)
     free = free_bytes("cpu")
     v = pipe.vae.config  # fp32, as the pipeline decodes on a CPU: an fp16 cache
     info = {

@@ -138,28 +138,34 @@ def _describe(value: Any) -> Any:
     return f"array{tuple(np.shape(value))}"
 
 
-def validate(req: Request, spatial: int, temporal: int, extension: bool = False) -> None:
-    """Raise ValueError naming the first bad value of a resolved request and its valid range.
+def check_shape(
+    width: int, height: int, frames: int, spatial: int, temporal: int, extension: bool = False
+) -> None:
+    """Raise ValueError naming a size or frame count the model cannot make, and the nearest
+    valid one. An extension's ``frames`` counts new frames (a multiple of ``temporal``); any
+    other request's counts the whole clip (``temporal``k+1)."""
+    for name, v in (("width", width), ("height", height)):
+        if v < spatial or v % spatial:
+            near = max(spatial, int(v / spatial + 0.5) * spatial)
+            raise ValueError(f"{name} {v} is not a multiple of {spatial}; nearest valid: {near}")
+    if extension and (frames < temporal or frames % temporal):
+        raise ValueError(f"extension frames {frames} must be a positive multiple of {temporal}")
+    if not extension and (frames < 1 or (frames - 1) % temporal):
+        near = max(1, round((frames - 1) / temporal)) * temporal + 1
+        raise ValueError(
+            f"frames {frames} is not {temporal}k+1 (1, {temporal + 1}, {2 * temporal + 1}, "
+            f"...); nearest valid: {near}"
+        )
 
-    An extension's ``frames`` counts new frames (a multiple of ``temporal``); any other
-    request's counts the whole clip (``temporal``k+1)."""
+
+def validate(req: Request, spatial: int, temporal: int, extension: bool = False) -> None:
+    """Raise ValueError naming the first bad value of a resolved request and its valid range
+    (size and frame count as :func:`check_shape` says)."""
     if not isinstance(req.prompt, str):
         raise ValueError(f"prompt must be a string, got {type(req.prompt).__name__}")
     if not req.prompt.strip():
         raise ValueError("prompt is empty; describe the video, e.g. 'a red circle moving right'")
-    for name in ("width", "height"):
-        v = getattr(req, name)
-        if v < spatial or v % spatial:
-            near = max(spatial, int(v / spatial + 0.5) * spatial)
-            raise ValueError(f"{name} {v} is not a multiple of {spatial}; nearest valid: {near}")
-    if extension and (req.frames < temporal or req.frames % temporal):
-        raise ValueError(f"extension frames {req.frames} must be a positive multiple of {temporal}")
-    if not extension and (req.frames < 1 or (req.frames - 1) % temporal):
-        near = max(1, round((req.frames - 1) / temporal)) * temporal + 1
-        raise ValueError(
-            f"frames {req.frames} is not {temporal}k+1 (1, {temporal + 1}, {2 * temporal + 1}, "
-            f"...); nearest valid: {near}"
-        )
+    check_shape(req.width, req.height, req.frames, spatial, temporal, extension)
     if req.steps < 1:
         raise ValueError(f"steps {req.steps} must be >= 1")
     if req.guidance < 0:
