@@ -109,7 +109,7 @@ def dit(rounds: int) -> dict:
         ("DiT training step", step, 1),
     ):
         result[name] = versus(flagged(fn, False), flagged(fn, True), rounds, calls)
-    ops.ONEDNN = torch.backends.mkldnn.is_available()
+    ops.ONEDNN = ops.onednn_linears()
     return result
 
 

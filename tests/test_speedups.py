@@ -3,13 +3,30 @@ torch.compile, and the VAE decode that runs its full-resolution stages frame by 
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
 from kinema.configs import DiTConfig, VAEConfig
+from kinema.models import ops
 from kinema.models.dit import VideoDiT
-from kinema.models.ops import ONEDNN
 from kinema.models.vae import CausalVAE
+
+# oneDNN's linear path runs on any x86 CPU with a oneDNN build; kinema takes it where it is
+# faster (ops.onednn_linears: AVX-512), and these tests take it wherever it can run.
+ONEDNN_RUNS = torch.backends.mkldnn.is_available() and platform.machine().lower() in (
+    "x86_64",
+    "amd64",
+)
+needs_onednn = pytest.mark.skipif(not ONEDNN_RUNS, reason="oneDNN runs on x86 CPUs only")
+
+
+@pytest.fixture
+def onednn(monkeypatch):
+    """ops.linear takes oneDNN's path on this CPU, whatever ops.onednn_linears chose."""
+    monkeypatch.setattr(ops, "ONEDNN", True)
+
 
 DIT = DiTConfig(num_heads=3, head_dim=8, text_dim=12, freq_dim=16, ffn_dim=24, num_layers=2)
 VAE = VAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
@@ -60,17 +77,19 @@ def test_compiled_blocks_equal_eager():
     assert (compiled - eager).abs().max().item() <= 1e-4
 
 
-def test_a_block_compiles_to_one_graph():
+@pytest.mark.parametrize("onednn_linears", [False, pytest.param(True, marks=needs_onednn)])
+def test_a_block_compiles_to_one_graph(onednn_linears, monkeypatch):
     """No graph break inside a block (one used to sit at every attention call): the whole
     block is one Inductor graph, so its elementwise work fuses around the GEMMs."""
+    monkeypatch.setattr(ops, "ONEDNN", onednn_linears)
     dit, (x, t, ctx) = dit_and_inputs()
     e = dit.fuse_projections().embed(x, t, ctx)
     with torch.no_grad():
         explained = torch._dynamo.explain(dit.blocks[0])(e.tokens, e.context, e.mod, e.rope)
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
-    # fp32 on an x86 CPU: every projection is oneDNN's matmul, an opaque op in the graph
-    assert explained.graphs[0].code.count("kinema.onednn_linear") == (7 if ONEDNN else 0)
+    # with oneDNN's linears every projection is its matmul, an opaque op in the graph
+    assert explained.graphs[0].code.count("kinema.onednn_linear") == (7 if onednn_linears else 0)
 
 
 def test_frame_by_frame_decode_equals_whole_chunks():
@@ -141,8 +160,6 @@ def test_causal_conv_by_onednn_equals_conv3d(kernel, stride, padding, frames):
 
 
 def test_matmul_attention_equals_sdpa_and_hands_long_sequences_to_it(monkeypatch):
-    from kinema.models import ops
-
     g = torch.Generator().manual_seed(2)
     q = torch.randn(2, 20, 3, 8, generator=g)  # (B, S, H, D)
     kv = [torch.randn(2, length, 3, 8, generator=g) for length in (20, 20, 7, 7)]
@@ -158,8 +175,6 @@ def test_matmul_attention_equals_sdpa_and_hands_long_sequences_to_it(monkeypatch
 
 
 def test_default_attention_is_matmul_attention_in_bf16_on_a_cpu_and_sdpa_elsewhere():
-    from kinema.models import ops
-
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 20, 3, 8, generator=g) for _ in range(3))
     assert ops._ATTENTION is ops.default_attention
@@ -192,14 +207,12 @@ def test_qk_norm_is_torchs_rms_norm_with_the_inputs_dtype_under_bf16_autocast():
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
-@pytest.mark.skipif(not ONEDNN, reason="oneDNN's linear path is taken on x86 CPUs only")
+@needs_onednn
 @pytest.mark.parametrize("gelu", [None, "tanh", "none"])
-def test_linear_by_onednn_equals_f_linear(gelu, monkeypatch):
+def test_linear_by_onednn_equals_f_linear(gelu, monkeypatch, onednn):
     """ops.linear's inference path (oneDNN's matmul with the bias and GELU fused, on CPU fp32)
     against F.linear then F.gelu; with autograd on it is that plain path, gradients included."""
     import torch.nn.functional as F
-
-    from kinema.models import ops
 
     g = torch.Generator().manual_seed(4)
     weight, bias = torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
@@ -223,13 +236,12 @@ def test_linear_by_onednn_equals_f_linear(gelu, monkeypatch):
     torch.testing.assert_close(out.detach(), plain, atol=1e-5, rtol=1e-5)
 
 
+@needs_onednn
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_onednn_linear_gradients_equal_f_linears(with_bias):
+def test_onednn_linear_gradients_equal_f_linears(with_bias, onednn):
     """Training through ops.linear (oneDNN forward and input gradient) gives F.linear's
     gradients for the input, the weight and the bias; a frozen weight gets none."""
     import torch.nn.functional as F
-
-    from kinema.models import ops
 
     g = torch.Generator().manual_seed(7)
     x0, w0 = torch.randn(2, 9, 16, generator=g), torch.randn(24, 16, generator=g)
@@ -253,8 +265,6 @@ def test_onednn_linear_gradients_equal_f_linears(with_bias):
 def test_inference_rms_norm_equals_torchs():
     import torch.nn.functional as F
 
-    from kinema.models import ops
-
     g = torch.Generator().manual_seed(5)
     x, w = 3 * torch.randn(2, 40, 32, generator=g), torch.randn(32, generator=g)
     with torch.no_grad():
@@ -265,8 +275,6 @@ def test_inference_rms_norm_equals_torchs():
 
 
 def test_modulate_and_gated_add_are_the_per_group_formulas():
-    from kinema.models import ops
-
     g = torch.Generator().manual_seed(6)
     x, y = torch.randn(2, 12, 8, generator=g), torch.randn(2, 12, 8, generator=g)
     shift, scale, gate = (torch.randn(2, 3, 8, generator=g) for _ in range(3))  # G = 3 groups

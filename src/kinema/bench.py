@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from kinema.configs import WAN21_T2V_1_3B, WAN21_VAE, DiTConfig, VAEConfig
-from kinema.models.ops import linear
+from kinema.models.ops import cpu_has_bf16, linear
 
 # ---------------------------------------------------------------------------------------------
 # Shapes
@@ -113,8 +113,9 @@ def machine(device: torch.device) -> dict[str, Any]:
                  .splitlines() if ln.startswith("model name")]  # fmt: skip
         cpu = names[0] if names else cpu
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "device": str(device)}  # fmt: skip
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_bf16": cpu_has_bf16(), "torch": torch.__version__,
+            "python": platform.python_version(), "device": str(device)}  # fmt: skip
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     try:

@@ -116,12 +116,14 @@ def load(
     dt = resolve_dtype(dtype, compute)
     placement = Placement(offload, compute)
     dev = placement.home  # where the weights live
+    _warn_emulated(dt, compute)
+    vae_dt = _vae_dtype(dt, compute)
     if (path / "kinema.json").exists():
-        parts = _kinema_parts(path, dev, dt)
+        parts = _kinema_parts(path, dev, dt, vae_dt)
     elif (path / "model_index.json").exists():
-        parts = _diffusers_parts(path, dev, dt)
+        parts = _diffusers_parts(path, dev, dt, vae_dt)
     elif (path / "Wan2.1_VAE.pth").exists():
-        parts = _original_parts(path, dev, dt)
+        parts = _original_parts(path, dev, dt, vae_dt)
     else:
         raise ValueError(
             f"{path} is not a model folder: expected kinema.json (kinema), model_index.json "
@@ -142,12 +144,33 @@ def load(
     return Pipeline(**parts, placement=placement, load_seconds=time.perf_counter() - start)
 
 
-def _vae_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The VAE runs in float32 unless half precision was asked for on an accelerator."""
-    return torch.float32 if dtype == torch.float32 else dtype
+def _vae_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The VAE runs in float32 unless half precision was asked for where it runs natively: on
+    an accelerator, or on a CPU that computes in it (:func:`kinema.models.ops.cpu_native`).
+    Emulated, a CPU's half-precision 3D convolutions take ~200x the fp32 time (kinema-tiny's
+    decode: 224-236 s in bf16 or fp16 against 1.1 s in fp32 on a 2-core AVX2 CPU)."""
+    from kinema.models.ops import cpu_native
+
+    if device.type == "cpu" and not cpu_native(dtype):
+        return torch.float32
+    return dtype
 
 
-def _kinema_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
+def _warn_emulated(dtype: torch.dtype, device: torch.device) -> None:
+    """A half dtype asked for on a CPU that emulates it: say what it costs."""
+    from kinema import notes
+    from kinema.models.ops import cpu_native
+
+    if device.type == "cpu" and not cpu_native(dtype):
+        name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        notes.warn(f"{name} is emulated on this CPU (no AVX512 or AMX {name}): the DiT runs "
+                   "several times slower than in fp32 (5-15x for kinema-tiny on a 2-core AVX2 "
+                   "CPU) and the VAE stays fp32; --dtype fp32 is the fast choice here")  # fmt: skip
+
+
+def _kinema_parts(
+    path: Path, dev: torch.device, dt: torch.dtype, vae_dt: torch.dtype
+) -> dict[str, Any]:
     from kinema.models.text import CachedTextEncoder, load_text_encoder
 
     meta = json.loads((path / "kinema.json").read_text())
@@ -158,7 +181,7 @@ def _kinema_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str, A
     encoder = CachedTextEncoder(encoder)
     return {
         "dit": load_dit(path / "transformer", dev, dt),
-        "vae": load_vae(path / "vae", dev, _vae_dtype(dt)),
+        "vae": load_vae(path / "vae", dev, vae_dt),
         "text_encoder": encoder,
         "name": meta.get("name", path.name),
         "defaults": from_dict(SamplingDefaults, meta.get("sampling", {})),
@@ -166,7 +189,9 @@ def _kinema_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str, A
     }
 
 
-def _diffusers_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
+def _diffusers_parts(
+    path: Path, dev: torch.device, dt: torch.dtype, vae_dt: torch.dtype
+) -> dict[str, Any]:
     from kinema.i2v import CLIPImageEncoder, needs_image_encoder
     from kinema.models.text import CachedTextEncoder, UMT5TextEncoder
     from kinema.sampling import schedule_from_diffusers_config
@@ -177,7 +202,7 @@ def _diffusers_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str
     sampler, shift = schedule_from_diffusers_config(json.loads(scheduler.read_text()))
     parts = {
         "dit": load_dit(path / "transformer", dev, dt),
-        "vae": load_vae(path / "vae", dev, _vae_dtype(dt)),
+        "vae": load_vae(path / "vae", dev, vae_dt),
         "text_encoder": CachedTextEncoder(
             UMT5TextEncoder.from_pretrained(path, device=dev, dtype=dt)
         ),
@@ -191,14 +216,16 @@ def _diffusers_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str
     return parts
 
 
-def _original_parts(path: Path, dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
+def _original_parts(
+    path: Path, dev: torch.device, dt: torch.dtype, vae_dt: torch.dtype
+) -> dict[str, Any]:
     from kinema.models.text import CachedTextEncoder, UMT5TextEncoder
 
     t5 = path / "models_t5_umt5-xxl-enc-bf16.pth"
     tokenizer = path / "google" / "umt5-xxl"
     return {
         "dit": load_dit(path, dev, dt),
-        "vae": load_vae(path / "Wan2.1_VAE.pth", dev, _vae_dtype(dt)),
+        "vae": load_vae(path / "Wan2.1_VAE.pth", dev, vae_dt),
         "text_encoder": CachedTextEncoder(
             UMT5TextEncoder.from_original(t5, tokenizer, device=dev, dtype=dt)
         ),

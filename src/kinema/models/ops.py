@@ -10,6 +10,7 @@ sequence-parallel backends plug in here). All tensors in the attention path use 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import platform
 from collections.abc import Callable, Iterator
@@ -20,9 +21,40 @@ from torch import Tensor, nn
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
-# oneDNN's matmul for fp32 linears on x86 CPUs, where torch's F.linear takes MKL's GEMM (other
-# CPUs' builds link other BLAS libraries; builds without oneDNN keep F.linear).
-ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """True when this CPU computes in bf16 natively (AVX512-BF16 or AMX, through oneDNN)."""
+    return bool(
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+def cpu_native(dtype: torch.dtype) -> bool:
+    """Whether this CPU computes in ``dtype`` natively: fp32 always, bf16 with AVX512-BF16 or
+    AMX, fp16 with AVX512-FP16 or AMX-FP16; elsewhere half precision is emulated, several times
+    slower than fp32."""
+    if dtype == torch.bfloat16:
+        return cpu_has_bf16()
+    if dtype == torch.float16:
+        return bool(
+            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+        )
+    return True
+
+
+def onednn_linears() -> bool:
+    """Whether fp32 linears take oneDNN's matmul: on x86 CPUs with AVX-512, where torch's
+    ``F.linear`` takes MKL's GEMM and oneDNN's was faster (0.94x a kinema-tiny forward); on an
+    AVX2-only CPU oneDNN's was 1.21x slower (``benchmarks/onednn_linear.py``, both on "AMD
+    EPYC" 2-core machines), so ``F.linear`` stays there, as on other CPUs (other BLAS
+    libraries) and builds without oneDNN."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return torch.backends.mkldnn.is_available() and x86 and avx512
+
+
+ONEDNN = onednn_linears()
 
 
 def linear(
@@ -31,13 +63,14 @@ def linear(
     """x Wᵀ + b, then GELU when ``gelu`` names its form ("tanh" or "none", as ``F.gelu``'s
     ``approximate``). x (..., in), weight (out, in) -> (..., out).
 
-    fp32 on an x86 CPU calls oneDNN's matmul directly, where this torch build's ``F.linear``
-    takes MKL's GEMM: 0.81-0.96x the time at kinema-tiny's shapes on the AMD CPU measured
-    (``benchmarks/onednn_linear.py``), the same values up to float rounding (~3e-6 at the
-    DiT's FFN). At inference the bias and the GELU are fused into it (0.79-0.81x the FFN's
-    linear + GELU); under torch.compile that kernel is an opaque custom op (Inductor would
-    lower its own GEMM around MKL's). With autograd (training) it is :class:`OneDNNLinear`.
-    In other dtypes, under autocast and on other devices it is ``F.linear``.
+    fp32 on an x86 CPU with AVX-512 (:func:`onednn_linears`) calls oneDNN's matmul directly,
+    where this torch build's ``F.linear`` takes MKL's GEMM: 0.81-0.96x the time at
+    kinema-tiny's shapes there (``benchmarks/onednn_linear.py``), the same values up to float
+    rounding (~3e-6 at the DiT's FFN). At inference the bias and the GELU are fused into it
+    (0.79-0.81x the FFN's linear + GELU); under torch.compile that kernel is an opaque custom
+    op (Inductor would lower its own GEMM around MKL's). With autograd (training) it is
+    :class:`OneDNNLinear`. In other dtypes, under autocast, on other devices and on CPUs
+    without AVX-512 it is ``F.linear``.
     """
     onednn = (
         ONEDNN

@@ -21,7 +21,6 @@ from __future__ import annotations
 import bisect
 import csv
 import dataclasses
-import functools
 import hashlib
 import itertools
 import json
@@ -44,6 +43,7 @@ from tqdm.auto import tqdm
 
 from kinema.configs import SamplingDefaults
 from kinema.distributed import train as dt
+from kinema.models.ops import cpu_has_bf16  # noqa: F401 (also kinema.train.loop's, for callers)
 from kinema.timeline import latent_prompts
 from kinema.train.config import DataConfig, OptimFields, TrainConfig, config_to_dict, parse_config
 from kinema.train.ema import EMA
@@ -170,14 +170,6 @@ def pick_device(name: str | None) -> torch.device:
     from kinema.loading import resolve_device
 
     return resolve_device(name)
-
-
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """True when this CPU computes in bf16 natively (AVX512-BF16 or AMX, through oneDNN)."""
-    return bool(
-        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
 
 
 def autocast_device(config: OptimFields, device: torch.device) -> str | None:
