@@ -8,6 +8,7 @@ on a trained model is judged by ``kinema eval`` and the benchmarks.
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 
 import numpy as np
@@ -90,6 +91,48 @@ def test_long_video_runs_window_by_window_with_bounded_decode(pipe, monkeypatch)
     assert windows == 1 + (41 - 9 + 3) // 4  # 9 frames, then 4 new frames (+5 context) each
     assert max(args[0].shape[2] for args in decode.calls) == 3  # never more than one window
     assert video.info["transformer_evaluations"] == 2 * windows
+
+
+@pytest.mark.parametrize(
+    "task", [dict(frames=25), dict(extend="source", frames=8), dict(video="source", strength=0.5)]
+)
+def test_save_writes_each_window_as_it_comes_and_the_frames_run_makes(
+    pipe, tmp_path, monkeypatch, task
+):
+    """Pipeline.save (what the CLI calls) streams the windows into the file: the frames of
+    earlier windows are written before later ones are made, and they are run()'s frames."""
+    from kinema.io import video as io_video
+    from kinema.io.video import read_video
+
+    task = {k: clip(9) if v == "source" else v for k, v in task.items()}
+    request = Request(prompt="a dog", **BASE, **task)
+    pulled, seen_by_window = [0], []
+
+    def counting(frames):
+        for frame in frames:
+            pulled[0] += 1
+            yield frame
+
+    write = io_video.write_video
+    monkeypatch.setattr(
+        io_video, "write_video", lambda p, f, *a, **k: write(p, counting(f), *a, **k)
+    )
+    one_window = pipe.one_window
+    monkeypatch.setattr(
+        pipe, "one_window", lambda *a: seen_by_window.append(pulled[0]) or one_window(*a)
+    )
+    saved = pipe.save(request, tmp_path / "frames")  # a folder of PNGs: lossless
+    want = pipe.run(request)
+    written, fps = read_video(saved.path)
+    assert np.array_equal(written, want.frames) and saved.frames == len(want.frames)
+    assert fps == saved.fps == want.fps
+    windows = seen_by_window[: len(seen_by_window) // 2] if "video" not in task else []
+    assert windows == sorted(windows) and (len(windows) < 2 or windows[-1] > windows[0])
+    if "frames" in task and "extend" not in task:  # 25 frames: 5 windows, written one by one
+        assert windows == [0, 9, 13, 17, 21]
+    info = json.loads(saved.path.with_suffix(".json").read_text())
+    assert info["transformer_evaluations"] == want.info["transformer_evaluations"]
+    assert info["timings"]["write"] >= 0 and info["prompt"] == "a dog"
 
 
 def test_timed_prompts_blend_switches_at_the_given_second(pipe, monkeypatch):

@@ -186,12 +186,12 @@ def request_from_args(args: argparse.Namespace, defaults: Any, temporal: int) ->
 
 
 def finish(pipe: Any, request: Any, output: str | Path, args: argparse.Namespace) -> int:
-    """Run a request with a progress bar and save the result (video + sidecar)."""
+    """Run a request with a progress bar, writing the video (+ sidecar) as it is made: a long
+    one is never whole in memory (:meth:`kinema.pipeline.Pipeline.save`)."""
     with progress_bar(args.quiet) as progress:
-        video = pipe.run(request, progress=progress)
-    out = video.save(output)
-    total = video.info["timings"]["total"]
-    print(f"wrote {out} ({len(video.frames)} frames, {total:.1f} s)", file=sys.stderr)
+        saved = pipe.save(request, output, progress=progress)
+    total = saved.info["timings"]["total"]
+    print(f"wrote {saved.path} ({saved.frames} frames, {total:.1f} s)", file=sys.stderr)
     return 0
 
 

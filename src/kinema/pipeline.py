@@ -17,7 +17,7 @@ import dataclasses
 import math
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -209,13 +209,25 @@ class Video:
         """Write the video (format by extension) and a ``.json`` sidecar with ``info``."""
         from kinema.io.video import write_sidecar, write_video
 
-        meta = {
-            "title": str(self.info.get("prompt", "")),
-            "comment": f"seed={self.info.get('seed')}",
-        }
-        out = write_video(path, self.frames, self.fps, metadata=meta)
+        out = write_video(path, self.frames, self.fps, metadata=file_metadata(self.info))
         write_sidecar(out, self.info)
         return out
+
+
+@dataclass(frozen=True)
+class SavedVideo:
+    """A clip written straight to a file (:meth:`Pipeline.save`): where, how many frames,
+    and what made it (``info``, also in the ``.json`` sidecar)."""
+
+    path: Path
+    frames: int
+    fps: float
+    info: dict[str, Any]
+
+
+def file_metadata(info: dict[str, Any]) -> dict[str, str]:
+    """What a video file carries of its making: the prompt as title, the seed as comment."""
+    return {"title": str(info.get("prompt", "")), "comment": f"seed={info.get('seed')}"}
 
 
 def initial_noise(seed: int, shape: tuple[int, ...]) -> Tensor:
@@ -352,12 +364,47 @@ class Pipeline:
         """Generate what ``request`` asks for (text-, image-, video-to-video or extension)."""
         req, media, said = self.prepare(request)
         clock = Clock()
-        if req.video is not None:
-            frames, evaluations = self.restyle(req, media["video"], clock, progress)
-        else:
-            frames, evaluations = self.windows(req, media, clock, progress)
-        info = self.describe(req, evaluations, clock)
+        pieces = list(self.pieces(req, media, clock, progress))
+        frames = np.concatenate([frames for frames, _ in pieces])
+        info = self.describe(req, sum(n for _, n in pieces), clock)
         return Video(frames, float(req.fps), {**info, "warnings": said})
+
+    def save(
+        self, request: Request, path: str | Path, progress: Progress | None = None
+    ) -> SavedVideo:
+        """Generate ``request`` straight into the video file ``path`` (format by extension) and
+        its ``.json`` sidecar: each window's frames are written as they come, so a long video
+        is never whole in memory (``run`` then ``Video.save`` hold it all, twice while they
+        join the windows). The same frames as :meth:`run`. Nothing is left at ``path`` if it
+        fails."""
+        from kinema.io.video import write_sidecar, write_video
+
+        req, media, said = self.prepare(request)
+        clock, written, evaluations = Clock(), 0, 0
+
+        def frames() -> Iterator[np.ndarray]:
+            nonlocal written, evaluations
+            for piece, n in self.pieces(req, media, clock, progress):
+                yield from piece
+                clock.add("write")
+                written, evaluations = written + len(piece), evaluations + n
+
+        meta = file_metadata({"prompt": req.prompt, "seed": req.seed})
+        out = write_video(path, frames(), req.fps, metadata=meta)
+        clock.add("write")
+        info = {**self.describe(req, evaluations, clock), "warnings": said}
+        write_sidecar(out, info)
+        return SavedVideo(out, written, float(req.fps), info)
+
+    def pieces(
+        self, req: Request, media: dict[str, np.ndarray], clock: Clock, progress: Progress | None
+    ) -> Iterator[tuple[np.ndarray, int]]:
+        """The output in order, as (frames (T, H, W, 3) uint8, DiT evaluations) pieces: a
+        video-to-video clip whole, else window by window (:meth:`windows`)."""
+        if req.video is not None:
+            yield self.restyle(req, media["video"], clock, progress)
+        else:
+            yield from self.windows(req, media, clock, progress)
 
     # -- request preparation -----------------------------------------------------------------------
 
@@ -430,12 +477,15 @@ class Pipeline:
 
     def windows(
         self, req: Request, media: dict[str, np.ndarray], clock: Clock, progress: Progress | None
-    ) -> tuple[np.ndarray, int]:
-        """Text-/image-to-video, extension, long videos and timed prompts: window by window."""
+    ) -> Iterator[tuple[np.ndarray, int]]:
+        """Text-/image-to-video, extension, long videos and timed prompts, window by window:
+        yields the source clip of an extension (0 DiT evaluations), then each window's new
+        frames with its DiT evaluations. Only the context frames are kept between windows."""
         source = media.get("extend")
         plan = self.plan(req, extension=source is not None)
-        pieces = [source] if source is not None else []
-        tail, evaluations = source, 0
+        if source is not None:
+            yield source, 0
+        tail = source
         steps = Steps(progress, req.steps * len(plan))
         for window in plan:
             cond = self.window_condition(window, tail, media, clock, final=window is plan[-1])
@@ -443,10 +493,8 @@ class Pipeline:
             new = pixels[window.context : window.keep]
             if window.context:  # no jump where it continues what is already there
                 new = carry_seam(new, tail[-1], pixels[window.context - 1])  # type: ignore[index]
-            pieces.append(new)
             tail = new if tail is None else np.concatenate([tail[-self.context_frames :], new])
-            evaluations += n
-        return np.concatenate(pieces), evaluations
+            yield new, n
 
     def plan(self, req: Request, extension: bool) -> list[timeline.Window]:
         """The windows of a request (one for a plain clip within the model's window)."""
@@ -712,7 +760,8 @@ class Pipeline:
 
 
 class Clock:
-    """Seconds spent per phase (text, encode, denoise, decode), summed over windows."""
+    """Seconds spent per phase (text, encode, denoise, decode; write, where frames are written
+    as they come), summed over windows."""
 
     def __init__(self) -> None:
         self.last = time.perf_counter()

@@ -131,12 +131,14 @@ def seam_continuity(
 
 
 _PEAK = """
-import json, resource, sys
+import json, resource, sys, tempfile
 import kinema
+from kinema.pipeline import Request
 how = json.loads(sys.argv[3])
 pipe = kinema.load(sys.argv[1] or None, dtype=how["dtype"], lora=[tuple(x) for x in how["lora"]])
-fps = pipe.defaults.fps
-pipe.generate("a red circle moving right", frames=round(float(sys.argv[2]) * fps) + 1, steps=4)
+frames = round(float(sys.argv[2]) * pipe.defaults.fps) + 1
+with tempfile.TemporaryDirectory() as out:  # written as made, as `kinema generate` does
+    pipe.save(Request("a red circle moving right", frames=frames, steps=4), out + "/clip.mp4")
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"peak_kib": peak, "dtype": str(pipe.dtype), "loras": pipe.lora_records()}))
 """
@@ -144,7 +146,8 @@ print(json.dumps({"peak_kib": peak, "dtype": str(pipe.dtype), "loras": pipe.lora
 
 def peak_rss_mib(pipe: Any, model: str | None, seconds: float) -> tuple[float, dict]:
     """Peak RSS (MiB) of a fresh process that loads ``model`` as ``pipe`` was loaded (its dtype
-    and LoRAs) and makes a clip of ``seconds``; and what that process loaded."""
+    and LoRAs) and writes a clip of ``seconds`` to an mp4 as the CLI does (window by window,
+    :meth:`~kinema.pipeline.Pipeline.save`); and what that process loaded."""
     how = {"dtype": str(pipe.dtype).removeprefix("torch."),
            "lora": [[path, strength] for path, strength in pipe.loras]}  # fmt: skip
     out = subprocess.run([sys.executable, "-c", _PEAK, model or "", str(seconds), json.dumps(how)],

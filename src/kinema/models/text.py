@@ -252,7 +252,9 @@ class UMT5TextEncoder:
         out: list[str | None] = []
         for p in check_prompts(prompts):
             with self.tokenizer_lock:
-                ids = self.tokenizer(clean_prompt(p), add_special_tokens=True).input_ids
+                # verbose=False: kinema says it once, in its own words (not transformers' log)
+                ids = self.tokenizer(clean_prompt(p), add_special_tokens=True, verbose=False)
+                ids = ids.input_ids
             fits = len(ids) <= self.max_length
             kept = ids[: self.max_length - 1]  # the end token takes the last place
             out.append(None if fits else self.tokenizer.decode(kept, skip_special_tokens=True))
