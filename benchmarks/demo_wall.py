@@ -1,11 +1,12 @@
 """Wall time and peak RSS of the demo command (`make demo`), from process start, side by side
 for two source trees: the same command alternated, one fresh process a run.
 
-    python benchmarks/demo_wall.py OLD_SRC [NEW_SRC] [--runs N] [--new-args ARGS]
+    python benchmarks/demo_wall.py OLD_SRC [NEW_SRC] [--runs N] [--args ARGS] [--new-args ARGS]
 
 OLD_SRC / NEW_SRC: folders holding the ``kinema`` package (e.g. a ``git worktree`` of an
 earlier commit's ``src``); NEW_SRC defaults to this checkout's. ``--new-args`` adds options to
-the new side's command (e.g. ``src --new-args "--cache 0.5"``: one tree, with and without).
+the new side's command (e.g. ``src --new-args "--cache 0.5"``: one tree, with and without),
+``--args`` to both sides' (e.g. ``--args "--seconds 60 --steps 4"``: a long video's peak RSS).
 Prints JSON: each tree's median wall seconds and peak RSS (MiB) and the ratio new / old of
 the medians.
 """
@@ -49,9 +50,11 @@ def main() -> None:
     p.add_argument("old", type=Path)
     p.add_argument("new", type=Path, nargs="?", default=HERE)
     p.add_argument("--runs", type=int, default=4)
+    p.add_argument("--args", default="", help="extra `kinema generate` options, both sides")
     p.add_argument("--new-args", default="", help="extra `kinema generate` options, new side")
     a = p.parse_args()
-    extra = {"old": [], "new": shlex.split(a.new_args)}
+    both = shlex.split(a.args)
+    extra = {"old": both, "new": [*both, *shlex.split(a.new_args)]}
     trees = {"old": a.old.resolve(), "new": a.new.resolve()}
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in trees}
     out = Path("outputs/demo_wall.mp4")
