@@ -45,6 +45,15 @@ PROMPTS = ("a red circle moving right on a navy background", "a yellow square mo
 SEEDS = (0, 1)
 
 
+def half(device: torch.device) -> torch.dtype:
+    """bf16, the dtype these checks are about; fp32 on a CPU that only emulates bf16, where a
+    smoke run's bf16 VAE decode would take minutes (:func:`kinema.models.ops.cpu_native`)."""
+    from kinema.models.ops import cpu_native
+
+    emulated = device.type == "cpu" and not cpu_native(torch.bfloat16)
+    return torch.float32 if emulated else torch.bfloat16
+
+
 def reset_peak(device: torch.device) -> int:
     """Start a peak-memory window on ``device``; returns the memory allocated now (0 on a CPU,
     where these checks only make sure the code runs)."""
@@ -116,7 +125,7 @@ def builtin_check(device: torch.device, smoke: bool = False) -> dict[str, Any]:
         dtypes, clips = {"fp32": torch.float32}, clips[:1]
     for name, dt in dtypes.items():
         pipe = Pipeline(load_dit(folder / "transformer", device, dt),
-                        load_vae(folder / "vae", device, _vae_dtype(dt)),
+                        load_vae(folder / "vae", device, _vae_dtype(dt, device)),
                         RecordedText(rec["rows"], device, dt), name=BUILTIN,
                         defaults=from_dict(SamplingDefaults, meta["sampling"]))  # fmt: skip
         rows = []
@@ -146,7 +155,7 @@ def offload_check(device: torch.device, smoke: bool = False) -> dict[str, Any]:
     dit_cfg, vae_cfg = (small.dit, small.vae) if smoke else (WAN21_T2V_1_3B, WAN21_VAE)
     width, height, frames, steps = (64, 64, 5, 2) if smoke else (832, 480, 17, 4)
     torch.manual_seed(0)
-    dit = VideoDiT(dit_cfg).eval().to(torch.bfloat16).fuse_projections()
+    dit = VideoDiT(dit_cfg).eval().to(half(device)).fuse_projections()
     vae = CausalVAE(vae_cfg).eval()
     gen = torch.Generator().manual_seed(1)
     ones = torch.ones(512, dtype=torch.bool)
@@ -157,7 +166,7 @@ def offload_check(device: torch.device, smoke: bool = False) -> dict[str, Any]:
     for policy in ("none", "model", "block"):
         home = device if policy == "none" else torch.device("cpu")
         dit.to(home), vae.to(home)
-        text = RecordedText(rows, device, torch.bfloat16)
+        text = RecordedText(rows, device, half(device))
         pipe = Pipeline(dit, vae, text, name="wan-1.3b-shape", defaults=defaults,
                         placement=Placement(policy, device))  # fmt: skip
         reset_peak(device)
@@ -243,9 +252,9 @@ def memory_check(device: torch.device, smoke: bool = False) -> dict[str, Any]:
         out["allocator"] = {"free_bytes": free_bytes(device), "reserved_unused": unused,
                        "driver_free": torch.cuda.mem_get_info(device)[0]}  # fmt: skip
     torch.manual_seed(0)
-    vae = CausalVAE(vae_cfg).eval().to(device, torch.bfloat16)
+    vae = CausalVAE(vae_cfg).eval().to(device, half(device))
     rows = {"": (torch.zeros(8, small.dit.text_dim), torch.ones(8, dtype=torch.bool))}
-    pipe = Pipeline(VideoDiT(small.dit), vae, RecordedText(rows, device, torch.bfloat16),
+    pipe = Pipeline(VideoDiT(small.dit), vae, RecordedText(rows, device, half(device)),
                     name="wan-vae", defaults=SamplingDefaults())  # fmt: skip
     s = vae_cfg.spatial_factor
     z = torch.randn(1, vae_cfg.z_dim, 1 + (frames - 1) // vae_cfg.temporal_factor, height // s,
@@ -257,7 +266,7 @@ def memory_check(device: torch.device, smoke: bool = False) -> dict[str, Any]:
         pipe.decode_budget = budget
         with warnings.catch_warnings():  # the decode below warns of its tiles itself
             warnings.simplefilter("ignore")
-            chosen = pipe.decode_tile(vae.denormalize(z.to(torch.bfloat16)), 2)
+            chosen = pipe.decode_tile(vae.denormalize(z.to(half(device))), 2)
         base = reset_peak(device)
         start = time.perf_counter()
         videos[key] = pipe.decode(z).float().cpu()

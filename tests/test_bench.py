@@ -86,6 +86,8 @@ def test_bad_configs_and_parts_are_refused():
         bench.settings_from_args(parser.parse_args(["--repeats", "0"]))
     with pytest.raises(ValueError, match="seed"):
         bench.settings_from_args(parser.parse_args(["--seed", "-1"]))
+    with pytest.raises(ValueError, match="--threads 0 must be >= 1"):  # was torch's RuntimeError
+        bench.settings_from_args(parser.parse_args(["--threads", "0"]))
     assert bench.settings_from_args(parser.parse_args(["--seed", "3"])).seed == 3
     with pytest.raises(ValueError, match="steps"):
         bench.settings_from_args(parser.parse_args(["--steps", "0"]))

@@ -33,3 +33,13 @@ def test_smoke_run_of_the_gpu_checks_on_a_cpu(checks, tmp_path: Path) -> None:
     assert memory["tiled"]["budget"] < memory["untiled_estimate"]
     assert math.isfinite(memory["tiled_psnr_db"]) and memory["tiled_psnr_db"] > 20
     assert "### Automatic decode tiling (small-Wan VAE" in (tmp_path / "gpu-checks.md").read_text()
+
+
+def test_smoke_run_of_the_builtin_check_on_a_cpu(checks, tmp_path: Path, monkeypatch) -> None:
+    """record() then the built-in model's check, as the device run does (fp32 only here)."""
+    monkeypatch.setattr(checks, "RECORD", tmp_path / "builtin.pt")
+    checks.record()
+    assert checks.run(tmp_path, ["builtin"], torch.device("cpu"), True) == 0
+    (row,) = json.loads((tmp_path / "gpu-checks.json").read_text())["builtin"]["fp32"]
+    assert row["psnr_vs_cpu_fp32_db"] > 60  # the same CPU and dtype: the recorded clip
+    assert row["judge_gpu"] == row["judge_cpu"]

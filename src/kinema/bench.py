@@ -1037,6 +1037,8 @@ def settings_from_args(args: Any) -> Settings:
     if steps is not None and steps < 1:
         raise ValueError(f"--steps {steps} must be >= 1")
     if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads {args.threads} must be >= 1")
         torch.set_num_threads(args.threads)
     return Settings(device=device, dtype=dtype, repeats=args.repeats, compile=args.compile,
                     seed=args.seed, steps=steps, sdpa=sdpa,
