@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 from kinema.bench import machine
+from kinema.models.ops import cpu_has_bf16
 from kinema.train import load_train_config, load_vae_train_config, train_dit, train_vae
-from kinema.train.loop import cpu_has_bf16, read_log
+from kinema.train.loop import read_log
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "src" / "kinema" / "assets" / "kinema-tiny"

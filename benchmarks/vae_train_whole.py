@@ -30,9 +30,9 @@ import torch
 from train_precision import ASSETS, ROOT, run_once
 
 from kinema.bench import machine
+from kinema.models.ops import cpu_has_bf16
 from kinema.models.vae import CausalVAE
 from kinema.train import load_vae_train_config
-from kinema.train.loop import cpu_has_bf16
 
 
 @contextlib.contextmanager

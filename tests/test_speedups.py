@@ -3,8 +3,6 @@ torch.compile, and the VAE decode that runs its full-resolution stages frame by 
 
 from __future__ import annotations
 
-import platform
-
 import pytest
 import torch
 
@@ -13,13 +11,9 @@ from kinema.models import ops
 from kinema.models.dit import VideoDiT
 from kinema.models.vae import CausalVAE
 
-# oneDNN's linear path runs on any x86 CPU with a oneDNN build; kinema takes it where it is
-# faster (ops.onednn_linears: AVX-512), and these tests take it wherever it can run.
-ONEDNN_RUNS = torch.backends.mkldnn.is_available() and platform.machine().lower() in (
-    "x86_64",
-    "amd64",
-)
-needs_onednn = pytest.mark.skipif(not ONEDNN_RUNS, reason="oneDNN runs on x86 CPUs only")
+# kinema takes oneDNN's linear path where it is faster (ops.onednn_linears: AVX-512); these
+# tests take it wherever it can run
+needs_onednn = pytest.mark.skipif(not ops.onednn_runs(), reason="oneDNN runs on x86 CPUs only")
 
 
 @pytest.fixture

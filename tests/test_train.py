@@ -19,6 +19,7 @@ from kinema.configs import DiTConfig, VAEConfig
 from kinema.data.synthetic import vocabulary
 from kinema.io.checkpoint import load_dit, load_vae, save_component
 from kinema.models.dit import VideoDiT
+from kinema.models.ops import cpu_has_bf16
 from kinema.models.vae import CausalVAE
 from kinema.train import (
     EMA,
@@ -39,7 +40,6 @@ from kinema.train.loop import (
     autocast,
     caption_context,
     check_extra_caches,
-    cpu_has_bf16,
     load_caches,
     precompute,
     read_log,

@@ -116,8 +116,7 @@ def load(
     dt = resolve_dtype(dtype, compute)
     placement = Placement(offload, compute)
     dev = placement.home  # where the weights live
-    _warn_emulated(dt, compute)
-    vae_dt = _vae_dtype(dt, compute)
+    vae_dt = _vae_dtype(dt, compute)  # warns where a CPU emulates dt
     if (path / "kinema.json").exists():
         parts = _kinema_parts(path, dev, dt, vae_dt)
     elif (path / "model_index.json").exists():
@@ -148,24 +147,18 @@ def _vae_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The VAE runs in float32 unless half precision was asked for where it runs natively: on
     an accelerator, or on a CPU that computes in it (:func:`kinema.models.ops.cpu_native`).
     Emulated, a CPU's half-precision 3D convolutions take ~200x the fp32 time (kinema-tiny's
-    decode: 224-236 s in bf16 or fp16 against 1.1 s in fp32 on a 2-core AVX2 CPU)."""
-    from kinema.models.ops import cpu_native
-
-    if device.type == "cpu" and not cpu_native(dtype):
-        return torch.float32
-    return dtype
-
-
-def _warn_emulated(dtype: torch.dtype, device: torch.device) -> None:
-    """A half dtype asked for on a CPU that emulates it: say what it costs."""
+    decode: 224-236 s in bf16 or fp16 against 1.1 s in fp32 on a 2-core AVX2 CPU), so there
+    the VAE stays fp32 and a warning says what the DiT's half precision costs."""
     from kinema import notes
     from kinema.models.ops import cpu_native
 
-    if device.type == "cpu" and not cpu_native(dtype):
-        name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-        notes.warn(f"{name} is emulated on this CPU (no AVX512 or AMX {name}): the DiT runs "
-                   "several times slower than in fp32 (5-15x for kinema-tiny on a 2-core AVX2 "
-                   "CPU) and the VAE stays fp32; --dtype fp32 is the fast choice here")  # fmt: skip
+    if device.type != "cpu" or cpu_native(dtype):
+        return dtype
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    notes.warn(f"{name} is emulated on this CPU (no AVX512 or AMX {name}): the DiT runs "
+               "several times slower than in fp32 (5-15x for kinema-tiny on a 2-core AVX2 "
+               "CPU) and the VAE stays fp32; --dtype fp32 is the fast choice here")  # fmt: skip
+    return torch.float32
 
 
 def _kinema_parts(

@@ -56,22 +56,17 @@ def source_fps(video: Any, default: int) -> int:
     return default
 
 
-def given(value: Any, default: Any) -> Any:
-    """``value`` unless it is None (a given 0 is kept, so that validation can refuse it)."""
-    return default if value is None else value
-
-
 def source_video(req: Any, temporal: int, size: tuple[int, int]) -> tuple[Any, np.ndarray]:
     """Video-to-video: the source resampled, trimmed to tk+1 frames and fitted to the size.
 
     Frame count and fps follow the source unless the request gives them; the size is the
     request's (or ``size``, the model default)."""
     frames, fps = read_video_any(req.video, fps=req.fps)
-    fps = given(req.fps, round(fps or 16))  # a given 0 stays, for validate() to refuse
-    count = given(req.frames, (len(frames) - 1) // temporal * temporal + 1)
+    fps = req.fps or round(fps or 16)
+    count = req.frames or (len(frames) - 1) // temporal * temporal + 1
     if len(frames) < count:
         raise ValueError(f"source video has {len(frames)} frames; the request needs {count}")
-    width, height = given(req.width, size[0]), given(req.height, size[1])
+    width, height = req.width or size[0], req.height or size[1]
     fitted = fit_image(frames[:count], width, height)
     return dataclasses.replace(req, frames=count, fps=fps, width=width, height=height), fitted
 
@@ -89,7 +84,7 @@ def extension_source(req: Any, context: int, spatial: int) -> tuple[Any, np.ndar
             f"video to extend is {w}x{h}; its sides must be multiples of {spatial} "
             "(resize it first, or use video-to-video)"
         )
-    if (given(req.width, w), given(req.height, h)) != (w, h):
+    if (req.width or w, req.height or h) != (w, h):
         raise ValueError(f"an extension keeps the source size {w}x{h}; do not pass another size")
-    fps = given(req.fps, round(fps or 16))  # a given 0 stays, for validate() to refuse
+    fps = req.fps or round(fps or 16)
     return dataclasses.replace(req, width=w, height=h, fps=fps), frames

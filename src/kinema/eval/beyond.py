@@ -105,13 +105,14 @@ def seam_continuity(
     ratios, drifts, background, objects, kept, spread = [], [], [], [], [], []
     for prompt in SEAM_PROMPTS:
         video = source = pipe.generate(prompt, seed=0).frames
-        was, steps = object_colour(source), []
+        was = now = object_colour(source)
+        steps = []
         for k in range(extensions):
             out = pipe.extend(video, seconds, prompt, seed=k + 1).frames
             ratios.append(seam_ratio(out, len(video)))
-            video = out
-            steps.append(colour_change(was, object_colour(video[-n:])))
-        newest, now = video[-n:], object_colour(video[-n:])
+            video, now = out, object_colour(out[-n:])
+            steps.append(colour_change(was, now))
+        newest = video[-n:]
         drifts.append(float(np.abs(mean_colour(newest) - mean_colour(source)).max()))
         background.append(
             float(np.abs(background_colour(newest) - background_colour(source)).max())

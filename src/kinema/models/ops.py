@@ -43,15 +43,19 @@ def cpu_native(dtype: torch.dtype) -> bool:
     return True
 
 
+def onednn_runs() -> bool:
+    """Whether oneDNN's matmul can run here: an x86 CPU and a torch build with oneDNN."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return torch.backends.mkldnn.is_available() and x86
+
+
 def onednn_linears() -> bool:
     """Whether fp32 linears take oneDNN's matmul: on x86 CPUs with AVX-512, where torch's
     ``F.linear`` takes MKL's GEMM and oneDNN's was faster (0.94x a kinema-tiny forward); on an
     AVX2-only CPU oneDNN's was 1.21x slower (``benchmarks/onednn_linear.py``, both on "AMD
     EPYC" 2-core machines), so ``F.linear`` stays there, as on other CPUs (other BLAS
     libraries) and builds without oneDNN."""
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-    return torch.backends.mkldnn.is_available() and x86 and avx512
+    return onednn_runs() and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 ONEDNN = onednn_linears()
