@@ -16,6 +16,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -35,6 +36,7 @@ from kinema.distributed.parallel import (
     plan_parallel,
     split_tiled_decode,
 )
+from kinema.io.video import read_video
 from kinema.models.dit import VideoDiT
 from kinema.models.ops import sdpa_attention
 
@@ -145,9 +147,16 @@ def pipeline_case(mode: str, cfg: bool) -> Callable[[dict], float]:
         request = Request("a red ball rolls", negative_prompt="blur", seed=3)
         ref = float_video(pipe, request)
         ppipe = parallel_pipeline(pipe, mesh)
-        out = Path(env["dir"]) / f"pipe-{mode}-{cfg}.gif"
-        video = generate(ppipe, mesh, request, out)
+        out = Path(env["dir"]) / f"pipe-{mode}-{cfg}"  # a folder of PNGs: lossless
+        video = generate(ppipe, mesh, request)  # in memory on every rank
         assert video.frames.shape == (5, 32, 32, 3)
+        assert video.info["parallel"]["world"] == dist.get_world_size()
+        saved = generate(ppipe, mesh, request, out)  # rank 0 writes it as the windows come
+        assert saved.frames == 5 and saved.info["parallel"] == video.info["parallel"]
+        if mesh.rank == 0:
+            written = json.loads(saved.path.with_suffix(".json").read_text())
+            assert written["parallel"] == video.info["parallel"]
+            assert np.array_equal(read_video(saved.path)[0], video.frames)
         return float((float_video(ppipe, request) - ref).abs().max())
 
     return run
@@ -298,9 +307,12 @@ def test_parallel_equals_single_process(worlds: dict, world: int, case: str) -> 
 
 def test_rank0_alone_writes_the_video(worlds: dict) -> None:
     folder = worlds[2][0]
-    assert (folder / "pipe-auto-True.gif").exists()
+    assert (folder / "pipe-auto-True" / "frame_00000.png").exists()
     assert (folder / "pipe-auto-True.json").exists()
-    assert (worlds[3][0] / "pipe-ring-False.gif").exists()
+    assert (worlds[3][0] / "pipe-ring-False" / "frame_00000.png").exists()
+    assert sorted(p.name for p in worlds[3][0].glob("pipe-*")) == [
+        "pipe-ring-False", "pipe-ring-False.json"
+    ]  # no other rank's file  # fmt: skip
 
 
 def test_checkpoint_from_two_processes_loads_in_one(worlds: dict) -> None:

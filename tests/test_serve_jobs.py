@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sqlite3
 import time
 import warnings
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -161,3 +163,64 @@ def test_kill_and_restart_completes_every_job(tmp_path):
         assert videos[done.id].completed_at == done.completed_at
         listed = httpx.get(f"{second.url}/v1/videos?limit=100").json()["data"]
         assert {v["id"] for v in listed} == set(ids)
+
+
+def test_previews_keep_only_their_frames_as_the_clip_streams_past():
+    from kinema.serve.media import Previews, sprite_picks, spritesheet
+
+    frames = np.random.default_rng(0).integers(0, 256, (41, 4, 6, 3), dtype=np.uint8)
+    previews = Previews(len(frames))
+    for i, frame in enumerate(frames):
+        previews.keep(i, frame)
+    assert sorted(previews.kept) == sorted({20, *sprite_picks(41)}) and len(previews.kept) <= 17
+    assert np.array_equal(previews.kept[20], frames[20])  # the thumbnail: the middle frame
+    assert not any(np.shares_memory(f, frames) for f in previews.kept.values())
+    sheet = np.asarray(spritesheet([previews.kept[i] for i in sprite_picks(41)]))
+    assert sheet.shape == (4 * 4, 4 * 6, 3)  # 16 picks, 4 a row
+    assert np.array_equal(sheet[4:8, 6:12], frames[sprite_picks(41)[5]])  # row 1, column 1
+    assert sprite_picks(41)[0] == 0 and sprite_picks(41)[-1] == 40 and sprite_picks(3) == [0, 1, 2]
+
+
+def test_a_job_that_fails_mid_stream_leaves_no_file_behind(tmp_path, monkeypatch):
+    """The worker writes a job's video as it is made: a failure in a later window leaves
+    neither a staging folder nor a half video, and the job says why."""
+    from kinema.io import video as io_video
+    from kinema.loading import load
+    from kinema.serve.jobs import VIDEO_FILE
+
+    pipe = load(build_tiny_model(tmp_path / "tiny"), device="cpu")
+    store = Store(tmp_path / "data")
+    job = store.add(make_job("a red ball"), 10)
+    long = JobSpec("generate", "a red ball", {"seed": 1, "frames": 17})  # 3 windows
+    job = store.add(dataclasses.replace(job, id=new_id(), folder=new_folder(), spec=long), 10)
+    windows, one_window, write, pulled = [], pipe.one_window, io_video.write_video, [0]
+
+    def counting(frames):  # noqa: ANN001, ANN202
+        for frame in frames:
+            pulled[0] += 1
+            yield frame
+
+    def second_window_fails(*args):  # noqa: ANN002, ANN202
+        windows.append(pulled[0])
+        if len(windows) == 2:
+            raise RuntimeError("out of memory in window 2")
+        return one_window(*args)
+
+    monkeypatch.setattr(pipe, "one_window", second_window_fails)
+    monkeypatch.setattr(
+        io_video, "write_video", lambda p, f, *a, **k: write(p, counting(f), *a, **k)
+    )
+    worker = Worker(store, pipe, retention_s=60)
+    first = store.claim()
+    worker.run(first)  # the plain job: written whole
+    assert (store.folder(first) / VIDEO_FILE).exists() and store.get(first.id).status == "completed"
+    windows.clear()
+    pulled[0] = 0
+    second = store.claim()
+    assert second.id == job.id
+    worker.run(second)
+    failed = store.get(job.id)
+    assert failed.status == "failed" and "out of memory in window 2" in failed.error_message
+    assert windows == [0, 9]  # window 1's frames went to the file before window 2 was made
+    assert not list((tmp_path / "data" / "staging").iterdir())
+    assert not (store.folder(second) / VIDEO_FILE).exists()

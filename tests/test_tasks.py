@@ -121,10 +121,11 @@ def test_save_writes_each_window_as_it_comes_and_the_frames_run_makes(
     monkeypatch.setattr(
         pipe, "one_window", lambda *a: seen_by_window.append(pulled[0]) or one_window(*a)
     )
-    saved = pipe.save(request, tmp_path / "frames")  # a folder of PNGs: lossless
+    saved = pipe.save(request, tmp_path / "frames", info={"batch_id": "b1"})  # PNGs: lossless
     want = pipe.run(request)
     written, fps = read_video(saved.path)
     assert np.array_equal(written, want.frames) and saved.frames == len(want.frames)
+    assert pipe.stream(request).total == len(want.frames)  # known before the first frame
     assert fps == saved.fps == want.fps
     windows = seen_by_window[: len(seen_by_window) // 2] if "video" not in task else []
     assert windows == sorted(windows) and (len(windows) < 2 or windows[-1] > windows[0])
@@ -133,6 +134,7 @@ def test_save_writes_each_window_as_it_comes_and_the_frames_run_makes(
     info = json.loads(saved.path.with_suffix(".json").read_text())
     assert info["transformer_evaluations"] == want.info["transformer_evaluations"]
     assert info["timings"]["write"] >= 0 and info["prompt"] == "a dog"
+    assert info["batch_id"] == saved.info["batch_id"] == "b1"
 
 
 def test_timed_prompts_blend_switches_at_the_given_second(pipe, monkeypatch):

@@ -7,9 +7,11 @@ the HTTP API and the CLI's ``--at`` take them). Outputs go to ``OUT/ID.FORMAT`` 
 a rerun skips it. A request that fails is recorded in ``OUT/ID.error.json`` (retried on the
 next run) and the batch goes on; ``OUT/batch.log.jsonl`` gets one line per outcome.
 
-With Ray, one :class:`Worker` actor per GPU (or per CPU on a CPU cluster) loads the model once
-and renders requests; the driver alone writes files, so each output is written once. An actor
-that dies is restarted by Ray and its request is handed out again.
+In one process each video is written window by window as it is made
+(:meth:`~kinema.pipeline.Pipeline.save`). With Ray, one :class:`Worker` actor per GPU (or per
+CPU on a CPU cluster) loads the model once and renders requests; the driver alone writes
+files, so each output is written once. An actor that dies is restarted by Ray and its
+request is handed out again.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kinema import timeline
-from kinema.pipeline import Request, Video
+from kinema.pipeline import Request, SavedVideo, Video
 
 EXTRA_FIELDS = {"id", "size", "seconds", "model", "at"}
 REQUEST_FIELDS = {f.name for f in dataclasses.fields(Request)}
@@ -197,10 +199,17 @@ class Worker:
 
     def render(self, fields: dict[str, Any]) -> Video:
         """Make the video of one request's fields (ValueError for a bad request)."""
+        return self.pipe.run(self.request(fields))
+
+    def save(self, fields: dict[str, Any], path: Path, info: dict[str, Any]) -> SavedVideo:
+        """Make one request's video straight into ``path``, window by window (in-process)."""
+        return self.pipe.save(self.request(fields), path, info=info)
+
+    def request(self, fields: dict[str, Any]) -> Request:
         wanted = fields.get("model")
         if wanted is not None and wanted not in (self.model, self.pipe.name):
             raise ValueError(f"model {wanted!r}: this batch runs {self.model or self.pipe.name!r}")
-        return self.pipe.run(build_request(fields, self.pipe))
+        return build_request(fields, self.pipe)
 
 
 def fail_all(out: Path, items: deque[Item], why: str, tick: OnResult) -> None:
@@ -222,13 +231,14 @@ def run_local(items: list[Item], out: Path, opts: BatchOptions, tick: OnResult) 
     """Render ``items`` one after another in this process."""
     worker = Worker(opts.model, opts.device, opts.dtype, opts.compile)
     for item in items:
+        path = output_path(out, item.id, opts.format)
         try:
-            video = worker.render(item.fields)
+            saved = worker.save(item.fields, path, {"batch_id": item.id})
         except Exception as err:  # a failed request is recorded; the batch goes on
             record(out, item.id, "failed", error=error_text(err))
             tick(item.id, "failed")
             continue
-        save_result(out, item, opts.format, video)
+        record(out, item.id, "done", seconds=saved.info["timings"]["total"])
         tick(item.id, "done")
 
 

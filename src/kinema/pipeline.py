@@ -225,6 +225,59 @@ class SavedVideo:
     info: dict[str, Any]
 
 
+class VideoStream:
+    """A clip as it is made (:meth:`Pipeline.stream`). Iterating it yields its ``total``
+    frames (H, W, 3) uint8 in order, one window's worth at a time; time spent between frames
+    (the caller writing them) counts as "write". After the last frame, :meth:`info` is what
+    :class:`Video` ``info`` would be."""
+
+    def __init__(
+        self, pipe: Pipeline, req: Request, media: dict[str, np.ndarray], said: list[str],
+        progress: Progress | None,
+    ) -> None:  # fmt: skip
+        self.pipe, self.request, self.media, self.said, self.progress = (
+            pipe, req, media, said, progress
+        )  # fmt: skip
+        self.fps = float(req.fps)
+        self.total = req.frames + len(media.get("extend", ()))  # an extension's source too
+        self.metadata = file_metadata({"prompt": req.prompt, "seed": req.seed})
+        self.clock, self.made, self.evaluations = Clock(), 0, 0
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for piece, n in self.pipe.pieces(self.request, self.media, self.clock, self.progress):
+            self.evaluations += n
+            for frame in piece:
+                self.made += 1
+                yield frame
+            self.clock.add("write")
+
+    def info(self) -> dict[str, Any]:
+        """The sidecar: what :meth:`Pipeline.describe` says, with the warnings given."""
+        self.clock.add("write")
+        return {**self.pipe.describe(self.request, self.evaluations, self.clock),
+                "warnings": self.said}  # fmt: skip
+
+    def save(
+        self, path: str | Path, info: dict[str, Any] | None = None,
+        tap: Callable[[int, np.ndarray], None] | None = None,
+    ) -> SavedVideo:  # fmt: skip
+        """Write the frames to ``path`` as they come (format by extension), then the ``.json``
+        sidecar (:meth:`info` plus ``info``'s entries). ``tap(index, frame)`` sees each frame
+        on its way to the file. Nothing is left at ``path`` if it fails."""
+        from kinema.io.video import write_sidecar, write_video
+
+        def frames() -> Iterator[np.ndarray]:
+            for i, frame in enumerate(self):
+                if tap is not None:
+                    tap(i, frame)
+                yield frame
+
+        out = write_video(path, frames(), self.fps, metadata=self.metadata)
+        made = {**self.info(), **(info or {})}
+        write_sidecar(out, made)
+        return SavedVideo(out, self.made, self.fps, made)
+
+
 def file_metadata(info: dict[str, Any]) -> dict[str, str]:
     """What a video file carries of its making: the prompt as title, the seed as comment."""
     return {"title": str(info.get("prompt", "")), "comment": f"seed={info.get('seed')}"}
@@ -369,32 +422,24 @@ class Pipeline:
         info = self.describe(req, sum(n for _, n in pieces), clock)
         return Video(frames, float(req.fps), {**info, "warnings": said})
 
-    def save(
-        self, request: Request, path: str | Path, progress: Progress | None = None
-    ) -> SavedVideo:
-        """Generate ``request`` straight into the video file ``path`` (format by extension) and
-        its ``.json`` sidecar: each window's frames are written as they come, so a long video
-        is never whole in memory (``run`` then ``Video.save`` hold it all, twice while they
-        join the windows). The same frames as :meth:`run`. Nothing is left at ``path`` if it
-        fails."""
-        from kinema.io.video import write_sidecar, write_video
-
+    def stream(self, request: Request, progress: Progress | None = None) -> VideoStream:
+        """Generate ``request`` frame by frame: iterate the returned :class:`VideoStream` for
+        (H, W, 3) uint8 frames in order, window by window as they are made, so a long video is
+        never whole in memory; its ``total`` says how many come before the first. The same
+        frames as :meth:`run`."""
         req, media, said = self.prepare(request)
-        clock, written, evaluations = Clock(), 0, 0
+        return VideoStream(self, req, media, said, progress)
 
-        def frames() -> Iterator[np.ndarray]:
-            nonlocal written, evaluations
-            for piece, n in self.pieces(req, media, clock, progress):
-                yield from piece
-                clock.add("write")
-                written, evaluations = written + len(piece), evaluations + n
-
-        meta = file_metadata({"prompt": req.prompt, "seed": req.seed})
-        out = write_video(path, frames(), req.fps, metadata=meta)
-        clock.add("write")
-        info = {**self.describe(req, evaluations, clock), "warnings": said}
-        write_sidecar(out, info)
-        return SavedVideo(out, written, float(req.fps), info)
+    def save(
+        self, request: Request, path: str | Path, progress: Progress | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> SavedVideo:  # fmt: skip
+        """Generate ``request`` straight into the video file ``path`` (format by extension) and
+        its ``.json`` sidecar (plus ``info``'s entries): each window's frames are written as
+        they come (:meth:`stream`), while ``run`` then ``Video.save`` hold it all, twice while
+        they join the windows. The same frames as :meth:`run`. Nothing is left at ``path`` if
+        it fails."""
+        return self.stream(request, progress).save(path, info)
 
     def pieces(
         self, req: Request, media: dict[str, np.ndarray], clock: Clock, progress: Progress | None

@@ -77,10 +77,10 @@ def run_parallel_generate(args: argparse.Namespace) -> int:
     request = request_from_args(args, pipe.defaults, pipe.temporal_factor)
     out = args.output or default_output(args.prompt, args.seed)
     with progress_bar(args.quiet or mesh.rank != 0) as progress:
-        video = generate(pipe, mesh, request, out, progress)
+        saved = generate(pipe, mesh, request, out, progress)
     if mesh.rank == 0:
-        total = video.info["timings"]["total"]
-        print(f"wrote {out} ({len(video.frames)} frames, {total:.1f} s, {mesh.config})",
+        total = saved.info["timings"]["total"]
+        print(f"wrote {out} ({saved.frames} frames, {total:.1f} s, {mesh.config})",
               file=sys.stderr)  # fmt: skip
     dist.destroy_process_group()
     return 0

@@ -3,7 +3,7 @@ sequence- and CFG-parallel, its text encoded on rank 0 and broadcast, and (with 
 its VAE decode split by tiles over the ranks.
 
 Every rank runs the sampler on the full latent (it is small); only the DiT forward is split,
-so every rank ends with the same video and rank 0 writes it. Launch with
+so every rank makes the same video and rank 0 writes it, window by window as it comes. Launch with
 ``torchrun --nproc-per-node N -m kinema generate ...`` or ``kinema generate --devices N``.
 """
 
@@ -23,7 +23,7 @@ from kinema.distributed.parallel import (
     init_distributed,
     plan_parallel,
 )
-from kinema.pipeline import Pipeline, Progress, Request, Video
+from kinema.pipeline import Pipeline, Progress, Request, SavedVideo, Video
 
 
 def parallel_pipeline(pipe: Pipeline, mesh: Mesh, decode_tile: Any = None) -> Pipeline:
@@ -64,11 +64,22 @@ def load_parallel(
 def generate(
     pipe: Pipeline, mesh: Mesh, request: Request, output: str | Path | None = None,
     progress: Progress | None = None,
-) -> Video:  # fmt: skip
-    """Run ``request`` on every rank; rank 0 saves it to ``output`` (when given)."""
-    video = pipe.run(request, progress=progress if mesh.rank == 0 else None)
-    video.info["parallel"] = {"world": mesh.config.world, **mesh.config.__dict__}
-    if output is not None and mesh.rank == 0:
-        video.save(output)
+) -> Video | SavedVideo:  # fmt: skip
+    """Run ``request`` on every rank. With ``output``, rank 0 writes each window's frames to
+    it as they come (:meth:`Pipeline.save`) and the other ranks let theirs go, so no rank holds
+    the whole clip; every rank returns a :class:`SavedVideo`. Without, every rank returns the
+    :class:`Video`."""
+    parallel = {"parallel": {"world": mesh.config.world, **mesh.config.__dict__}}
+    if output is None:
+        shown = progress if mesh.rank == 0 else None
+        result: Video | SavedVideo = pipe.run(request, progress=shown)
+        result.info.update(parallel)
+    elif mesh.rank == 0:
+        result = pipe.save(request, output, progress=progress, info=parallel)
+    else:
+        stream = pipe.stream(request)
+        for _ in stream:  # the same collectives as rank 0; the frames are rank 0's to write
+            pass
+        result = SavedVideo(Path(output), stream.made, stream.fps, {**stream.info(), **parallel})
     dist.barrier()
-    return video
+    return result

@@ -393,11 +393,11 @@ class Worker:
         """Generate one job and record the outcome."""
         log.info("running %s (%s) attempt %d", job.id, job.spec.kind, job.attempts)
         try:
-            video = self.pipe.run(
+            stream = self.pipe.stream(
                 build_request(job.spec, self.store.folder(job)),
                 progress=lambda step, total: self.report(job, step, total),
             )
-            self.publish(job, video)
+            self.publish(job, stream)
         except Cancelled:
             self.store.purge(job)
         except Interrupted:
@@ -414,20 +414,24 @@ class Worker:
         if not self.store.set_progress(job, min(99, int(100 * step / max(total, 1)))):
             raise Cancelled
 
-    def publish(self, job: Job, video: Any) -> None:
-        """Write outputs into staging, move them into the job folder, then mark completed."""
-        from kinema.serve.media import save_previews
+    def publish(self, job: Job, stream: Any) -> None:
+        """Write the video into staging as it is made (with its previews' frames kept on the
+        way), move the outputs into the job folder, then mark the job completed."""
+        from kinema.serve.media import Previews
 
         staging = self.store.data_dir / "staging" / f"{job.folder}-{job.attempts}"
         remove_folder(staging)
         staging.mkdir(parents=True)
-        save_previews(video.frames, staging)
-        video.save(staging / VIDEO_FILE)
-        folder = self.store.folder(job)
-        folder.mkdir(parents=True, exist_ok=True)
-        for path in sorted(staging.iterdir(), key=lambda p: p.name == VIDEO_FILE):
-            os.replace(path, folder / path.name)  # the video last
-        remove_folder(staging)
+        try:
+            previews = Previews(stream.total)
+            stream.save(staging / VIDEO_FILE, tap=previews.keep)
+            previews.save(staging)
+            folder = self.store.folder(job)
+            folder.mkdir(parents=True, exist_ok=True)
+            for path in sorted(staging.iterdir(), key=lambda p: p.name == VIDEO_FILE):
+                os.replace(path, folder / path.name)  # the video last
+        finally:
+            remove_folder(staging)
         if not self.store.finish(job, "completed", self.expiry(), None):
             self.store.purge(job)  # deleted while decoding
 

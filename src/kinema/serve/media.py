@@ -120,27 +120,38 @@ def _probe(fmt: str, frames: int, size: tuple[int, int] | None, rate: float, max
 # ---------------------------------------------------------------------------------------------
 
 
-def thumbnail(frames: np.ndarray) -> Image.Image:
-    """The middle frame of ``frames`` uint8 (T, H, W, 3)."""
-    return Image.fromarray(frames[len(frames) // 2])
+def sprite_picks(total: int, count: int = SPRITE_FRAMES) -> list[int]:
+    """Up to ``count`` evenly spaced frame indices of a ``total``-frame clip."""
+    return np.unique(np.linspace(0, total - 1, min(count, total)).round().astype(int)).tolist()
 
 
-def spritesheet(
-    frames: np.ndarray, count: int = SPRITE_FRAMES, columns: int = SPRITE_COLUMNS
-) -> Image.Image:
-    """Up to ``count`` evenly spaced frames of (T, H, W, 3) in a grid, ``columns`` wide."""
-    t, h, w, _ = frames.shape
-    picks = np.unique(np.linspace(0, t - 1, min(count, t)).round().astype(int))
-    cols = min(columns, len(picks))
-    rows = -(-len(picks) // cols)
+def spritesheet(frames: list[np.ndarray], columns: int = SPRITE_COLUMNS) -> Image.Image:
+    """``frames`` (H, W, 3) uint8 in a grid, ``columns`` wide."""
+    h, w, _ = frames[0].shape
+    cols = min(columns, len(frames))
+    rows = -(-len(frames) // cols)
     sheet = np.zeros((rows * h, cols * w, 3), np.uint8)  # (rows*H, cols*W, 3)
-    for k, i in enumerate(picks):
+    for k, frame in enumerate(frames):
         r, c = divmod(k, cols)
-        sheet[r * h : (r + 1) * h, c * w : (c + 1) * w] = frames[i]
+        sheet[r * h : (r + 1) * h, c * w : (c + 1) * w] = frame
     return Image.fromarray(sheet)
 
 
-def save_previews(frames: np.ndarray, folder: Path) -> None:
-    """Write the thumbnail (WebP) and spritesheet (JPEG) of ``frames`` into ``folder``."""
-    thumbnail(frames).save(folder / THUMBNAIL, format="WEBP", quality=90)
-    spritesheet(frames).save(folder / SPRITESHEET, format="JPEG", quality=90)
+class Previews:
+    """The frames a clip's previews need, kept as its ``total`` frames stream past
+    (:meth:`keep` is a :meth:`~kinema.pipeline.VideoStream.save` tap): the middle one (the
+    thumbnail) and up to ``SPRITE_FRAMES`` evenly spaced ones (the spritesheet)."""
+
+    def __init__(self, total: int) -> None:
+        self.middle, self.picks = total // 2, sprite_picks(total)
+        self.kept: dict[int, np.ndarray] = {}
+
+    def keep(self, index: int, frame: np.ndarray) -> None:
+        if index == self.middle or index in self.picks:
+            self.kept[index] = frame.copy()  # not a view that would keep its window alive
+
+    def save(self, folder: Path) -> None:
+        """Write the thumbnail (WebP) and spritesheet (JPEG) into ``folder``."""
+        Image.fromarray(self.kept[self.middle]).save(folder / THUMBNAIL, format="WEBP", quality=90)
+        sheet = spritesheet([self.kept[i] for i in self.picks])
+        sheet.save(folder / SPRITESHEET, format="JPEG", quality=90)
