@@ -41,6 +41,10 @@ BASE = ["--size", "32x32", "--steps", "2", "-q"]
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--dtype", "int8"], "unknown dtype 'int8'"),
         (["--seconds", "0"], "seconds 0.0 must be > 0"),
+        (["--seconds", "nan"], "seconds nan must be > 0 (and finite)"),
+        (["--seconds", "inf"], "seconds inf must be > 0 (and finite)"),
+        (["--guidance", "nan"], "guidance nan must be >= 0"),
+        (["--shift", "inf"], "shift inf must be > 0"),
         (["--fps", "0"], "fps 0 must be >= 1"),  # not the model's fps
         (["--cache", "-0.5"], "cache -0.5 must be a number >= 0 (0 turns the step cache off)"),
         (["-o", "clip.avi"], "unknown extension '.avi'"),
@@ -65,6 +69,42 @@ def test_bad_generate_input(capsys, tmp_path, wan, args, message):
     assert err.count("\n") == 1 and err.startswith("kinema: error: ")
     assert message in err
     assert not out.exists() and not list(tmp_path.glob("*.mp4")) and "Traceback" not in err
+
+
+def test_extend_keeps_the_source_and_adds_the_seconds(capsys, tmp_path, wan):
+    from kinema.io.video import read_video, write_video
+
+    source = np.random.default_rng(0).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
+    src = write_video(tmp_path / "src", source, fps=8)  # a folder of PNGs: lossless
+    out = tmp_path / "longer"
+    argv = ["extend", str(src), "--prompt", "a cat", "--seconds", "1", "--model", str(wan),
+            "-o", str(out), "--steps", "2"]  # fmt: skip
+    assert main(argv) == 0
+    frames, fps = read_video(out)
+    assert fps == 8 and len(frames) == 9 + 8 and np.array_equal(frames[:9], source)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seconds", "0"], "seconds 0.0 must be > 0"),
+        (["--seconds", "nan"], "seconds nan must be > 0 (and finite)"),
+        (["--seconds", "1", "--at", "3:a dog"], "prompt time 3 s is outside the clip"),
+        (["--seconds", "1", "--guidance", "nan"], "guidance nan must be >= 0"),
+        (["--seconds", "1", "--video-is-missing"], "nowhere.mp4"),
+    ],
+)
+def test_bad_extend_input(capsys, tmp_path, wan, args, message):
+    from kinema.io.video import write_video
+
+    src = write_video(tmp_path / "src.mp4", np.zeros((9, 32, 32, 3), np.uint8), fps=8)
+    if "--video-is-missing" in args:
+        args, src = [a for a in args if a != "--video-is-missing"], tmp_path / "nowhere.mp4"
+    out = tmp_path / "out.mp4"
+    argv = ["extend", str(src), "--prompt", "a cat", "--model", str(wan), "-o", str(out), *args]
+    code, err = run(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("prompt", ["", "   "])

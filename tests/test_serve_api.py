@@ -13,8 +13,8 @@ import openai
 import pytest
 from PIL import Image
 
-from kinema.cli import frames_for_seconds
-from kinema.io.video import read_video
+from kinema.io.video import read_video, write_video
+from kinema.timeline import clip_frames
 from tests.serve_helpers import Server, build_tiny_model, mp4_bytes, png_bytes
 
 KEY = "test-key"
@@ -78,7 +78,7 @@ def test_create_poll_retrieve_list_download(client, done, tmp_path):
     assert client.videos.retrieve(done.id).model_dump() == done.model_dump()
     assert done.id in [v.id for v in client.videos.list(limit=100)]
     frames = decode(client.videos.download_content(done.id).read(), tmp_path)
-    assert frames.shape == (frames_for_seconds(1, 8), 32, 32, 3)  # 9 frames at 8 fps
+    assert frames.shape == (clip_frames(1, 8, 4), 32, 32, 3)  # 9 frames at 8 fps
     thumb = Image.open(
         io.BytesIO(client.videos.download_content(done.id, variant="thumbnail").read())
     )
@@ -247,6 +247,25 @@ def test_bad_create_requests(http, fields, param, message):
         send = {k: v for k, v in send.items() if k != "files"}
         error = error_of(http.post("/v1/videos", **send), 400, param)
         assert message in error["message"]
+
+
+def test_the_longest_clip_allowed_is_accepted(http, tmp_path):
+    """``seconds`` at the server's limit (60) is a clip of 481 frames at 8 fps: its first
+    frame, then 60 s, which is not over it (it was refused as 60.125 s); an upload is held to
+    the same span."""
+    video = http.post("/v1/videos", json={"prompt": "x", "seconds": "60", "size": "32x32"})
+    assert video.status_code == 200, video.text
+    assert http.delete(f"/v1/videos/{video.json()['id']}").status_code == 200
+    for frames, ok in ((61, True), (65, False)):  # uploads at 1 fps: 60 s, then 64 s
+        path = tmp_path / f"{frames}.mp4"  # flat grey: small under the 0.05 MB upload limit
+        data = write_video(path, np.full((frames, 32, 32, 3), 128, np.uint8), 1).read_bytes()
+        edit = http.post("/v1/videos/edits", data={"prompt": "x"},
+                         files={"video": ("a.mp4", data, "video/mp4")})  # fmt: skip
+        if ok:
+            assert edit.status_code == 200, edit.text
+            assert http.delete(f"/v1/videos/{edit.json()['id']}").status_code == 200
+        else:
+            assert "64 s is over the limit of 60 s" in error_of(edit, 400, "video")["message"]
 
 
 def test_bad_uploads(http):

@@ -125,7 +125,7 @@ def read_requests(path: str | Path) -> list[Item]:
 
 def build_request(fields: dict[str, Any], pipe: Any) -> Request:
     """API fields -> :class:`Request` for ``pipe`` (``size`` and ``seconds`` resolved)."""
-    from kinema.cli import frames_for_seconds, parse_size
+    from kinema.cli import parse_size
 
     kw = {k: v for k, v in fields.items() if k in REQUEST_FIELDS}
     if "size" in fields:
@@ -134,7 +134,7 @@ def build_request(fields: dict[str, Any], pipe: Any) -> Request:
         if "frames" in fields:
             raise ValueError("give frames or seconds, not both")
         fps = kw["fps"] if kw.get("fps") is not None else pipe.defaults.fps
-        kw["frames"] = frames_for_seconds(float(fields["seconds"]), fps, pipe.temporal_factor)
+        kw["frames"] = timeline.clip_frames(float(fields["seconds"]), fps, pipe.temporal_factor)
     if "at" in fields:
         if "prompts" in fields:
             raise ValueError("give at or prompts, not both")

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from kinema import timeline
+
 EXIT_BAD_INPUT = 2
 
 
@@ -37,13 +39,6 @@ def parse_size(text: str) -> tuple[int, int]:
     if not m:
         raise argparse.ArgumentTypeError(f"size {text!r} must be WIDTHxHEIGHT, e.g. 832x480")
     return int(m.group(1)), int(m.group(2))
-
-
-def frames_for_seconds(seconds: float, fps: int, temporal: int = 4) -> int:
-    """The 4k+1 frame count closest to ``seconds`` at ``fps``."""
-    if seconds <= 0:
-        raise ValueError(f"seconds {seconds} must be > 0")
-    return max(1, round(seconds * fps / temporal)) * temporal + 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +168,7 @@ def request_from_args(args: argparse.Namespace, defaults: Any, temporal: int) ->
     fps = args.fps if args.fps is not None or args.video else defaults.fps  # 0 is refused later
     frames = args.frames
     if args.seconds is not None:
-        frames = frames_for_seconds(args.seconds, fps or defaults.fps, temporal)
+        frames = timeline.clip_frames(args.seconds, fps or defaults.fps, temporal)
     width, height = args.size or (None, None)
     return Request(
         prompt=args.prompt, negative_prompt=args.negative, width=width, height=height,
@@ -262,9 +257,7 @@ def run_extend(args: argparse.Namespace) -> int:
     )  # fmt: skip
     fps = args.fps if args.fps is not None else source_fps(args.video, pipe.defaults.fps)
     t = pipe.temporal_factor
-    if args.seconds <= 0:
-        raise ValueError(f"seconds {args.seconds} must be > 0")
-    frames = max(1, round(args.seconds * fps / t)) * t
+    frames = timeline.new_frames(args.seconds, fps, t)
     request = Request(
         prompt=args.prompt, negative_prompt=args.negative, frames=frames, fps=fps,
         steps=args.steps, guidance=args.guidance, seed=args.seed, prompts=tuple(args.at),

@@ -168,13 +168,13 @@ def validate(req: Request, spatial: int, temporal: int, extension: bool = False)
     check_shape(req.width, req.height, req.frames, spatial, temporal, extension)
     if req.steps < 1:
         raise ValueError(f"steps {req.steps} must be >= 1")
-    if req.guidance < 0:
+    if not math.isfinite(req.guidance) or req.guidance < 0:
         raise ValueError(f"guidance {req.guidance} must be >= 0 (1 disables guidance)")
     if req.seed < 0 or req.seed >= 2**63:
         raise ValueError(f"seed {req.seed} must be in [0, 2**63)")
     if req.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {req.sampler!r}; valid: {sorted(SAMPLERS)}")
-    if req.shift <= 0:
+    if not math.isfinite(req.shift) or req.shift <= 0:
         raise ValueError(f"shift {req.shift} must be > 0")
     if req.fps < 1:
         raise ValueError(f"fps {req.fps} must be >= 1")
@@ -410,7 +410,7 @@ class Pipeline:
         """Continue ``video`` (path or (T, H, W, 3) uint8) by ``seconds`` under ``prompt``."""
         fps = settings.pop("fps", None)
         fps = self._source_fps(video) if fps is None else fps
-        frames = max(1, round(seconds * fps / self.temporal_factor)) * self.temporal_factor
+        frames = timeline.new_frames(seconds, fps, self.temporal_factor)
         return self.run(Request(prompt=prompt, extend=video, frames=frames, fps=fps, **settings))
 
     def run(self, request: Request, progress: Progress | None = None) -> Video:

@@ -20,6 +20,7 @@ Two ways to switch (``SWITCH_MODES``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -95,6 +96,22 @@ def in_force(
 
 
 SWITCH_MODES = ("blend", "cut")
+
+
+def new_frames(seconds: float, fps: float, temporal: int) -> int:
+    """Frames that continue a clip by ``seconds`` at ``fps`` (an extension's): the nearest
+    multiple of ``temporal``, at least one."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise ValueError(f"seconds {seconds!r} must be a number > 0")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"seconds {seconds} must be > 0 (and finite)")
+    return max(1, round(seconds * fps / temporal)) * temporal
+
+
+def clip_frames(seconds: float, fps: float, temporal: int) -> int:
+    """Frames of a clip of ``seconds`` at ``fps``: its first frame, then :func:`new_frames`
+    (``temporal``·k + 1, e.g. 33 for 2 s at 16 fps)."""
+    return 1 + new_frames(seconds, fps, temporal)
 
 
 def check_switch(switch: str) -> None:

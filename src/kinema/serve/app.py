@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kinema import timeline
 from kinema.serve import media
 from kinema.serve.jobs import VIDEO_FILE, Job, JobSpec, QueueFull, Store, Worker, new_folder
 from kinema.serve.jobs import new_id as new_video_id
@@ -553,9 +554,11 @@ class Service:
             raise bad(param_of(message), message) from err
         if draft.spec.kind == "extend":  # the stitched total: source plus new frames
             draft.seconds = fmt_seconds((len(inputs["extend"]) + resolved.frames) / resolved.fps)
-        elif resolved.frames / resolved.fps > self.settings.max_seconds:  # e.g. a long upload
+        elif (span := (resolved.frames - 1) / resolved.fps) > self.settings.max_seconds:
+            # e.g. a long upload; span: first to last frame, what "seconds" asks for (a clip of
+            # "60" is 961 frames at 16 fps: its first frame, then 60 s)
             param = "seconds" if draft.spec.kind == "generate" else "video"
-            raise bad(param, f"{param}: {resolved.frames / resolved.fps:g} s is over the limit "
+            raise bad(param, f"{param}: {span:g} s is over the limit "
                       f"of {self.settings.max_seconds:g} s")  # fmt: skip
         return self.queue(draft, replace(draft.spec, warnings=said), resolved)
 
@@ -600,7 +603,7 @@ class Service:
         if body.seconds is not None:
             value = parse_seconds(body.seconds, self.settings.max_seconds)
             fps = body.fps or self.pipe.defaults.fps
-            settings["frames"] = frames_for(value, fps, self.pipe.temporal_factor)
+            settings["frames"] = timeline.clip_frames(value, fps, self.pipe.temporal_factor)
             seconds = fmt_seconds(value)
         image = files.get("input_reference") or self.image_from_json(body.input_reference)
 
@@ -641,7 +644,7 @@ class Service:
             path = str(self.job_dir(folder) / source)
             fps = body.fps or self.source_fps(path)
             t = self.pipe.temporal_factor
-            frames = max(1, round(seconds * fps / t)) * t  # new frames: a multiple of t
+            frames = timeline.new_frames(seconds, fps, t)
             extra = {"frames": frames, "fps": fps}
             spec = JobSpec("extend", body.prompt, {**settings, **extra}, {"extend": source})
             return Draft(folder, spec)
@@ -670,12 +673,6 @@ class Service:
             return Draft(folder, spec, source.seconds, remixed_from=source.id)
 
         return self.build(make)
-
-
-def frames_for(seconds: float, fps: int, temporal: int) -> int:
-    from kinema.cli import frames_for_seconds
-
-    return frames_for_seconds(seconds, fps, temporal)
 
 
 def model_defaults(pipe: Any) -> dict[str, Any]:
