@@ -206,6 +206,29 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
             load_train_config(path)
 
 
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("a.yaml", "vae: [v\nmodel: {}\n", r"a.yaml is not valid YAML: .* at line 2, column 6$"),
+        ("a.json", '{"vae": ', r"a.json is not valid JSON: Expecting value: line 1"),
+        ("a.yaml", b"\xf6\x00\x01", r"a.yaml is not valid YAML: 'utf-8' codec can't decode"),
+        ("folder", None, r"folder is not a file \(give a .yaml or .json file\)"),
+        ("list.yaml", "- vae\n", r"expected a mapping at the top level"),
+    ],
+)
+def test_unreadable_config_files_are_one_line(tmp_path: Path, name, content, message) -> None:
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=message) as err:
+        load_train_config(path)
+    assert "\n" not in str(err.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # The engine: exact resume and signals
 # ---------------------------------------------------------------------------------------------

@@ -254,11 +254,25 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ValueError(f"config file {path} does not exist")
-    text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if not path.is_file():
+        raise ValueError(f"config file {path} is not a file (give a .yaml or .json file)")
+    kind = "JSON" if path.suffix == ".json" else "YAML"
+    try:
+        text = path.read_text()
+        data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"config file {path} is not valid {kind}: {parse_error(err)}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
     return data
+
+
+def parse_error(err: Exception) -> str:
+    """One line for a JSON, YAML or decoding error (YAML's own message spans lines)."""
+    mark = getattr(err, "problem_mark", None)
+    if isinstance(err, yaml.MarkedYAMLError) and mark is not None:
+        return f"{err.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(err).split())
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
