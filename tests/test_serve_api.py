@@ -268,6 +268,18 @@ def test_the_longest_clip_allowed_is_accepted(http, tmp_path):
             assert "64 s is over the limit of 60 s" in error_of(edit, 400, "video")["message"]
 
 
+def test_characters_are_refused_by_name(client, http, tmp_path):
+    """The SDK's character calls get a 400 that says what kinema takes instead (POST was a
+    405 "Method Not Allowed", GET a 404)."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.videos.create_character(name="bob", video=("a.mp4", b"not read", "video/mp4"))
+    assert refused.value.code == "unsupported" and "characters are not supported" in str(
+        refused.value
+    )
+    got = error_of(http.get("/v1/videos/characters/char_1"), 400, None)
+    assert got["code"] == "unsupported" and "input_reference" in got["message"]
+
+
 def test_bad_uploads(http):
     not_image = http.post(
         "/v1/videos",

@@ -264,6 +264,12 @@ def bad(param: str | None, message: str, code: str = "invalid_value") -> ApiErro
     return ApiError(400, code, message, param)
 
 
+NO_CHARACTERS = (
+    "characters are not supported: kinema's models take a prompt, an image (input_reference) "
+    "or a video (edits, extensions), not a reusable character"
+)
+
+
 def not_found(video_id: str) -> ApiError:
     return ApiError(404, "not_found", f"no video with id {video_id!r}", "video_id")
 
@@ -820,6 +826,13 @@ def add_routes(app: FastAPI, service: Service) -> None:
         """Continue a video by ``seconds``; the result is the source plus the continuation."""
         body, files = await read_body(request, ExtendVideoBody)
         return dump(await run_in_threadpool(service.extend, body, files))
+
+    @app.post("/v1/videos/characters", responses=ERRORS)
+    @app.get("/v1/videos/characters/{character_id}", responses=ERRORS)
+    def characters() -> None:
+        """Sora's characters (a person or creature from a video, reused in prompts): kinema's
+        models have no such conditioning, so these answer 400 with code "unsupported"."""
+        raise bad(None, NO_CHARACTERS, code="unsupported")
 
     @app.get("/v1/videos", response_model=VideoList, responses=ERRORS)
     def list_videos(
