@@ -827,11 +827,12 @@ def add_routes(app: FastAPI, service: Service) -> None:
         body, files = await read_body(request, ExtendVideoBody)
         return dump(await run_in_threadpool(service.extend, body, files))
 
-    @app.post("/v1/videos/characters", responses=ERRORS)
-    @app.get("/v1/videos/characters/{character_id}", responses=ERRORS)
+    @app.post("/v1/videos/characters", include_in_schema=False)
+    @app.get("/v1/videos/characters/{character_id}", include_in_schema=False)
     def characters() -> None:
         """Sora's characters (a person or creature from a video, reused in prompts): kinema's
-        models have no such conditioning, so these answer 400 with code "unsupported"."""
+        models have no such conditioning, so these answer 400 with code "unsupported" (and
+        the OpenAPI document, which lists what kinema does, leaves them out)."""
         raise bad(None, NO_CHARACTERS, code="unsupported")
 
     @app.get("/v1/videos", response_model=VideoList, responses=ERRORS)
