@@ -94,7 +94,14 @@ def test_long_video_runs_window_by_window_with_bounded_decode(pipe, monkeypatch)
 
 
 @pytest.mark.parametrize(
-    "task", [dict(frames=25), dict(extend="source", frames=8), dict(video="source", strength=0.5)]
+    "task",
+    [
+        dict(frames=25),
+        dict(extend="source", frames=8),
+        dict(video="source", strength=0.5),
+        dict(frames=17, prompts=((0.5, "a cow"),), switch="cut"),
+        dict(frames=13, image="first"),
+    ],
 )
 def test_save_writes_each_window_as_it_comes_and_the_frames_run_makes(
     pipe, tmp_path, monkeypatch, task
@@ -104,7 +111,8 @@ def test_save_writes_each_window_as_it_comes_and_the_frames_run_makes(
     from kinema.io import video as io_video
     from kinema.io.video import read_video
 
-    task = {k: clip(9) if v == "source" else v for k, v in task.items()}
+    media = {"source": clip(9), "first": clip(1)[0]}
+    task = {k: media.get(v, v) if isinstance(v, str) else v for k, v in task.items()}
     request = Request(prompt="a dog", **BASE, **task)
     pulled, seen_by_window = [0], []
 
@@ -125,11 +133,15 @@ def test_save_writes_each_window_as_it_comes_and_the_frames_run_makes(
     want = pipe.run(request)
     written, fps = read_video(saved.path)
     assert np.array_equal(written, want.frames) and saved.frames == len(want.frames)
-    assert pipe.stream(request).total == len(want.frames)  # known before the first frame
+    stream = pipe.stream(request)
+    assert stream.total == len(want.frames)  # known before the first frame
+    assert np.array_equal(np.stack(list(stream)), want.frames) and stream.made == stream.total
+    with pytest.raises(RuntimeError, match="runs once"):
+        next(iter(stream))
     assert fps == saved.fps == want.fps
     windows = seen_by_window[: len(seen_by_window) // 2] if "video" not in task else []
     assert windows == sorted(windows) and (len(windows) < 2 or windows[-1] > windows[0])
-    if "frames" in task and "extend" not in task:  # 25 frames: 5 windows, written one by one
+    if task == {"frames": 25}:  # 5 windows, written one by one
         assert windows == [0, 9, 13, 17, 21]
     info = json.loads(saved.path.with_suffix(".json").read_text())
     assert info["transformer_evaluations"] == want.info["transformer_evaluations"]

@@ -241,9 +241,12 @@ class VideoStream:
         self.fps = float(req.fps)
         self.total = req.frames + len(media.get("extend", ()))  # an extension's source too
         self.metadata = file_metadata({"prompt": req.prompt, "seed": req.seed})
-        self.clock, self.made, self.evaluations = Clock(), 0, 0
+        self.clock, self.made, self.evaluations, self.started = Clock(), 0, 0, False
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        if self.started:
+            raise RuntimeError("a VideoStream runs once; call Pipeline.stream again for more")
+        self.started = True
         for piece, n in self.pipe.pieces(self.request, self.media, self.clock, self.progress):
             self.evaluations += n
             for frame in piece:
