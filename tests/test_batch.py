@@ -13,6 +13,7 @@ import torch
 from kinema.batch import BatchOptions, Worker, read_requests, run
 from kinema.configs import DiTConfig, SamplingDefaults, VAEConfig
 from kinema.distributed.cli import add_batch
+from kinema.io.video import read_video
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +103,24 @@ def test_timed_prompts_and_compile(tmp_path: Path, tiny_model: Path) -> None:
     assert "give at or prompts" in json.loads((out / "both.error.json").read_text())["error"]
 
 
+def test_a_worker_sends_the_encoded_file_the_pipeline_writes(tmp_path: Path, tiny_model) -> None:
+    """What a Ray actor sends the driver: the bytes of the video file ``Pipeline.save`` writes
+    (encoded window by window on the actor), not raw frames, and its sidecar info."""
+    from kinema.batch import build_request
+
+    worker = Worker(str(tiny_model), "cpu", None)
+    fields = {"prompt": "a red ball", "seed": 1, "frames": 13}
+    data, info = worker.encode(fields, "mp4")
+    local = worker.pipe.save(build_request(fields, worker.pipe), tmp_path / "local.mp4")
+    assert isinstance(data, bytes) and data == local.path.read_bytes()
+    assert (
+        info["frames"] == 13
+        and info["transformer_evaluations"] == local.info["transformer_evaluations"]
+    )
+    (tmp_path / "sent.mp4").write_bytes(data)
+    assert read_video(tmp_path / "sent.mp4")[0].shape == (13, 32, 32, 3)
+
+
 def test_ray_batch_survives_a_killed_worker(tmp_path: Path, tiny_model: Path) -> None:
     import ray
 
@@ -131,6 +150,9 @@ def test_ray_batch_survives_a_killed_worker(tmp_path: Path, tiny_model: Path) ->
         # once: the restarting actor gets no work until it answers again
         assert requeued == ["slow"]
         assert killed and killed[0] != "slow"
+        sidecar = json.loads((out / "r0.json").read_text())
+        assert sidecar["batch_id"] == "r0" and sidecar["prompt"] == "ball 0"
+        assert read_video(out / "r0.mp4")[0].shape == (5, 32, 32, 3)
         again = run(requests, out, options, show_progress=False)
         assert (again.skipped, again.done) == (6, 0)
     finally:

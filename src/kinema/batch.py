@@ -7,11 +7,11 @@ the HTTP API and the CLI's ``--at`` take them). Outputs go to ``OUT/ID.FORMAT`` 
 a rerun skips it. A request that fails is recorded in ``OUT/ID.error.json`` (retried on the
 next run) and the batch goes on; ``OUT/batch.log.jsonl`` gets one line per outcome.
 
-In one process each video is written window by window as it is made
-(:meth:`~kinema.pipeline.Pipeline.save`). With Ray, one :class:`Worker` actor per GPU (or per
-CPU on a CPU cluster) loads the model once and renders requests; the driver alone writes
-files, so each output is written once. An actor that dies is restarted by Ray and its
-request is handed out again.
+Each video is written window by window as it is made (:meth:`~kinema.pipeline.Pipeline.save`).
+With Ray, one :class:`Worker` actor per GPU (or per CPU on a CPU cluster) loads the model once
+and encodes requests into a temporary file of its own, then sends the encoded bytes (not raw
+frames); the driver alone writes outputs, so each is written once. An actor that dies is
+restarted by Ray and its request is handed out again.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kinema import timeline
-from kinema.pipeline import Request, SavedVideo, Video
+from kinema.pipeline import Request, SavedVideo
 
 EXTRA_FIELDS = {"id", "size", "seconds", "model", "at"}
 REQUEST_FIELDS = {f.name for f in dataclasses.fields(Request)}
@@ -171,10 +172,14 @@ def record(out: Path, rid: str, status: str, **extra: Any) -> None:
         log.write(json.dumps(entry) + "\n")
 
 
-def save_result(out: Path, item: Item, fmt: str, video: Video) -> None:
-    video.info["batch_id"] = item.id
-    video.save(output_path(out, item.id, fmt))
-    record(out, item.id, "done", seconds=video.info.get("timings", {}).get("total"))
+def save_result(out: Path, item: Item, fmt: str, encoded: tuple[bytes, dict[str, Any]]) -> None:
+    """Write a worker's encoded video and then its sidecar (the mark of a finished request)."""
+    from kinema.io.video import write_file, write_sidecar
+
+    data, info = encoded
+    path = write_file(output_path(out, item.id, fmt), data)
+    write_sidecar(path, {**info, "batch_id": item.id})
+    record(out, item.id, "done", seconds=info.get("timings", {}).get("total"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,9 +202,13 @@ class Worker:
         """Answers once the model is loaded (the driver waits for every actor)."""
         return True
 
-    def render(self, fields: dict[str, Any]) -> Video:
-        """Make the video of one request's fields (ValueError for a bad request)."""
-        return self.pipe.run(self.request(fields))
+    def encode(self, fields: dict[str, Any], fmt: str) -> tuple[bytes, dict[str, Any]]:
+        """One request's video, encoded as ``fmt`` window by window into a temporary file,
+        as bytes with its sidecar info: what a Ray actor sends the driver (megabytes of mp4,
+        not the raw frames, which for a minute of Wan's 832×480 are 1.15 GB)."""
+        with tempfile.TemporaryDirectory(prefix="kinema-batch-") as tmp:
+            saved = self.pipe.save(self.request(fields), Path(tmp) / f"video.{fmt}")
+            return saved.path.read_bytes(), saved.info
 
     def save(self, fields: dict[str, Any], path: Path, info: dict[str, Any]) -> SavedVideo:
         """Make one request's video straight into ``path``, window by window (in-process)."""
@@ -292,14 +301,14 @@ def run_ray(items: list[Item], out: Path, opts: BatchOptions, tick: OnResult) ->
         while queue or running:
             while queue and idle:
                 actor, item = idle.popleft(), queue.popleft()
-                running[actor.render.remote(item.fields)] = (actor, item)
+                running[actor.encode.remote(item.fields, opts.format)] = (actor, item)
             if not running:  # every actor gave up restarting
                 fail_all(out, queue, "no Ray worker is left (they died and did not restart)", tick)
                 break
             [ref], _ = ray.wait(list(running), num_returns=1)
             actor, item = running.pop(ref)
             try:
-                video = ray.get(ref)
+                encoded = ray.get(ref)
             except RayActorError as err:  # the actor died (or is still restarting)
                 if item is None:  # a probe: still down; ask again unless it is gone for good
                     probes[actor] = probes.get(actor, 0) + 1
@@ -324,7 +333,7 @@ def run_ray(items: list[Item], out: Path, opts: BatchOptions, tick: OnResult) ->
             idle.append(actor)
             probes.pop(actor, None)
             if item is not None:
-                save_result(out, item, opts.format, video)
+                save_result(out, item, opts.format, encoded)
                 tick(item.id, "done")
     finally:
         for actor in actors:

@@ -277,6 +277,11 @@ def sidecar_path(path: str | Path) -> Path:
     return path.with_suffix(".json")
 
 
+def write_file(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` (e.g. a video encoded in another process) to ``path`` atomically."""
+    return _atomic_file(Path(path), lambda t: t.write_bytes(data))
+
+
 def write_sidecar(path: str | Path, info: dict) -> Path:
     """Write ``info`` as indented JSON to :func:`sidecar_path` (atomically); return that path."""
     text = json.dumps(info, indent=2, sort_keys=True, default=str) + "\n"
