@@ -166,6 +166,24 @@ def test_info_prints_parameters_and_memory(capsys, wan):
     assert 0 < decode["untiled_bytes"] < decode["cpu_free_bytes"] and decode["cpu_tile"] is None
 
 
+def test_info_estimates_a_long_clip_as_the_one_window_it_makes_at_a_time(capsys, wan):
+    """A long clip is made window by window (peak RSS 60 s / 4 s: 1.02), so info's estimate
+    of it is one window's, not the whole length's (it was 4x the 4 s one for kinema-tiny)."""
+    from kinema.loading import load
+
+    window = load(str(wan), device="cpu").window_frames
+    infos = []
+    for frames in (window, 4 * 40 + 1):
+        assert main(["info", str(wan), "--frames", str(frames), "--json"]) == 0
+        infos.append(json.loads(capsys.readouterr().out))
+    short, long = infos
+    assert long["request"]["window_frames"] == window < long["request"]["frames"]
+    assert long["peak_memory_bytes"] == short["peak_memory_bytes"]
+    assert long["decode"]["untiled_bytes"] == short["decode"]["untiled_bytes"]
+    assert main(["info", str(wan), "--frames", str(4 * 40 + 1)]) == 0
+    assert f"161 frames, made {window} at a time" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

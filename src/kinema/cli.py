@@ -291,7 +291,7 @@ def run_info(args: argparse.Namespace) -> int:
     width, height = args.size or (pipe.defaults.width, pipe.defaults.height)
     frames = pipe.defaults.frames if args.frames is None else args.frames
     check_shape(width, height, frames, pipe.spatial_factor, pipe.temporal_factor)
-    free = free_bytes("cpu")
+    free, window = free_bytes("cpu"), min(frames, pipe.window_frames)  # decoded window by window
     v = pipe.vae.config  # fp32, as the pipeline decodes on a CPU: an fp16 cache
     info = {
         "name": pipe.name,
@@ -303,15 +303,20 @@ def run_info(args: argparse.Namespace) -> int:
         },
         "defaults": dataclasses.asdict(pipe.defaults),
         "vocabulary": sorted(pipe.vocabulary) if pipe.vocabulary else None,  # None: open
-        "request": {"width": width, "height": height, "frames": frames},
+        "request": {
+            "width": width,
+            "height": height,
+            "frames": frames,
+            "window_frames": min(frames, pipe.window_frames),
+        },  # fmt: skip
         "peak_memory_bytes": {  # on a GPU in each dtype, and on a CPU
             key: estimate_peak_bytes(pipe, width, height, frames, dtype_bytes=n, device=device)
             for key, n, device in (("fp32", 4, "cuda"), ("bf16", 2, "cuda"), ("cpu_fp32", 4, "cpu"))
         },
         "decode": {  # on this machine's CPU: untiled, or the tile the pipeline would take
-            "untiled_bytes": vae_decode_bytes(v, width, height, frames, cache_nbytes=2),
+            "untiled_bytes": vae_decode_bytes(v, width, height, window, cache_nbytes=2),
             "cpu_free_bytes": free,
-            "cpu_tile": None if free is None else decode_tile(v, width, height, frames, free, 2),
+            "cpu_tile": None if free is None else decode_tile(v, width, height, window, free, 2),
         },
     }
     print(json.dumps(info, indent=2) if args.json else format_info(info))
@@ -329,7 +334,12 @@ def format_info(info: dict[str, Any]) -> str:
         f"{info['transformer']['num_heads'] * info['transformer']['head_dim']}",
         f"vae         {params['vae'] / 1e6:.1f} M parameters, z_dim {info['vae']['z_dim']}",
         f"defaults    {info['defaults']}",
-        f"request     {req['width']}x{req['height']}, {req['frames']} frames",
+        f"request     {req['width']}x{req['height']}, {req['frames']} frames"
+        + (
+            f", made {req['window_frames']} at a time"
+            if req["window_frames"] < req["frames"]
+            else ""
+        ),
     ]
     where = {"fp32": "GPU fp32", "bf16": "GPU bf16", "cpu_fp32": "CPU fp32"}
     lines += [f"peak memory {where[k]}: ~{gib(v)}" for k, v in info["peak_memory_bytes"].items()]

@@ -134,9 +134,11 @@ def estimate_peak_bytes(
     pipe: Any, width: int, height: int, frames: int, dtype_bytes: int, device: str | None = None
 ) -> int:
     """Estimated peak bytes for one request of ``pipe`` with weights of ``dtype_bytes`` on a
-    ``device`` of this type ("cpu", "cuda"; default: where ``pipe`` computes)."""
+    ``device`` of this type ("cpu", "cuda"; default: where ``pipe`` computes). A clip longer
+    than the model's window is made window by window, so it peaks as one window does."""
     from kinema.models.vae import LEAN_CACHE
 
+    frames = min(frames, pipe.window_frames)
     c, v = pipe.dit.config, pipe.vae.config
     vae_dtype = next(pipe.vae.parameters()).dtype
     cache_nbytes = LEAN_CACHE.get(vae_dtype, vae_dtype).itemsize

@@ -544,14 +544,19 @@ class Pipeline:
             tail = new if tail is None else np.concatenate([tail[-self.context_frames :], new])
             yield new, n
 
+    @property
+    def window_frames(self) -> int:
+        """The most frames made at once: a longer clip is made window by window (:meth:`plan`),
+        so this, not the clip's length, sizes the peak memory of text-/image-to-video and
+        extension (a video-to-video restyle is one pass over its source)."""
+        return max(self.defaults.frames, self.context_frames + self.temporal_factor)
+
     def plan(self, req: Request, extension: bool) -> list[timeline.Window]:
         """The windows of a request (one for a plain clip within the model's window)."""
         t = self.temporal_factor
-        window = max(self.defaults.frames, self.context_frames + t)
         return timeline.plan(
-            req.prompt, switches(req, t, extension), req.frames, window, self.context_frames,
-            req.seed,
-            has_tail=extension, temporal=t, switch=req.switch,
+            req.prompt, switches(req, t, extension), req.frames, self.window_frames,
+            self.context_frames, req.seed, has_tail=extension, temporal=t, switch=req.switch,
         )  # fmt: skip
 
     def window_condition(
