@@ -173,8 +173,8 @@ def test_info_estimates_a_long_clip_as_the_one_window_it_makes_at_a_time(capsys,
 
     window = load(str(wan), device="cpu").window_frames
     infos = []
-    for frames in (window, 4 * 40 + 1):
-        assert main(["info", str(wan), "--frames", str(frames), "--json"]) == 0
+    for length in (["--frames", str(window)], ["--seconds", "20", "--fps", "8"]):  # 161 frames
+        assert main(["info", str(wan), *length, "--json"]) == 0
         infos.append(json.loads(capsys.readouterr().out))
     short, long = infos
     assert long["request"]["window_frames"] == window < long["request"]["frames"]
@@ -190,6 +190,9 @@ def test_info_estimates_a_long_clip_as_the_one_window_it_makes_at_a_time(capsys,
         (["--size", "40x32"], "width 40 is not a multiple of 16; nearest valid: 48"),
         (["--frames", "0"], "frames 0 is not 4k+1"),
         (["--frames", "6"], "frames 6 is not 4k+1"),
+        (["--seconds", "inf"], "seconds inf must be > 0 (and finite)"),
+        (["--seconds", "2", "--fps", "0"], "fps 0 must be >= 1"),
+        (["--seconds", "2", "--frames", "9"], "not allowed with argument"),
     ],
 )
 def test_info_refuses_a_request_the_model_cannot_make(capsys, wan, args, message):

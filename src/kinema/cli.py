@@ -52,11 +52,7 @@ def add_generate(sub: Any) -> None:
     p.add_argument("-o", "--output", default=None, help="output file: .mp4 .gif .webp or folder/")
     p.add_argument("--model", default=None, help="model folder or name (default: kinema-tiny)")
     p.add_argument("--negative", default=None, help="negative prompt (used when guidance > 1)")
-    p.add_argument("--size", type=parse_size, default=None, help="WIDTHxHEIGHT, e.g. 128x128")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--frames", type=int, default=None, help="frame count, 4k+1")
-    length.add_argument("--seconds", type=float, default=None, help="duration in seconds")
-    p.add_argument("--fps", type=int, default=None)
+    add_shape_args(p)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (>= 1)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (>= 0)")
     p.add_argument("--shift", type=float, default=None, help="flow-matching schedule shift (> 0)")
@@ -271,11 +267,19 @@ def run_extend(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """--size, --frames or --seconds, --fps: a clip's shape (generate and info)."""
+    p.add_argument("--size", type=parse_size, default=None, help="WIDTHxHEIGHT, e.g. 128x128")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--frames", type=int, default=None, help="frame count, 4k+1")
+    length.add_argument("--seconds", type=float, default=None, help="duration in seconds")
+    p.add_argument("--fps", type=int, default=None)
+
+
 def add_info(sub: Any) -> None:
     p = sub.add_parser("info", help="config, parameters and peak-memory estimate of a model")
     p.add_argument("model", nargs="?", default=None)
-    p.add_argument("--size", type=parse_size, default=None)
-    p.add_argument("--frames", type=int, default=None)
+    add_shape_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run_info)
 
@@ -290,6 +294,9 @@ def run_info(args: argparse.Namespace) -> int:
     pipe = load(args.model, device="cpu", dtype="fp32")
     width, height = args.size or (pipe.defaults.width, pipe.defaults.height)
     frames = pipe.defaults.frames if args.frames is None else args.frames
+    if args.seconds is not None:
+        fps = pipe.defaults.fps if args.fps is None else args.fps
+        frames = timeline.clip_frames(args.seconds, fps, pipe.temporal_factor)
     check_shape(width, height, frames, pipe.spatial_factor, pipe.temporal_factor)
     free, window = free_bytes("cpu"), min(frames, pipe.window_frames)  # decoded window by window
     v = pipe.vae.config  # fp32, as the pipeline decodes on a CPU: an fp16 cache

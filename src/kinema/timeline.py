@@ -105,6 +105,8 @@ def new_frames(seconds: float, fps: float, temporal: int) -> int:
         raise ValueError(f"seconds {seconds!r} must be a number > 0")
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"seconds {seconds} must be > 0 (and finite)")
+    if not fps >= 1:
+        raise ValueError(f"fps {fps} must be >= 1")
     return max(1, round(seconds * fps / temporal)) * temporal
 
 
