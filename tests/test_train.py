@@ -586,3 +586,30 @@ def test_object_centred_crops_see_the_objects_more_often():
     same = torch.Generator().manual_seed(3)
     plain = random_crop(video, 32, 5, torch.Generator().manual_seed(3))
     assert torch.equal(plain, random_crop(video, 32, 5, same, 0.0))  # prob 0: unchanged stream
+
+
+def test_the_shipped_finetune_config_tunes_kinema_tiny_on_a_folder(tmp_path, monkeypatch):
+    """configs/finetune-my-videos.yaml as a user runs it (``kinema train ... --export``), made
+    small: its keys are valid, ``init_from: kinema-tiny`` names the built-in model, ``~`` in
+    a path is the home folder, and the export loads with open words (a folder's captions)."""
+    import yaml
+
+    from kinema.cli import main
+    from kinema.loading import load
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    make_video_folder(tmp_path / "my-videos")
+    shipped = Path(__file__).parents[1] / "configs" / "finetune-my-videos.yaml"
+    config = yaml.safe_load(shipped.read_text())
+    assert config["init_from"] == "kinema-tiny" and config["data"]["kind"] == "folder"
+    config["data"].update(root="~/my-videos", width=32, height=32, frames=9, fps=8)
+    config.update(out_dir="~/run", batch_size=1, max_steps=2, warmup_steps=1,
+                  checkpoint_every=1, sample_every=0, progress=False)  # fmt: skip
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", str(path), "--export", str(tmp_path / "mine")]) == 0
+    assert [r["step"] for r in read_log(tmp_path / "run")] == ["1", "2"]
+    tuned, tiny = load(str(tmp_path / "mine"), device="cpu"), load(device="cpu")
+    assert tuned.vocabulary is None and tiny.vocabulary  # a folder's captions: any words
+    assert not torch.equal(tuned.dit.proj_out.weight.float(), tiny.dit.proj_out.weight.float())
+    assert tuned.dit.config == tiny.dit.config

@@ -492,9 +492,10 @@ def add_train(sub: Any) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from kinema.train import export, load_train_config, train_dit
 
-    out_dir = train_dit(load_train_config(args.config))
+    config = load_train_config(args.config)
+    train_dit(config)  # exports to export_dir (or out_dir/model) as it ends
     if args.export and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 only
-        print(f"wrote {export(out_dir, args.export)}", file=sys.stderr)
+        print(f"wrote {export(config.out_dir, args.export)}", file=sys.stderr)
     return 0
 
 

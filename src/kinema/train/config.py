@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,13 +232,30 @@ def _nested_dataclass(annotation: Any) -> type | None:
     return found[0] if found else None
 
 
+# Keys whose values are paths: "~" in them is the user's home, as in a shell.
+PATH_KEYS = frozenset(
+    {"out_dir", "init_from", "vae", "export_vae", "export_dir", "text_encoder_path", "root",
+     "extra_caches"}
+)  # fmt: skip
+
+
+def expand_home(value: Any) -> Any:
+    """``~/x`` -> the home folder's ``x`` (in a string, or each string of a list)."""
+    if isinstance(value, str):
+        return os.path.expanduser(value)
+    if isinstance(value, list | tuple):
+        return [expand_home(v) for v in value]
+    return value
+
+
 def parse_config(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Build ``cls`` from a dict, nested dataclasses included; errors name the key path."""
+    """Build ``cls`` from a dict, nested dataclasses included; errors name the key path. Path
+    values (``PATH_KEYS``) may start with ``~``."""
     where = where or cls.__name__
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    built = dict(data)
+    built = {k: expand_home(v) if k in PATH_KEYS else v for k, v in data.items()}
     for key, value in data.items():
         sub = _nested_dataclass(hints[key]) if key in hints else None
         if sub is not None and isinstance(value, dict):

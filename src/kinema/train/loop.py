@@ -405,8 +405,11 @@ def exit_on_signal(signum: int | None, out_dir: str | Path) -> None:
 
 
 def component_folder(path: str | Path, component: str) -> Path:
-    """``path/component`` when ``path`` is a whole model folder, else ``path`` itself."""
-    path = Path(path)
+    """``path/component`` when ``path`` is a whole model folder (or the built-in model's
+    name, ``kinema-tiny``), else ``path`` itself."""
+    from kinema.loading import BUILTIN, resolve_model_path
+
+    path = resolve_model_path(path) if str(path) == BUILTIN else Path(path).expanduser()
     if not path.exists():
         raise ValueError(f"{path} does not exist (expected a model or {component} folder)")
     if (path / component).is_dir():
