@@ -224,3 +224,25 @@ def test_a_job_that_fails_mid_stream_leaves_no_file_behind(tmp_path, monkeypatch
     assert windows == [0, 9]  # window 1's frames went to the file before window 2 was made
     assert not list((tmp_path / "data" / "staging").iterdir())
     assert not (store.folder(second) / VIDEO_FILE).exists()
+
+
+def test_an_uploaded_photo_stands_as_its_exif_orientation_says(tmp_path):
+    """A phone photo is stored sideways with an EXIF orientation; the API reads it upright,
+    as the CLI does (it was kept sideways)."""
+    import io
+
+    from PIL import Image
+
+    from kinema.io.video import read_image
+    from kinema.serve.media import check_image
+
+    stored = np.zeros((20, 40, 3), np.uint8)  # 40 wide, 20 high, left half red
+    stored[:, :20, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format="PNG", exif=exif)
+    upright = np.asarray(check_image(buf.getvalue(), max_pixels=10_000))
+    assert upright.shape == (40, 20, 3) and upright[:20, :, 0].min() > 200  # red on top
+    (tmp_path / "photo.png").write_bytes(buf.getvalue())
+    assert np.array_equal(read_image(tmp_path / "photo.png"), upright)  # the CLI's reading

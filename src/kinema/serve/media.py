@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 THUMBNAIL = "thumbnail.webp"
 SPRITESHEET = "spritesheet.jpg"
@@ -66,14 +66,16 @@ def decode_data_url(url: str) -> bytes:
 
 
 def check_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode ``data`` fully as an image (RGB); ValueError if it is not one or is too large."""
+    """Decode ``data`` fully as an image (RGB, EXIF orientation applied, as the CLI reads
+    images: a phone photo stands as it was taken); ValueError if it is not one or is too
+    large."""
     try:
         img = Image.open(io.BytesIO(data))
         w, h = img.size
         if w * h > max_pixels:
             raise Rejected(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
         img.load()
-        return img.convert("RGB")
+        return ImageOps.exif_transpose(img).convert("RGB")
     except Rejected:
         raise
     except Exception as err:  # Pillow raises many kinds (UnidentifiedImageError, OSError, ...)
