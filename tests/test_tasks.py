@@ -217,6 +217,15 @@ def test_image_condition_is_kept_in_the_first_latent_frame(pipe, monkeypatch):
     assert torch.allclose(cond.latents[:, :, :1], given)
 
 
+def test_a_pil_image_in_any_mode_is_the_same_condition_as_its_pixels(pipe):
+    from PIL import Image
+
+    image = clip(1)[0]
+    want = pipe.generate("a cat", frames=5, image=image, **BASE).frames
+    rgba = Image.fromarray(image).convert("RGBA")  # e.g. a PNG with alpha, opened by the user
+    assert np.array_equal(pipe.generate("a cat", frames=5, image=rgba, **BASE).frames, want)
+
+
 def test_video_to_video_follows_source_length_and_strength(pipe):
     source = clip(13)
     weak = pipe.generate("a cat", video=source, strength=0.01, **BASE)

@@ -19,9 +19,14 @@ from kinema.io.video import probe, read_image, read_video, resize_center_crop
 
 
 def read_image_any(image: Any) -> np.ndarray:
-    """A path or uint8 array (H, W, 3) -> uint8 array (H, W, 3)."""
+    """A path, a PIL image (any mode; EXIF orientation applied, as for a file) or a uint8
+    array (H, W, 3) -> uint8 array (H, W, 3)."""
+    from PIL import Image, ImageOps
+
     if isinstance(image, str | Path):
         return read_image(image)
+    if isinstance(image, Image.Image):
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
     arr = np.asarray(image)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"image array must be uint8 (H, W, 3), got {arr.dtype} {arr.shape}")
