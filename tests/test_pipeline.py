@@ -74,12 +74,29 @@ def test_determinism_and_sidecar(tmp_path):
         (dict(guidance=-1.0), "guidance -1.0 must be >= 0"),
         (dict(seed=-3), "seed -3 must be in"),
         (dict(sampler="ddim"), "unknown sampler 'ddim'"),
+        (dict(seed=1.5), "seed must be an integer, got 1.5"),  # was torch's RuntimeError
+        (dict(width="128"), "width must be an integer, got '128'"),  # was a TypeError
+        (dict(frames=9.0), "frames must be an integer, got 9.0"),
+        (dict(guidance="3"), "guidance must be a number, got '3'"),
+        (dict(steps=True), "steps must be an integer, got True"),
+        (dict(sampler=3), "sampler must be a string, got int"),
+        (dict(prompts=[(1.0,)]), r"prompts must be \(seconds, prompt\) pairs.*got \(1.0,\)"),
+        (dict(prompts=[("1", "b")]), r"prompts must be \(seconds, prompt\) pairs"),
     ],
 )
 def test_bad_requests_name_the_value(tmp_path, bad, message):
     pipe = kinema.load(build_wan_folder(tmp_path / "wan"), device="cpu")
     with pytest.raises(ValueError, match=message):
         pipe.generate("x", **{**SETTINGS, **bad})
+
+
+def test_numpy_scalars_are_taken_as_python_numbers():
+    from kinema.pipeline import Request
+
+    req = Request("x", seed=np.int64(3), frames=np.int32(9), guidance=np.float32(2.5),
+                  prompts=[[np.float64(0.5), "y"]])  # fmt: skip
+    assert (req.seed, req.frames, req.guidance, req.prompts) == (3, 9, 2.5, ((0.5, "y"),))
+    assert type(req.seed) is int and type(req.guidance) is float
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])

@@ -73,8 +73,23 @@ class Request:
     cache: float | None = None  # step-cache threshold (kinema.sampling.cache); 0: off
     contrast: float | None = None  # blended timed prompts: guidance away from the next prompt
 
-    def __post_init__(self) -> None:  # timed prompts as given by JSON: [[seconds, prompt], ...]
-        timed = tuple((float(t), str(p)) for t, p in self.prompts)
+    def __post_init__(self) -> None:
+        """Refuse a value of the wrong type by name (a float seed, a "128" width); timed
+        prompts may come as JSON gives them, ``[[seconds, prompt], ...]``."""
+        for name in INTEGER_FIELDS:
+            if (v := getattr(self, name)) is not None and not _integer(v):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+            if isinstance(v, np.integer):  # numpy scalars become Python's (torch's seeds)
+                object.__setattr__(self, name, int(v))
+        for name in NUMBER_FIELDS:
+            if (v := getattr(self, name)) is not None and not _number(v):
+                raise ValueError(f"{name} must be a number, got {v!r}")
+            if isinstance(v, np.number):
+                object.__setattr__(self, name, v.item())
+        for name in TEXT_FIELDS:
+            if (v := getattr(self, name)) is not None and not isinstance(v, str):
+                raise ValueError(f"{name} must be a string, got {type(v).__name__}")
+        timed = tuple(_timed_pair(item) for item in self.prompts)
         object.__setattr__(self, "prompts", timed)
 
     def resolved(self, defaults: SamplingDefaults) -> Request:
@@ -186,8 +201,30 @@ def validate(req: Request, spatial: int, temporal: int, extension: bool = False)
     switches(req, temporal, extension)  # raises on prompt times outside the clip or out of order
 
 
+INTEGER_FIELDS = ("width", "height", "frames", "steps", "seed")
+NUMBER_FIELDS = ("fps", "guidance", "shift", "strength")  # fps: 29.97 too; cache, contrast:
+# validate() says more (their range and what 0 means)
+TEXT_FIELDS = ("negative_prompt", "sampler", "switch")  # prompt: validate() names it
+
+
 def _number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def _timed_pair(item: Any) -> tuple[float, str]:
+    """A timed prompt ``(seconds, prompt)``; ValueError naming the valid form otherwise."""
+    if (
+        not isinstance(item, list | tuple) or len(item) != 2 or not _number(item[0])
+        or not isinstance(item[1], str)
+    ):  # fmt: skip
+        raise ValueError(
+            f"prompts must be (seconds, prompt) pairs, e.g. (1.0, 'a dog'); got {item!r}"
+        )
+    return float(item[0]), item[1]
 
 
 def switches(req: Request, temporal: int, extension: bool = False) -> list[tuple[int, str]]:

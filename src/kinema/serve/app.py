@@ -445,6 +445,12 @@ def fmt_seconds(seconds: float) -> str:
     return f"{round(seconds, 3):g}"
 
 
+def span(frames: int, fps: float) -> float:
+    """A clip's length as ``seconds`` means it: from its first frame to its last (a clip of
+    "2" at 16 fps is 33 frames; a 1 s clip extended by 1 s is "2")."""
+    return (frames - 1) / fps
+
+
 def kinema_settings(body: BaseModel) -> dict[str, Any]:
     """The Request fields given in ``body`` (cache only where the pipeline has it); ``at``
     becomes the Request's ``prompts``, [[seconds, prompt], ...]."""
@@ -559,12 +565,10 @@ class Service:
             message = str(err).replace(f"{self.job_dir(draft.folder)}{os.sep}", "")
             raise bad(param_of(message), message) from err
         if draft.spec.kind == "extend":  # the stitched total: source plus new frames
-            draft.seconds = fmt_seconds((len(inputs["extend"]) + resolved.frames) / resolved.fps)
-        elif (span := (resolved.frames - 1) / resolved.fps) > self.settings.max_seconds:
-            # e.g. a long upload; span: first to last frame, what "seconds" asks for (a clip of
-            # "60" is 961 frames at 16 fps: its first frame, then 60 s)
-            param = "seconds" if draft.spec.kind == "generate" else "video"
-            raise bad(param, f"{param}: {span:g} s is over the limit "
+            draft.seconds = fmt_seconds(span(len(inputs["extend"]) + resolved.frames, resolved.fps))
+        elif (length := span(resolved.frames, resolved.fps)) > self.settings.max_seconds:
+            param = "seconds" if draft.spec.kind == "generate" else "video"  # a long upload
+            raise bad(param, f"{param}: {length:g} s is over the limit "
                       f"of {self.settings.max_seconds:g} s")  # fmt: skip
         return self.queue(draft, replace(draft.spec, warnings=said), resolved)
 
@@ -573,7 +577,7 @@ class Service:
         return type_of_request()(prompt=draft.spec.prompt, **draft.spec.settings, **files)
 
     def queue(self, draft: Draft, spec: JobSpec, resolved: Any) -> Job:
-        seconds = draft.seconds or fmt_seconds(resolved.frames / resolved.fps)
+        seconds = draft.seconds or fmt_seconds(span(resolved.frames, resolved.fps))
         job = Job(
             seq=0, id=new_video_id(), folder=draft.folder, status="queued", progress=0,
             created_at=int(time.time()), completed_at=None, expires_at=None,
@@ -683,7 +687,7 @@ class Service:
 
 def model_defaults(pipe: Any) -> dict[str, Any]:
     d = pipe.defaults
-    return {"size": f"{d.width}x{d.height}", "seconds": fmt_seconds(d.frames / d.fps),
+    return {"size": f"{d.width}x{d.height}", "seconds": fmt_seconds(span(d.frames, d.fps)),
             "fps": d.fps, "steps": d.steps, "guidance": d.guidance,
             "size_multiple": pipe.spatial_factor}  # fmt: skip
 
