@@ -97,3 +97,49 @@ def sidecar(tmp_path, prompt: str) -> dict:
     found = [json.loads(p.read_text()) for p in (tmp_path / "data" / "jobs").glob("*/video.json")]
     (info,) = [i for i in found if i["prompt"] == prompt]
     return info
+
+
+def test_a_video_of_ones_own_is_restyled_or_continued(tmp_path, browser):
+    """The form's video upload goes to /v1/videos/edits (restyle, with strength) or
+    /v1/videos/extensions (continue by the Seconds field); a start image beside it is refused
+    on the page, before anything is sent."""
+    from tests.serve_helpers import mp4_bytes, png_bytes
+
+    model = build_tiny_model(tmp_path / "tiny")
+    clip = tmp_path / "mine.mp4"
+    mp4_bytes(clip, frames=9, size=32, fps=8)  # 9 frames at 8 fps: 1 s
+    image = tmp_path / "start.png"
+    image.write_bytes(png_bytes())
+    with Server(model, tmp_path / "data") as server:
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('size').value === '32x32'")
+        page.set_input_files("#video", str(clip))
+        page.set_input_files("#image", str(image))
+        page.fill("#prompt", "both")
+        page.click("#submit")
+        page.wait_for_function(
+            "document.getElementById('message').textContent.includes('not both')"
+        )
+        page.set_input_files("#image", [])
+        for mode, prompt in (("restyle", "a blue ball, restyled"), ("extend", "it goes on")):
+            page.select_option("#video-mode", mode)
+            page.fill("#prompt", prompt)
+            page.fill("#strength", "0.5")
+            page.fill("#seconds", "1")
+            page.click("#submit")
+            page.wait_for_selector(f'#gallery li[data-status="completed"] >> text="{prompt}"',
+                                   timeout=120_000)  # fmt: skip
+        restyled, extended = (
+            sidecar(tmp_path, "a blue ball, restyled"),
+            sidecar(tmp_path, "it goes on"),
+        )
+        assert restyled["strength"] == 0.5 and restyled["frames"] == 9 and restyled["video"]
+        assert extended["extend"] and extended["frames"] == 8  # 1 s of new frames at 8 fps
+        assert "both" not in [
+            json.loads(p.read_text())["prompt"]
+            for p in (tmp_path / "data" / "jobs").glob("*/video.json")
+        ]
+        assert not errors

@@ -62,18 +62,37 @@ function withTimedPrompts(fields) {
   return at.length ? { ...fields, at } : fields;
 }
 
-function formBody() {
+// the form's fields by API name -> element id
+const FIELDS = { negative_prompt: "negative", size: "size", seconds: "seconds", seed: "seed",
+                 steps: "steps", strength: "strength" };
+
+// where the form goes: a new video (maybe from the start image), or the user's own video
+// restyled (edits) or continued (extensions); each endpoint takes its own fields
+function target() {
+  const image = $("image").files[0], video = $("video").files[0];
+  if (image && video) throw new Error("give a start image or a video of yours, not both");
+  if (!video) {
+    return { path: "/v1/videos", file: ["input_reference", image],
+             fields: ["negative_prompt", "size", "seconds", "seed", "steps"] };
+  }
+  if ($("video-mode").value === "extend") {
+    return { path: "/v1/videos/extensions", file: ["video", video],
+             fields: ["negative_prompt", "seconds", "seed", "steps"] };
+  }
+  return { path: "/v1/videos/edits", file: ["video", video],
+           fields: ["negative_prompt", "size", "seed", "steps", "strength"] };
+}
+
+function formBody(to) {
   const body = new FormData();
   body.append("prompt", $("prompt").value);
-  const fields = { negative_prompt: "negative", size: "size", seconds: "seconds", seed: "seed",
-                   steps: "steps" };
-  for (const [name, id] of Object.entries(fields)) {
-    const value = $(id).value.trim();
+  for (const name of to.fields) {
+    const value = $(FIELDS[name]).value.trim();
     if (value) body.append(name, value);
   }
   for (const line of timedPrompts()) body.append("at[]", line);
-  const image = $("image").files[0];
-  if (image) body.append("input_reference", image, image.name);
+  const [name, file] = to.file;
+  if (file) body.append(name, file, file.name);
   return body;
 }
 
@@ -81,7 +100,8 @@ async function submit(event) {
   event.preventDefault();
   say("");
   try {
-    const video = await (await api("/v1/videos", { method: "POST", body: formBody() })).json();
+    const to = target();
+    const video = await (await api(to.path, { method: "POST", body: formBody(to) })).json();
     track(video);
     refreshGallery();
   } catch (err) { say(err.message); }
