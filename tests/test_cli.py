@@ -273,3 +273,11 @@ def test_devices_two_relaunches_under_torchrun_and_matches(tmp_path, wan):
     a, _ = read_video(tmp_path / "one")
     b, _ = read_video(tmp_path / "two")
     assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_version(capsys):
+    import kinema
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"kinema {kinema.__version__}\n"

@@ -510,7 +510,10 @@ def run_train_vae(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> Parser:
+    from kinema import __version__
+
     parser = Parser(prog="kinema", description="kinema: open video generation")
+    parser.add_argument("--version", action="version", version=f"kinema {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     from kinema.distributed.cli import add_batch
     from kinema.serve.cli import add_serve
