@@ -52,6 +52,11 @@ def test_read_requests_records_bad_lines(tmp_path: Path) -> None:
     assert "prompt" in items[5].error
     with pytest.raises(ValueError, match="not found"):
         read_requests(tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match="is a folder: give a JSON-lines file"):
+        read_requests(tmp_path)
+    (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        read_requests(tmp_path / "binary.jsonl")
 
 
 def test_local_batch_is_resumable(tmp_path: Path, tiny_model: Path) -> None:

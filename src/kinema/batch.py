@@ -110,10 +110,16 @@ def parse_line(text: str, line_no: int) -> Item:
 def read_requests(path: str | Path) -> list[Item]:
     """Every non-blank line of a JSON-lines file; a repeated id makes the later one fail."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"requests file {str(path)!r} is a folder: give a JSON-lines file")
     if not path.is_file():
         raise ValueError(f"requests file {str(path)!r} not found")
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"requests file {str(path)!r} is not UTF-8 text ({err.reason})") from None
     items, seen = [], set()
-    for n, text in enumerate(path.read_text().splitlines(), start=1):
+    for n, text in enumerate(lines, start=1):
         if not text.strip():
             continue
         item = parse_line(text, n)
