@@ -71,17 +71,29 @@ def test_bad_generate_input(capsys, tmp_path, wan, args, message):
     assert not out.exists() and not list(tmp_path.glob("*.mp4")) and "Traceback" not in err
 
 
-def test_extend_keeps_the_source_and_adds_the_seconds(capsys, tmp_path, wan):
+@pytest.mark.parametrize(
+    "kind, count, fps, new, out_fps",  # new: 1 s of frames, a multiple of 4, at out_fps
+    [("src", 9, 8, 8, 8), ("src.gif", 33, 16, 16, 17), ("src.webp", 9, 17, 16, 17)],
+)
+def test_extend_keeps_the_source_and_adds_the_seconds(
+    capsys, tmp_path, wan, kind, count, fps, new, out_fps
+):
+    """The source frames come out as they went in. A GIF written at 16 fps plays at 16.67
+    (its 6 cs delay) and was read at 17 fps for the extension, repeating a frame; a 17 fps
+    WebP (59 ms frames) read back one frame more than it held."""
     from kinema.io.video import read_video, write_video
 
-    source = np.random.default_rng(0).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
-    src = write_video(tmp_path / "src", source, fps=8)  # a folder of PNGs: lossless
+    clip = np.random.default_rng(0).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+    src = write_video(tmp_path / kind, clip, fps=fps)  # src: a folder of PNGs (lossless)
+    source, _ = read_video(src)  # as decoded: GIF and WebP are lossy
+    assert len(source) == count
     out = tmp_path / "longer"
     argv = ["extend", str(src), "--prompt", "a cat", "--seconds", "1", "--model", str(wan),
             "-o", str(out), "--steps", "2"]  # fmt: skip
     assert main(argv) == 0
-    frames, fps = read_video(out)
-    assert fps == 8 and len(frames) == 9 + 8 and np.array_equal(frames[:9], source)
+    frames, written_fps = read_video(out)
+    assert written_fps == out_fps and len(frames) == count + new
+    assert np.array_equal(frames[:count], source)
 
 
 @pytest.mark.parametrize(

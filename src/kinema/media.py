@@ -77,8 +77,10 @@ def source_video(req: Any, temporal: int, size: tuple[int, int]) -> tuple[Any, n
 
 
 def extension_source(req: Any, context: int, spatial: int) -> tuple[Any, np.ndarray]:
-    """Extension: the source clip as it is (its size and, unless given, its fps)."""
-    frames, fps = read_video_any(req.extend, fps=req.fps)
+    """Extension: the source clip as it is, its frames never resampled (a 16.67 fps GIF read
+    at 17 fps would repeat a frame), at its size; the request's fps (else the source's,
+    rounded) times the new frames and the file."""
+    frames, fps = read_video_any(req.extend)
     if len(frames) < context:
         raise ValueError(
             f"video to extend has {len(frames)} frames; at least {context} are needed as context"

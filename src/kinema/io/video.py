@@ -452,9 +452,10 @@ class _Source(NamedTuple):
     """An opened video: its timeline from about ``start`` and its timing facts."""
 
     timeline: Timeline
-    fps: float  # native frame rate
+    fps: float  # native frame rate (as reported: a GIF/WebP delay's rate snapped to whole fps)
     last_duration: float  # seconds the last frame is shown
     constant_rate: bool  # False: keep decoded frames as they are when no fps is asked
+    step: float = 0.0  # seconds between native frames, where fps is snapped (0: 1 / fps)
 
 
 @contextmanager
@@ -467,8 +468,9 @@ def _open_source(path: Path, start: float) -> Iterator[_Source]:
     elif path.suffix.lower() in PILLOW_SUFFIXES:
         with _open_pillow(path) as image:
             durations = _pillow_durations(image)
-            fps = _snap_fps(min(durations))
-            yield _Source(_pillow_timeline(image, durations), fps, durations[-1], True)
+            step = min(durations)  # held frames (encoders merge repeats) come out repeated
+            timeline = _pillow_timeline(image, durations)
+            yield _Source(timeline, _snap_fps(step), durations[-1], True, step)
     else:
         with _open_av(path) as container:
             fps = _stream_fps(container.streams.video[0])
@@ -483,8 +485,8 @@ def _read_timed(
         with _open_source(path, start) as source:
             if fps is None and start == 0 and not source.constant_rate:
                 picked = [frame for _, frame in _take(source.timeline, count)]
-            else:
-                rate = fps or source.fps
+            else:  # native: at the frames' own spacing (59 ms WebP frames are not 17 fps's)
+                rate = fps or (1 / source.step if source.step else source.fps)
                 picked = _resample(source.timeline, start, rate, count, source.last_duration)
             return _stack(picked, path), fps or source.fps
     except (OSError, EOFError, av.FFmpegError) as e:
