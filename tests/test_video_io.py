@@ -205,3 +205,29 @@ def test_resize_center_crop_shapes_and_errors():
         resize_center_crop(same, 0, 4)
     with pytest.raises(ValueError, match="must be uint8"):
         resize_center_crop(same.astype(np.float32), 4, 4)
+
+
+@pytest.mark.parametrize("degrees, turns", [(90, 1), (-90, 3), (180, 2)])
+def test_a_rotated_phone_video_is_read_upright(tmp_path, degrees, turns):
+    """Phones store portrait video landscape with a display matrix; kinema reads it as players
+    show it. ``turns`` (np.rot90's k) is what ffmpeg's autorotate gave for each rotation,
+    checked side by side with the ffmpeg 5.1 command line when this was written."""
+    from kinema.io.video import probe, read_clip
+
+    stored = np.zeros((32, 64, 3), np.uint8)  # 64 wide, 32 high: left half red, top rows blue
+    stored[:, :32, 0], stored[:8, :, 2] = 255, 255
+    path = tmp_path / "phone.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=16)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.set_display_rotation(degrees)  # counter-clockwise, as VideoFrame.rotation reads
+        for _ in range(5):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")))
+        container.mux(stream.encode())
+    frames, _ = read_video(path)
+    want = np.rot90(stored, turns)
+    assert frames.shape == (5, *want.shape)
+    assert np.abs(frames.astype(int) - want).mean() < 4  # H.264's error only
+    info = probe(path)
+    assert (info.height, info.width) == want.shape[:2]
+    assert read_clip(path, start=0.0, frames=2, fps=16).shape == (2, *want.shape)

@@ -60,7 +60,7 @@ class VideoInfo:
     """What :func:`probe` learns from a file's headers without decoding it all.
 
     Attributes:
-        width, height: frame size in pixels.
+        width, height: frame size in pixels, as shown (a rotated phone video's turned).
         frames: frame count (from the header, or ``duration * fps`` when the header has none).
         fps: the native frame rate.
         duration: length in seconds.
@@ -426,10 +426,18 @@ def _resample(
     return picked
 
 
+def upright(pixels: np.ndarray, rotation: float) -> np.ndarray:
+    """A decoded (H, W, 3) frame turned as its display matrix says (``rotation``: degrees
+    counter-clockwise, PyAV's ``VideoFrame.rotation``), as players and ffmpeg's autorotate
+    show it: a phone's portrait video stands upright."""
+    k = round(rotation / 90) % 4
+    return np.ascontiguousarray(np.rot90(pixels, k)) if k else pixels
+
+
 def _to_rgb(frame: Any) -> np.ndarray:
-    """An av.VideoFrame, PIL image or image path as an (H, W, 3) uint8 array."""
+    """An av.VideoFrame (turned upright), PIL image or image path as (H, W, 3) uint8."""
     if isinstance(frame, av.VideoFrame):
-        return frame.to_ndarray(format="rgb24")
+        return upright(frame.to_ndarray(format="rgb24"), frame.rotation)
     if isinstance(frame, Path):
         with Image.open(frame) as image:
             return np.asarray(image.convert("RGB"))
@@ -585,7 +593,10 @@ def _probe_av(path: Path) -> VideoInfo:
             duration = (container.duration or 0) / av.time_base
         frames = stream.frames or max(1, round(duration * fps))
         name = stream.codec_context.name
-        return VideoInfo(stream.width, stream.height, frames, fps, duration, name)
+        first = next(container.decode(stream), None)  # the display matrix rides on frames
+        turned = first is not None and round(first.rotation / 90) % 2 == 1
+        w, h = (stream.height, stream.width) if turned else (stream.width, stream.height)
+        return VideoInfo(w, h, frames, fps, duration, name)
 
 
 def _probe_pillow(path: Path) -> VideoInfo:
