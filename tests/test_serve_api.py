@@ -377,6 +377,8 @@ def test_cli_binds_loopback_by_default(tmp_path):
     assert settings.model_id == "kinema-tiny" and settings.data_dir == tmp_path
     with pytest.raises(ValueError, match="--max-queue 0 must be > 0"):
         settings_from_args(parser.parse_args(["serve", "--max-queue", "0"]))
+    with pytest.raises(ValueError, match="--max-seconds nan must be > 0"):  # it served
+        settings_from_args(parser.parse_args(["serve", "--max-seconds", "nan"]))
     assert settings.offload == "none" and not settings.compile
     assert settings_from_args(parser.parse_args(["serve", "--compile"])).compile
     assert settings_from_args(parser.parse_args(["serve", "--offload", "block"])).offload == "block"
@@ -387,3 +389,28 @@ def test_cli_binds_loopback_by_default(tmp_path):
     )
     with pytest.raises(ValueError, match="--offload 'all'; valid: none, model, block"):
         settings_from_args(parser.parse_args(["serve", "--offload", "all"]))
+
+
+def test_serve_refuses_an_address_it_cannot_listen_on_before_loading(tmp_path):
+    """An unknown host or a port another server holds: one line and exit code 2 before the
+    model loads (uvicorn said it after loading, with exit code 1 or 3)."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.serve_helpers import ROOT
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        for args, message in (
+            (["--port", str(port)], "Address already in use (another server holds it"),
+            (["--host", "999.1.1.1"], "--host '999.1.1.1' is not an address here"),
+        ):
+            done = subprocess.run(
+                [sys.executable, "-m", "kinema", "serve", "--data-dir", str(tmp_path), *args],
+                capture_output=True, text=True, cwd=ROOT, timeout=60,
+            )  # fmt: skip
+            assert done.returncode == 2 and message in done.stderr, done.stderr
+            assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr

@@ -7,8 +7,11 @@ Wired into ``kinema.cli`` with ``add_serve(sub)``; also runnable alone as
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
+import math
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,8 +50,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"port {args.port} must be in 0..65535")
     for name in ("max_queue", "max_upload_mb", "max_seconds", "retention_hours"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be > 0")
+        if not math.isfinite(value := getattr(args, name)) or value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} {value} must be > 0 (and finite)")
     from kinema.offload import check_policy
 
     check_policy(args.offload, "--offload")
@@ -64,6 +67,25 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     )  # fmt: skip
 
 
+def check_address(host: str, port: int) -> None:
+    """Raise ValueError unless this machine can listen on ``host``:``port`` (an unknown host,
+    or a port another server holds), before the model is loaded."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise ValueError(f"--host {host!r} is not an address here ({err.strerror})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            probe.bind(address)
+        except OSError as err:
+            taken = err.errno == errno.EADDRINUSE
+            hint = "another server holds it: choose another --port" if taken else (
+                "is --host an address of this machine?"
+            )  # fmt: skip
+            raise ValueError(f"cannot listen on {host}:{port}: {err.strerror} ({hint})") from None
+
+
 def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -77,6 +99,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from kinema.serve.app import create_app
 
     settings = settings_from_args(args)
+    check_address(args.host, args.port)
     if not is_loopback(args.host) and settings.api_key is None:
         print(f"kinema: warning: serving on {args.host} without --api-key", file=sys.stderr)
     app = create_app(settings)
