@@ -35,6 +35,17 @@ def clip(frames: int = 9, size: int = 32) -> np.ndarray:
     return rng.integers(0, 255, (frames, size, size, 3), dtype=np.uint8)
 
 
+def smooth(frames: int, size: int = 32) -> np.ndarray:
+    """A square sliding right over a gradient: a clip a VAE can carry (random pixels it
+    cannot)."""
+    y, x = np.mgrid[:size, :size]
+    video = np.zeros((frames, size, size, 3), np.uint8)
+    video[..., 2] = (4 * x + 2 * y)[None] % 256
+    for t in range(frames):
+        video[t, 10:20, t : t + 10, 0] = 230
+    return video
+
+
 class Recorder:
     """Wraps a real component and records what it was called with."""
 
@@ -227,11 +238,11 @@ def test_a_pil_image_in_any_mode_is_the_same_condition_as_its_pixels(pipe):
 
 
 def test_video_to_video_follows_source_length_and_strength(pipe):
-    source = clip(13)
+    source = clip(9)  # one window of this model
     weak = pipe.generate("a cat", video=source, strength=0.01, **BASE)
     strong = pipe.generate("a cat", video=source, strength=1.0, **BASE)
-    assert len(weak.frames) == 13 and weak.info["strength"] == 0.01
-    plain = pipe.run(Request("a cat", frames=13, **BASE))
+    assert len(weak.frames) == 9 and weak.info["strength"] == 0.01
+    plain = pipe.run(Request("a cat", frames=9, **BASE))
     roundtrip = pipe.decode(pipe.encode(source))
     rt = ((roundtrip[0].permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
     weak_err = np.abs(weak.frames.astype(int) - rt.astype(int)).mean()
@@ -241,23 +252,47 @@ def test_video_to_video_follows_source_length_and_strength(pipe):
 
 
 def test_video_to_video_switches_prompts_per_latent_frame(pipe, monkeypatch):
-    """A restyle is one pass over the whole source: its timed prompts blend per latent frame,
-    checked before anything runs (``prepare``), as every request's are."""
+    """A restyle's timed prompts blend per latent frame, checked before anything runs
+    (``prepare``), as every request's are."""
     denoise = Recorder(pipe.denoise)
     monkeypatch.setattr(pipe, "denoise", denoise)
-    timed = ((1.0, "second"),)
-    video = pipe.generate("first", video=clip(13), fps=8, prompts=timed, **BASE)
+    timed = ((0.5, "second"),)
+    video = pipe.generate("first", video=clip(9), fps=8, prompts=timed, **BASE)
     tokens = pipe.text_encoder.encode(["first", "second"])[0]  # (2, L, D)
-    (context,) = (call[3][0] for call in denoise.calls)  # one pass
-    # 13 frames at 8 fps: latent frames start at 0, 1, 5, 9; the switch at 1 s is frame 8
-    torch.testing.assert_close(context[0], tokens[[0, 0, 0, 1]].to(context.dtype))
+    (context,) = (call[3][0] for call in denoise.calls)  # one window
+    # 9 frames at 8 fps: latent frames start at 0, 1, 5; the switch at 0.5 s is frame 4
+    torch.testing.assert_close(context[0], tokens[[0, 0, 1]].to(context.dtype))
     neighbours = denoise.calls[0][3][2]
-    torch.testing.assert_close(neighbours[0], tokens[[1, 1, 1, 0]].to(context.dtype))
-    assert video.info["prompts"] == [[1.0, "second"]] and len(video.frames) == 13
+    torch.testing.assert_close(neighbours[0], tokens[[1, 1, 0]].to(context.dtype))
+    assert video.info["prompts"] == [[0.5, "second"]] and len(video.frames) == 9
     with pytest.raises(ValueError, match="prompt time 2 s is outside the clip"):
         pipe.prepare(Request("x", video=clip(13), fps=8, prompts=((2.0, "late"),), **BASE))
-    with pytest.raises(ValueError, match="video-to-video restyles the source in one pass"):
+    with pytest.raises(ValueError, match="video-to-video restyles the source frame for frame"):
         pipe.prepare(Request("x", video=clip(13), prompts=timed, switch="cut", **BASE))
+
+
+def test_a_long_source_is_restyled_window_by_window(pipe, monkeypatch):
+    """A source longer than the model's window (9 frames here) is restyled as a long video is
+    made: the first window is the restyle of its first 9 frames alone; each later one is
+    given the last 5 restyled frames clean and goes on with the source's next frames, and no
+    decode is longer than a window (it was one pass over the whole source)."""
+    source = smooth(21)
+    decode, one_window = Recorder(pipe.vae.decode), Recorder(pipe.one_window)
+    monkeypatch.setattr(pipe.vae, "decode", decode)
+    monkeypatch.setattr(pipe, "one_window", one_window)
+    long = pipe.generate("a cat", video=source, strength=0.5, **BASE)
+    assert len(long.frames) == 21 and len(one_window.calls) == 4  # 9, then 4 new each
+    assert max(args[0].shape[2] for args in decode.calls) == 3  # latent frames: one window
+    head = pipe.generate("a cat", video=source[:9], strength=0.5, **BASE)
+    assert np.array_equal(long.frames[:9], head.frames)
+    _, window, cond, _, _, chunk = one_window.calls[1]
+    assert (window.context, window.frames) == (5, 9)
+    assert np.array_equal(chunk[:5], long.frames[4:9])  # the restyled frames, not the source's
+    assert np.array_equal(chunk[5:], source[9:13])
+    assert cond.mask.tolist() == [True, True, False]  # 5 frames: 2 latent frames given
+    torch.testing.assert_close(cond.latents[:, :, :2], pipe.encode(long.frames[4:9]))
+    err = np.abs(long.frames.astype(int) - source.astype(int)).mean(axis=(1, 2, 3))
+    assert err[9:].mean() < 2 * err[:9].mean() + 5  # later windows follow the source too
 
 
 def test_request_takes_timed_prompts_as_json_gives_them():

@@ -487,7 +487,7 @@ class Pipeline:
         """The output in order, as (frames (T, H, W, 3) uint8, DiT evaluations) pieces: a
         video-to-video clip whole, else window by window (:meth:`windows`)."""
         if req.video is not None:
-            yield self.restyle(req, media["video"], clock, progress)
+            yield from self.restyle(req, media["video"], clock, progress)
         else:
             yield from self.windows(req, media, clock, progress)
 
@@ -518,8 +518,8 @@ class Pipeline:
             req = dataclasses.replace(req, strength=req.strength or 0.7)
             if req.prompts and req.switch == "cut":
                 raise ValueError(
-                    "switch 'cut' ends windows early; video-to-video restyles the source in one "
-                    "pass, so its timed prompts blend: use blend"
+                    "switch 'cut' ends windows early; video-to-video restyles the source frame "
+                    "for frame, so its timed prompts blend: use blend"
                 )
         if req.extend is not None:
             extend = _media().extension_source(req, self.context_frames, self.spatial_factor)
@@ -583,9 +583,8 @@ class Pipeline:
 
     @property
     def window_frames(self) -> int:
-        """The most frames made at once: a longer clip is made window by window (:meth:`plan`),
-        so this, not the clip's length, sizes the peak memory of text-/image-to-video and
-        extension (a video-to-video restyle is one pass over its source)."""
+        """The most frames made at once: a longer clip is made (or restyled) window by window
+        (:meth:`plan`), so this, not the clip's length, sizes the peak memory."""
         return max(self.defaults.frames, self.context_frames + self.temporal_factor)
 
     def plan(self, req: Request, extension: bool) -> list[timeline.Window]:
@@ -627,9 +626,11 @@ class Pipeline:
 
     def one_window(
         self, req: Request, window: timeline.Window, cond: FrameCondition | None, clock: Clock,
-        steps: Steps,
+        steps: Steps, source: np.ndarray | None = None,
     ) -> tuple[np.ndarray, int]:  # fmt: skip
-        """Denoise and decode one window; returns its frames (T, H, W, 3) and DiT calls."""
+        """Denoise and decode one window; returns its frames (T, H, W, 3) and DiT calls. With
+        ``source`` (the window's frames of a video to restyle), start from its latents noised
+        to the level ``strength`` (SDEdit) instead of from noise."""
         wreq = dataclasses.replace(
             req, prompt=window.prompt, frames=window.frames, seed=window.seed
         )
@@ -637,6 +638,12 @@ class Pipeline:
         clock.add("text")
         noise = initial_noise(wreq.seed, self.latent_shape(wreq)).to(self.device)
         schedule = flow_schedule(req.steps, req.shift, req.sampler)
+        if source is not None:
+            schedule = partial_schedule(schedule, req.strength)
+            x0 = self.encode(source)
+            clock.add("encode")
+            s0 = float(schedule.sigmas[0])
+            noise = (1 - s0) * x0.float() + s0 * noise
         latents, calls = self.denoise(wreq, noise, schedule, (context, uncond, other), cond, steps)
         clock.add("denoise")
         pixels = to_uint8(self.decode(latents))
@@ -645,25 +652,31 @@ class Pipeline:
 
     def restyle(
         self, req: Request, source: np.ndarray, clock: Clock, progress: Progress | None
-    ) -> tuple[np.ndarray, int]:
+    ) -> Iterator[tuple[np.ndarray, int]]:
         """Video-to-video (SDEdit, Meng et al. 2022): noise the source's latents to the level
-        ``strength`` and denoise them under the new prompt (timed prompts: per latent frame,
-        the whole clip being one window)."""
-        contexts = self.encode_text(req, switches(req, self.temporal_factor))
-        clock.add("text")
-        x0 = self.encode(source)
-        cond = self.image_condition({0: source[0]}, len(source)) if self.image_channels else None
-        clock.add("encode")
-        schedule = partial_schedule(flow_schedule(req.steps, req.shift, req.sampler), req.strength)
-        noise = initial_noise(req.seed, tuple(x0.shape)).to(self.device)
-        s0 = float(schedule.sigmas[0])
-        x = (1 - s0) * x0.float() + s0 * noise
-        steps = Steps(progress, len(schedule.timesteps))
-        latents, calls = self.denoise(req, x, schedule, contexts, cond, steps)
-        clock.add("denoise")
-        frames = to_uint8(self.decode(latents))
-        clock.add("decode")
-        return frames, calls
+        ``strength`` and denoise them under the new prompt (timed prompts: per latent frame).
+        A source longer than the model's window is restyled window by window, as a long video
+        is made: each window after the first starts from the last frames already restyled
+        (given clean) and goes on with the source's next frames, so memory stays one
+        window's. Yields each window's new frames with its DiT evaluations."""
+        plan = self.plan(req, extension=False)
+        sigmas = partial_schedule(flow_schedule(req.steps, req.shift, req.sampler), req.strength)
+        steps = Steps(progress, len(sigmas.timesteps) * len(plan))
+        first = {"image": source[0]} if self.image_channels else {}  # I2V: conditioned on it
+        tail: np.ndarray | None = None
+        made = 0
+        for window in plan:
+            chunk = source[made - window.context : made - window.context + window.frames]
+            if window.context:  # the restyled frames so far, not the source's
+                chunk = np.concatenate([tail[-window.context :], chunk[window.context :]])
+            cond = self.window_condition(window, tail, first, clock)
+            pixels, n = self.one_window(req, window, cond, clock, steps, chunk)
+            new = pixels[window.context : window.keep]
+            if window.context:
+                new = carry_seam(new, tail[-1], pixels[window.context - 1])  # type: ignore[index]
+            tail = new if tail is None else np.concatenate([tail[-self.context_frames :], new])
+            made += window.new
+            yield new, n
 
     # -- building blocks ---------------------------------------------------------------------------
 
