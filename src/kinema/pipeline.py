@@ -660,8 +660,8 @@ class Pipeline:
         (given clean) and goes on with the source's next frames, so memory stays one
         window's. Yields each window's new frames with its DiT evaluations."""
         plan = self.plan(req, extension=False)
-        sigmas = partial_schedule(flow_schedule(req.steps, req.shift, req.sampler), req.strength)
-        steps = Steps(progress, len(sigmas.timesteps) * len(plan))
+        schedule = partial_schedule(flow_schedule(req.steps, req.shift, req.sampler), req.strength)
+        steps = Steps(progress, len(schedule.timesteps) * len(plan))
         first = {"image": source[0]} if self.image_channels else {}  # I2V: conditioned on it
         tail: np.ndarray | None = None
         made = 0
