@@ -310,12 +310,7 @@ def run_info(args: argparse.Namespace) -> int:
         },
         "defaults": dataclasses.asdict(pipe.defaults),
         "vocabulary": sorted(pipe.vocabulary) if pipe.vocabulary else None,  # None: open
-        "request": {
-            "width": width,
-            "height": height,
-            "frames": frames,
-            "window_frames": min(frames, pipe.window_frames),
-        },  # fmt: skip
+        "request": {"width": width, "height": height, "frames": frames, "window_frames": window},
         "peak_memory_bytes": {  # on a GPU in each dtype, and on a CPU
             key: estimate_peak_bytes(pipe, width, height, frames, dtype_bytes=n, device=device)
             for key, n, device in (("fp32", 4, "cuda"), ("bf16", 2, "cuda"), ("cpu_fp32", 4, "cpu"))
@@ -334,6 +329,9 @@ def format_info(info: dict[str, Any]) -> str:
     gib = lambda n: f"{n / 2**30:.2f} GiB"
     params = info["parameters"]
     req = info["request"]
+    windowed = (
+        f", made {req['window_frames']} at a time" if req["window_frames"] < req["frames"] else ""
+    )
     lines = [
         f"model       {info['name']}",
         f"transformer {params['transformer'] / 1e6:.1f} M parameters, "
@@ -341,12 +339,7 @@ def format_info(info: dict[str, Any]) -> str:
         f"{info['transformer']['num_heads'] * info['transformer']['head_dim']}",
         f"vae         {params['vae'] / 1e6:.1f} M parameters, z_dim {info['vae']['z_dim']}",
         f"defaults    {info['defaults']}",
-        f"request     {req['width']}x{req['height']}, {req['frames']} frames"
-        + (
-            f", made {req['window_frames']} at a time"
-            if req["window_frames"] < req["frames"]
-            else ""
-        ),
+        f"request     {req['width']}x{req['height']}, {req['frames']} frames{windowed}",
     ]
     where = {"fp32": "GPU fp32", "bf16": "GPU bf16", "cpu_fp32": "CPU fp32"}
     lines += [f"peak memory {where[k]}: ~{gib(v)}" for k, v in info["peak_memory_bytes"].items()]
