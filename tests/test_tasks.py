@@ -93,6 +93,25 @@ def test_continuations_carry_the_decoder_error_across_the_seam(pipe, monkeypatch
     assert np.array_equal(carry.fn(*carry.calls[0]), video.frames[9:13])
 
 
+def test_a_clip_file_to_extend_is_streamed_not_held(pipe, tmp_path):
+    """An extension's source file is read for its length, size and last frames only, and
+    read again in pieces as the output is written: the output is the same as from the array."""
+    from kinema.io.video import write_video
+    from kinema.media import SourceClip
+
+    source = smooth(23)
+    path = write_video(tmp_path / "src", source, fps=8)  # PNG frames: lossless
+    request = Request("a dog", extend=str(path), frames=4, **BASE)
+    _, media, _ = pipe.prepare(request)
+    clip_ = media["extend"]
+    assert isinstance(clip_, SourceClip) and len(clip_) == 23
+    assert np.array_equal(clip_.tail, source[-pipe.context_frames :])  # all it holds
+    assert [len(piece) for piece in clip_.pieces()] == [16, 7]
+    from_file = pipe.run(request).frames
+    from_array = pipe.run(dataclasses.replace(request, extend=source)).frames
+    assert np.array_equal(from_file, from_array) and np.array_equal(from_file[:23], source)
+
+
 def test_long_video_runs_window_by_window_with_bounded_decode(pipe, monkeypatch):
     decode = Recorder(pipe.vae.decode)
     monkeypatch.setattr(pipe.vae, "decode", decode)

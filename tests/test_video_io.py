@@ -231,3 +231,15 @@ def test_a_rotated_phone_video_is_read_upright(tmp_path, degrees, turns):
     info = probe(path)
     assert (info.height, info.width) == want.shape[:2]
     assert read_clip(path, start=0.0, frames=2, fps=16).shape == (2, *want.shape)
+
+
+@pytest.mark.parametrize("name", ["clip.mp4", "clip.gif", "clip.webp", "frames"])
+def test_iter_video_gives_read_videos_frames_one_at_a_time(tmp_path, name):
+    from kinema.io.video import iter_video
+
+    path = write_video(tmp_path / name, smooth_clip(frames=11), fps=17)
+    frames = iter_video(path)
+    first = next(frames)  # decoded as taken, not all at once
+    assert np.array_equal(np.stack([first, *frames]), read_video(path)[0])
+    with pytest.raises(ValueError, match="cannot decode video"):
+        next(iter_video(tmp_path / "missing.mp4"))

@@ -8,14 +8,18 @@ an extension keeps the source frames exactly as they are, so its size is the sou
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kinema import notes
-from kinema.io.video import probe, read_image, read_video, resize_center_crop
+from kinema.io.video import iter_video, probe, read_image, read_video, resize_center_crop
 
 
 def read_image_any(image: Any) -> np.ndarray:
@@ -76,16 +80,52 @@ def source_video(req: Any, temporal: int, size: tuple[int, int]) -> tuple[Any, n
     return dataclasses.replace(req, frames=count, fps=fps, width=width, height=height), fitted
 
 
-def extension_source(req: Any, context: int, spatial: int) -> tuple[Any, np.ndarray]:
+@dataclass(frozen=True)
+class SourceClip:
+    """A clip to extend, read from its file twice instead of held: once when the request is
+    prepared (its length, size and last ``context`` frames, ``tail``), and again, a few frames
+    at a time, when the output is written (:meth:`pieces`). ``len`` is its frame count."""
+
+    path: Path
+    count: int
+    tail: np.ndarray  # (context, H, W, 3) uint8: the frames the continuation starts from
+
+    def __len__(self) -> int:
+        return self.count
+
+    def pieces(self, size: int = 16) -> Iterator[np.ndarray]:
+        """The clip's frames, as decoded, in arrays of up to ``size`` frames."""
+        frames = iter_video(self.path)
+        while piece := list(itertools.islice(frames, size)):
+            yield np.stack(piece)
+
+
+def extension_source(req: Any, context: int, spatial: int) -> tuple[Any, Any]:
     """Extension: the source clip as it is, its frames never resampled (a 16.67 fps GIF read
     at 17 fps would repeat a frame), at its size; the request's fps (else the source's,
-    rounded) times the new frames and the file."""
-    frames, fps = read_video_any(req.extend)
-    if len(frames) < context:
-        raise ValueError(
-            f"video to extend has {len(frames)} frames; at least {context} are needed as context"
-        )
-    h, w = frames.shape[1:3]
+    rounded) times the new frames and the file. A file is streamed (:class:`SourceClip`): a
+    long video is not held in memory; an array is used as it is."""
+    if isinstance(req.extend, str | Path):
+        last: collections.deque[np.ndarray] = collections.deque(maxlen=context)
+        count = 0
+        for frame in iter_video(req.extend):
+            last.append(frame)
+            count += 1
+        if count < context:
+            raise ValueError(
+                f"video to extend has {count} frames; at least {context} are needed as context"
+            )
+        source: Any = SourceClip(Path(req.extend), count, np.stack(last))
+        fps, shape = probe(req.extend).fps, source.tail.shape
+    else:
+        source, fps = read_video_any(req.extend)
+        shape = source.shape
+        if len(source) < context:
+            raise ValueError(
+                f"video to extend has {len(source)} frames; at least {context} are needed as "
+                "context"
+            )
+    h, w = shape[1:3]
     if w % spatial or h % spatial:
         raise ValueError(
             f"video to extend is {w}x{h}; its sides must be multiples of {spatial} "
@@ -94,4 +134,4 @@ def extension_source(req: Any, context: int, spatial: int) -> tuple[Any, np.ndar
     if (req.width or w, req.height or h) != (w, h):
         raise ValueError(f"an extension keeps the source size {w}x{h}; do not pass another size")
     fps = req.fps or round(fps or 16)
-    return dataclasses.replace(req, width=w, height=h, fps=fps), frames
+    return dataclasses.replace(req, width=w, height=h, fps=fps), source

@@ -566,11 +566,14 @@ class Pipeline:
         """Text-/image-to-video, extension, long videos and timed prompts, window by window:
         yields the source clip of an extension (0 DiT evaluations), then each window's new
         frames with its DiT evaluations. Only the context frames are kept between windows."""
-        source = media.get("extend")
+        source = media.get("extend")  # an array, or a file read as it is written (SourceClip)
         plan = self.plan(req, extension=source is not None)
-        if source is not None:
+        tail = source  # the frames the continuation starts from
+        if isinstance(source, np.ndarray):
             yield source, 0
-        tail = source
+        elif source is not None:
+            yield from ((piece, 0) for piece in source.pieces())
+            tail = source.tail
         steps = Steps(progress, req.steps * len(plan))
         for window in plan:
             cond = self.window_condition(window, tail, media, clock, final=window is plan[-1])

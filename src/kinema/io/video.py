@@ -401,29 +401,30 @@ def _nearer_is_prev(prev_t: float, t: float, tau: float) -> bool:
 
 def _resample(
     timeline: Timeline, start: float, fps: float, count: int | None, frame_duration: float
-) -> list[Any]:
+) -> Iterator[Any]:
     """Pick the frame nearest to each time ``start + k / fps`` (k = 0 .. count-1).
 
     With ``count`` None it stops at the end of the video: the last frame serves target times
-    up to ``frame_duration`` after its own. It may return fewer than ``count`` frames.
+    up to ``frame_duration`` after its own. It may give fewer than ``count`` frames.
     """
-    picked: list[Any] = []
+    n = 0
     prev: tuple[float, Any] | None = None
     for t, frame in timeline:
-        while count is None or len(picked) < count:
-            tau = start + len(picked) / fps
+        while count is None or n < count:
+            tau = start + n / fps
             if t < tau - _EPS:
                 break
             near_prev = prev is not None and _nearer_is_prev(prev[0], t, tau)
-            picked.append(prev[1] if near_prev else frame)
-        if count is not None and len(picked) >= count:
-            return picked
+            yield prev[1] if near_prev else frame  # type: ignore[index]
+            n += 1
+        if count is not None and n >= count:
+            return
         prev = (t, frame)
-    while prev is not None and (count is None or len(picked) < count):
-        if start + len(picked) / fps >= prev[0] + frame_duration - _EPS:
+    while prev is not None and (count is None or n < count):
+        if start + n / fps >= prev[0] + frame_duration - _EPS:
             break
-        picked.append(prev[1])
-    return picked
+        yield prev[1]
+        n += 1
 
 
 def upright(pixels: np.ndarray, rotation: float) -> np.ndarray:
@@ -485,18 +486,33 @@ def _open_source(path: Path, start: float) -> Iterator[_Source]:
             yield _Source(_av_timeline(container, start), fps, 1 / fps, False)
 
 
+def _frames(source: _Source, start: float, fps: float | None, count: int | None) -> Iterator[Any]:
+    """A source's frames from ``start`` at ``fps`` (native frames when None), lazily."""
+    if fps is None and start == 0 and not source.constant_rate:
+        return (frame for _, frame in _take(source.timeline, count))
+    rate = fps or (1 / source.step if source.step else source.fps)  # native: the frames' own
+    return _resample(source.timeline, start, rate, count, source.last_duration)  # spacing
+
+
 def _read_timed(
     path: Path, start: float, fps: float | None, count: int | None
 ) -> tuple[np.ndarray, float]:
     """Decode ``path`` and resample from ``start`` at ``fps`` (native frames when None)."""
     try:
         with _open_source(path, start) as source:
-            if fps is None and start == 0 and not source.constant_rate:
-                picked = [frame for _, frame in _take(source.timeline, count)]
-            else:  # native: at the frames' own spacing (59 ms WebP frames are not 17 fps's)
-                rate = fps or (1 / source.step if source.step else source.fps)
-                picked = _resample(source.timeline, start, rate, count, source.last_duration)
-            return _stack(picked, path), fps or source.fps
+            return _stack(list(_frames(source, start, fps, count)), path), fps or source.fps
+    except (OSError, EOFError, av.FFmpegError) as e:
+        raise _decode_error(path, e) from e
+
+
+def iter_video(path: str | Path) -> Iterator[np.ndarray]:
+    """The frames :func:`read_video` gives (native), one (H, W, 3) uint8 at a time, decoded
+    as they are taken: a long video is never whole in memory. Raises its ValueError."""
+    path = Path(path)
+    try:
+        with _open_source(path, 0.0) as source:
+            for frame in _frames(source, 0.0, None, None):
+                yield _to_rgb(frame)
     except (OSError, EOFError, av.FFmpegError) as e:
         raise _decode_error(path, e) from e
 
