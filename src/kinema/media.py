@@ -108,24 +108,18 @@ def extension_source(req: Any, context: int, spatial: int) -> tuple[Any, Any]:
     if isinstance(req.extend, str | Path):
         last: collections.deque[np.ndarray] = collections.deque(maxlen=context)
         count = 0
-        for frame in iter_video(req.extend):
+        for frame in iter_video(req.extend):  # one pass: only the last frames are kept
             last.append(frame)
             count += 1
-        if count < context:
-            raise ValueError(
-                f"video to extend has {count} frames; at least {context} are needed as context"
-            )
-        source: Any = SourceClip(Path(req.extend), count, np.stack(last))
-        fps, shape = probe(req.extend).fps, source.tail.shape
+        source: Any = SourceClip(Path(req.extend), count, np.array(last))
+        fps = probe(req.extend).fps
     else:
         source, fps = read_video_any(req.extend)
-        shape = source.shape
-        if len(source) < context:
-            raise ValueError(
-                f"video to extend has {len(source)} frames; at least {context} are needed as "
-                "context"
-            )
-    h, w = shape[1:3]
+    if len(source) < context:
+        raise ValueError(
+            f"video to extend has {len(source)} frames; at least {context} are needed as context"
+        )
+    h, w = source.shape[1:3] if isinstance(source, np.ndarray) else source.tail.shape[1:3]
     if w % spatial or h % spatial:
         raise ValueError(
             f"video to extend is {w}x{h}; its sides must be multiples of {spatial} "
