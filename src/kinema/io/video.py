@@ -462,9 +462,9 @@ class _Source(NamedTuple):
 
     timeline: Timeline
     fps: float  # native frame rate (as reported: a GIF/WebP delay's rate snapped to whole fps)
+    step: float  # seconds between native frames (1 / fps but where fps was snapped)
     last_duration: float  # seconds the last frame is shown
     constant_rate: bool  # False: keep decoded frames as they are when no fps is asked
-    step: float = 0.0  # seconds between native frames, where fps is snapped (0: 1 / fps)
 
 
 @contextmanager
@@ -473,25 +473,25 @@ def _open_source(path: Path, start: float) -> Iterator[_Source]:
     if path.is_dir():
         files = _png_files(path)
         fps = _png_fps(files[0])
-        yield _Source(_png_timeline(files, fps, start), fps, 1 / fps, True)
+        yield _Source(_png_timeline(files, fps, start), fps, 1 / fps, 1 / fps, True)
     elif path.suffix.lower() in PILLOW_SUFFIXES:
         with _open_pillow(path) as image:
             durations = _pillow_durations(image)
             step = min(durations)  # held frames (encoders merge repeats) come out repeated
             timeline = _pillow_timeline(image, durations)
-            yield _Source(timeline, _snap_fps(step), durations[-1], True, step)
+            yield _Source(timeline, _snap_fps(step), step, durations[-1], True)
     else:
         with _open_av(path) as container:
             fps = _stream_fps(container.streams.video[0])
-            yield _Source(_av_timeline(container, start), fps, 1 / fps, False)
+            yield _Source(_av_timeline(container, start), fps, 1 / fps, 1 / fps, False)
 
 
 def _frames(source: _Source, start: float, fps: float | None, count: int | None) -> Iterator[Any]:
     """A source's frames from ``start`` at ``fps`` (native frames when None), lazily."""
     if fps is None and start == 0 and not source.constant_rate:
         return (frame for _, frame in _take(source.timeline, count))
-    rate = fps or (1 / source.step if source.step else source.fps)  # native: the frames' own
-    return _resample(source.timeline, start, rate, count, source.last_duration)  # spacing
+    rate = fps or 1 / source.step  # native: at the frames' own spacing
+    return _resample(source.timeline, start, rate, count, source.last_duration)
 
 
 def _read_timed(

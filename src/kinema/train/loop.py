@@ -409,7 +409,7 @@ def component_folder(path: str | Path, component: str) -> Path:
     name, ``kinema-tiny``), else ``path`` itself."""
     from kinema.loading import BUILTIN, resolve_model_path
 
-    path = resolve_model_path(path) if str(path) == BUILTIN else Path(path).expanduser()
+    path = resolve_model_path(path) if str(path) == BUILTIN else Path(path)  # "~": parse_config
     if not path.exists():
         raise ValueError(f"{path} does not exist (expected a model or {component} folder)")
     if (path / component).is_dir():
