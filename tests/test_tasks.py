@@ -314,6 +314,43 @@ def test_a_long_source_is_restyled_window_by_window(pipe, monkeypatch):
     assert err[9:].mean() < 2 * err[:9].mean() + 5  # later windows follow the source too
 
 
+def test_a_source_file_to_restyle_is_streamed_not_held(pipe, monkeypatch, tmp_path):
+    """A video-to-video source file is counted once when the request is prepared, then read,
+    resampled and fitted a window at a time as the restyle goes: the output is the one the
+    whole source read first gives."""
+    import kinema.media
+    from kinema.io.video import iter_video, read_video, resize_center_crop
+
+    big = np.stack([np.kron(f, np.ones((2, 2, 1), np.uint8)) for f in smooth(41)])  # 64x64
+    path = write_video(tmp_path / "src", big, fps=16)  # PNG frames: lossless
+    request = Request("a cat", video=str(path), fps=8, strength=0.5, **BASE)
+    req, media, _ = pipe.prepare(request)
+    assert isinstance(media["video"], kinema.media.RestyleSource)
+    assert (req.frames, req.fps, len(media["video"])) == (21, 8, 21)  # 41 frames at 16 -> 8 fps
+    pulled: list[int] = []
+
+    def counted(*args):
+        for frame in iter_video(*args):
+            pulled.append(len(pulled))
+            yield frame
+
+    read_by_window: list[int] = []
+    one_window = pipe.one_window
+
+    def window(*args):
+        read_by_window.append(len(pulled))
+        return one_window(*args)
+
+    monkeypatch.setattr(kinema.media, "iter_video", counted)
+    monkeypatch.setattr(pipe, "one_window", window)
+    from_file = pipe.run(request).frames
+    monkeypatch.undo()
+    assert read_by_window == [9, 13, 17, 21]  # windows of 9, then 4 new source frames each
+    whole = resize_center_crop(read_video(path, fps=8)[0], 32, 32)
+    from_array = pipe.run(dataclasses.replace(request, video=whole, fps=None)).frames
+    assert np.array_equal(from_file, from_array)
+
+
 def test_request_takes_timed_prompts_as_json_gives_them():
     """[[seconds, prompt], ...] (JSON, the HTTP API's job store) becomes tuples."""
     assert Request("a", prompts=[[1, "b"], [2.5, "c"]]).prompts == ((1.0, "b"), (2.5, "c"))

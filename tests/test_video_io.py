@@ -243,3 +243,20 @@ def test_iter_video_gives_read_videos_frames_one_at_a_time(tmp_path, name):
     assert np.array_equal(np.stack([first, *frames]), read_video(path)[0])
     with pytest.raises(ValueError, match="cannot decode video"):
         next(iter_video(tmp_path / "missing.mp4"))
+    resampled = read_video(path, fps=8)[0]
+    assert np.array_equal(np.stack(list(iter_video(path, fps=8))), resampled)
+
+
+@pytest.mark.parametrize("name", ["clip.mp4", "clip.gif", "clip.webp", "frames"])
+def test_scan_video_counts_read_videos_frames_and_keeps_the_last(tmp_path, name):
+    from kinema.io.video import scan_video
+
+    path = write_video(tmp_path / name, smooth_clip(frames=11), fps=17)
+    for fps in (None, 8):
+        frames = read_video(path, fps=fps)[0]
+        count, last = scan_video(path, fps=fps, last=3)
+        assert count == len(frames) and np.array_equal(last, frames[-3:])
+    assert scan_video(path, limit=4)[0] == 4
+    assert scan_video(path, last=40)[1].shape[0] == len(read_video(path)[0])
+    with pytest.raises(ValueError, match="cannot decode video"):
+        scan_video(tmp_path / "missing.mp4")

@@ -8,7 +8,6 @@ an extension keeps the source frames exactly as they are, so its size is the sou
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
 from collections.abc import Iterator
@@ -19,7 +18,14 @@ from typing import Any
 import numpy as np
 
 from kinema import notes
-from kinema.io.video import iter_video, probe, read_image, read_video, resize_center_crop
+from kinema.io.video import (
+    iter_video,
+    probe,
+    read_image,
+    read_video,
+    resize_center_crop,
+    scan_video,
+)
 
 
 def read_image_any(image: Any) -> np.ndarray:
@@ -47,14 +53,21 @@ def read_video_any(video: Any, fps: float | None = None) -> tuple[np.ndarray, fl
     return arr, fps
 
 
-def fit_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Scale to cover (width, height) and centre-crop; warn when upscaling more than 2x."""
-    h, w = image.shape[-3:-1]
+def check_upscale(size: tuple[int, int], width: int, height: int, stacklevel: int = 3) -> None:
+    """Warn when an input of ``size`` (w, h) is far smaller (under half a side) than the
+    request: it will be upscaled."""
+    w, h = size
     if w * 2 < width or h * 2 < height:
         notes.warn(
             f"input {w}x{h} is far smaller than the request {width}x{height}; upscaling it",
-            stacklevel=3,
+            stacklevel=stacklevel + 1,
         )
+
+
+def fit_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Scale to cover (width, height) and centre-crop; warn when upscaling more than 2x."""
+    h, w = image.shape[-3:-1]
+    check_upscale((w, h), width, height)
     return resize_center_crop(image, width, height)
 
 
@@ -65,19 +78,50 @@ def source_fps(video: Any, default: int) -> int:
     return default
 
 
-def source_video(req: Any, temporal: int, size: tuple[int, int]) -> tuple[Any, np.ndarray]:
+@dataclass(frozen=True)
+class RestyleSource:
+    """Video-to-video's source: ``count`` frames read at ``fps`` (native when None) and fitted
+    to ``size`` (w, h) one at a time as they are taken (:meth:`frames`), so a long source is
+    never whole in memory: a file is decoded as the restyle goes, after one counting pass."""
+
+    video: Path | np.ndarray
+    fps: float | None
+    count: int
+    size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def frames(self) -> Iterator[np.ndarray]:
+        """The fitted frames (H, W, 3) uint8 in order, ``count`` of them."""
+        raw = iter_video(self.video, self.fps) if isinstance(self.video, Path) else self.video
+        for frame in itertools.islice(raw, self.count):
+            yield resize_center_crop(frame, *self.size)
+
+
+def source_video(req: Any, temporal: int, size: tuple[int, int]) -> tuple[Any, RestyleSource]:
     """Video-to-video: the source resampled, trimmed to tk+1 frames and fitted to the size.
 
     Frame count and fps follow the source unless the request gives them; the size is the
-    request's (or ``size``, the model default)."""
-    frames, fps = read_video_any(req.video, fps=req.fps)
+    request's (or ``size``, the model default). A file is counted here, then streamed."""
+    if isinstance(req.video, str | Path):
+        path = Path(req.video)
+        info = probe(path)
+        length = scan_video(path, fps=req.fps, limit=req.frames)[0]
+        video: Path | np.ndarray = path
+        shown, fps = (info.width, info.height), info.fps
+    else:
+        video, fps = read_video_any(req.video)
+        length, shown = len(video), (video.shape[2], video.shape[1])
     fps = req.fps or round(fps or 16)
-    count = req.frames or (len(frames) - 1) // temporal * temporal + 1
-    if len(frames) < count:
-        raise ValueError(f"source video has {len(frames)} frames; the request needs {count}")
+    count = req.frames or (length - 1) // temporal * temporal + 1
+    if length < count:
+        raise ValueError(f"source video has {length} frames; the request needs {count}")
     width, height = req.width or size[0], req.height or size[1]
-    fitted = fit_image(frames[:count], width, height)
-    return dataclasses.replace(req, frames=count, fps=fps, width=width, height=height), fitted
+    check_upscale(shown, width, height, stacklevel=2)  # as fit_image's, one call less deep
+    source = RestyleSource(video, req.fps if isinstance(video, Path) else None, count,
+                           (width, height))  # fmt: skip
+    return dataclasses.replace(req, frames=count, fps=fps, width=width, height=height), source
 
 
 @dataclass(frozen=True)
@@ -106,12 +150,8 @@ def extension_source(req: Any, context: int, spatial: int) -> tuple[Any, Any]:
     rounded) times the new frames and the file. A file is streamed (:class:`SourceClip`): a
     long video is not held in memory; an array is used as it is."""
     if isinstance(req.extend, str | Path):
-        last: collections.deque[np.ndarray] = collections.deque(maxlen=context)
-        count = 0
-        for frame in iter_video(req.extend):  # one pass: only the last frames are kept
-            last.append(frame)
-            count += 1
-        source: Any = SourceClip(Path(req.extend), count, np.array(last))
+        count, last = scan_video(req.extend, last=context)  # one pass, keeping the last
+        source: Any = SourceClip(Path(req.extend), count, last)
         fps = probe(req.extend).fps
     else:
         source, fps = read_video_any(req.extend)

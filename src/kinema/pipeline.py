@@ -14,6 +14,7 @@ happens once in :func:`kinema.loading.load`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import platform
 import time
@@ -35,6 +36,7 @@ from kinema.offload import Placement
 from kinema.sampling import SAMPLERS, cfg, contrast_cfg, count_calls, flow_schedule
 
 if TYPE_CHECKING:
+    from kinema.media import RestyleSource
     from kinema.models.vae import TileSpec
 
 Progress = Callable[[int, int], None]
@@ -654,31 +656,33 @@ class Pipeline:
         return pixels, calls
 
     def restyle(
-        self, req: Request, source: np.ndarray, clock: Clock, progress: Progress | None
+        self, req: Request, source: RestyleSource, clock: Clock, progress: Progress | None
     ) -> Iterator[tuple[np.ndarray, int]]:
         """Video-to-video (SDEdit, Meng et al. 2022): noise the source's latents to the level
         ``strength`` and denoise them under the new prompt (timed prompts: per latent frame).
         A source longer than the model's window is restyled window by window, as a long video
         is made: each window after the first starts from the last frames already restyled
         (given clean) and goes on with the source's next frames, so memory stays one
-        window's. Yields each window's new frames with its DiT evaluations."""
+        window's, and the source is read as it goes. Yields each window's new frames with its
+        DiT evaluations."""
         plan = self.plan(req, extension=False)
         schedule = partial_schedule(flow_schedule(req.steps, req.shift, req.sampler), req.strength)
         steps = Steps(progress, len(schedule.timesteps) * len(plan))
-        first = {"image": source[0]} if self.image_channels else {}  # I2V: conditioned on it
+        frames = source.frames()
+        first: dict[str, np.ndarray] = {}  # I2V checkpoints: conditioned on the first frame
         tail: np.ndarray | None = None
-        made = 0
         for window in plan:
-            chunk = source[made - window.context : made - window.context + window.frames]
+            chunk = np.stack(list(itertools.islice(frames, window.new)))  # the source's next
+            if self.image_channels and not first:
+                first["image"] = chunk[0]
             if window.context:  # the restyled frames so far, not the source's
-                chunk = np.concatenate([tail[-window.context :], chunk[window.context :]])
+                chunk = np.concatenate([tail[-window.context :], chunk])  # type: ignore[index]
             cond = self.window_condition(window, tail, first, clock)
             pixels, n = self.one_window(req, window, cond, clock, steps, chunk)
             new = pixels[window.context : window.keep]
             if window.context:
                 new = carry_seam(new, tail[-1], pixels[window.context - 1])  # type: ignore[index]
             tail = new if tail is None else np.concatenate([tail[-self.context_frames :], new])
-            made += window.new
             yield new, n
 
     # -- building blocks ---------------------------------------------------------------------------

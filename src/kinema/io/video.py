@@ -23,6 +23,7 @@ timestamp is nearest (ties go to the earlier frame).
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -505,16 +506,43 @@ def _read_timed(
         raise _decode_error(path, e) from e
 
 
-def iter_video(path: str | Path) -> Iterator[np.ndarray]:
-    """The frames :func:`read_video` gives (native), one (H, W, 3) uint8 at a time, decoded
-    as they are taken: a long video is never whole in memory. Raises its ValueError."""
+def iter_video(path: str | Path, fps: float | None = None) -> Iterator[np.ndarray]:
+    """The frames :func:`read_video` gives (at ``fps``; native when None), one (H, W, 3) uint8
+    at a time, decoded as they are taken: a long video is never whole in memory. Raises its
+    ValueError."""
+    _check_read_args(None, fps)
     path = Path(path)
     try:
         with _open_source(path, 0.0) as source:
-            for frame in _frames(source, 0.0, None, None):
+            for frame in _frames(source, 0.0, fps, None):
                 yield _to_rgb(frame)
     except (OSError, EOFError, av.FFmpegError) as e:
         raise _decode_error(path, e) from e
+
+
+def scan_video(
+    path: str | Path, *, fps: float | None = None, last: int = 0, limit: int | None = None
+) -> tuple[int, np.ndarray]:
+    """One decoding pass that keeps almost nothing: how many frames :func:`read_video` would
+    give (at ``fps``; native when None; counting stops at ``limit``), and the ``last`` of
+    them (``(last, H, W, 3)`` uint8; fewer in a shorter video). Only those are converted to
+    RGB. Raises :func:`read_video`'s ValueError, also for a video without frames."""
+    _check_read_args(limit, fps)
+    path = Path(path)
+    kept: collections.deque[Any] = collections.deque(maxlen=last)
+    count = 0
+    try:
+        with _open_source(path, 0.0) as source:
+            for frame in _frames(source, 0.0, fps, limit):
+                count += 1
+                if last:
+                    kept.append(frame)
+            if not count:
+                raise _decode_error(path, "no frames decoded")
+            tail = [_to_rgb(f) for f in kept]  # inside: Pillow frames need their file open
+    except (OSError, EOFError, av.FFmpegError) as e:
+        raise _decode_error(path, e) from e
+    return count, np.stack(tail) if tail else np.zeros((0, 0, 0, 3), np.uint8)
 
 
 def _take(timeline: Timeline, count: int | None) -> Iterator[tuple[float, Any]]:
