@@ -293,3 +293,18 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out == f"kinema {kinema.__version__}\n"
+
+
+def test_the_progress_bar_says_what_runs_after_the_last_step(capsys):
+    """The bar stands at its total while the last window is decoded and written: it says so,
+    and the line it leaves when done does not."""
+    from kinema.cli import progress_bar
+
+    with progress_bar(False) as progress:
+        progress(1, 2)
+        assert "decoding" not in capsys.readouterr().err
+        progress(2, 2)
+        assert "decoding" in capsys.readouterr().err.split("\r")[-1]
+    assert "decoding" not in capsys.readouterr().err.split("\r")[-1]
+    with progress_bar(True) as progress:
+        assert progress is None

@@ -198,11 +198,15 @@ def from_output_check(output: str | None) -> None:
 
 
 class progress_bar:
-    """A tqdm bar with ETA on stderr, as a ``progress(step, total)`` callback."""
+    """A tqdm bar with ETA on stderr, as a ``progress(step, total)`` callback. At its total
+    it says ``then`` (what still runs after the last step: the last decode and write) until
+    the block ends."""
 
-    def __init__(self, quiet: bool, desc: str = "denoise", unit: str = "step") -> None:
+    def __init__(
+        self, quiet: bool, desc: str = "denoise", unit: str = "step", then: str = "decoding"
+    ) -> None:
         self.quiet, self.bar = quiet, None
-        self.desc, self.unit = desc, unit
+        self.desc, self.unit, self.then = desc, unit, then
 
     def __enter__(self) -> Callable[[int, int], None] | None:
         return None if self.quiet else self.update
@@ -213,9 +217,12 @@ class progress_bar:
 
             self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=sys.stderr)
         self.bar.update(step - self.bar.n)
+        if step >= total and self.then:
+            self.bar.set_postfix_str(self.then)
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
+            self.bar.set_postfix_str("", refresh=False)
             self.bar.close()
 
 
@@ -454,7 +461,7 @@ def run_eval(args: argparse.Namespace) -> int:
         pipe.defaults, **{k: v for k, v in given.items() if v is not None}
     )
     log = (lambda line: print(line, file=sys.stderr)) if args.verbose else (lambda line: None)
-    with progress_bar(args.quiet or args.verbose, "eval", "clip") as progress:
+    with progress_bar(args.quiet or args.verbose, "eval", "clip", then="") as progress:
         results = evaluate(pipe, seeds=args.seeds, quick=args.quick, log=log,
                            prompts=args.prompts, progress=progress)  # fmt: skip
     print(table(results))
