@@ -97,6 +97,8 @@ def test_bad_configs_and_parts_are_refused():
             bench.settings_from_args(parser.parse_args(["--decode-pieces", bad]))
     args = parser.parse_args(["--decode-pieces", "2,4"])
     assert bench.settings_from_args(args).decode_pieces == (2, 4)
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):  # was torch's RuntimeError
+        bench.settings_from_args(parser.parse_args(["--device", "tpu"]))
 
 
 def test_steps_override_reaches_end_to_end_and_vae_decode_runs_once(monkeypatch):

@@ -1021,9 +1021,11 @@ def _whole_numbers(text: str, flag: str) -> tuple[int, ...]:
 
 def settings_from_args(args: Any) -> Settings:
     """Validated :class:`Settings` from parsed ``kinema bench`` arguments."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA GPU is available; valid: cpu")
+    from kinema.loading import resolve_device
+
+    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {args.device}: the benchmark runs on cpu or cuda")
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     if args.repeats < 1:
         raise ValueError(f"--repeats {args.repeats} must be >= 1")
