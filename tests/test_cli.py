@@ -287,6 +287,19 @@ def test_devices_two_relaunches_under_torchrun_and_matches(tmp_path, wan):
     assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
+def test_bad_input_under_devices_is_one_line_and_exit_2(tmp_path, wan):
+    """A request the ranks refuse (found after each loads the model) is rank 0's one line and
+    exit 2, as in one process: not a line per rank, the launcher's log and a traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "kinema", "generate", "a cat", "--model", str(wan), *BASE,
+         "--frames", "6", "--devices", "2", "-o", f"{tmp_path}/out.mp4"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("kinema: error: frames 6") and not list(tmp_path.iterdir())
+
+
 def test_version(capsys):
     import kinema
 

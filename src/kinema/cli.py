@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -540,9 +541,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = show_warning
             return args.run(args)
     except ValueError as err:  # bad input, incl. CheckpointError: one line, exit 2
+        if int(os.environ.get("RANK", "0")) > 0:  # --devices N: rank 0 says it, once
+            raise SystemExit(EXIT_BAD_INPUT) from None
         fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     except KeyboardInterrupt:
-        print("kinema: interrupted", file=sys.stderr)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # exiting: a second Ctrl-C changes nothing
+        if int(os.environ.get("RANK", "0")) == 0:  # --devices N: rank 0 says it, once
+            print("kinema: interrupted", file=sys.stderr)
         return 130
 
 

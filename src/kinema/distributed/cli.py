@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from typing import Any
 
@@ -44,14 +43,40 @@ def distributed_generate(args: argparse.Namespace) -> int | None:
 
 
 def launch_torchrun(devices: int, argv: list[str]) -> int:
-    """Run ``python -m kinema ARGV`` as ``devices`` torchrun processes; returns its exit code."""
+    """Run ``python -m kinema ARGV`` as ``devices`` processes, as ``torchrun --standalone``
+    does, and return the exit code: a rank's bad input (exit 2, one line from rank 0) is exit
+    2 here too, without the launcher's log and traceback; any other failure 1."""
+    import logging
+    import uuid
+
     import torch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from kinema.cli import EXIT_BAD_INPUT
 
     if torch.cuda.is_available() and devices > torch.cuda.device_count():
         raise ValueError(f"--devices {devices} > {torch.cuda.device_count()} visible GPUs")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={devices}", "-m", "kinema", *argv]  # fmt: skip
-    return subprocess.call(cmd)
+    cores = os.cpu_count() or 1
+    if not torch.cuda.is_available() and devices > cores:
+        raise ValueError(f"--devices {devices} > {cores} CPU cores here (no CUDA GPU)")
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // devices)))  # the ranks'
+    for name in list(logging.root.manager.loggerDict):  # the launcher's log: not the user's
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=devices, run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+    )  # fmt: skip
+    try:
+        elastic_launch(config, sys.executable)("-m", "kinema", *argv)
+    except SignalException:  # Ctrl-C (or a kill): passed on to the ranks, rank 0 says so
+        return 130
+    except ChildFailedError as err:
+        codes = {failure.exitcode for failure in err.failures.values()}
+        return EXIT_BAD_INPUT if EXIT_BAD_INPUT in codes else 1
+    return 0
 
 
 def run_parallel_generate(args: argparse.Namespace) -> int:
