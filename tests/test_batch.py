@@ -59,6 +59,16 @@ def test_read_requests_records_bad_lines(tmp_path: Path) -> None:
         read_requests(tmp_path / "binary.jsonl")
 
 
+def test_options_that_would_be_ignored_are_refused() -> None:
+    """Workers are Ray actors and a device is a local run's: each without the other was
+    silently dropped (a batch asked for 2 workers ran in one process)."""
+    with pytest.raises(ValueError, match="workers are Ray actors; give ray too"):
+        BatchOptions(workers=2)
+    with pytest.raises(ValueError, match="'cuda' is for a local run"):
+        BatchOptions(device="cuda", ray="local")
+    assert BatchOptions(workers=2, ray="local").workers == 2
+
+
 def test_local_batch_is_resumable(tmp_path: Path, tiny_model: Path) -> None:
     rows = [{"id": "a", "prompt": "a red ball", "seed": 1},
             {"id": "b", "prompt": "a blue ball", "size": "32x32", "seconds": 0.5},

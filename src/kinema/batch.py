@@ -56,6 +56,16 @@ class BatchOptions:
             raise ValueError(f"format {self.format!r}; valid: {', '.join(FORMATS)}")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers {self.workers} must be >= 1")
+        if self.workers is not None and self.ray is None:
+            raise ValueError(
+                f"workers {self.workers}: workers are Ray actors; give ray too "
+                "(--ray local starts Ray on this machine), or leave workers out"
+            )
+        if self.device is not None and self.ray is not None:
+            raise ValueError(
+                f"device {self.device!r} is for a local run; Ray actors take their own GPU "
+                "(or the CPU): leave device out"
+            )
 
 
 @dataclass(frozen=True)
