@@ -42,3 +42,15 @@ def test_eval_rejects_a_prompt_count_below_one(capsys):
         main(["eval", "--prompts", "0"])
     assert exit_.value.code == 2
     assert "prompts 0 per set; valid: 1 or more" in capsys.readouterr().err
+
+
+def test_eval_refuses_a_results_path_it_could_not_write_before_it_runs(capsys, tmp_path):
+    """A folder, or a path under a file, as --out failed only after the whole eval ran."""
+    from kinema.cli import main
+
+    (tmp_path / "file").write_text("x")
+    for out, message in ((tmp_path, "is a folder; give a file path"),
+                         (tmp_path / "file" / "e.json", "is not a writable folder")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            main(["eval", "--out", str(out)])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err

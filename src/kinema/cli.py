@@ -449,11 +449,12 @@ def add_eval(sub: Any) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from kinema.eval.run import evaluate, prompts_per_set, table, write_json
+    from kinema.eval.run import check_json_path, evaluate, prompts_per_set, table, write_json
     from kinema.loading import load
 
     if args.seeds < 1:
         raise ValueError(f"seeds {args.seeds} must be >= 1")
+    check_json_path(args.out)
     prompts_per_set(args.prompts)  # bad input fails before the model loads
     pipe = load(args.model, device=args.device, dtype=args.dtype, lora=args.lora)
     given = {"steps": args.steps, "guidance": args.guidance, "cache": args.cache}
