@@ -158,6 +158,19 @@ def test_generate_writes_video_and_sidecar(tmp_path, wan):
     assert out.stat().st_size > 0
 
 
+def test_an_output_that_would_destroy_files_or_fail_is_refused_first(capsys, tmp_path):
+    """Refused before the model loads (a missing model would be the error otherwise)."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    (tmp_path / "file").write_text("x")
+    for out, message in ((tmp_path / "mine", "holding other files (notes.txt)"),
+                         (tmp_path / "file" / "x.mp4", "is not a writable folder")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            main(["generate", "a cat", "--model", str(tmp_path / "none"), "-o", str(out)])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
 def test_generate_with_a_timed_prompt_records_it(tmp_path, wan):
     out = tmp_path / "timed.mp4"
     argv = ["generate", "a cat", "--model", str(wan), "-o", str(out), *BASE, "--frames", "9",

@@ -138,6 +138,23 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
     assert keep.read_bytes() == before and list(tmp_path.iterdir()) == [keep]
 
 
+def test_a_frame_folder_never_replaces_a_folder_of_other_files(tmp_path):
+    """PNG frames replace their folder whole: a folder of the user's files (``-o ~/Videos``)
+    was deleted; now refused with the files kept. An earlier frame output is replaced."""
+    mine = tmp_path / "videos"
+    mine.mkdir()
+    (mine / "holiday.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"holding other files \(holiday.txt\)"):
+        write_video(mine, smooth_clip(2), 8)
+    assert [p.name for p in mine.iterdir()] == ["holiday.txt"]
+    frames = write_video(tmp_path / "frames", smooth_clip(3), 8)
+    write_video(frames, smooth_clip(2), 8)
+    assert sorted(p.name for p in frames.iterdir()) == ["frame_00000.png", "frame_00001.png"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is not a writable folder"):  # was FileExistsError
+        write_video(tmp_path / "file" / "x.mp4", smooth_clip(2), 8)
+
+
 def test_bad_writes_name_the_problem(tmp_path):
     clip = smooth_clip(2)
     with pytest.raises(ValueError, match=r"'\.avi'.*valid: \('\.mp4', '\.gif', '\.webp'"):

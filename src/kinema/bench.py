@@ -1021,7 +1021,10 @@ def _whole_numbers(text: str, flag: str) -> tuple[int, ...]:
 
 def settings_from_args(args: Any) -> Settings:
     """Validated :class:`Settings` from parsed ``kinema bench`` arguments."""
+    from kinema.io.paths import check_writable
     from kinema.loading import resolve_device
+
+    check_writable(Path(args.out) / "results.json", "--out")  # a folder: JSON and markdown
 
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type not in ("cpu", "cuda"):

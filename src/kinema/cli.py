@@ -188,9 +188,15 @@ def finish(pipe: Any, request: Any, output: str | Path, args: argparse.Namespace
 
 
 def from_output_check(output: str | None) -> None:
-    """Refuse an output extension we cannot write before any work is done."""
+    """Refuse, before any work is done, an output extension we cannot write, a path that
+    could not be written, and a folder of other files that PNG frames would replace."""
+    from kinema.io.paths import check_frame_folder, check_writable, names_folder
+
     if output is None:
         return
+    check_writable(output)
+    if names_folder(output):
+        check_frame_folder(output)
     suffix = Path(output).suffix.lower()
     if suffix and suffix not in (".mp4", ".gif", ".webp"):
         raise ValueError(
@@ -449,12 +455,17 @@ def add_eval(sub: Any) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from kinema.eval.run import check_json_path, evaluate, prompts_per_set, table, write_json
+    from kinema.eval.run import evaluate, prompts_per_set, table, write_json
+    from kinema.io.paths import check_writable
     from kinema.loading import load
 
     if args.seeds < 1:
         raise ValueError(f"seeds {args.seeds} must be >= 1")
-    check_json_path(args.out)
+    if Path(args.out).expanduser().is_dir():
+        raise ValueError(
+            f"--out {args.out} is a folder; give a file path, e.g. {args.out}/eval.json"
+        )
+    check_writable(args.out, "--out")
     prompts_per_set(args.prompts)  # bad input fails before the model loads
     pipe = load(args.model, device=args.device, dtype=args.dtype, lora=args.lora)
     given = {"steps": args.steps, "guidance": args.guidance, "cache": args.cache}

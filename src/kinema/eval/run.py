@@ -15,7 +15,6 @@ Also the VAE's reconstruction PSNR on held-out clips.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -192,17 +191,6 @@ def table(results: dict[str, Any]) -> str:
         lines += [f"\n{name} motion by word: {cells}"] if cells else []
     lines.append(f"\nVAE reconstruction on held-out clips: {results['vae_psnr_db']:.2f} dB PSNR")
     return "\n".join(lines)
-
-
-def check_json_path(path: str | Path) -> None:
-    """Refuse, before an eval runs (minutes to an hour), a results path it could not write at
-    its end: a folder, or inside a folder that is not writable (or is a file)."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise ValueError(f"--out {path} is a folder; give a file path, e.g. {path / 'eval.json'}")
-    parent = next((p for p in path.parents if p.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ValueError(f"--out {path}: {parent} is not a writable folder")
 
 
 def write_json(results: dict[str, Any], path: str | Path) -> Path:

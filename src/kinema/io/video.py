@@ -40,6 +40,8 @@ import av
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin
 
+from kinema.io.paths import check_frame_folder, check_writable, names_folder
+
 WRITE_FORMATS = (".mp4", ".gif", ".webp", "<directory>/")
 PILLOW_SUFFIXES = (".gif", ".webp")
 DEFAULT_FOLDER_FPS = 16.0
@@ -122,12 +124,6 @@ def _atomic_dir(path: Path, write: Callable[[Path], None]) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
-
-
-def _is_dir_target(path: str | Path) -> bool:
-    """A path names a PNG folder when it ends in a separator, has no suffix, or is a dir."""
-    text = os.fspath(path)
-    return text.endswith(("/", os.sep)) or Path(text).suffix == "" or Path(text).is_dir()
 
 
 def _checked_frames(frames: np.ndarray | Iterable[np.ndarray]) -> Iterator[np.ndarray]:
@@ -257,9 +253,11 @@ def write_video(
         The path written. Nothing is left behind if an exception is raised.
     """
     _check_write_args(frames, fps, crf, metadata)
+    check_writable(path)
     meta = dict(metadata or {})
     checked = _checked_frames(frames)
-    if _is_dir_target(path):
+    if names_folder(path):
+        check_frame_folder(path)
         return _atomic_dir(Path(path), lambda t: _write_png_folder(t, checked, fps, meta))
     path = Path(path)
     suffix = path.suffix.lower()
