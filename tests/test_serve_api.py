@@ -108,6 +108,8 @@ def test_list_pagination(client, done):
     assert [v.id for v in first.get_next_page().data][0] == ids[0]
     for i in ids:
         wait(client, i)
+    client.videos.delete(ids[1])  # the SDK's next page starts after a cursor now deleted
+    assert [v.id for v in client.videos.list(limit=2, order="asc", after=ids[1]).data] == [ids[2]]
 
 
 def test_remix_edit_extend(client, http, done, tmp_path):

@@ -29,12 +29,28 @@ def make_job(prompt: str = "p") -> Job:
     )  # fmt: skip
 
 
+def test_a_deleted_or_expired_video_still_pages_as_a_cursor(tmp_path):
+    """A client that deletes what it has listed (the SDK's auto-pagination over "delete all
+    my videos") pages on from a cursor that is gone, in both orders; across a restart too."""
+    store = Store(tmp_path)
+    jobs = [store.add(make_job(f"p{i}"), max_pending=10) for i in range(4)]
+    store.delete(jobs[1].id)
+    store.purge(jobs[2])  # as the sweeper removes an expired video
+    assert store.get(jobs[1].id) is None and store.position(jobs[1].id) == jobs[1].seq
+    assert [j.id for j in store.page(store.position(jobs[1].id), 10, "asc")[0]] == [jobs[3].id]
+    store.close()
+    store = Store(tmp_path)
+    store.recover()
+    assert [j.id for j in store.page(store.position(jobs[2].id), 10, "desc")[0]] == [jobs[0].id]
+    assert store.position("video_never") is None
+
+
 def test_store_lifecycle_and_order(tmp_path):
     store = Store(tmp_path)
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     jobs = [store.add(make_job(f"p{i}"), max_pending=10) for i in range(3)]
     assert [j.id for j in store.page(None, 10, "asc")[0]] == [j.id for j in jobs]
-    assert store.page(jobs[0], 1, "asc") == ([store.get(jobs[1].id)], True)
+    assert store.page(store.position(jobs[0].id), 1, "asc") == ([store.get(jobs[1].id)], True)
     running = store.claim()
     assert running.id == jobs[0].id and store.get(running.id).status == "in_progress"
     assert store.set_progress(running, 40) and store.get(running.id).progress == 40

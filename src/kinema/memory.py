@@ -136,6 +136,16 @@ def estimate_peak_bytes(
     """Estimated peak bytes for one request of ``pipe`` with weights of ``dtype_bytes`` on a
     ``device`` of this type ("cpu", "cuda"; default: where ``pipe`` computes). A clip longer
     than the model's window is made window by window, so it peaks as one window does."""
+    params = sum(p.numel() for p in pipe.dit.parameters())
+    weights = params * dtype_bytes + weight_bytes(pipe.vae)
+    return int(weights + work_bytes(pipe, width, height, frames, dtype_bytes, device))
+
+
+def work_bytes(
+    pipe: Any, width: int, height: int, frames: int, dtype_bytes: int, device: str | None = None
+) -> int:
+    """:func:`estimate_peak_bytes` beyond the weights: what a request adds to a loaded model
+    (the DiT's activations or the VAE decode, whichever is larger, and a CPU's runtime)."""
     from kinema.models.vae import LEAN_CACHE
 
     frames = min(frames, pipe.window_frames)
@@ -145,9 +155,7 @@ def estimate_peak_bytes(
     lat_f = (frames - 1) // v.temporal_factor + 1
     s = v.spatial_factor
     tokens = lat_f * (height // s) * (width // s) // math.prod(c.patch_size)
-    params = sum(p.numel() for p in pipe.dit.parameters())
-    weights = params * dtype_bytes + weight_bytes(pipe.vae)
     dit = dit_activation_bytes(c, tokens, 512, 2, dtype_bytes)
     vae = vae_decode_bytes(v, width, height, frames, cache_nbytes=cache_nbytes)
     runtime = CPU_RUNTIME_BYTES if (device or pipe.device.type) == "cpu" else 0
-    return int(weights + max(dit, vae) + runtime)
+    return int(max(dit, vae) + runtime)

@@ -845,7 +845,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
         limit: int = Query(20, ge=1, le=100),
         order: Literal["asc", "desc"] = "desc",
     ) -> dict[str, Any]:
-        anchor = service.store.get(after) if after else None
+        anchor = service.store.position(after) if after else None
         if after and anchor is None:
             raise bad("after", f"after: no video with id {after!r}")
         jobs, more = service.store.page(anchor, limit, order)

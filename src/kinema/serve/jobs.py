@@ -61,7 +61,13 @@ CREATE TABLE IF NOT EXISTS videos (
     deleted INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS videos_status ON videos (status, deleted, seq);
+CREATE TABLE IF NOT EXISTS gone (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    at INTEGER NOT NULL
+);
 """
+GONE_KEPT_S = 7 * 24 * 3600  # a deleted or expired id still serves as a list cursor this long
 
 
 class QueueFull(Exception):
@@ -124,6 +130,12 @@ def new_id() -> str:
 
 def new_folder() -> str:
     return secrets.token_hex(12)
+
+
+def _forget(db: sqlite3.Connection, video_id: str, seq: int) -> None:
+    """Delete a row, keeping its place in creation order (:meth:`Store.position`)."""
+    db.execute("DELETE FROM videos WHERE seq = ?", (seq,))
+    db.execute("INSERT OR REPLACE INTO gone VALUES (?, ?, ?)", (video_id, seq, int(time.time())))
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -196,10 +208,22 @@ class Store:
             ).fetchone()
         return _job(row) if row else None
 
-    def page(self, after: Job | None, limit: int, order: str) -> tuple[list[Job], bool]:
-        """Up to ``limit`` jobs after ``after`` in creation order (``asc`` or ``desc``)."""
+    def position(self, video_id: str) -> int | None:
+        """Where a video stands in creation order, also after it was deleted or expired (a
+        client paging through the list may delete what it has seen, its cursor included);
+        None for an id never seen (or gone longer than :data:`GONE_KEPT_S`)."""
+        with self.lock:
+            row = self.db.execute(
+                "SELECT seq FROM videos WHERE id = ? UNION SELECT seq FROM gone WHERE id = ?",
+                (video_id, video_id),
+            ).fetchone()
+        return row[0] if row else None
+
+    def page(self, after: int | None, limit: int, order: str) -> tuple[list[Job], bool]:
+        """Up to ``limit`` jobs after the :meth:`position` ``after`` in creation order (``asc``
+        or ``desc``)."""
         op, direction = (">", "ASC") if order == "asc" else ("<", "DESC")
-        bound = after.seq if after else (0 if order == "asc" else 2**62)
+        bound = after if after is not None else (0 if order == "asc" else 2**62)
         with self.lock:
             rows = self.db.execute(
                 f"SELECT * FROM videos WHERE deleted = 0 AND seq {op} ? "
@@ -288,13 +312,13 @@ class Store:
             if row["status"] == "in_progress":
                 db.execute("UPDATE videos SET deleted = 1 WHERE seq = ?", (row["seq"],))
             else:
-                db.execute("DELETE FROM videos WHERE seq = ?", (row["seq"],))
+                _forget(db, row["id"], row["seq"])
         return _job(row)
 
     def purge(self, job: Job) -> None:
         """Remove the row and the job's folder."""
         with self.tx() as db:
-            db.execute("DELETE FROM videos WHERE seq = ?", (job.seq,))
+            _forget(db, job.id, job.seq)
         remove_folder(self.folder(job))
 
     def expired(self, now: float) -> list[Job]:
@@ -310,8 +334,10 @@ class Store:
         """After a crash: requeue running jobs (or fail them after ``max_attempts`` runs), purge
         rows deleted mid-run, clear staging, remove folders no row owns."""
         with self.tx() as db:
-            gone = db.execute("SELECT folder FROM videos WHERE deleted = 1").fetchall()
-            db.execute("DELETE FROM videos WHERE deleted = 1")
+            gone = db.execute("SELECT id, seq, folder FROM videos WHERE deleted = 1").fetchall()
+            for r in gone:
+                _forget(db, r["id"], r["seq"])
+            db.execute("DELETE FROM gone WHERE at < ?", (int(time.time()) - GONE_KEPT_S,))
             db.execute(
                 "UPDATE videos SET status = 'failed', error_code = 'server_crashed', "
                 "error_message = 'the server stopped while running this job ' || attempts || "
@@ -323,7 +349,7 @@ class Store:
             )
             owned = {r[0] for r in db.execute("SELECT folder FROM videos").fetchall()}
         for r in gone:
-            remove_folder(self.data_dir / "jobs" / r[0])
+            remove_folder(self.data_dir / "jobs" / r["folder"])
         self._sweep(owned)
 
     def _sweep(self, owned: set[str]) -> None:
