@@ -25,7 +25,8 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)  # the SDK marks 
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     model = build_tiny_model(root / "tiny-model")
-    with Server(model, root / "data", "--api-key", KEY, "--max-upload-mb", "0.05") as s:
+    with Server(model, root / "data", "--api-key", KEY, "--max-upload-mb", "0.05",
+                "--max-memory-gb", "1") as s:  # fmt: skip
         yield s
 
 
@@ -227,6 +228,7 @@ def error_of(response: httpx.Response, status: int, param: str | None) -> dict:
     [
         ({"size": "33x32"}, "size", "width 33 is not a multiple of 16; nearest valid: 32"),
         ({"size": "big"}, "size", "size"),
+        ({"size": "8192x8192"}, "size", "GiB at its peak; this server has 1.0 GiB for a job"),
         ({"seconds": "0"}, "seconds", "must be > 0"),
         ({"seconds": "ten"}, "seconds", "not a number"),
         ({"seconds": "1000"}, "seconds", "<= 60"),

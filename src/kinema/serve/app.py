@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kinema import timeline
+from kinema import memory, timeline
 from kinema.serve import media
 from kinema.serve.jobs import VIDEO_FILE, Job, JobSpec, QueueFull, Store, Worker, new_folder
 from kinema.serve.jobs import new_id as new_video_id
@@ -62,6 +62,7 @@ class ServeSettings:
     max_upload_pixels: int = 4096 * 4096  # width x height of an uploaded image or video
     max_upload_frames: int = 2000  # frames of an uploaded video
     max_seconds: float = 60.0  # longest clip (or extension) a request may ask for
+    max_memory_bytes: int | None = None  # a job's estimated peak (None: free after loading)
     retention_s: int = 7 * 24 * 3600  # a finished job and its files expire after this
     poll_after_ms: int = 250  # the openai-poll-after-ms hint on retrieve
 
@@ -504,6 +505,21 @@ class Service:
         self.store.recover()
         self.worker = Worker(self.store, pipe, settings.retention_s)
         self.started = int(time.time())
+        self.memory = settings.max_memory_bytes or memory.free_bytes(pipe.device)
+
+    def check_memory(self, req: Any) -> None:
+        """Refuse a request whose estimated peak (:func:`kinema.memory.work_bytes`, what
+        ``kinema info`` prints, less the loaded weights) exceeds what this server may use: a
+        size far past the model's would take the machine down, and cannot be stopped mid-step."""
+        if self.memory is None:
+            return
+        need = memory.work_bytes(self.pipe, req.width, req.height, req.frames,
+                                 self.pipe.dtype.itemsize)  # fmt: skip
+        if need > self.memory:
+            d = self.pipe.defaults
+            raise bad("size", f"size {req.width}x{req.height} needs about {need / 2**30:.1f} GiB "
+                      f"at its peak; this server has {self.memory / 2**30:.1f} GiB for a job: "
+                      f"ask for a smaller size (the model's is {d.width}x{d.height})")  # fmt: skip
 
     def job_dir(self, folder: str) -> Path:
         return self.settings.data_dir / "jobs" / folder
@@ -564,6 +580,7 @@ class Service:
         except ValueError as err:  # messages name input files by their field, not their path
             message = str(err).replace(f"{self.job_dir(draft.folder)}{os.sep}", "")
             raise bad(param_of(message), message) from err
+        self.check_memory(resolved)
         if draft.spec.kind == "extend":  # the stitched total: source plus new frames
             draft.seconds = fmt_seconds(span(len(inputs["extend"]) + resolved.frames, resolved.fps))
         elif (length := span(resolved.frames, resolved.fps)) > self.settings.max_seconds:

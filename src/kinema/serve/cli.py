@@ -39,6 +39,9 @@ def add_serve(sub: Any) -> None:
     p.add_argument("--max-upload-mb", type=float, default=32.0, help="per uploaded file")
     p.add_argument("--max-seconds", type=float, default=60.0, help="longest clip a request gets")
     p.add_argument("--retention-hours", type=float, default=168.0, help="then jobs expire")
+    p.add_argument("--max-memory-gb", type=float, default=None,
+                   help="a job's estimated peak beyond the weights (default: free memory "
+                   "once the model is loaded); larger requests get 400")  # fmt: skip
     p.add_argument("--log-level", default="info", help="uvicorn log level")
     p.set_defaults(run=run_serve)
 
@@ -55,6 +58,9 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     from kinema.offload import check_policy
 
     check_policy(args.offload, "--offload")
+    gb = args.max_memory_gb
+    if gb is not None and not (math.isfinite(gb) and gb > 0):
+        raise ValueError(f"--max-memory-gb {gb} must be > 0 (and finite)")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key must not be empty")
     return ServeSettings(
@@ -64,6 +70,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         max_queue=args.max_queue,
         max_upload_bytes=int(args.max_upload_mb * 2**20), max_seconds=args.max_seconds,
         retention_s=int(args.retention_hours * 3600),
+        max_memory_bytes=None if gb is None else int(gb * 2**30),
     )  # fmt: skip
 
 
