@@ -418,3 +418,22 @@ def test_serve_refuses_an_address_it_cannot_listen_on_before_loading(tmp_path):
             )  # fmt: skip
             assert done.returncode == 2 and message in done.stderr, done.stderr
             assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_a_second_server_on_the_same_data_dir_is_refused_before_loading(server):
+    """It would requeue the running server's job and clear its staging (a job in flight
+    failed with 'No such file'): one line naming the other server, exit code 2."""
+    import subprocess
+    import sys
+
+    from tests.serve_helpers import ROOT, free_port
+
+    done = subprocess.run(
+        [sys.executable, "-m", "kinema", "serve", "--data-dir", str(server.data_dir),
+         "--port", str(free_port())],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    pid = server.proc.pid
+    message = f"data dir {server.data_dir} is in use by another kinema serve (pid {pid})"
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1

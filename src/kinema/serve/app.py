@@ -36,7 +36,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kinema import memory, timeline
 from kinema.serve import media
-from kinema.serve.jobs import VIDEO_FILE, Job, JobSpec, QueueFull, Store, Worker, new_folder
+from kinema.serve.jobs import (
+    VIDEO_FILE,
+    DataDirLock,
+    Job,
+    JobSpec,
+    QueueFull,
+    Store,
+    Worker,
+    new_folder,
+)
 from kinema.serve.jobs import new_id as new_video_id
 
 log = logging.getLogger("kinema.serve")
@@ -741,14 +750,20 @@ ERRORS = {
 
 
 def create_app(settings: ServeSettings, pipe: Any = None) -> FastAPI:
-    """The server for ``settings``; ``pipe`` is a loaded pipeline (default: load the model)."""
-    if pipe is None:
-        from kinema.loading import load
+    """The server for ``settings``; ``pipe`` is a loaded pipeline (default: load the model).
+    Raises ValueError, before loading, when another server holds the data dir."""
+    lock = DataDirLock(settings.data_dir)
+    try:
+        if pipe is None:
+            from kinema.loading import load
 
-        pipe = load(settings.model, device=settings.device, dtype=settings.dtype,
-                    offload=settings.offload, compile=settings.compile,
-                    lora=settings.lora)  # fmt: skip
-    service = Service(settings, pipe)
+            pipe = load(settings.model, device=settings.device, dtype=settings.dtype,
+                        offload=settings.offload, compile=settings.compile,
+                        lora=settings.lora)  # fmt: skip
+        service = Service(settings, pipe)
+    except BaseException:
+        lock.release()
+        raise
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -756,6 +771,7 @@ def create_app(settings: ServeSettings, pipe: Any = None) -> FastAPI:
         yield
         await run_in_threadpool(service.worker.stop)
         service.store.close()
+        lock.release()
 
     app = FastAPI(title="kinema", version=_version(), lifespan=lifespan,
                   summary="OpenAI-compatible Videos API for kinema")  # fmt: skip

@@ -149,6 +149,35 @@ def _job(row: sqlite3.Row) -> Job:
 # ---------------------------------------------------------------------------------------------
 
 
+class DataDirLock:
+    """One server per data dir: an exclusive ``flock`` on ``server.lock`` there, held while
+    the server lives (the kernel lets it go when the process ends, however it ends). A second
+    server would requeue the first one's running job and clear its staging on start-up."""
+
+    def __init__(self, data_dir: Path) -> None:
+        import fcntl
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path = data_dir / "server.lock"
+        self.file = open(path, "a+")  # noqa: SIM115 -- held open: the lock lives with it
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            pid = self.file.read().strip() or "?"
+            self.file.close()
+            raise ValueError(
+                f"data dir {data_dir} is in use by another kinema serve (pid {pid}); stop it, "
+                "or give this one another --data-dir"
+            ) from None
+        self.file.truncate(0)
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+
+    def release(self) -> None:
+        self.file.close()
+
+
 class Store:
     """The job table. Thread-safe: one connection, every call under one lock."""
 
