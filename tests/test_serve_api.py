@@ -208,9 +208,12 @@ def test_models(client):
 
 
 def test_auth(server):
-    for headers in ({}, {"Authorization": "Bearer wrong"}):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         r = httpx.get(f"{server.url}/v1/videos", headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    for scheme in ("bearer", "BEARER"):  # the scheme is case-insensitive in HTTP
+        headers = {"Authorization": f"{scheme} {KEY}"}
+        assert httpx.get(f"{server.url}/v1/videos", headers=headers).status_code == 200
     assert httpx.get(f"{server.url}/").status_code == 200  # the page itself is public
     assert httpx.get(f"{server.url}/static/app.js").status_code == 200
 
@@ -309,6 +312,28 @@ def test_bad_uploads(http):
         files={"input_reference": ("a.png", b"0" * (2**20 + 2**17), "image/png")},
     )
     assert error_of(huge, 413, None)["code"] == "request_too_large"  # refused by its length
+    limit = int(0.05 * 2**20) + 2**20
+    assert f"over {limit} bytes" in huge.json()["error"]["message"]
+
+    def streamed(head: bytes, tail: bytes):  # no Content-Length: counted while it is read
+        yield head
+        for _ in range(24):
+            yield b"a" * 2**16
+        yield tail
+
+    boundary = "kinema-test-boundary"
+    for body, kind in (
+        (streamed(b'{"prompt": "', b'"}'), "application/json"),
+        (
+            streamed(
+                f'--{boundary}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n'.encode(),
+                f"\r\n--{boundary}--\r\n".encode(),
+            ),
+            f"multipart/form-data; boundary={boundary}",
+        ),
+    ):  # behind the API key these were a 500 and a garbled 400
+        r = http.post("/v1/videos", content=body, headers={"content-type": kind})
+        assert f"over {limit} bytes" in error_of(r, 413, None)["message"]
     url = http.post(
         "/v1/videos",
         json={"prompt": "x", "input_reference": {"image_url": "http://127.0.0.1:1/a.png"}},

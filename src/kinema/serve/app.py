@@ -18,7 +18,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -285,7 +285,11 @@ def not_found(video_id: str) -> ApiError:
 
 
 class BodyTooLarge(Exception):
-    pass
+    """A streamed body went past ``limit`` bytes (:class:`BodyLimit`)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is over {limit} bytes")
+        self.limit = limit
 
 
 # Which request parameter a pipeline ValueError is about, by the start of its message.
@@ -417,7 +421,7 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise BodyTooLarge
+                raise BodyTooLarge(self.limit)
             return message
 
         await self.app(scope, limited, send)
@@ -802,7 +806,7 @@ def install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(BodyTooLarge)
     async def body_too_large(request: Request, err: BodyTooLarge) -> JSONResponse:
-        return too_large(request.app.state.settings.max_upload_bytes).response()
+        return too_large(err.limit).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -812,22 +816,30 @@ def install_errors(app: FastAPI) -> None:
 
 def install_auth(app: FastAPI, api_key: str | None) -> None:
     """With an API key, everything but the page, its static files and the docs needs it."""
-    if api_key is None:
-        return
-    expected = f"Bearer {api_key}".encode()
+    if api_key is not None:
+        app.add_middleware(ApiKeyGate, key=api_key.encode())
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]):
-        path = request.url.path
-        if path in PUBLIC_PATHS or path.startswith("/static/"):
-            return await call_next(request)
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
-            err = ApiError(401, "invalid_api_key", "missing or wrong API key: send "
-                           "'Authorization: Bearer <key>'", None,
-                           {"WWW-Authenticate": "Bearer"})  # fmt: skip
-            return err.response()
-        return await call_next(request)
+
+class ApiKeyGate:
+    """ASGI middleware: ``Authorization: Bearer <key>`` (the scheme in any case, as HTTP has
+    it) on every path but the public ones, else 401. Plain ASGI, not Starlette's
+    ``BaseHTTPMiddleware``, which wraps what the app raises (an over-long streamed body's
+    :class:`BodyTooLarge`) in an ExceptionGroup that no handler catches: a 500."""
+
+    def __init__(self, app: Any, key: bytes) -> None:
+        self.app, self.key = app, key
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in PUBLIC_PATHS or path.startswith("/static/"):
+            return await self.app(scope, receive, send)
+        scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return await self.app(scope, receive, send)
+        err = ApiError(401, "invalid_api_key", "missing or wrong API key: send "
+                       "'Authorization: Bearer <key>'", None,
+                       {"WWW-Authenticate": "Bearer"})  # fmt: skip
+        await err.response()(scope, receive, send)
 
 
 def add_routes(app: FastAPI, service: Service) -> None:
