@@ -100,6 +100,14 @@ def test_warnings_reach_the_video_and_its_sidecar(client, server, done):
     assert sidecar["warnings"] == [said]
 
 
+def test_seconds_is_the_span_of_the_frames_made(http):
+    """At 8 fps a clip is 4k+1 frames: "1.1" asked makes 9 frames, 1 s from first to last,
+    and says so (it said "1.1"); "0.1" makes the shortest clip, 5 frames, "0.5"."""
+    for asked, made in (("1.1", "1"), ("0.1", "0.5")):
+        r = http.post("/v1/videos", json={"prompt": "x", "seconds": asked, "size": "32x32"})
+        assert r.status_code == 200 and r.json()["seconds"] == made, r.text
+
+
 def test_list_pagination(client, done):
     ids = [client.videos.create(prompt=f"p{i}", seconds="0.5").id for i in range(3)]
     page = client.videos.list(limit=2, order="asc", after=ids[0])

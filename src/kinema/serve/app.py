@@ -639,17 +639,15 @@ class Service:
     def create(self, body: CreateVideoBody, files: dict[str, bytes]) -> Job:
         self.check_model(body.model)
         settings = {**kinema_settings(body), **parse_size(body.size)}
-        seconds = None
-        if body.seconds is not None:
+        if body.seconds is not None:  # the video object says the span made of it (1.1 -> 1)
             value = parse_seconds(body.seconds, self.settings.max_seconds)
             fps = body.fps or self.pipe.defaults.fps
             settings["frames"] = timeline.clip_frames(value, fps, self.pipe.temporal_factor)
-            seconds = fmt_seconds(value)
         image = files.get("input_reference") or self.image_from_json(body.input_reference)
 
         def make(folder: str) -> Draft:
             inputs = {"image": self.save_image(folder, image)} if image else {}
-            return Draft(folder, JobSpec("generate", body.prompt, settings, inputs), seconds)
+            return Draft(folder, JobSpec("generate", body.prompt, settings, inputs))
 
         return self.build(make)
 
