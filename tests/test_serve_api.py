@@ -108,6 +108,19 @@ def test_seconds_is_the_span_of_the_frames_made(http):
         assert r.status_code == 200 and r.json()["seconds"] == made, r.text
 
 
+def test_a_request_without_a_seed_gets_a_random_one_and_is_told(client, done):
+    """A new take each time (every request without a seed was seed 0: the same video again);
+    the seed is on the video object, so it can be given back; a remix keeps its source's."""
+    a, b = (client.videos.create(prompt="a ball", seconds="0.5") for _ in range(2))
+    seeds = [v.model_dump()["seed"] for v in (a, b)]
+    assert all(isinstance(seed, int) for seed in seeds) and seeds[0] != seeds[1]
+    assert done.model_dump()["seed"] == 3  # given
+    remix = client.videos.remix(done.id, prompt="a blue ball")
+    assert remix.model_dump()["seed"] == 3
+    for v in (a, b, remix):
+        wait(client, v.id)
+
+
 def test_list_pagination(client, done):
     ids = [client.videos.create(prompt=f"p{i}", seconds="0.5").id for i in range(3)]
     page = client.videos.list(limit=2, order="asc", after=ids[0])

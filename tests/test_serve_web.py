@@ -59,14 +59,20 @@ def test_submit_progress_play_gallery(tmp_path, browser):
         info = sidecar(tmp_path, "a red ball bouncing")  # what the pipeline ran
         assert info["prompts"] == [[0.5, "a red ball rolling"], [1.5, "a blue ball"]]
         # Extend and Remix ask for their prompt and take the page's prompt changes too
+        # and the form's settings: an extension its steps and seed, a remix its strength
         page.fill("#at", "0.25:a green ball")
         page.fill("#seconds", "1")
+        page.fill("#steps", "2")
+        page.fill("#strength", "0.5")
         for button, prompt in (("extend", "it rolls on"), ("remix", "a ball, remixed")):
             page.once("dialog", lambda dialog, text=prompt: dialog.accept(text))
             page.click(f'#gallery li[data-id="{video_id}"] .{button}')
             page.wait_for_selector(f'#gallery li[data-status="completed"] >> text="{prompt}"',
                                    timeout=120_000)  # fmt: skip
-            assert sidecar(tmp_path, prompt)["prompts"] == [[0.25, "a green ball"]]
+            made = sidecar(tmp_path, prompt)
+            assert made["prompts"] == [[0.25, "a green ball"]] and made["seed"] == 7
+        assert sidecar(tmp_path, "it rolls on")["steps"] == 2  # not the default, nor 1000
+        assert sidecar(tmp_path, "a ball, remixed")["strength"] == 0.5
         page.click(f'#gallery li[data-id="{video_id}"] .delete')
         page.wait_for_selector(f'#gallery li[data-id="{video_id}"]', state="detached")
         assert not errors

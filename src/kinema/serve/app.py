@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -112,6 +113,11 @@ class VideoObject(BaseModel):
         description="kinema's addition: what the model warned about the request when it was "
         "queued (words it never read in training, a prompt longer than it reads, an image "
         "far smaller than the size)",
+    )
+    seed: int | None = Field(
+        None,
+        description="kinema's addition: the noise seed it was made with (drawn at random when "
+        "the request gave none; give it back to make the same video again)",
     )
 
 
@@ -587,7 +593,12 @@ class Service:
     # -- submission ----------------------------------------------------------------------------
 
     def submit(self, draft: Draft) -> Job:
-        """Validate with the pipeline (which reads the inputs), then queue (429 when full)."""
+        """Validate with the pipeline (which reads the inputs), then queue (429 when full). A
+        request without a seed gets a random one, as a new take each time (a remix keeps its
+        source's)."""
+        if "seed" not in draft.spec.settings:
+            seed = secrets.randbelow(2**31)
+            draft.spec = replace(draft.spec, settings={**draft.spec.settings, "seed": seed})
         try:
             resolved, inputs, said = self.pipe.prepare(self.request_of(draft))
         except ValueError as err:  # messages name input files by their field, not their path
@@ -730,7 +741,7 @@ def video_object(job: Job) -> dict[str, Any]:
         "progress": job.progress, "created_at": job.created_at,
         "completed_at": job.completed_at, "expires_at": job.expires_at, "prompt": job.prompt,
         "seconds": job.seconds, "size": job.size, "remixed_from_video_id": job.remixed_from,
-        "error": error, "warnings": job.spec.warnings,
+        "error": error, "warnings": job.spec.warnings, "seed": job.spec.settings.get("seed"),
     }  # fmt: skip
 
 

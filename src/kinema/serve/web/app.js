@@ -83,13 +83,20 @@ function target() {
            fields: ["negative_prompt", "size", "seed", "steps", "strength"] };
 }
 
+// the form's values of these API fields, those filled in
+function formFields(names) {
+  const fields = {};
+  for (const name of names) {
+    const value = $(FIELDS[name]).value.trim();
+    if (value) fields[name] = value;
+  }
+  return fields;
+}
+
 function formBody(to) {
   const body = new FormData();
   body.append("prompt", $("prompt").value);
-  for (const name of to.fields) {
-    const value = $(FIELDS[name]).value.trim();
-    if (value) body.append(name, value);
-  }
+  for (const [name, value] of Object.entries(formFields(to.fields))) body.append(name, value);
   for (const line of timedPrompts()) body.append("at[]", line);
   const [name, file] = to.file;
   if (file) body.append(name, file, file.name);
@@ -194,9 +201,9 @@ async function download(video) {
 async function extend(video) {
   const prompt = window.prompt("Prompt for the continuation", video.prompt || "");
   if (prompt === null) return;
-  const seconds = $("seconds").value || "1";
+  const fields = { seconds: "1", ...formFields(["negative_prompt", "seconds", "seed", "steps"]) };
   try { track(await postJSON("/v1/videos/extensions",
-                                withTimedPrompts({ prompt, seconds, video: { id: video.id } }))); }
+                                withTimedPrompts({ ...fields, prompt, video: { id: video.id } }))); }
   catch (err) { say(err.message); }
   refreshGallery();
 }
@@ -205,8 +212,9 @@ async function remix(video) {
   const prompt = window.prompt("New prompt for the remix", video.prompt || "");
   if (prompt === null) return;
   try {
+    const fields = formFields(["seed", "strength"]);  // the rest is the source's
     track(await postJSON(`/v1/videos/${encodeURIComponent(video.id)}/remix`,
-                         withTimedPrompts({ prompt })));
+                         withTimedPrompts({ ...fields, prompt })));
   }
   catch (err) { say(err.message); }
   refreshGallery();
