@@ -595,8 +595,10 @@ def timed_captions(
 
 
 def words_of(text: str) -> list[str]:
-    """The lower-case words of a text ("A red, round ball!" -> ["a", "red", "round", "ball"])."""
-    return re.findall(r"[a-z]+", text.lower())
+    """The lower-case words of a text ("A red, round ball!" -> ["a", "red", "round", "ball"]):
+    runs of anything but spaces, digits and ASCII punctuation, so a word in any script
+    ("déplace", "红色") or an emoji stays whole and is checked against the vocabulary too."""
+    return re.findall(r"[^\s0-9!-/:-@\[-`{-~]+", text.lower())
 
 
 def vocabulary() -> tuple[str, ...]:
