@@ -31,10 +31,13 @@ def test_submit_progress_play_gallery(tmp_path, browser):
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('message').textContent !== ''")
+        assert "missing or wrong API key" in page.text_content("#message")
         page.fill("#api-key", "k")
         page.dispatch_event("#api-key", "change")
         page.wait_for_function("document.getElementById('size').value === '32x32'")
         assert page.text_content("#model") == "tiny"
+        assert page.text_content("#message") == ""  # the keyless error went with the key
         page.fill("#prompt", "a red ball bouncing")
         page.fill("#size", "64x64")
         page.fill("#seconds", "2")  # 17 frames at 8 fps
@@ -75,6 +78,10 @@ def test_submit_progress_play_gallery(tmp_path, browser):
         assert sidecar(tmp_path, "a ball, remixed")["strength"] == 0.5
         page.click(f'#gallery li[data-id="{video_id}"] .delete')
         page.wait_for_selector(f'#gallery li[data-id="{video_id}"]', state="detached")
+        assert page.locator("#gallery li").count() == 2  # the extension and the remix
+        page.fill("#api-key", "wrong")  # a wrong key shows no list, not the last key's
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_function("document.querySelectorAll('#gallery li').length === 0")
         assert not errors
 
 

@@ -163,7 +163,7 @@ async function play(video) {
 async function refreshGallery() {
   let list;
   try { list = await getJSON("/v1/videos?limit=50&order=desc"); }
-  catch (err) { say(err.message); return; }
+  catch (err) { say(err.message); $("gallery").replaceChildren(); return; }  // not another key's
   const gallery = $("gallery");
   gallery.replaceChildren(...list.data.map(card));
 }
@@ -232,6 +232,7 @@ async function remove(video) {
 $("api-key").value = localStorage.getItem("kinema-api-key") || "";
 $("api-key").addEventListener("change", () => {
   localStorage.setItem("kinema-api-key", $("api-key").value.trim());
+  say("");  // the last key's error, if any, is this key's to repeat
   loadModel();
   refreshGallery();
 });
