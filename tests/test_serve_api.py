@@ -252,6 +252,8 @@ def error_of(response: httpx.Response, status: int, param: str | None) -> dict:
     [
         ({"size": "33x32"}, "size", "width 33 is not a multiple of 16; nearest valid: 32"),
         ({"size": "big"}, "size", "size"),
+        ({"size": "128X128"}, "size", "must be WIDTHxHEIGHT in pixels, e.g. '128x128'"),
+        ({"size": "１２８x１２８"}, "size", "must be WIDTHxHEIGHT"),  # full-width digits
         ({"size": "8192x8192"}, "size", "GiB at its peak; this server has 1.0 GiB for a job"),
         ({"seconds": "0"}, "seconds", "must be > 0"),
         ({"seconds": "ten"}, "seconds", "not a number"),
@@ -266,6 +268,7 @@ def error_of(response: httpx.Response, status: int, param: str | None) -> dict:
         ({"at": "0.5 a cat"}, "at", "at '0.5 a cat' must be SECONDS:PROMPT"),
         ({"seconds": "1", "at": "2:a cat"}, "at", "prompt time 2 s is outside the clip"),
         ({"at": "0.25:a cat", "switch": "fade"}, "switch", "unknown switch mode 'fade'"),
+        ({"guidance": "nan"}, "guidance", "finite number"),
         ({"cache": "-1"}, "cache", "must be a number >= 0 (0 turns the step cache off)"),
     ],
 )
@@ -380,6 +383,8 @@ def test_unknown_ids(http, client):
     )
     with pytest.raises(openai.NotFoundError):
         client.videos.retrieve("video_0000")
+    long = http.get("/v1/videos/video_" + "x" * 10_000).json()["error"]["message"]
+    assert len(long) < 120 and long.endswith("...'")  # the id quoted short, not echoed whole
 
 
 def test_openapi_is_true(http, done):

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
 import time
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -31,7 +32,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -184,6 +193,15 @@ class ImageReference(BaseModel):
     file_id: str | None = Field(None, description="not supported: upload the file instead")
 
 
+def _size_form(value: str) -> str:
+    if not re.fullmatch(r"[0-9]+x[0-9]+", value):
+        raise PydanticCustomError("size", "must be WIDTHxHEIGHT in pixels, e.g. '128x128'")
+    return value
+
+
+Size = Annotated[str, AfterValidator(_size_form)]  # "832x480"; the sides are checked later
+
+
 class TimedFields(BaseModel):
     """Timed prompts, accepted wherever a prompt is."""
 
@@ -207,13 +225,14 @@ class KinemaFields(TimedFields):
     negative_prompt: str | None = Field(None, max_length=4000)
     seed: int | None = Field(None, ge=0, lt=2**63)
     steps: int | None = Field(None, ge=1, le=1000)
-    guidance: float | None = Field(None, ge=0, le=100)
-    shift: float | None = Field(None, gt=0, le=100)
+    guidance: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
+    shift: float | None = Field(None, gt=0, le=100, allow_inf_nan=False)
     sampler: str | None = Field(None, description="unipc or euler")
     fps: int | None = Field(None, ge=1, le=120)
     contrast: float | None = Field(
-        None, ge=0, le=100, description="timed prompts (blend): guidance away from the next one"
-    )
+        None, ge=0, le=100, allow_inf_nan=False,
+        description="timed prompts (blend): guidance away from the next one",
+    )  # fmt: skip
     cache: str | float | bool | None = Field(
         None, description="step-cache threshold (>= 0; 0: off; default: the model's)"
     )
@@ -223,7 +242,7 @@ class CreateVideoBody(KinemaFields):
     prompt: str = Field(min_length=1, max_length=4000)
     model: str | None = None
     seconds: str | float | None = Field(None, description='clip length, e.g. "4" or 2.5')
-    size: str | None = Field(None, pattern=r"^\d+x\d+$", description='"WIDTHxHEIGHT"')
+    size: Size | None = Field(None, description='"WIDTHxHEIGHT"')
     input_reference: ImageReference | None = Field(
         None, description="image-to-video: the first frame (a file in multipart)"
     )
@@ -233,8 +252,10 @@ class EditVideoBody(KinemaFields):
     prompt: str = Field(min_length=1, max_length=4000)
     video: VideoReference | None = Field(None, description="the source: {id} or a file")
     model: str | None = None
-    size: str | None = Field(None, pattern=r"^\d+x\d+$")
-    strength: float | None = Field(None, gt=0, le=1, description="how much to change (SDEdit)")
+    size: Size | None = None
+    strength: float | None = Field(
+        None, gt=0, le=1, allow_inf_nan=False, description="how much to change (SDEdit)"
+    )
 
 
 class ExtendVideoBody(KinemaFields):
@@ -246,7 +267,7 @@ class ExtendVideoBody(KinemaFields):
 
 class RemixVideoBody(TimedFields):
     prompt: str = Field(min_length=1, max_length=4000)
-    strength: float | None = Field(None, gt=0, le=1)
+    strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, lt=2**63)
 
 
@@ -287,7 +308,7 @@ NO_CHARACTERS = (
 
 
 def not_found(video_id: str) -> ApiError:
-    return ApiError(404, "not_found", f"no video with id {video_id!r}", "video_id")
+    return ApiError(404, "not_found", f"no video with id {shown_id(video_id)}", "video_id")
 
 
 class BodyTooLarge(Exception):
@@ -312,6 +333,11 @@ PARAM_OF_MESSAGE = (("width", "size"), ("height", "size"), ("an extension keeps"
 
 def param_of(message: str) -> str | None:
     return next((p for start, p in PARAM_OF_MESSAGE if message.startswith(start)), None)
+
+
+def shown_id(video_id: str) -> str:
+    """An id as an error quotes it: cut to 80 characters (a client's bad id comes back short)."""
+    return repr(video_id if len(video_id) <= 80 else video_id[:80] + "...")
 
 
 def validation_error(err: ValidationError | RequestValidationError) -> ApiError:
@@ -371,7 +397,7 @@ async def read_form(request: Request, file_fields: tuple[str, ...]) -> tuple[dic
     """Plain fields (nested by brackets) and file parts' bytes, with the size limit checked."""
     limit = request.app.state.settings.max_upload_bytes
     try:
-        form = await request.form(max_files=4, max_fields=64, max_part_size=2**20)
+        form = await request.form(max_files=4, max_fields=128, max_part_size=2**20)  # 64 `at`
     except BodyTooLarge:
         raise
     except Exception as err:  # python-multipart / starlette parse errors
@@ -550,7 +576,7 @@ class Service:
     def get_completed(self, video_id: str, param: str) -> Job:
         job = self.store.get(video_id)
         if job is None:
-            raise ApiError(404, "not_found", f"no video with id {video_id!r}", param)
+            raise ApiError(404, "not_found", f"no video with id {shown_id(video_id)}", param)
         if job.status != "completed":
             raise ApiError(409, "video_not_ready", f"video {video_id} is {job.status}", param)
         return job
@@ -901,7 +927,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
     ) -> dict[str, Any]:
         anchor = service.store.position(after) if after else None
         if after and anchor is None:
-            raise bad("after", f"after: no video with id {after!r}")
+            raise bad("after", f"after: no video with id {shown_id(after)}")
         jobs, more = service.store.page(anchor, limit, order)
         data = [dump(j) for j in jobs]
         first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
