@@ -271,8 +271,9 @@ def test_scan_video_counts_read_videos_frames_and_keeps_the_last(tmp_path, name)
     path = write_video(tmp_path / name, smooth_clip(frames=11), fps=17)
     for fps in (None, 8):
         frames = read_video(path, fps=fps)[0]
-        count, last = scan_video(path, fps=fps, last=3)
+        count, last, native = scan_video(path, fps=fps, last=3)
         assert count == len(frames) and np.array_equal(last, frames[-3:])
+        assert native == read_video(path)[1]  # the rate it is read at when none is asked
     assert scan_video(path, limit=4)[0] == 4
     assert scan_video(path, last=40)[1].shape[0] == len(read_video(path)[0])
     with pytest.raises(ValueError, match="cannot decode video"):

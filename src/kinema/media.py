@@ -105,11 +105,9 @@ def source_video(req: Any, temporal: int, size: tuple[int, int]) -> tuple[Any, R
     Frame count and fps follow the source unless the request gives them; the size is the
     request's (or ``size``, the model default). A file is counted here, then streamed."""
     if isinstance(req.video, str | Path):
-        path = Path(req.video)
-        info = probe(path)
-        length = scan_video(path, fps=req.fps, limit=req.frames)[0]
-        video: Path | np.ndarray = path
-        shown, fps = (info.width, info.height), info.fps
+        video: Path | np.ndarray = Path(req.video)
+        length, last, fps = scan_video(video, fps=req.fps, last=1, limit=req.frames)
+        shown = (last.shape[2], last.shape[1])  # as shown (a rotated phone video upright)
     else:
         video, fps = read_video_any(req.video)
         length, shown = len(video), (video.shape[2], video.shape[1])
@@ -150,9 +148,8 @@ def extension_source(req: Any, context: int, spatial: int) -> tuple[Any, Any]:
     rounded) times the new frames and the file. A file is streamed (:class:`SourceClip`): a
     long video is not held in memory; an array is used as it is."""
     if isinstance(req.extend, str | Path):
-        count, last = scan_video(req.extend, last=context)  # one pass, keeping the last
+        count, last, fps = scan_video(req.extend, last=context)  # one pass: the last frames
         source: Any = SourceClip(Path(req.extend), count, last)
-        fps = probe(req.extend).fps
     else:
         source, fps = read_video_any(req.extend)
     if len(source) < context:

@@ -518,12 +518,20 @@ def iter_video(path: str | Path, fps: float | None = None) -> Iterator[np.ndarra
         raise _decode_error(path, e) from e
 
 
+class Scan(NamedTuple):
+    """What :func:`scan_video` learns in one pass."""
+
+    count: int  # frames read_video would give
+    last: np.ndarray  # (k, H, W, 3) uint8: the last of them, as asked
+    fps: float  # the native frame rate
+
+
 def scan_video(
     path: str | Path, *, fps: float | None = None, last: int = 0, limit: int | None = None
-) -> tuple[int, np.ndarray]:
+) -> Scan:
     """One decoding pass that keeps almost nothing: how many frames :func:`read_video` would
-    give (at ``fps``; native when None; counting stops at ``limit``), and the ``last`` of
-    them (``(last, H, W, 3)`` uint8; fewer in a shorter video). Only those are converted to
+    give (at ``fps``; native when None; counting stops at ``limit``), the ``last`` of them
+    (fewer in a shorter video) and the native rate. Only the kept frames are converted to
     RGB. Raises :func:`read_video`'s ValueError, also for a video without frames."""
     _check_read_args(limit, fps)
     path = Path(path)
@@ -540,7 +548,8 @@ def scan_video(
             tail = [_to_rgb(f) for f in kept]  # inside: Pillow frames need their file open
     except (OSError, EOFError, av.FFmpegError) as e:
         raise _decode_error(path, e) from e
-    return count, np.stack(tail) if tail else np.zeros((0, 0, 0, 3), np.uint8)
+    frames = np.stack(tail) if tail else np.zeros((0, 0, 0, 3), np.uint8)
+    return Scan(count, frames, source.fps)
 
 
 def _take(timeline: Timeline, count: int | None) -> Iterator[tuple[float, Any]]:
