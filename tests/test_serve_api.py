@@ -88,6 +88,16 @@ def test_create_poll_retrieve_list_download(client, done, tmp_path):
     assert Image.open(io.BytesIO(sheet)).size == (4 * 32, 3 * 32)  # 9 frames, 4 per row
 
 
+def test_head_of_content_tells_its_size_and_type(http, done):
+    """curl -I and players ask with HEAD (it was 405): the headers of GET, no body."""
+    head = http.head(f"/v1/videos/{done.id}/content")
+    get = http.get(f"/v1/videos/{done.id}/content")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-type"] == "video/mp4"
+    assert int(head.headers["content-length"]) == len(get.content)
+    assert http.head("/v1/videos/video_nope/content").status_code == 404
+
+
 def test_warnings_reach_the_video_and_its_sidecar(client, server, done):
     assert done.model_dump()["warnings"] == []
     prompt = "a red ball and " * 8  # over the 16 tokens the test model's MiniLM reads

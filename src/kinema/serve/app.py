@@ -959,6 +959,7 @@ def add_content_routes(app: FastAPI, service: Service) -> None:
     content = {200: {"content": {t: {} for t in media.MEDIA_TYPES.values()},
                      "description": "the file"}}  # fmt: skip
 
+    @app.head("/v1/videos/{video_id}/content", include_in_schema=False)  # size, type: no body
     @app.get("/v1/videos/{video_id}/content", response_class=Response,
              responses={**content, **ERRORS})  # fmt: skip
     def download_content(
