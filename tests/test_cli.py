@@ -51,6 +51,7 @@ BASE = ["--size", "32x32", "--steps", "2", "-q"]
         (["--at", "soon:a dog"], "--at 'soon:a dog' must be SECONDS:PROMPT"),
         (["--at", "9:a dog"], "prompt time 9 s is outside the clip"),
         (["--at", "0.2:a dog", "--at", "0.1:a cow"], "must increase"),
+        (["--strength", "0.5"], "strength 0.5 is video-to-video's noise level"),
         (["--lora", "nowhere.safetensors"], "LoRA file nowhere.safetensors does not exist"),
         (["--lora", "x.safetensors:strong"], "the strength after ':' must be a number"),
         (["--lora", "x.safetensors", "--devices", "2"], "--lora runs in one process"),

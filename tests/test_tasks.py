@@ -367,6 +367,9 @@ def test_request_takes_timed_prompts_as_json_gives_them():
         (dict(prompts=((9.0, "b"),)), "outside the clip"),
         (dict(prompts=((0.5, "b"),), switch="fade"), "valid: blend, cut"),
         (dict(image="/nonexistent.png"), "nonexistent.png"),
+        (dict(strength=0.5), "strength 0.5 is video-to-video's noise level: give a video"),
+        (dict(image=clip(1)[0], video=clip(9)), "image \\(image-to-video\\) or video"),
+        (dict(image=clip(1)[0], extend=clip(9)), "image \\(image-to-video\\) or extend"),
     ],
 )
 def test_bad_conditioning_input(pipe, settings, message):

@@ -514,6 +514,14 @@ class Pipeline:
             raise ValueError(f"strength {req.strength} must be in (0, 1]")
         if req.video is not None and req.extend is not None:
             raise ValueError("give either video (video-to-video) or extend, not both")
+        if req.image is not None and (req.video is not None or req.extend is not None):
+            other = "video (video-to-video)" if req.video is not None else "extend"
+            raise ValueError(f"give either image (image-to-video) or {other}, not both")
+        if req.strength is not None and req.video is None:
+            raise ValueError(
+                f"strength {req.strength} is video-to-video's noise level: give a video to "
+                "restyle too"
+            )
         if req.video is not None:
             size = (self.defaults.width, self.defaults.height)
             req, media["video"] = _media().source_video(req, self.temporal_factor, size)
@@ -548,7 +556,7 @@ class Pipeline:
                 "(give image=, or a clip to extend / restyle)"
             )
         if req.last_image is not None and (req.image is None or req.video is not None):
-            raise ValueError("last_image ends an image-to-video clip: give image= too, no video=")
+            raise ValueError("last_image ends an image-to-video clip: give image too, and no video")
         if req.last_image is not None and not first_last:
             raise ValueError(
                 f"last_image needs a first-last-frame image-to-video checkpoint; {self.name} "
