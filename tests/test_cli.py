@@ -172,6 +172,25 @@ def test_an_output_that_would_destroy_files_or_fail_is_refused_first(capsys, tmp
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
+@pytest.mark.parametrize("name", ["clip.mp4", "clip.gif", "frames/"])
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, wan, name):
+    """A file-size limit (RLIMIT_FSIZE: writes past it fail with EFBIG, as a full disk's
+    with ENOSPC) met while the output is written: no traceback, exit 1, no half file."""
+    import resource
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+
+    out = tmp_path / "out" / name
+    out.parent.mkdir()
+    argv = [sys.executable, "-m", "kinema", "generate", "a cat", "--model", str(wan),
+            "-o", str(out), *BASE, "--frames", "9"]  # fmt: skip
+    done = subprocess.run(argv, preexec_fn=small_files, capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == f"kinema: error: cannot write {out}: File too large\n"
+    assert list(out.parent.iterdir()) == []
+
+
 def test_generate_with_a_timed_prompt_records_it(tmp_path, wan):
     out = tmp_path / "timed.mp4"
     argv = ["generate", "a cat", "--model", str(wan), "-o", str(out), *BASE, "--frames", "9",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -27,6 +28,10 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         fail(message)
+
+
+# A full, read-only or failing disk met while writing an output, checkpoint or cache.
+STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
 
 
 def fail(message: str) -> NoReturn:
@@ -556,6 +561,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) > 0:  # --devices N: rank 0 says it, once
             raise SystemExit(EXIT_BAD_INPUT) from None
         fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    except OSError as err:  # the disk, not the input: one line, exit 1
+        if err.errno not in STORAGE_ERRORS:
+            raise
+        output = getattr(args, "output", None)
+        folder = Path(err.filename).parent if err.filename else None
+        where = f" {output}" if output else f" in {folder}" if folder else ""
+        print(f"kinema: error: cannot write{where}: {err.strerror}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # exiting: a second Ctrl-C changes nothing
         if int(os.environ.get("RANK", "0")) == 0:  # --devices N: rank 0 says it, once
