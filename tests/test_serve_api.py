@@ -290,6 +290,14 @@ def test_bad_create_requests(http, fields, param, message):
         assert message in error["message"]
 
 
+@pytest.mark.parametrize("field", ["steps", "seconds", "guidance", "seed", "fps"])
+def test_json_true_or_false_is_no_number(http, field):
+    """Lax parsing read ``"steps": true`` as 1 step and ``"seconds": true`` as 1 s."""
+    for value in (True, False):
+        error = error_of(http.post("/v1/videos", json={"prompt": "x", field: value}), 400, field)
+        assert "must be a number or text, not true / false" in error["message"]
+
+
 def test_the_longest_clip_allowed_is_accepted(http, tmp_path):
     """``seconds`` at the server's limit (60) is a clip of 481 frames at 8 fps: its first
     frame, then 60 s, which is not over it (it was refused as 60.125 s); an upload is held to

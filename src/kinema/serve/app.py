@@ -218,6 +218,15 @@ class TimedFields(BaseModel):
     def one_or_many(cls, value: Any) -> Any:  # a form sends one `at` as a plain string
         return [value] if isinstance(value, str) else value
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def no_booleans(cls, value: Any) -> Any:
+        """JSON's true / false is no count or setting (lax parsing, which multipart's text
+        numbers need, would read ``"steps": true`` as 1 step)."""
+        if isinstance(value, bool):
+            raise PydanticCustomError("bool", "must be a number or text, not true / false")
+        return value
+
 
 class KinemaFields(TimedFields):
     """kinema's own settings, accepted beside OpenAI's fields (None: the model's default)."""
