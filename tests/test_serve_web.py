@@ -105,6 +105,32 @@ def test_warnings_are_shown(tmp_path, browser):
             page.wait_for_selector('#gallery li[data-status="completed"]', timeout=60_000)
 
 
+def test_the_gallery_shows_more_on_request(tmp_path, browser):
+    """Page by page through the API's cursor (it showed the newest 50 only); a refresh keeps
+    the pages shown."""
+    import httpx
+
+    model = build_tiny_model(tmp_path / "tiny")
+    with Server(model, tmp_path / "data") as server:
+        ids = [httpx.post(f"{server.url}/v1/videos", json={"prompt": f"clip {i}", "steps": 1})
+               .json()["id"] for i in range(3)]  # fmt: skip
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_function("document.querySelectorAll('#gallery li').length === 3")
+        assert page.is_hidden("#more")
+        page.evaluate("galleryPageSize = 2; refreshGallery()")
+        page.wait_for_function("document.querySelectorAll('#gallery li').length === 2")
+        page.wait_for_selector("#more", state="visible")
+        page.click("#more")
+        page.wait_for_function("document.querySelectorAll('#gallery li').length === 3")
+        assert page.is_hidden("#more")
+        shown = page.eval_on_selector_all("#gallery li", "cards => cards.map(c => c.dataset.id)")
+        assert shown == ids[::-1]  # newest first, none twice
+        page.click(f'#gallery li[data-id="{ids[2]}"] .delete')
+        page.wait_for_function("document.querySelectorAll('#gallery li').length === 2")
+        assert page.is_hidden("#more")  # both pages' worth, the rest of them
+
+
 def sidecar(tmp_path, prompt: str) -> dict:
     """The request the pipeline ran for the job of ``prompt`` (the sidecar beside its video)."""
     found = [json.loads(p.read_text()) for p in (tmp_path / "data" / "jobs").glob("*/video.json")]

@@ -160,12 +160,29 @@ async function play(video) {
 
 // -- the gallery ---------------------------------------------------------------------------
 
+let galleryPageSize = 50;  // videos a page; "Show more" adds a page
+let galleryPages = 1;
+
+// the newest videos, as many pages as shown so far (the API's `after` cursor, page by page)
 async function refreshGallery() {
-  let list;
-  try { list = await getJSON("/v1/videos?limit=50&order=desc"); }
-  catch (err) { say(err.message); $("gallery").replaceChildren(); return; }  // not another key's
-  const gallery = $("gallery");
-  gallery.replaceChildren(...list.data.map(card));
+  const videos = [];
+  let after = null, more = false;
+  try {
+    for (let page = 0; page < galleryPages; page++) {
+      const cursor = after ? `&after=${encodeURIComponent(after)}` : "";
+      const list = await getJSON(`/v1/videos?limit=${galleryPageSize}&order=desc${cursor}`);
+      videos.push(...list.data);
+      [after, more] = [list.last_id, list.has_more];
+      if (!more) break;
+    }
+  } catch (err) {  // not another key's videos
+    say(err.message);
+    $("gallery").replaceChildren();
+    $("more").hidden = true;
+    return;
+  }
+  $("gallery").replaceChildren(...videos.map(card));
+  $("more").hidden = !more;
 }
 
 function card(video) {
@@ -237,5 +254,6 @@ $("api-key").addEventListener("change", () => {
   refreshGallery();
 });
 $("create").addEventListener("submit", submit);
+$("more").addEventListener("click", () => { galleryPages += 1; refreshGallery(); });
 loadModel();
 refreshGallery();
