@@ -508,9 +508,13 @@ def add_train(sub: Any) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from kinema.io.paths import MODEL_ENTRIES
     from kinema.train import export, load_train_config, train_dit
+    from kinema.train.loop import check_run_folders
 
     config = load_train_config(args.config)
+    if args.export:  # refused now, not after the training
+        check_run_folders(config.out_dir, args.export, None if config.lora else MODEL_ENTRIES)
     train_dit(config)  # exports to export_dir (or out_dir/model) as it ends
     if args.export and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 only
         print(f"wrote {export(config.out_dir, args.export)}", file=sys.stderr)

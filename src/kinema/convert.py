@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kinema.io.checkpoint import save_model_folder
+from kinema.io.paths import check_export_folder
 from kinema.loading import DTYPES, load
 
 
@@ -16,6 +17,7 @@ def convert(source: str | Path, dest: str | Path, dtype: str | None = None) -> P
     """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: fp32, bf16, fp16")
+    check_export_folder(dest, name="destination")  # before the minutes a large model loads
     pipe = load(source, device="cpu", dtype=dtype or "fp32")
     store = DTYPES[dtype] if dtype else None
     dest = Path(dest)

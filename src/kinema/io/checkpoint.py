@@ -26,6 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from kinema.configs import save_json
+from kinema.io.paths import COMPONENT_ENTRIES, check_export_folder
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -171,7 +172,7 @@ def save_component(module: nn.Module, folder: str | Path, dtype: torch.dtype | N
 
     Written into a temporary folder and renamed into place, so a crash leaves no half folder.
     """
-    folder = Path(folder)
+    folder = check_export_folder(folder, COMPONENT_ENTRIES, "component folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
@@ -327,7 +328,7 @@ def save_model_folder(
     (the pipeline warns about prompt words outside it)."""
     import dataclasses
 
-    folder = Path(folder)
+    folder = check_export_folder(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:

@@ -36,7 +36,36 @@ def check_frame_folder(path: str | Path, name: str = "output") -> None:
     others = sorted(p.name for p in path.iterdir() if not FRAME_FILE.fullmatch(p.name))
     if others:
         raise ValueError(
-            f"{name} {path} is a folder holding other files ({', '.join(others[:3])}"
-            f"{', ...' if len(others) > 3 else ''}); PNG frames replace the folder whole: "
-            "give a new folder, or a file name ending .mp4, .gif or .webp"
+            f"{name} {path} is a folder holding other files ({listed(others)}); PNG frames "
+            "replace the folder whole: give a new folder, or a file name ending .mp4, .gif or "
+            ".webp"
         )
+
+
+# What kinema writes into a model folder (kinema.json, transformer/, vae/, a stored text
+# encoder, a step-cache calibration) and into a component folder (a VAE export).
+MODEL_ENTRIES = frozenset({"kinema.json", "transformer", "vae", "text_encoder", "tokenizer",
+                           "image_encoder", "image_processor", "step_cache.json"})  # fmt: skip
+COMPONENT_ENTRIES = frozenset({"config.json", "model.safetensors"})
+
+
+def check_export_folder(
+    path: str | Path, kept: frozenset[str] = MODEL_ENTRIES, name: str = "export folder"
+) -> Path:
+    """An export replaces its folder whole: refuse a file, or a folder holding anything but
+    what an earlier export wrote there (``kept``), e.g. the user's other models, or a training
+    run's checkpoints. Returns the path (``~`` expanded)."""
+    path = check_writable(path, name)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {path} is a file; give a folder")
+    others = sorted(p.name for p in path.iterdir() if p.name not in kept) if path.is_dir() else []
+    if others:
+        raise ValueError(
+            f"{name} {path} holds other files ({listed(others)}); an export replaces the folder "
+            "whole: give a new folder, or an earlier export's"
+        )
+    return path
+
+
+def listed(names: list[str], most: int = 3) -> str:
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from kinema.configs import SamplingDefaults
 from kinema.distributed import train as dt
+from kinema.io.paths import MODEL_ENTRIES, check_export_folder, check_writable
 from kinema.models.ops import cpu_has_bf16
 from kinema.timeline import latent_prompts
 from kinema.train.config import DataConfig, OptimFields, TrainConfig, config_to_dict, parse_config
@@ -204,6 +205,31 @@ def freeze(model: nn.Module, prefixes: tuple[str, ...]) -> nn.Module:
         if prefixes and name.startswith(prefixes):
             p.requires_grad_(False)
     return model
+
+
+def check_run_folders(
+    out_dir: str | Path, dest: str | Path, kept: frozenset[str] | None = MODEL_ENTRIES
+) -> None:
+    """Before any work: ``out_dir`` is a folder (or will be) and holds no other program's
+    ``log.csv``; the export folder ``dest`` is not the run itself and holds nothing the export
+    would destroy (``kept``: what an earlier export left there; None for a LoRA, whose export
+    adds one file)."""
+    out = check_writable(out_dir, "out_dir")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {out} is a file; give a folder")
+    log = out / "log.csv"
+    if log.is_file() and not log.read_text(errors="replace").startswith("step,"):
+        raise ValueError(f"out_dir {out} holds a log.csv that is not a kinema training log; "
+                         "give another out_dir")  # fmt: skip
+    target = Path(dest).expanduser()
+    if kept is None:
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"export folder {target} is a file; give a folder")
+        return
+    if target.resolve() == out.resolve() or target.resolve() in out.resolve().parents:
+        raise ValueError(f"export folder {target} holds the run's out_dir {out}: the export "
+                         "would replace its checkpoints; give another folder")  # fmt: skip
+    check_export_folder(target, kept)
 
 
 def start_run(
@@ -899,6 +925,7 @@ def _train_dit(config: TrainConfig, text_encoder: Any, stop_after: int | None, s
         raise ValueError(f"batch_size {config.batch_size} must divide by the {dt.world()[1]} "
                          "processes (each takes an equal share of every micro-batch)")  # fmt: skip
     out, main = Path(config.out_dir), dt.world()[0] == 0
+    check_run_folders(out, export_folder(config), None if config.lora else MODEL_ENTRIES)
     out.mkdir(parents=True, exist_ok=True)
     if main:
         (out / "train_config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
@@ -921,7 +948,12 @@ def _train_dit(config: TrainConfig, text_encoder: Any, stop_after: int | None, s
         return out
     dest = export(out, config.export_dir) if main else None
     dt.barrier()
-    return dest or Path(config.export_dir or out / "model")
+    return dest or export_folder(config)
+
+
+def export_folder(config: TrainConfig) -> Path:
+    """Where a run exports its model: ``export_dir``, else ``out_dir/model``."""
+    return Path(config.export_dir or Path(config.out_dir) / "model")
 
 
 def sample_run(run: Run) -> Run | None:
@@ -972,6 +1004,7 @@ def export(out_dir: str | Path, dest: str | Path | None = None) -> Path:
     load_ema(ckpt, ema)
     ema.copy_to(dit)
     dest = Path(dest) if dest is not None else out / "model"
+    check_run_folders(out, dest, None if config.lora else MODEL_ENTRIES)
     if config.lora is not None:
         from kinema.lora import save_lora
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from kinema.io.paths import COMPONENT_ENTRIES
 from kinema.train.config import VAETrainConfig, config_to_dict
 from kinema.train.ema import EMA
 from kinema.train.loop import (
@@ -31,6 +32,7 @@ from kinema.train.loop import (
     ClipDataset,
     LossFn,
     autocast,
+    check_run_folders,
     clip_stream,
     component_folder,
     exit_on_signal,
@@ -169,6 +171,11 @@ def build_vae(config: VAETrainConfig, ckpt: Path | None) -> nn.Module:
     return CausalVAE(config.model)  # type: ignore[arg-type]
 
 
+def vae_export_folder(config: VAETrainConfig) -> Path:
+    """Where a VAE run exports: ``export_dir``, else ``out_dir/vae``."""
+    return Path(config.export_dir or Path(config.out_dir) / "vae")
+
+
 def export_vae(config: VAETrainConfig, dest: str | Path | None = None) -> Path:
     """EMA weights of the newest checkpoint + measured latent stats -> a VAE component folder."""
     from kinema.io.checkpoint import load_vae, save_component
@@ -182,7 +189,8 @@ def export_vae(config: VAETrainConfig, dest: str | Path | None = None) -> Path:
     ema.copy_to(vae)
     if not config.freeze_encoder:  # a frozen encoder keeps the statistics the DiT learnt
         vae.config = dataclasses.replace(vae.config, **latent_stats(vae, stats_clips(config)))
-    dest = Path(dest or config.export_dir or Path(config.out_dir) / "vae")
+    dest = Path(dest or vae_export_folder(config))
+    check_run_folders(config.out_dir, dest, COMPONENT_ENTRIES)
     save_component(vae, dest)
     c = vae.config
     print(f"exported {dest}; latent mean {c.latents_mean}, std {c.latents_std}")
@@ -193,6 +201,7 @@ def train_vae(config: VAETrainConfig, *, stop_after: int | None = None) -> Path:
     """Train (or resume) the VAE; returns the exported VAE folder with latent statistics
     (or ``out_dir`` when ``stop_after`` ended it early). Ctrl-C / SIGTERM save and exit."""
     out = Path(config.out_dir)
+    check_run_folders(out, vae_export_folder(config), COMPONENT_ENTRIES)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
     run = start_run(config, lambda ckpt: build_vae(config, ckpt), frozen=frozen(config))

@@ -1,0 +1,100 @@
+"""Training's folders: an export or a conversion never destroys what a user keeps, and a
+run's out_dir is checked before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kinema.io.checkpoint import save_component
+from kinema.models.vae import CausalVAE
+from kinema.train import VAETrainConfig, export, train_dit, train_vae
+from kinema.train.state import latest_checkpoint
+from tests.test_train import TINY_VAE, dit_config
+
+
+@pytest.fixture(scope="module")
+def text_encoder():
+    from kinema.models.text import load_text_encoder
+
+    return load_text_encoder("minilm", max_length=8)
+
+
+@pytest.fixture(scope="module")
+def vae_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    return save_component(CausalVAE(TINY_VAE), tmp_path_factory.mktemp("vae") / "vae")
+
+
+def keepsake(folder: Path) -> Path:
+    """A user's file in ``folder`` (an export there would have deleted it)."""
+    (folder / "other-model").mkdir(parents=True)
+    note = folder / "other-model" / "notes.txt"
+    note.write_text("important")
+    return note
+
+
+def test_an_export_that_would_destroy_files_is_refused_before_training(
+    tmp_path: Path, vae_folder: Path, text_encoder
+) -> None:
+    note = keepsake(tmp_path / "mymodels")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "log.csv").write_text("date,value\n2026-12-07,3\n")
+    cases = [
+        (dict(export_dir=str(tmp_path / "mymodels")), r"holds other files \(other-model\)"),
+        (dict(export_dir=str(tmp_path / "run")), "holds the run's out_dir"),
+        (dict(export_dir=str(tmp_path)), "holds the run's out_dir"),
+        (dict(out_dir=str(tmp_path / "afile")), "is a file; give a folder"),
+        (dict(out_dir=str(tmp_path / "afile" / "run")), "is not a writable folder"),
+        (dict(out_dir=str(tmp_path / "theirs")), "not a kinema training log"),
+    ]
+    for settings, message in cases:
+        config = dit_config(tmp_path / "run", vae_folder, **settings)
+        with pytest.raises(ValueError, match=message):
+            train_dit(config, text_encoder=text_encoder)
+        assert latest_checkpoint(config.out_dir) is None  # refused before any step
+    assert note.read_text() == "important"
+    assert (tmp_path / "theirs" / "log.csv").read_text().startswith("date,value")
+
+
+def test_an_earlier_export_is_replaced_and_anything_else_refused(
+    tmp_path: Path, vae_folder: Path, text_encoder
+) -> None:
+    config = dit_config(tmp_path / "run", vae_folder, max_steps=2, precompute=False)
+    first = train_dit(config, text_encoder=text_encoder)
+    again = export(config.out_dir, first)  # an earlier export's folder: replaced
+    assert sorted(p.name for p in again.iterdir()) == ["kinema.json", "transformer", "vae"]
+    note = keepsake(tmp_path / "mymodels")
+    with pytest.raises(ValueError, match="an export replaces the folder whole"):
+        export(config.out_dir, tmp_path / "mymodels")
+    with pytest.raises(ValueError, match="holds the run's out_dir"):
+        export(config.out_dir, config.out_dir)
+    assert note.read_text() == "important" and latest_checkpoint(config.out_dir) is not None
+
+
+def test_a_vae_export_keeps_what_is_not_a_vae(tmp_path: Path) -> None:
+    from kinema.train import DataConfig
+
+    note = keepsake(tmp_path / "vaes")
+    data = DataConfig(num_clips=2, width=32, height=32, frames=9, fps=8)
+    config = VAETrainConfig(out_dir=str(tmp_path / "run"), model=TINY_VAE, max_steps=1,
+                            crop_size=16, data=data, export_dir=str(tmp_path / "vaes"),
+                            progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"holds other files \(other-model\)"):
+        train_vae(config)
+    assert note.read_text() == "important" and latest_checkpoint(config.out_dir) is None
+
+
+def test_convert_refuses_a_destination_with_other_files(tmp_path: Path, capsys) -> None:
+    from kinema.cli import main
+
+    note = keepsake(tmp_path / "dest")
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", "kinema-tiny", str(tmp_path / "dest")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "destination" in err and "holds other files" in err
+    assert note.read_text() == "important"
