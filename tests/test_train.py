@@ -187,6 +187,9 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     assert config.model.num_layers == 2 and config.data.frames == 9 and config.betas == (0.9, 0.95)
     assert config.data.motion_weights == {"up-left": 3.0}
     assert config.data.balance == "colour-motion"
+    good.write_text("vae: v\nmodel: {}\nlr: 1e-4\nmin_lr_ratio: 5E-2\n")  # YAML: text, not 1.0e-4
+    config = load_train_config(good)
+    assert config.lr == 1e-4 and config.min_lr_ratio == 0.05
     cases = {
         "vae: v\nmodel: {}\nlearning_rate: 1\n": "learning_rate",
         "vae: v\nmodel: {}\ndata: {fpss: 3}\n": "fpss",
@@ -198,12 +201,41 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         "vae: v\nmodel: {}\ndata: {motion_weights: {upleft: 2}}\n": "data.motion_weights",
         "vae: v\nmodel: {}\ndata: {motion_weights: [1, 2]}\n": "motion_weights",
         "vae: v\nmodel: {}\ndata: {balance: pairs}\n": "data.balance 'pairs'; valid: triples",
+        "vae: v\nmodel: {}\ndata: {width: 40}\n": "data.width 40 must be a multiple of 16",
+        "vae: v\nmodel: {}\nsampling: {width: 30}\n": "sampling.width / height 30x128",
+        "vae: v\nmodel: {}\nsampling: {frames: 10}\n": "sampling.frames 10 must be 4k",
+        "vae: v\nmodel: {}\nlr: 1e-4x\n": "TrainConfig.lr",
     }
     for i, (text, key) in enumerate(cases.items()):
         path = tmp_path / f"bad{i}.yaml"
         path.write_text(text)
         with pytest.raises(ValueError, match=key):
             load_train_config(path)
+
+
+def test_a_sampling_block_sets_what_it_names_and_a_finetune_keeps_its_bases(tmp_path):
+    """A partial block was filled with Wan's defaults (832x480x81, 50 steps), and a fine-tune
+    of kinema-tiny without one exported guidance 4, shift 3 and Euler instead of its own."""
+    from kinema.loading import folder_defaults
+    from kinema.train.loop import sampling_defaults
+
+    tiny = folder_defaults("kinema-tiny")
+    path = tmp_path / "ft.yaml"
+    data = "data: {kind: folder, root: v, width: 64, height: 96, frames: 17, fps: 8}\n"
+    for block, want in (("", {}), ("sampling: {steps: 8}\n", {"steps": 8})):
+        path.write_text("init_from: kinema-tiny\n" + data + block)
+        got = sampling_defaults(load_train_config(path))
+        sized = dict(width=64, height=96, frames=17, fps=8)
+        assert got == dataclasses.replace(tiny, **sized, **want)
+    path.write_text("vae: v\nmodel: {}\nsampling: {guidance: 2.5}\n" + data)
+    got = sampling_defaults(load_train_config(path))  # from scratch: 20 Euler steps
+    assert (got.width, got.frames, got.steps, got.sampler, got.guidance) == (
+        64,
+        17,
+        20,
+        "euler",
+        2.5,
+    )
 
 
 @pytest.mark.parametrize(

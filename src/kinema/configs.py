@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -147,6 +148,9 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+YAML_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")  # 1e-4, 5E+2, 1.5e3
+
+
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check ``value`` against a field annotation; turn JSON lists into tuples."""
     origin = typing.get_origin(annotation)
@@ -179,6 +183,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 for k, v in value.items()}  # fmt: skip
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str) and YAML_FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-4 (no '.') as text; every user writes it so
     if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
         return from_dict(annotation, value)
     if isinstance(annotation, type) and not isinstance(value, annotation):

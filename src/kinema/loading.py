@@ -69,6 +69,22 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+def folder_defaults(model: str | Path) -> SamplingDefaults | None:
+    """A model's sampling defaults, read without its weights (None: not a whole model, e.g. a
+    transformer folder)."""
+    from kinema.sampling import schedule_from_diffusers_config
+
+    path = resolve_model_path(model)
+    if (path / "kinema.json").is_file():
+        return from_dict(SamplingDefaults, json.loads((path / "kinema.json").read_text()).get(
+            "sampling", {}))  # fmt: skip
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file():
+        sampler, shift = schedule_from_diffusers_config(json.loads(scheduler.read_text()))
+        return SamplingDefaults(sampler=sampler, shift=shift)
+    return SamplingDefaults() if (path / "Wan2.1_VAE.pth").exists() else None
+
+
 def resolve_model_path(model: str | Path | None) -> Path:
     """A model name or folder -> the folder; errors name what was looked for."""
     if model is None or str(model) == BUILTIN:

@@ -181,6 +181,41 @@ class TrainConfig(OptimFields):
             raise ValueError(f"shift {self.shift} and logit_std {self.logit_std} must be > 0")
         if self.cond_max_frames < 2:
             raise ValueError(f"cond_max_frames {self.cond_max_frames} must be >= 2")
+        side = 8 * (self.model.patch_size[1] if self.model is not None else 2)  # VAE x patch
+        for name in ("width", "height"):
+            if getattr(self.data, name) % side:
+                raise ValueError(
+                    f"data.{name} {getattr(self.data, name)} must be a multiple of {side} (the "
+                    "VAE's 8x and the DiT's patches)"
+                )
+        if self.sampling is not None:
+            check_sampling(self.sampling, side)
+
+
+def check_sampling(s: SamplingDefaults, side: int) -> None:
+    """The defaults a run exports must make a request its model can run."""
+    if s.width % side or s.height % side or min(s.width, s.height) < side:
+        raise ValueError(f"sampling.width / height {s.width}x{s.height} must be multiples of "
+                         f"{side}")  # fmt: skip
+    if s.frames < 1 or (s.frames - 1) % 4:
+        raise ValueError(f"sampling.frames {s.frames} must be 4k+1 (1, 5, 9, ...)")
+    if s.steps < 1 or s.fps < 1 or s.guidance < 0 or s.shift <= 0:
+        raise ValueError(f"sampling {s}: steps and fps must be >= 1, guidance >= 0, shift > 0")
+
+
+def base_sampling(config: TrainConfig) -> SamplingDefaults:
+    """What a run's export recommends where its ``sampling`` block is silent: the data's size,
+    length and fps, and the rest from ``init_from`` (a fine-tune samples as its base does), or
+    for a model trained from scratch 20 Euler steps at the run's sample guidance and shift."""
+    from kinema.loading import folder_defaults
+
+    d = config.data
+    size = dict(width=d.width, height=d.height, frames=d.frames, fps=d.fps)
+    base = folder_defaults(config.init_from) if config.init_from else None
+    if base is not None:
+        return dataclasses.replace(base, **size)
+    return SamplingDefaults(**size, steps=20, guidance=config.sample_guidance,
+                            shift=config.shift, sampler="euler")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -294,8 +329,14 @@ def parse_error(err: Exception) -> str:
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
-    """A :class:`TrainConfig` from YAML or JSON."""
-    return parse_config(TrainConfig, read_mapping(path))
+    """A :class:`TrainConfig` from YAML or JSON. A ``sampling`` block sets only the defaults
+    it names; the others are :func:`base_sampling`'s."""
+    data = read_mapping(path)
+    given = data.get("sampling")
+    if isinstance(given, dict):  # filled in before it is checked
+        base = base_sampling(parse_config(TrainConfig, {**data, "sampling": None}))
+        data = {**data, "sampling": {**dataclasses.asdict(base), **given}}
+    return parse_config(TrainConfig, data)
 
 
 def load_vae_train_config(path: str | Path) -> VAETrainConfig:

@@ -46,7 +46,14 @@ from kinema.distributed import train as dt
 from kinema.io.paths import MODEL_ENTRIES, check_export_folder, check_writable
 from kinema.models.ops import cpu_has_bf16
 from kinema.timeline import latent_prompts
-from kinema.train.config import DataConfig, OptimFields, TrainConfig, config_to_dict, parse_config
+from kinema.train.config import (
+    DataConfig,
+    OptimFields,
+    TrainConfig,
+    base_sampling,
+    config_to_dict,
+    parse_config,
+)
 from kinema.train.ema import EMA
 from kinema.train.loss import (
     drop_captions,
@@ -816,13 +823,8 @@ def dit_loss_fn(
 
 
 def sampling_defaults(config: TrainConfig) -> SamplingDefaults:
-    """What the exported model recommends: ``config.sampling``, or the data's size."""
-    if config.sampling is not None:
-        return config.sampling
-    d = config.data
-    return SamplingDefaults(width=d.width, height=d.height, frames=d.frames, fps=d.fps,
-                            steps=20, guidance=config.sample_guidance, shift=config.shift,
-                            sampler="euler")  # fmt: skip
+    """What the exported model recommends: ``config.sampling``, or :func:`base_sampling`."""
+    return config.sampling if config.sampling is not None else base_sampling(config)
 
 
 def write_samples(config: TrainConfig, run: Run, vae: nn.Module, text_encoder: Any) -> None:
