@@ -408,14 +408,32 @@ def test_latent_cache_refuses_other_vae_statistics(
     tensors = load_file(weights)
     tensors = {k: v + 0.01 if k == next(iter(tensors)) else v for k, v in tensors.items()}
     save_file(tensors, weights)  # other weights, same path
-    with pytest.raises(ValueError, match="built for other data / VAE / text settings"):
+    with pytest.raises(ValueError, match="built for other VAE weights; delete it to rebuild"):
         precompute(dataclasses.replace(config, vae=str(moved)), text_encoder=text_encoder)
     settings = json.loads((vae / "config.json").read_text())
     settings["first_frame_mean"] = [0.5] * TINY_VAE.z_dim
     settings["first_frame_std"] = [2.0] * TINY_VAE.z_dim
     (vae / "config.json").write_text(json.dumps(settings))
-    with pytest.raises(ValueError, match="built for other data / VAE / text settings"):
+    with pytest.raises(ValueError, match="built for other latent statistics; delete"):
         precompute(config, text_encoder=text_encoder)
+
+
+def test_latent_cache_refuses_a_changed_video_folder(
+    tmp_path: Path, vae_folder: Path, text_encoder, videos
+) -> None:
+    """A video or caption added, removed or edited since the cache was encoded (the cache had
+    gone on training on the deleted clip and the old caption)."""
+    root = Path(shutil.copytree(videos.root, tmp_path / "videos"))
+    data = dataclasses.replace(videos, root=str(root))
+    config = dit_config(root / "runs" / "a", vae_folder, data=data)  # out_dir inside the data
+    precompute(config, text_encoder=text_encoder)
+    (root / ".DS_Store").write_text("a file manager's")
+    precompute(config, text_encoder=text_encoder)  # the videos unchanged: reused
+    caption = next(root.glob("*.txt"))
+    for change in (lambda: caption.write_text("a purple star exploding"), caption.unlink):
+        change()
+        with pytest.raises(ValueError, match=r"other files in data.root \(added, removed"):
+            precompute(config, text_encoder=text_encoder)
 
 
 def test_extra_caches_mix_earlier_runs_clips_in(

@@ -503,23 +503,51 @@ def vae_fingerprint(vae: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def folder_fingerprint(root: str | Path, out_dir: str | Path) -> str:
+    """A video folder's state: a hash of every file's path, size and modification time, so a
+    video or caption added, removed or edited since is seen (hidden files, and the run's own
+    ``out_dir`` should it lie inside, left out)."""
+    root, digest = Path(root).expanduser(), hashlib.sha256()
+    out = Path(out_dir).expanduser().resolve()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
+        if hidden or out in path.resolve().parents:
+            continue
+        st = path.stat()
+        digest.update(f"{path.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return "sha256:" + digest.hexdigest()
+
+
 def cache_key(config: TrainConfig) -> dict[str, Any]:
     """What the cached latents depend on; a mismatch with an existing cache is an error."""
-    return {
+    key = {
         "data": dataclasses.asdict(config.data),
         "vae": vae_fingerprint(vae_source(config)),
         "normalisation": latent_normalisation(vae_source(config)),
         "text_encoder": config.text_encoder,
         "text_max_length": config.text_max_length,
     }
+    if config.data.kind == "folder":
+        key["files"] = folder_fingerprint(config.data.root, config.out_dir)  # type: ignore[arg-type]
+    return key
+
+
+# What each part of a cache key is, as an error names it.
+CACHE_KEY_NAMES = {"data": "data settings", "vae": "VAE weights",
+                   "normalisation": "latent statistics", "text_encoder": "text encoder",
+                   "text_max_length": "caption length",
+                   "files": "files in data.root (added, removed or changed since)"}  # fmt: skip
 
 
 def check_cache_key(folder: Path, key: dict[str, Any]) -> None:
     meta = folder / "meta.json"
-    if meta.exists() and json.loads(meta.read_text()) != key:
-        raise ValueError(
-            f"{folder} was built for other data / VAE / text settings; delete it to rebuild"
-        )
+    if meta.exists():
+        built = json.loads(meta.read_text())
+        built.setdefault("files", key.get("files"))  # a cache from before folders were hashed
+        if differs := [CACHE_KEY_NAMES[k] for k in key if built.get(k) != key[k]]:
+            raise ValueError(
+                f"{folder} was built for other {'; other '.join(differs)}; delete it to rebuild"
+            )
     folder.mkdir(parents=True, exist_ok=True)
     meta.write_text(json.dumps(key, indent=2) + "\n")
 
@@ -670,7 +698,7 @@ def check_extra_caches(config: TrainConfig) -> list[tuple[Path, DataConfig]]:
     """``config.extra_caches`` with the data each was encoded from. Raises ValueError for an
     unfinished one or one built with another VAE, latent statistics or text encoder than this
     run's (read from their meta.json alone: cheap, so a run checks them before encoding)."""
-    key = {k: v for k, v in cache_key(config).items() if k != "data"}
+    key = {k: v for k, v in cache_key(config).items() if k not in ("data", "files")}
     out = []
     for extra in map(Path, config.extra_caches):
         meta = extra / "meta.json"
