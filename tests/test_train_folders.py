@@ -3,6 +3,7 @@ run's out_dir is checked before any work."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,43 @@ def test_convert_refuses_a_destination_with_other_files(tmp_path: Path, capsys) 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "destination" in err and "holds other files" in err
     assert note.read_text() == "important"
+
+
+def test_a_run_of_another_kind_in_out_dir_is_one_line(
+    tmp_path: Path, vae_folder: Path, text_encoder
+) -> None:
+    """A LoRA config on a whole-DiT run's out_dir (and back, and another rank) crashed with a
+    missing file or a state_dict size mismatch."""
+    from kinema.lora import LoRAConfig
+
+    whole = dit_config(tmp_path / "base", vae_folder, max_steps=2, precompute=False)
+    base = train_dit(whole, text_encoder=text_encoder)
+    lora = lambda rank: dit_config(tmp_path / "base", vae_folder, model=None, init_from=str(base),
+                                   lora=LoRAConfig(rank=rank), max_steps=4,
+                                   precompute=False)  # fmt: skip
+    with pytest.raises(ValueError, match="holds a whole-DiT run's checkpoints; this config "
+                       "trains a LoRA: give another out_dir"):  # fmt: skip
+        train_dit(lora(2), text_encoder=text_encoder)
+    run = dataclasses.replace(lora(2), out_dir=str(tmp_path / "lora"))
+    train_dit(run, text_encoder=text_encoder, stop_after=2)
+    with pytest.raises(ValueError, match=r"holds another LoRA \(other layers or rank\)"):
+        train_dit(dataclasses.replace(lora(4), out_dir=run.out_dir), text_encoder=text_encoder)
+    with pytest.raises(ValueError, match="holds a LoRA run's checkpoints; this config trains "
+                       "the whole DiT"):  # fmt: skip
+        train_dit(dataclasses.replace(whole, out_dir=run.out_dir), text_encoder=text_encoder)
+
+
+def test_resuming_under_changed_settings_says_so_and_a_refused_run_keeps_the_record(
+    tmp_path: Path, vae_folder: Path, text_encoder, capsys
+) -> None:
+    config = dit_config(tmp_path / "run", vae_folder, max_steps=4, lr=1e-3)
+    train_dit(config, text_encoder=text_encoder, stop_after=2)
+    record = (tmp_path / "run" / "train_config.json").read_text()
+    wider = dataclasses.replace(config, data=dataclasses.replace(config.data, width=64))
+    with pytest.raises(ValueError, match="built for other data settings"):
+        train_dit(wider, text_encoder=text_encoder)
+    assert (tmp_path / "run" / "train_config.json").read_text() == record  # export reads it
+    capsys.readouterr()
+    train_dit(dataclasses.replace(config, lr=2e-3), text_encoder=text_encoder)
+    out = capsys.readouterr().out
+    assert "resuming at step 2 with a changed config: lr 0.001 -> 0.002" in out

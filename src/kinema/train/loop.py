@@ -239,6 +239,32 @@ def check_run_folders(
     check_export_folder(target, kept)
 
 
+def record_config(out: Path, config: Any, step: int) -> None:
+    """Write ``out/train_config.json``; when resuming (``step`` > 0) under settings other than
+    the run's so far, say which."""
+    path = out / "train_config.json"
+    now = json.loads(json.dumps(config_to_dict(config)))
+    if step and path.is_file():
+        before = flat(json.loads(path.read_text()))
+        after = flat(now)
+        changed = [f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in sorted({*before, *after})
+                   if before.get(k) != after.get(k)]  # fmt: skip
+        if changed:
+            print(f"resuming at step {step} with a changed config: {'; '.join(changed)}")
+    path.write_text(json.dumps(now, indent=2) + "\n")
+
+
+def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted keys: {"data": {"width": 32}} -> {"data.width": 32}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def start_run(
     config: OptimFields,
     build_model: Callable[[Path | None], nn.Module],
@@ -876,15 +902,21 @@ def build_dit(config: TrainConfig, ckpt: Path | None) -> nn.Module:
     from kinema.io.checkpoint import load_dit
     from kinema.models.dit import VideoDiT
 
+    holds_lora = ckpt is not None and (ckpt / "lora.safetensors").is_file()
+    if ckpt is not None and holds_lora != (config.lora is not None):
+        kinds = ("a LoRA run's", "the whole DiT") if holds_lora else ("a whole-DiT run's", "a LoRA")
+        raise ValueError(f"out_dir {config.out_dir} holds {kinds[0]} checkpoints; this config "
+                         f"trains {kinds[1]}: give another out_dir")  # fmt: skip
     if config.lora is not None:  # init_from's DiT, frozen, with the LoRA's factors to train
         from kinema.lora import add_lora, lora_state
 
         base = component_folder(str(config.init_from), "transformer")
         dit = add_lora(load_dit(base, dtype=torch.float32), config.lora)
         if ckpt is not None:
-            state = load_file(str(ckpt / "lora.safetensors"))
-            if set(state) != set(lora_state(dit)):
-                raise ValueError(f"{ckpt} holds another LoRA than lora: {config.lora}")
+            state, want = load_file(str(ckpt / "lora.safetensors")), lora_state(dit)
+            if set(state) != set(want) or any(state[k].shape != want[k].shape for k in want):
+                raise ValueError(f"{ckpt} holds another LoRA (other layers or rank) than lora: "
+                                 f"{config.lora}; give another out_dir")  # fmt: skip
             dit.load_state_dict(state, strict=False)
         return dit
     if ckpt is not None:
@@ -957,13 +989,13 @@ def _train_dit(config: TrainConfig, text_encoder: Any, stop_after: int | None, s
     out, main = Path(config.out_dir), dt.world()[0] == 0
     check_run_folders(out, export_folder(config), None if config.lora else MODEL_ENTRIES)
     out.mkdir(parents=True, exist_ok=True)
-    if main:
-        (out / "train_config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
     run = start_run(config, lambda ckpt: build_dit(config, ckpt), strategy, device)
     run.model.gradient_checkpointing = config.gradient_checkpointing
     vae = load_frozen_vae(vae_source(config), run.device)
     text_encoder = text_encoder or load_text(config, run.device)
     stream, text = dit_data(config, run, text_encoder, vae)
+    if main:  # once the run and its data are known to work with this config
+        record_config(out, config, run.progress.step)
     loss_fn = dit_loss_fn(config, run.net or run.model, run.device, text, vae)
 
     def on_step(step: int) -> None:

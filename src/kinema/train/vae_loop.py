@@ -17,7 +17,6 @@ point: :func:`train_vae`.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from kinema.io.paths import COMPONENT_ENTRIES
-from kinema.train.config import VAETrainConfig, config_to_dict
+from kinema.train.config import VAETrainConfig
 from kinema.train.ema import EMA
 from kinema.train.loop import (
     Batch,
@@ -37,6 +36,7 @@ from kinema.train.loop import (
     component_folder,
     exit_on_signal,
     freeze,
+    record_config,
     start_run,
     train_loop,
 )
@@ -203,8 +203,8 @@ def train_vae(config: VAETrainConfig, *, stop_after: int | None = None) -> Path:
     out = Path(config.out_dir)
     check_run_folders(out, vae_export_folder(config), COMPONENT_ENTRIES)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
     run = start_run(config, lambda ckpt: build_vae(config, ckpt), frozen=frozen(config))
+    record_config(out, config, run.progress.step)
     ds = ClipDataset(config.data)
     seed = config.data.seed + config.seed
     stream = clip_stream(ds, run.progress.samples_seen, config.batch_size, seed, config.num_workers)
