@@ -144,6 +144,58 @@ def test_csv_layout(tmp_path):
     assert len(ds.skipped) == 1 and ds[0]["caption"] == "tall, from csv"
 
 
+def test_metadata_and_captions_with_a_byte_order_mark(tmp_path):
+    """Excel's "CSV UTF-8" and Notepad write a BOM: its column was read as '\\ufefffile_name'."""
+    make_folder(tmp_path / "csv")
+    (tmp_path / "csv" / "metadata.csv").write_bytes(
+        "file_name,caption\r\ntall.mp4,déjà vu\r\n".encode("utf-8-sig")
+    )
+    make_folder(tmp_path / "jsonl")
+    (tmp_path / "jsonl" / "metadata.jsonl").write_bytes(
+        b"\xef\xbb\xbf" + json.dumps({"file_name": "wide.mp4", "caption": "wide"}).encode()
+    )
+    make_folder(tmp_path / "txt")
+    (tmp_path / "txt" / "wide.txt").write_bytes("a wide shot".encode("utf-8-sig"))
+    assert [c for _, c in load(tmp_path / "csv").items] == ["déjà vu"]
+    assert [c for _, c in load(tmp_path / "jsonl").items] == ["wide"]
+    captions = {Path(p).name: c for p, c in load(tmp_path / "txt").items}
+    assert captions["wide.mp4"] == "a wide shot"
+
+
+def test_caption_files_that_are_not_utf8_or_short_rows_are_named(tmp_path):
+    make_folder(tmp_path / "latin")
+    (tmp_path / "latin" / "wide.txt").write_bytes("déplace".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"wide.txt is not UTF-8 text \(invalid continuation"):
+        load(tmp_path / "latin")
+    make_folder(tmp_path / "short")
+    (tmp_path / "short" / "metadata.csv").write_text("file_name,caption\ntall.mp4\n")
+    with pytest.raises(ValueError, match="row 2 has no caption: the row has fewer cells"):
+        load(tmp_path / "short")
+
+
+def test_every_video_failing_to_decode_is_one_clear_error(tmp_path):
+    """Videos whose headers read but whose frames do not (a download cut short): a
+    RuntimeError pointing at a Python attribute, through a DataLoader worker too."""
+    from kinema.cli import first_line
+
+    folders = [tmp_path / "a", tmp_path / "b"]
+    datasets = []
+    for folder in folders:
+        make_folder(folder)
+        datasets.append(load(folder, frames=3))
+        for path, _ in datasets[-1].items:
+            Path(path).write_bytes(b"\x00" * 2000)  # broken after the probe
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=r"every video in .* failed to decode \(4 skipped; "
+                           r"the first, .*broken.mp4: cannot decode"):  # fmt: skip
+            datasets[0][0]
+        loader = make_loader(datasets[1], batch_size=1, num_workers=1, seed=0)
+        with pytest.raises(ValueError) as err:
+            next(iter(loader))
+    assert first_line(err.value).startswith(f"every video in {folders[1]} failed to decode")
+
+
 def test_file_broken_during_training_is_skipped(tmp_path):
     make_folder(tmp_path)
     ds = load(tmp_path)

@@ -34,6 +34,18 @@ class Parser(argparse.ArgumentParser):
 STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
 
 
+def first_line(err: Exception) -> str:
+    """The line a user needs: the message's first, or for an error raised in a DataLoader
+    worker (re-raised as "Caught ValueError in DataLoader worker process 0. Original
+    Traceback ...") the original error's own line."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if lines[0].startswith("Caught ") and "Original Traceback" in str(err):
+        return lines[-1].removeprefix(f"{type(err).__name__}: ")
+    return lines[0]
+
+
 def fail(message: str) -> NoReturn:
     print(f"kinema: error: {message}", file=sys.stderr)
     raise SystemExit(EXIT_BAD_INPUT)
@@ -564,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:  # bad input, incl. CheckpointError: one line, exit 2
         if int(os.environ.get("RANK", "0")) > 0:  # --devices N: rank 0 says it, once
             raise SystemExit(EXIT_BAD_INPUT) from None
-        fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        fail(first_line(err))
     except OSError as err:  # the disk, not the input: one line, exit 1
         if err.errno not in STORAGE_ERRORS:
             raise

@@ -22,6 +22,7 @@ A clip is ``frames`` frames at ``fps`` from a random start, drawn by a generator
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import warnings
@@ -54,13 +55,26 @@ def _pick(row: dict[str, Any], keys: Sequence[str], where: str) -> str:
     for key in keys:
         if row.get(key) is not None:
             return str(row[key])
+    if any(key in row for key in keys):  # csv: a row with fewer cells than the header
+        raise ValueError(f"{where} has no {keys[0]}: the row has fewer cells than the header")
     raise ValueError(f"{where} has none of the columns {list(keys)}; found {sorted(row)}")
+
+
+def read_text(path: Path) -> str:
+    """A caption or metadata file as text: UTF-8, with or without the byte-order mark that
+    Excel's and Notepad's "UTF-8" add; ValueError naming the file otherwise."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8"
+        ) from None
 
 
 def _jsonl_rows(path: Path) -> list[tuple[str, str]]:
     """(file name, caption) per non-empty line of a ``metadata.jsonl``."""
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -76,8 +90,7 @@ def _jsonl_rows(path: Path) -> list[tuple[str, str]]:
 
 def _csv_rows(path: Path) -> list[tuple[str, str]]:
     """(file name, caption) per row of a ``metadata.csv`` with a header line."""
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
     return [
         (_pick(row, FILE_KEYS, f"{path} row {n}"), _pick(row, CAPTION_KEYS, f"{path} row {n}"))
         for n, row in enumerate(rows, start=2)
@@ -119,7 +132,7 @@ def _sidecar_items(root: Path) -> list[tuple[Path, str]]:
 
 def _read_caption(path: Path) -> str:
     """A sidecar caption, stripped, or ``""`` when there is no sidecar."""
-    return path.read_text(encoding="utf-8").strip() if path.is_file() else ""
+    return read_text(path).strip() if path.is_file() else ""
 
 
 def find_videos(root: str | Path) -> list[tuple[Path, str]]:
@@ -314,7 +327,9 @@ class VideoFolder(Dataset):
             except ValueError as e:
                 self._broken.add(j)
                 self._record_skip(self.items[j][0], e)
-        raise RuntimeError(f"every video in {self.root} failed to decode; see .skipped")
+        first, reason = self.skipped[0] if self.skipped else (self.root, "?")
+        raise ValueError(f"every video in {self.root} failed to decode ({len(self.skipped)} "
+                         f"skipped; the first, {first}: {reason})")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
