@@ -139,3 +139,25 @@ def test_resuming_under_changed_settings_says_so_and_a_refused_run_keeps_the_rec
     train_dit(dataclasses.replace(config, lr=2e-3), text_encoder=text_encoder)
     out = capsys.readouterr().out
     assert "resuming at step 2 with a changed config: lr 0.001 -> 0.002" in out
+
+
+def test_exports_and_checkpoints_are_readable_as_the_umask_says(
+    tmp_path: Path, vae_folder: Path, text_encoder
+) -> None:
+    """mkdtemp's 0o700 folders and safetensors' 0o600 files made a shared model folder
+    unreadable to others (umask 022 here: folders 0o755, files 0o644)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        config = dit_config(tmp_path / "run", vae_folder, max_steps=2, precompute=True)
+        model = train_dit(config, text_encoder=text_encoder)
+    finally:
+        os.umask(old)
+    written = [model, *model.rglob("*"), *latest_checkpoint(config.out_dir).rglob("*"),
+               *(tmp_path / "run" / "cache").glob("*.safetensors")]  # fmt: skip
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in written if p.is_file()}
+    assert modes == {0o644}
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in written if p.is_dir()}
+    assert modes == {0o755}

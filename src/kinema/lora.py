@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from kinema.io.paths import usual_modes
 from kinema.models.ops import Linear, apply_gelu, linear
 
 # Linear layers inside each block that a LoRA adapts by default (diffusers' names).
@@ -136,6 +137,7 @@ def save_lora(model: nn.Module, path: str | Path, base: str = "") -> Path:
     meta = {"format": "kinema-lora", "rank": str(rank), "alpha": str(rank), "base": base}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata=meta)
+    usual_modes(tmp)
     tmp.replace(path)
     return path
 

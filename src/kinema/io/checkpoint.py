@@ -26,7 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from kinema.configs import save_json
-from kinema.io.paths import COMPONENT_ENTRIES, check_export_folder
+from kinema.io.paths import COMPONENT_ENTRIES, check_export_folder, usual_modes
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -180,6 +180,7 @@ def save_component(module: nn.Module, folder: str | Path, dtype: torch.dtype | N
                  module.state_dict().items()}  # fmt: skip
         save_file(state, str(tmp / "model.safetensors"))
         save_json(module.config, tmp / "config.json", _class=type(module).__name__)
+        usual_modes(tmp)
         replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -341,6 +342,7 @@ def save_model_folder(
         (tmp / "kinema.json").write_text(json.dumps(meta, indent=2) + "\n")
         if extra is not None:
             extra(tmp)
+        usual_modes(tmp)
         replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -69,3 +69,25 @@ def check_export_folder(
 
 def listed(names: list[str], most: int = 3) -> str:
     return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` sets it process-wide, a
+    race with other threads' writes)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def usual_modes(path: str | Path) -> None:
+    """Give a written file, or a folder and all it holds, the modes plain ``open`` and
+    ``mkdir`` would (0o666 / 0o777 less the umask): ``tempfile.mkdtemp`` makes 0o700 folders
+    and safetensors writes 0o600 files, which other users of a shared model could not read."""
+    path, mask = Path(path), _umask()
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)

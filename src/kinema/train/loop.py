@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from kinema.configs import SamplingDefaults
 from kinema.distributed import train as dt
-from kinema.io.paths import MODEL_ENTRIES, check_export_folder, check_writable
+from kinema.io.paths import MODEL_ENTRIES, check_export_folder, check_writable, usual_modes
 from kinema.models.ops import cpu_has_bf16
 from kinema.timeline import latent_prompts
 from kinema.train.config import (
@@ -587,6 +587,7 @@ def encode_clips(vae: nn.Module, video: Tensor, device: torch.device) -> Tensor:
 def write_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    usual_modes(tmp)
     tmp.replace(path)
 
 

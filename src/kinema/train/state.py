@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kinema.io.checkpoint import save_component
+from kinema.io.paths import usual_modes
 from kinema.train.ema import EMA
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -107,6 +108,7 @@ def save_checkpoint(
         save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / "optimizer.pt")
         write_state(tmp, progress, ema, extra)
+        usual_modes(tmp)
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -149,6 +151,7 @@ def save_checkpoint_parallel(
     shadow = {k: dt.full_tensor(v).detach().cpu().contiguous() for k, v in ema.shadow.items()}
     if rank == 0:
         _write_full(tmp, progress, model, weights, shadow, ema)
+        usual_modes(tmp)
         tmp.rename(final)
         prune(out_dir, keep)
     dt.barrier()
