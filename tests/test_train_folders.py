@@ -161,3 +161,37 @@ def test_exports_and_checkpoints_are_readable_as_the_umask_says(
     assert modes == {0o644}
     modes = {stat.S_IMODE(p.stat().st_mode) for p in written if p.is_dir()}
     assert modes == {0o755}
+
+
+def test_ctrl_c_with_worker_processes_is_said_once(tmp_path: Path, vae_folder: Path) -> None:
+    """Ctrl-C reaches the whole process group: each DataLoader worker, forked with the stop
+    handler, printed 'saving a checkpoint' too."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_train import make_video_folder
+
+    root = make_video_folder(tmp_path / "videos")
+    config = {"out_dir": str(tmp_path / "run"), "vae": str(vae_folder), "text_max_length": 8,
+              "model": dataclasses.asdict(dit_config(tmp_path, vae_folder).model),
+              "data": {"kind": "folder", "root": str(root), "width": 32, "height": 32,
+                       "frames": 9, "fps": 8},
+              "precompute": False, "num_workers": 2, "batch_size": 1, "max_steps": 100000,
+              "checkpoint_every": 100000, "progress": False}  # fmt: skip
+    (tmp_path / "run.json").write_text(json.dumps(config))
+    argv = [sys.executable, "-m", "kinema", "train", str(tmp_path / "run.json")]
+    train = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)  # fmt: skip
+    log = tmp_path / "run" / "log.csv"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (log.exists() and log.read_text().count("\n") > 2):
+        time.sleep(0.2)
+    os.killpg(train.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    out, _ = train.communicate(timeout=120)
+    assert train.returncode == 130, out
+    assert out.count("saving a checkpoint") == 1, out
+    assert latest_checkpoint(tmp_path / "run") is not None

@@ -329,8 +329,11 @@ class StopSignals:
     def __init__(self) -> None:
         self.requested: int | None = None
         self._old: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a DataLoader worker forked with this handler: the
+            return  # training process stops it (Ctrl-C reaches the whole process group)
         if self.requested is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = signum
