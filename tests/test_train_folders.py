@@ -195,3 +195,34 @@ def test_ctrl_c_with_worker_processes_is_said_once(tmp_path: Path, vae_folder: P
     assert train.returncode == 130, out
     assert out.count("saving a checkpoint") == 1, out
     assert latest_checkpoint(tmp_path / "run") is not None
+
+
+def test_a_missing_video_folder_or_a_dit_alone_is_named_before_out_dir_is_made(
+    tmp_path: Path, vae_folder: Path, text_encoder, monkeypatch
+) -> None:
+    from kinema.train import DataConfig
+
+    monkeypatch.chdir(tmp_path)
+    data = DataConfig(kind="folder", root="my-videos", width=32, height=32, frames=9, fps=8)
+    config = dit_config(tmp_path / "run", vae_folder, data=data)
+    with pytest.raises(ValueError, match=f"my-videos does not exist .*from {tmp_path}"):
+        train_dit(config, text_encoder=text_encoder)
+    assert not (tmp_path / "run").exists()  # no stray train_config.json or cache/meta.json
+    base = train_dit(dit_config(tmp_path / "base", vae_folder, max_steps=1, precompute=False),
+                     text_encoder=text_encoder)  # fmt: skip
+    for init_from, message in ((base / "transformer", "is a DiT alone .*give vae: too"),
+                               (tmp_path / "base", "is a training run's out_dir: give its "
+                                "exported model")):  # fmt: skip
+        ft = dit_config(tmp_path / "ft", vae_folder, model=None, vae=None, init_from=str(init_from))
+        with pytest.raises(ValueError, match=message):
+            train_dit(ft, text_encoder=text_encoder)
+
+
+def test_convert_to_bf16_warns_of_no_slow_sampling(tmp_path: Path, capsys) -> None:
+    """Loading in bf16 on a CPU without native bf16 warns that sampling is slow, which a
+    conversion (no sampling) does not need to hear."""
+    from kinema.cli import main
+
+    assert main(["convert", "kinema-tiny", str(tmp_path / "tiny-bf16"), "--dtype", "bf16"]) == 0
+    assert capsys.readouterr().err == f"wrote {tmp_path / 'tiny-bf16'}\n"
+    assert (tmp_path / "tiny-bf16" / "transformer" / "model.safetensors").stat().st_size > 0

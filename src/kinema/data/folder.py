@@ -135,6 +135,15 @@ def _read_caption(path: Path) -> str:
     return read_text(path).strip() if path.is_file() else ""
 
 
+def check_root(root: str | Path) -> Path:
+    """``root`` if it is a folder; ValueError naming it (and where a relative path starts)."""
+    root = Path(root)
+    if not root.is_dir():
+        hint = "" if root.is_absolute() else f" (a relative path is from {Path.cwd()})"
+        raise ValueError(f"video folder {root} does not exist or is not a directory{hint}")
+    return root
+
+
 def find_videos(root: str | Path) -> list[tuple[Path, str]]:
     """(video path, caption) pairs of a folder, by the layouts in the module docstring.
 
@@ -142,9 +151,7 @@ def find_videos(root: str | Path) -> list[tuple[Path, str]]:
         ValueError: the root does not exist, holds no videos, has caption files but no
             videos, or its metadata names no existing file or lacks the needed columns.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"video folder {root} does not exist or is not a directory")
+    root = check_root(root)
     for name, reader in (("metadata.jsonl", _jsonl_rows), ("metadata.csv", _csv_rows)):
         source = root / name
         if source.is_file():

@@ -215,13 +215,18 @@ def freeze(model: nn.Module, prefixes: tuple[str, ...]) -> nn.Module:
 
 
 def check_run_folders(
-    out_dir: str | Path, dest: str | Path, kept: frozenset[str] | None = MODEL_ENTRIES
-) -> None:
+    out_dir: str | Path, dest: str | Path, kept: frozenset[str] | None = MODEL_ENTRIES,
+    data: DataConfig | None = None,
+) -> None:  # fmt: skip
     """Before any work: ``out_dir`` is a folder (or will be) and holds no other program's
     ``log.csv``; the export folder ``dest`` is not the run itself and holds nothing the export
     would destroy (``kept``: what an earlier export left there; None for a LoRA, whose export
-    adds one file)."""
+    adds one file); ``data``'s video folder, if any, holds videos."""
+    from kinema.data.folder import check_root
+
     out = check_writable(out_dir, "out_dir")
+    if data is not None and data.kind == "folder":  # before out_dir holds anything
+        check_root(Path(data.root).expanduser())  # type: ignore[arg-type]
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir {out} is a file; give a folder")
     log = out / "log.csv"
@@ -473,7 +478,11 @@ def component_folder(path: str | Path, component: str) -> Path:
 
     path = resolve_model_path(path) if str(path) == BUILTIN else Path(path)  # "~": parse_config
     if not path.exists():
-        raise ValueError(f"{path} does not exist (expected a model or {component} folder)")
+        raise ValueError(f"{path} does not exist (expected a model or {component} folder; a "
+                         f"relative path is from the current folder, {Path.cwd()})")  # fmt: skip
+    if not (path / component).is_dir() and (path / "train_config.json").is_file():
+        raise ValueError(f"{path} is a training run's out_dir: give its exported model, "
+                         f"{path / 'model'}")  # fmt: skip
     if (path / component).is_dir():
         return path / component
     if component == "vae" and (path / "Wan2.1_VAE.pth").exists():
@@ -483,7 +492,13 @@ def component_folder(path: str | Path, component: str) -> Path:
 
 def vae_source(config: TrainConfig) -> Path:
     """The VAE the DiT is trained against: ``vae``, or the ``init_from`` model's."""
-    return component_folder(config.vae or config.init_from, "vae")  # type: ignore[arg-type]
+    path = component_folder(config.vae or config.init_from, "vae")  # type: ignore[arg-type]
+    if config.vae is None and (path / "config.json").is_file():
+        raw = json.loads((path / "config.json").read_text())
+        if (raw.get("_class") or raw.get("_class_name")) in ("VideoDiT", "WanTransformer3DModel"):
+            raise ValueError(f"init_from {config.init_from} is a DiT alone (no vae/ beside it): "
+                             "give vae: too, the VAE it was trained with")  # fmt: skip
+    return path
 
 
 def load_frozen_vae(path: str | Path, device: torch.device) -> nn.Module:
@@ -991,7 +1006,8 @@ def _train_dit(config: TrainConfig, text_encoder: Any, stop_after: int | None, s
         raise ValueError(f"batch_size {config.batch_size} must divide by the {dt.world()[1]} "
                          "processes (each takes an equal share of every micro-batch)")  # fmt: skip
     out, main = Path(config.out_dir), dt.world()[0] == 0
-    check_run_folders(out, export_folder(config), None if config.lora else MODEL_ENTRIES)
+    check_run_folders(out, export_folder(config), None if config.lora else MODEL_ENTRIES,
+                      config.data)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     run = start_run(config, lambda ckpt: build_dit(config, ckpt), strategy, device)
     run.model.gradient_checkpointing = config.gradient_checkpointing

@@ -201,7 +201,7 @@ def train_vae(config: VAETrainConfig, *, stop_after: int | None = None) -> Path:
     """Train (or resume) the VAE; returns the exported VAE folder with latent statistics
     (or ``out_dir`` when ``stop_after`` ended it early). Ctrl-C / SIGTERM save and exit."""
     out = Path(config.out_dir)
-    check_run_folders(out, vae_export_folder(config), COMPONENT_ENTRIES)
+    check_run_folders(out, vae_export_folder(config), COMPONENT_ENTRIES, config.data)
     out.mkdir(parents=True, exist_ok=True)
     run = start_run(config, lambda ckpt: build_vae(config, ckpt), frozen=frozen(config))
     record_config(out, config, run.progress.step)
