@@ -191,6 +191,20 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, wan, name):
     assert list(out.parent.iterdir()) == []
 
 
+def test_a_lora_given_as_the_model_says_to_give_it_as_lora(capsys, tmp_path):
+    (tmp_path / "my-lora").mkdir()
+    (tmp_path / "my-lora" / "lora.safetensors").write_bytes(b"x")
+    for model in (tmp_path / "my-lora", tmp_path / "my-lora" / "lora.safetensors"):
+        code, err = run(capsys, "generate", "a cat", "--model", str(model), "-o",
+                        str(tmp_path / "out.mp4"))  # fmt: skip
+        assert (
+            code == 2
+            and "is a LoRA or a weights file, not a model folder: give it as "
+            "--lora (lora=) and its base model as --model"
+            in err
+        )
+
+
 def test_generate_with_a_timed_prompt_records_it(tmp_path, wan):
     out = tmp_path / "timed.mp4"
     argv = ["generate", "a cat", "--model", str(wan), "-o", str(out), *BASE, "--frames", "9",

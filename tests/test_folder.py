@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -126,8 +127,11 @@ def test_jsonl_takes_precedence_and_missing_files_are_skipped(tmp_path):
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (tmp_path / "metadata.csv").write_text("file_name,caption\ntall.mp4,from csv\n")
     (tmp_path / "wide.txt").write_text("from txt")
-    with pytest.warns(UserWarning, match=r"names 1 file\(s\) that do not exist.*gone\.mp4"):
+    with pytest.warns(UserWarning) as said:
         ds = VideoFolder(tmp_path, frames=3, fps=10, size=(16, 16))
+    said = [str(w.message) for w in said]
+    assert any(re.search(r"names 1 file\(s\) that do not exist.*gone\.mp4", m) for m in said)
+    assert f"2 video(s) in {tmp_path} are not in metadata.jsonl and are not used" in "".join(said)
     assert sorted((Path(p).name, c) for p, c in ds.items) == [
         ("square.webm", "square from jsonl"),
         ("wide.mp4", "from jsonl"),

@@ -238,6 +238,11 @@ def test_a_sampling_block_sets_what_it_names_and_a_finetune_keeps_its_bases(tmp_
     )
 
 
+def test_vae_crop_size_must_fit_the_vae():
+    with pytest.raises(ValueError, match=r"crop_size 20 must be a multiple of 8 \(the VAE's"):
+        VAETrainConfig(model=TINY_VAE, data=TINY_DATA, crop_size=20)
+
+
 @pytest.mark.parametrize(
     "name, content, message",
     [

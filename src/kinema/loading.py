@@ -139,6 +139,11 @@ def load(
         parts = _diffusers_parts(path, dev, dt, vae_dt)
     elif (path / "Wan2.1_VAE.pth").exists():
         parts = _original_parts(path, dev, dt, vae_dt)
+    elif path.suffix == ".safetensors" or (path / "lora.safetensors").is_file():
+        raise ValueError(
+            f"{path} is a LoRA or a weights file, not a model folder: give it as --lora "
+            "(lora=) and its base model as --model"
+        )
     else:
         raise ValueError(
             f"{path} is not a model folder: expected kinema.json (kinema), model_index.json "

@@ -158,7 +158,15 @@ def find_videos(root: str | Path) -> list[tuple[Path, str]]:
             rows = reader(source)
             if not rows:
                 raise ValueError(f"{source} has no rows; expected file_name and caption")
-            return _existing(root, rows, source)
+            found = _existing(root, rows, source)
+            listed = {p.resolve() for p, _ in found}
+            unlisted = [p for p in root.rglob("*") if _is_video_name(p)
+                        and p.resolve() not in listed]  # fmt: skip
+            if unlisted:
+                names = [p.name for p in unlisted[:5]]
+                warnings.warn(f"{len(unlisted)} video(s) in {root} are not in {name} and are "
+                              f"not used: {names}", stacklevel=2)  # fmt: skip
+            return found
     return _sidecar_items(root)
 
 

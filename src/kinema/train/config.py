@@ -245,8 +245,9 @@ class VAETrainConfig(OptimFields):
         if self.crop_frames > self.data.frames:
             raise ValueError(f"crop_frames {self.crop_frames} > data.frames {self.data.frames}")
         side = min(self.data.width, self.data.height)
-        if not 8 <= self.crop_size <= side:
-            raise ValueError(f"crop_size {self.crop_size} must be in [8, {side}]")
+        if not 8 <= self.crop_size <= side or self.crop_size % 8:
+            raise ValueError(f"crop_size {self.crop_size} must be a multiple of 8 (the VAE's "
+                             f"spatial factor) in [8, {side}]")  # fmt: skip
         if self.stats_clips < 1:
             raise ValueError(f"stats_clips {self.stats_clips} must be >= 1")
         if self.freeze_encoder and self.init_from is None:
