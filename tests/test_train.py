@@ -272,19 +272,6 @@ def test_unreadable_config_files_are_one_line(tmp_path: Path, name, content, mes
 
 
 @pytest.fixture(scope="module")
-def text_encoder():
-    from kinema.models.text import load_text_encoder
-
-    return load_text_encoder("minilm", max_length=8)
-
-
-@pytest.fixture(scope="module")
-def vae_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    return save_component(CausalVAE(TINY_VAE), tmp_path_factory.mktemp("vae") / "vae")
-
-
-@pytest.fixture(scope="module")
 def videos(tmp_path_factory: pytest.TempPathFactory) -> DataConfig:
     """Three generated 12-frame clips with .txt captions, as a folder DataConfig."""
     root = make_video_folder(tmp_path_factory.mktemp("data") / "videos")

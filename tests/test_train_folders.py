@@ -7,26 +7,10 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-import torch
 
-from kinema.io.checkpoint import save_component
-from kinema.models.vae import CausalVAE
 from kinema.train import VAETrainConfig, export, train_dit, train_vae
 from kinema.train.state import latest_checkpoint
 from tests.test_train import TINY_VAE, dit_config
-
-
-@pytest.fixture(scope="module")
-def text_encoder():
-    from kinema.models.text import load_text_encoder
-
-    return load_text_encoder("minilm", max_length=8)
-
-
-@pytest.fixture(scope="module")
-def vae_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    return save_component(CausalVAE(TINY_VAE), tmp_path_factory.mktemp("vae") / "vae")
 
 
 def keepsake(folder: Path) -> Path:
