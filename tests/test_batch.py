@@ -59,6 +59,48 @@ def test_read_requests_records_bad_lines(tmp_path: Path) -> None:
         read_requests(tmp_path / "binary.jsonl")
 
 
+def test_a_bom_a_bad_line_and_reserved_ids(tmp_path: Path) -> None:
+    """A BOM broke line 1; a bad line 3 took the id 00003 from a valid request that named it;
+    an id ending .error named another request's error record."""
+    path = tmp_path / "r.jsonl"
+    rows = ['{"prompt": "bom"}', '{"prompt": "x"}', "not json", '{"id": "00003", "prompt": "y"}',
+            '{"id": "foo.error", "prompt": "z"}']  # fmt: skip
+    path.write_bytes("\r\n".join(rows).encode("utf-8-sig"))
+    items = read_requests(path)
+    assert [(i.id, i.error is None) for i in items] == [
+        ("00001", True), ("00002", True), ("line00003", False), ("00003", True),
+        ("line00005", False)]  # fmt: skip
+    assert "ends with .error" in items[4].error
+
+
+def test_a_users_file_in_out_is_kept_and_an_edited_line_made_again(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """A file of the user's named like an output was overwritten; resuming only checked that
+    files existed, so an edited (or moved, line-numbered) request kept the old video."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.gif").write_text("the user's own file")
+    rows = [{"id": "mine", "prompt": "a red ball"}, {"prompt": "a red ball", "steps": 1}]
+    requests = write_lines(tmp_path / "r.jsonl", rows)
+    options = BatchOptions(model=str(tiny_model), format="gif")
+    summary = run(requests, out, options, show_progress=False)
+    assert (summary.done, summary.failed) == (1, 1)
+    assert (out / "mine.gif").read_text() == "the user's own file"
+    error = json.loads((out / "mine.error.json").read_text())["error"]
+    assert "exists and was not made by a batch here" in error
+    assert run(requests, out, options, show_progress=False).failed == 1  # and again
+    first = (out / "00002.gif").read_bytes()
+    write_lines(requests, [rows[0], {"prompt": "a blue ball", "steps": 1}])  # line 2 edited
+    summary = run(requests, out, options, show_progress=False)
+    assert (summary.skipped, summary.done) == (0, 1) and (out / "00002.gif").read_bytes() != first
+    assert json.loads((out / "00002.json").read_text())["prompt"] == "a blue ball"
+    assert run(requests, out, options, show_progress=False).skipped == 1
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="--out .*afile is a file; give a folder"):
+        run(requests, tmp_path / "afile", options, show_progress=False)
+
+
 def test_options_that_would_be_ignored_are_refused() -> None:
     """Workers are Ray actors and a device is a local run's: each without the other was
     silently dropped (a batch asked for 2 workers ran in one process)."""

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kinema import timeline
+from kinema.io.paths import check_writable
 from kinema.pipeline import Request, SavedVideo
 
 EXTRA_FIELDS = {"id", "size", "seconds", "model", "at"}
@@ -98,16 +99,19 @@ class Summary:
 
 def parse_line(text: str, line_no: int) -> Item:
     """One JSON line -> :class:`Item` (with ``error`` set when the line is not a request)."""
-    fallback = f"{line_no:05d}"
+    fallback, unread = f"{line_no:05d}", f"line{line_no:05d}"  # unread: no id to take
     try:
         fields = json.loads(text)
     except json.JSONDecodeError as err:
-        return Item(fallback, {}, f"line {line_no}: not JSON ({err.msg})")
+        return Item(unread, {}, f"line {line_no}: not JSON ({err.msg})")
     if not isinstance(fields, dict):
-        return Item(fallback, {}, f"line {line_no}: expected a JSON object")
+        return Item(unread, {}, f"line {line_no}: expected a JSON object")
     rid = str(fields.get("id", fallback))
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", rid):
-        return Item(fallback, fields, f"line {line_no}: id {rid!r} must match [A-Za-z0-9._-]+")
+        return Item(unread, fields, f"line {line_no}: id {rid!r} must match [A-Za-z0-9._-]+")
+    if rid.endswith(".error"):
+        return Item(unread, fields, f"line {line_no}: id {rid!r} ends with .error, the "
+                    "suffix of the error records")  # fmt: skip
     unknown = sorted(set(fields) - REQUEST_FIELDS - EXTRA_FIELDS)
     if unknown:
         valid = ", ".join(sorted(REQUEST_FIELDS | EXTRA_FIELDS))
@@ -125,7 +129,7 @@ def read_requests(path: str | Path) -> list[Item]:
     if not path.is_file():
         raise ValueError(f"requests file {str(path)!r} not found")
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM, as Notepad writes
     except UnicodeDecodeError as err:
         raise ValueError(f"requests file {str(path)!r} is not UTF-8 text ({err.reason})") from None
     items, seen = [], set()
@@ -169,13 +173,54 @@ def output_path(out: Path, rid: str, fmt: str) -> Path:
     return out / f"{rid}.{fmt}"
 
 
-def is_finished(out: Path, rid: str, fmt: str) -> bool:
-    """A request is finished when its video and its sidecar (written last) both exist."""
-    return output_path(out, rid, fmt).exists() and (out / f"{rid}.json").exists()
+def is_finished(out: Path, item: Item, fmt: str) -> bool:
+    """A request is finished when its video and its sidecar (written last) both exist, and the
+    sidecar is of this request (a line edited, or a line-numbered one moved, is made again)."""
+    sidecar = out / f"{item.id}.json"
+    if not (output_path(out, item.id, fmt).exists() and sidecar.is_file()):
+        return False
+    made = read_json(sidecar).get("batch_request", item.fields)  # older sidecars: not kept
+    return made == item.fields
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def foreign_output(out: Path, item: Item, fmt: str, logged: set[str]) -> str | None:
+    """Why ``item`` may not write where it would: its video or sidecar name is taken by a
+    file this batch folder's log never made (the user's own), else None."""
+    if item.id in logged:
+        return None
+    taken = [p for p in (output_path(out, item.id, fmt), out / f"{item.id}.json") if p.exists()]
+    if not taken:
+        return None
+    return (f"{taken[0]} exists and was not made by a batch here: move it away or give "
+            "another --out")  # fmt: skip
+
+
+def logged_ids(out: Path) -> set[str]:
+    """Ids whose files a batch here began to write (``batch.log.jsonl``: started or done)."""
+    log = out / "batch.log.jsonl"
+    if not log.is_file():
+        return set()
+    ids = set()
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+            if entry["status"] in ("started", "done"):
+                ids.add(str(entry["id"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return ids
 
 
 def record(out: Path, rid: str, status: str, **extra: Any) -> None:
-    """Append an outcome ("done", "failed", or "requeued" after a worker died) to
+    """Append an outcome ("started", "done", "failed", or "requeued" after a worker died) to
     ``batch.log.jsonl``; ``ID.error.json`` exists exactly while the request's last outcome is
     a failure."""
     error_file = out / f"{rid}.error.json"
@@ -194,7 +239,7 @@ def save_result(out: Path, item: Item, fmt: str, encoded: tuple[bytes, dict[str,
 
     data, info = encoded
     path = write_file(output_path(out, item.id, fmt), data)
-    write_sidecar(path, {**info, "batch_id": item.id})
+    write_sidecar(path, {**info, "batch_id": item.id, "batch_request": item.fields})
     record(out, item.id, "done", seconds=info.get("timings", {}).get("total"))
 
 
@@ -258,7 +303,8 @@ def run_local(items: list[Item], out: Path, opts: BatchOptions, tick: OnResult) 
     for item in items:
         path = output_path(out, item.id, opts.format)
         try:
-            saved = worker.save(item.fields, path, {"batch_id": item.id})
+            saved = worker.save(item.fields, path,
+                                {"batch_id": item.id, "batch_request": item.fields})  # fmt: skip
         except Exception as err:  # a failed request is recorded; the batch goes on
             record(out, item.id, "failed", error=error_text(err))
             tick(item.id, "failed")
@@ -399,9 +445,16 @@ def run(
 ) -> Summary:
     """Run every unfinished request of ``requests`` into ``out``; returns the counts."""
     items = read_requests(requests)
-    out = Path(out)
+    out = check_writable(out, "--out")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
     out.mkdir(parents=True, exist_ok=True)
-    todo = [i for i in items if not is_finished(out, i.id, options.format)]
+    todo = [i for i in items if not is_finished(out, i, options.format)]
+    logged = logged_ids(out)
+    todo = [i if i.error else Item(i.id, i.fields, foreign_output(out, i, options.format, logged))
+            for i in todo]  # fmt: skip
+    for item in (i for i in todo if i.error is None):
+        record(out, item.id, "started")  # from now on its files are this batch's to replace
     bar = _Bar(len(todo), show_progress, on_result)
     for item in (i for i in todo if i.error is not None):
         record(out, item.id, "failed", error=item.error)
