@@ -237,3 +237,26 @@ def test_ray_batch_fails_the_rest_when_no_worker_restarts(tmp_path: Path, tiny_m
     for rid in ("r1", "r2"):
         error = json.loads((out / f"{rid}.error.json").read_text())["error"]
         assert error == "no Ray worker is left (they died and did not restart)"
+
+
+def test_ray_set_up_errors_are_one_line_not_a_hang(tmp_path: Path, tiny_model: Path) -> None:
+    """More workers than the cluster's CPUs waited forever; an unreachable address retried
+    for minutes; a missing model was an actor's traceback."""
+    import ray
+
+    requests = write_lines(tmp_path / "r.jsonl", [{"id": "a", "prompt": "x"}])
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="model '/nonexistent' not found"):
+        run(requests, out, BatchOptions(model="/nonexistent", ray="local"), show_progress=False)
+    with pytest.raises(ValueError, match="no Ray cluster answers at 127.0.0.1:1 "):
+        run(requests, out, BatchOptions(model=str(tiny_model), ray="127.0.0.1:1"),
+            show_progress=False)  # fmt: skip
+    assert not ray.is_initialized()
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        options = BatchOptions(model=str(tiny_model), ray="auto", workers=2)
+        with pytest.raises(ValueError, match="--workers 2: each worker holds one CPU and the "
+                           "Ray cluster has 1"):  # fmt: skip
+            run(requests, out, options, show_progress=False)
+    finally:
+        ray.shutdown()

@@ -205,6 +205,27 @@ def test_a_lora_given_as_the_model_says_to_give_it_as_lora(capsys, tmp_path):
         )
 
 
+def test_sigterm_while_writing_leaves_no_half_file(tmp_path, wan):
+    """SIGTERM (a service manager, `timeout`, a batch scheduler) killed the process where it
+    was and left the hidden temporary video behind; now it unwinds as Ctrl-C does."""
+    import signal
+    import time
+
+    out = tmp_path / "out" / "long.mp4"
+    out.parent.mkdir()
+    argv = [sys.executable, "-m", "kinema", "generate", "a cat", "--model", str(wan),
+            "-o", str(out), *BASE, "--frames", "4001"]  # fmt: skip
+    job = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(out.parent.glob(".long.*")):
+        time.sleep(0.05)
+    assert list(out.parent.glob(".long.*")), "the video was never being written"
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 143 and err.endswith("kinema: terminated\n"), err
+    assert list(out.parent.iterdir()) == []
+
+
 def test_generate_with_a_timed_prompt_records_it(tmp_path, wan):
     out = tmp_path / "timed.mp4"
     argv = ["generate", "a cat", "--model", str(wan), "-o", str(out), *BASE, "--frames", "9",

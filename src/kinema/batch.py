@@ -324,11 +324,38 @@ def connect_ray(address: str) -> bool:
 
     if ray.is_initialized():
         return False
+    check_reachable(address)
     try:
         ray.init(address=None if address == "local" else address, log_to_driver=False)
     except ConnectionError as err:
         raise ValueError(f"no Ray cluster at {address!r} ({err}); use --ray local") from err
+    except Exception as err:  # Ray could not start here (its temp folder, ports, ...)
+        raise ValueError(f"Ray did not start: {type(err).__name__}: {err}") from err
     return True
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) address answers a TCP connection within ``timeout``
+    seconds, else ValueError: Ray itself retries an unreachable one for minutes, silently."""
+    import socket
+
+    m = re.fullmatch(r"(?:ray://)?\[?([^\]]+?)\]?:(\d+)", address)
+    if m is None:  # "auto", "local"
+        return
+    try:
+        socket.create_connection((m[1], int(m[2])), timeout=timeout).close()
+    except OSError as err:
+        raise ValueError(f"no Ray cluster answers at {address} ({err.strerror or err}); start "
+                         "one there, or use --ray local") from None  # fmt: skip
+
+
+def check_model(opts: BatchOptions) -> None:
+    """The model and dtype the actors will load exist (ValueError naming them otherwise)."""
+    from kinema.loading import DTYPES, resolve_model_path
+
+    resolve_model_path(opts.model)
+    if opts.dtype is not None and opts.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {opts.dtype!r}; valid: fp32, bf16, fp16")
 
 
 def start_actors(opts: BatchOptions, wanted: int) -> list[Any]:
@@ -337,6 +364,10 @@ def start_actors(opts: BatchOptions, wanted: int) -> list[Any]:
 
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    have, unit = (gpus, "GPU") if gpus else (cpus, "CPU")
+    if opts.workers is not None and opts.workers > have:  # the rest would wait forever
+        raise ValueError(f"--workers {opts.workers}: each worker holds one {unit} and the Ray "
+                         f"cluster has {have}; give --workers {have} or fewer")  # fmt: skip
     count = min(wanted, opts.workers or gpus or cpus)
     need = {"num_gpus": 1} if gpus else {"num_cpus": 1}
     device = None if gpus else "cpu"
@@ -352,6 +383,7 @@ def run_ray(items: list[Item], out: Path, opts: BatchOptions, tick: OnResult) ->
     import ray
     from ray.exceptions import ActorDiedError, RayActorError
 
+    check_model(opts)  # here: in an actor a bad model is a Ray traceback
     started = connect_ray(opts.ray or "auto")
     actors = start_actors(opts, len(items))
     ray.get([a.ready.remote() for a in actors])  # models loaded: a load error surfaces here

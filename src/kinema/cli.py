@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -566,9 +567,22 @@ def show_warning(message: Warning | str, *_: Any, **__: Any) -> None:
     print(f"kinema: warning: {message}", file=sys.stderr)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process was, so that temporary files are removed on the way
+    out as on Ctrl-C (the default action left a half-written ``.NAME.tmp.mp4``). A
+    BaseException, as KeyboardInterrupt is: no ``except Exception`` takes it for a failure."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # exiting: a second one changes nothing
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # for --devices re-launch
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)  # serve and train put their own in place
     try:
         with warnings.catch_warnings():
             warnings.showwarning = show_warning
@@ -585,6 +599,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" {output}" if output else f" in {folder}" if folder else ""
         print(f"kinema: error: cannot write{where}: {err.strerror}", file=sys.stderr)
         return 1
+    except Terminated:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("kinema: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # exiting: a second Ctrl-C changes nothing
         if int(os.environ.get("RANK", "0")) == 0:  # --devices N: rank 0 says it, once
