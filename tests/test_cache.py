@@ -144,6 +144,12 @@ def test_calibrate_cache_command_writes_what_load_reads(tmp_path, capsys):
         main(["calibrate-cache", str(model), "--steps", "2"])
     assert exit_.value.code == 2
     assert (model / "step_cache.json").read_bytes() == before
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:  # it overwrote the package's own calibration
+        main(["calibrate-cache"])
+    assert exit_.value.code == 2
+    assert "kinema-tiny ships its calibration inside the installed package" in (
+        capsys.readouterr().err)  # fmt: skip
 
 
 def test_a_model_folder_can_recommend_a_cache(tmp_path):

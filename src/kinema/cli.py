@@ -395,17 +395,30 @@ def add_calibrate_cache(sub: Any) -> None:
     p.add_argument("model", nargs="?", default=None, help="model folder (default: kinema-tiny)")
     p.add_argument("--prompt", default=CALIBRATION_PROMPT, help="prompt of the uncached run")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="default: the model's")
+    p.add_argument("--steps", type=int, default=None,
+                   help="default (and what calibrates best): the model's; at least 4")  # fmt: skip
     p.add_argument("--device", default=None)
     p.set_defaults(run=run_calibrate_cache)
 
 
 def run_calibrate_cache(args: argparse.Namespace) -> int:
-    from kinema.loading import load, resolve_model_path
+    from kinema.loading import BUILTIN, load, resolve_model_path
     from kinema.sampling.cache import CALIBRATION_FILE
 
     folder = resolve_model_path(args.model)
+    if folder == resolve_model_path(BUILTIN):
+        fail(
+            f"{BUILTIN} ships its calibration inside the installed package; to fit one of "
+            f"your own, copy the model (kinema convert {BUILTIN} DIR), calibrate DIR"
+        )
+    if not os.access(folder, os.W_OK):
+        fail(f"model folder {folder} is not writable: the calibration is saved there")
     pipe = load(folder, device=args.device)
+    if args.steps is not None and args.steps < pipe.defaults.steps:
+        warnings.warn(f"calibrating at {args.steps} steps, fewer than the model's "
+                      f"{pipe.defaults.steps}: a request with more steps reads the calibration "
+                      "between its few timesteps, and the cache follows the uncached video less "
+                      "closely", stacklevel=1)  # fmt: skip
     calibration = pipe.calibrate_cache(args.prompt, seed=args.seed, steps=args.steps)
     calibration.save(folder / CALIBRATION_FILE)
     print(f"wrote {folder / CALIBRATION_FILE}: {calibration.summary()}", file=sys.stderr)
