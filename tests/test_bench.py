@@ -77,6 +77,10 @@ def test_bad_configs_and_parts_are_refused():
         bench.run(["nope"], st, ("forward",))
     with pytest.raises(ValueError, match="unknown part"):
         bench.run(["kinema-tiny"], st, ("speed",))
+    with pytest.raises(ValueError, match="nothing to measure: give --configs"):
+        bench.run([], st, ("forward",))  # measured nothing, wrote empty results, exit 0
+    with pytest.raises(ValueError, match="the step_cache part calibrates the cache, which needs"):
+        bench.run(["kinema-tiny"], bench.Settings(steps=2), ("forward", "step_cache"))
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA device"):
             bench.run(["wan2.1-1.3b"], st, ("forward",))

@@ -52,6 +52,8 @@ BASE = ["--size", "32x32", "--steps", "2", "-q"]
         (["--at", "9:a dog"], "prompt time 9 s is outside the clip"),
         (["--at", "0.2:a dog", "--at", "0.1:a cow"], "must increase"),
         (["--strength", "0.5"], "strength 0.5 is video-to-video's noise level"),
+        (["--decode-tile", "256"], "--decode-tile shares the VAE decode's tiles across"),
+        (["--devices", "2", "--decode-tile", "7"], "--decode-tile 7 must be a multiple of 32"),
         (["--lora", "nowhere.safetensors"], "LoRA file nowhere.safetensors does not exist"),
         (["--lora", "x.safetensors:strong"], "the strength after ':' must be a number"),
         (["--lora", "x.safetensors", "--devices", "2"], "--lora runs in one process"),
@@ -203,6 +205,17 @@ def test_a_lora_given_as_the_model_says_to_give_it_as_lora(capsys, tmp_path):
             "--lora (lora=) and its base model as --model"
             in err
         )
+
+
+def test_cfg_parallel_only_where_guidance_makes_a_second_branch(wan):
+    """--devices 2 --guidance 1 split the ranks for CFG and both computed the same batch."""
+    from argparse import Namespace
+
+    from kinema.distributed.cli import guided
+
+    assert not guided(Namespace(guidance=1.0, model=str(wan)))
+    assert guided(Namespace(guidance=None, model=None))  # kinema-tiny's default, 3
+    assert guided(Namespace(guidance=4.0, model=str(wan)))
 
 
 def test_sigterm_while_writing_leaves_no_half_file(tmp_path, wan):

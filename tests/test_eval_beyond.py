@@ -88,11 +88,18 @@ def test_eval_beyond_runs_every_check(tmp_path, capsys):
     assert main([*args, *given]) == 0
     results = json.loads(out.read_text())
     assert results["settings"]["dtype"] == "bfloat16"  # --dtype reached the pipeline
+    assert results["settings"]["device"] == "cpu"
     loras = [{"path": str(lora), "strength": 0.5}]
     assert results["settings"]["loras"] == loras
     beyond = results["beyond"]
     # --steps and --guidance reach these clips too (the model's own are 2 and 3.0)
-    assert beyond["settings"] == {"steps": 1, "guidance": 2.5, "cache": 0.0}
+    assert beyond["settings"] == {
+        "steps": 1,
+        "guidance": 2.5,
+        "cache": 0.0,
+        "dtype": "bfloat16",
+        "device": "cpu",
+    }
     assert beyond["first_frame_psnr_db"] > 0
     assert beyond["extension"]["seam_ratio_max"] >= beyond["extension"]["seam_ratio_median"] > 0
     assert 0 <= beyond["extension"]["background_drift_max"] <= 255

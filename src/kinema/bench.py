@@ -961,6 +961,12 @@ def run(shapes: list[str], st: Settings, parts: tuple[str, ...]) -> dict[str, An
                "vae_decode": bench_vae_decode, "step_cache": bench_step_cache}  # fmt: skip
     if any(p not in benches for p in parts):
         raise ValueError(f"unknown part in {parts}; valid: {sorted(benches)}")
+    if not shapes or not parts:
+        raise ValueError(f"nothing to measure: give --configs (valid: {sorted(SHAPES)}) and "
+                         f"--parts (valid: {sorted(benches)})")  # fmt: skip
+    if "step_cache" in parts and st.steps is not None and st.steps < 4:
+        raise ValueError(f"--steps {st.steps}: the step_cache part calibrates the cache, which "
+                         "needs at least 4 steps")  # fmt: skip
     for n in shapes:
         if SHAPES[n].gpu_only and st.device.type != "cuda":
             raise ValueError(f"config {n!r} needs a CUDA device (got {st.device})")

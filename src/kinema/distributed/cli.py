@@ -21,6 +21,18 @@ def add_generate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tile", type=int, default=None, help="split the VAE decode by tiles")
 
 
+def guided(args: argparse.Namespace) -> bool:
+    """Whether the request uses classifier-free guidance (guidance > 1, the given one or the
+    model's): without it there is no second branch for CFG-parallel to give half the ranks."""
+    from kinema.configs import SamplingDefaults
+    from kinema.loading import folder_defaults
+
+    given = getattr(args, "guidance", None)
+    if given is None:
+        given = (folder_defaults(args.model or "kinema-tiny") or SamplingDefaults()).guidance
+    return given > 1
+
+
 def world_size() -> int:
     """Processes of the torchrun job this process belongs to (1 outside torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -35,6 +47,13 @@ def distributed_generate(args: argparse.Namespace) -> int | None:
     devices = getattr(args, "devices", 1)
     if devices < 1:
         raise ValueError(f"--devices {devices} must be >= 1")
+    tile = getattr(args, "decode_tile", None)
+    if tile is not None and devices == 1 and world_size() == 1:
+        raise ValueError("--decode-tile shares the VAE decode's tiles across --devices; one "
+                         "process tiles on its own where a decode would not fit")  # fmt: skip
+    if tile is not None and (tile < 64 or tile % 32):
+        raise ValueError(f"--decode-tile {tile} must be a multiple of 32 pixels, at least 64 "
+                         "(tiles overlap by a quarter, a multiple of the VAE's 8)")  # fmt: skip
     if world_size() > 1:
         return run_parallel_generate(args)
     if devices > 1:
@@ -97,8 +116,8 @@ def run_parallel_generate(args: argparse.Namespace) -> int:
 
         tile = TileSpec(args.decode_tile, args.decode_tile // 4)
     pipe, mesh = load_parallel(args.model, mode=getattr(args, "parallel", "auto"),
-                               cfg_parallel=getattr(args, "cfg_parallel", True),
-                               dtype=args.dtype, decode_tile=tile)  # fmt: skip
+                               cfg_parallel=getattr(args, "cfg_parallel", True)
+                               and guided(args), dtype=args.dtype, decode_tile=tile)  # fmt: skip
     request = request_from_args(args, pipe.defaults, pipe.temporal_factor)
     out = args.output or default_output(args.prompt, args.seed)
     with progress_bar(args.quiet or mesh.rank != 0) as progress:

@@ -201,7 +201,13 @@ def evaluate_beyond(pipe: Any, model: str | None, quick: bool = False) -> dict[s
     timed = SWITCHES[:4] if quick else SWITCHES
     d = pipe.defaults  # what every clip but the memory check's (4 steps) samples with
     return {
-        "settings": {"steps": d.steps, "guidance": d.guidance, "cache": d.cache},
+        "settings": {
+            "steps": d.steps,
+            "guidance": d.guidance,
+            "cache": d.cache,
+            "dtype": str(pipe.dtype).removeprefix("torch."),
+            "device": str(pipe.device),
+        },
         "first_frame_psnr_db": first_frame_fidelity(pipe, 2 if quick else 4),
         "extension": seam_continuity(pipe, 2 if quick else 3, seeds=2 if quick else 4),
         "long_video_memory": long_video_memory(pipe, model, 4.0, 8.0 if quick else 16.0),

@@ -171,7 +171,8 @@ def evaluate(
     d = pipe.defaults
     dtype = str(pipe.dtype).removeprefix("torch.")
     results["settings"] = {"steps": d.steps, "guidance": d.guidance, "cache": d.cache,
-                           "contrast": d.contrast, "dtype": dtype}  # fmt: skip
+                           "contrast": d.contrast, "dtype": dtype,
+                           "device": str(pipe.device)}  # fmt: skip
     if pipe.loras:
         results["settings"]["loras"] = pipe.lora_records()
     return results
