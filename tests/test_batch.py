@@ -101,6 +101,39 @@ def test_a_users_file_in_out_is_kept_and_an_edited_line_made_again(
         run(requests, tmp_path / "afile", options, show_progress=False)
 
 
+def test_field_errors_name_the_field_and_api_names_work(tmp_path: Path, tiny_model) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(tmp_path / "start.png")
+    rows = [
+        {"id": "size", "prompt": "x", "size": "big"},
+        {"id": "text", "prompt": "x", "seconds": "abc"},
+        {"id": "bool", "prompt": "x", "seconds": True},
+        {
+            "id": "ref",
+            "prompt": "x",
+            "input_reference": str(tmp_path / "start.png"),
+            "steps": 1,
+            "size": "32x32",
+            "frames": 5,
+        },
+        {"id": "dot", "prompt": "x", "model": f"{tiny_model}/.", "steps": 1, "frames": 5},
+    ]
+    requests = write_lines(tmp_path / "r.jsonl", rows)  # fmt: skip
+    out = tmp_path / "out"
+    summary = run(requests, out, BatchOptions(model=str(tiny_model), format="gif"),
+                  show_progress=False)  # fmt: skip
+    assert (summary.done, summary.failed) == (2, 3)
+    errors = {r: json.loads((out / f"{r}.error.json").read_text())["error"]
+              for r in ("size", "text", "bool")}  # fmt: skip
+    assert errors == {
+        "size": "size 'big' must be WIDTHxHEIGHT, e.g. 832x480",
+        "text": "seconds 'abc' is not a number",
+        "bool": "seconds must be a number or a numeric string, got True",
+    }
+    assert json.loads((out / "ref.json").read_text())["image"] is not None
+
+
 def test_options_that_would_be_ignored_are_refused() -> None:
     """Workers are Ray actors and a device is a local run's: each without the other was
     silently dropped (a batch asked for 2 workers ran in one process)."""

@@ -16,6 +16,7 @@ restarted by Ray and its request is handed out again.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import re
@@ -31,7 +32,7 @@ from kinema import timeline
 from kinema.io.paths import check_writable
 from kinema.pipeline import Request, SavedVideo
 
-EXTRA_FIELDS = {"id", "size", "seconds", "model", "at"}
+EXTRA_FIELDS = {"id", "size", "seconds", "model", "at", "input_reference"}  # the API's names
 REQUEST_FIELDS = {f.name for f in dataclasses.fields(Request)}
 FORMATS = ("mp4", "gif", "webp")
 MAX_WORKER_DEATHS = 3  # a request whose worker died this often is recorded as failed
@@ -144,18 +145,36 @@ def read_requests(path: str | Path) -> list[Item]:
     return items
 
 
+def seconds_of(value: Any) -> float:
+    """``seconds`` as the API gives it ("2" or 2.5); ValueError naming it otherwise."""
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ValueError(f"seconds must be a number or a numeric string, got {value!r}")
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"seconds {value!r} is not a number") from None
+
+
 def build_request(fields: dict[str, Any], pipe: Any) -> Request:
     """API fields -> :class:`Request` for ``pipe`` (``size`` and ``seconds`` resolved)."""
     from kinema.cli import parse_size
 
     kw = {k: v for k, v in fields.items() if k in REQUEST_FIELDS}
+    if "input_reference" in fields:  # the API's name of the start image (here: a path)
+        if "image" in fields:
+            raise ValueError("give image or input_reference, not both")
+        kw["image"] = fields["input_reference"]
     if "size" in fields:
-        kw["width"], kw["height"] = parse_size(str(fields["size"]))
+        try:
+            kw["width"], kw["height"] = parse_size(str(fields["size"]))
+        except argparse.ArgumentTypeError as err:
+            raise ValueError(str(err)) from None
     if "seconds" in fields:
         if "frames" in fields:
             raise ValueError("give frames or seconds, not both")
         fps = kw["fps"] if kw.get("fps") is not None else pipe.defaults.fps
-        kw["frames"] = timeline.clip_frames(float(fields["seconds"]), fps, pipe.temporal_factor)
+        kw["frames"] = timeline.clip_frames(seconds_of(fields["seconds"]), fps,
+                                            pipe.temporal_factor)  # fmt: skip
     if "at" in fields:
         if "prompts" in fields:
             raise ValueError("give at or prompts, not both")
@@ -277,9 +296,18 @@ class Worker:
 
     def request(self, fields: dict[str, Any]) -> Request:
         wanted = fields.get("model")
-        if wanted is not None and wanted not in (self.model, self.pipe.name):
+        if (
+            wanted is not None
+            and wanted not in (self.model, self.pipe.name)
+            and not (self.model is not None and same_path(wanted, self.model))
+        ):
             raise ValueError(f"model {wanted!r}: this batch runs {self.model or self.pipe.name!r}")
         return build_request(fields, self.pipe)
+
+
+def same_path(a: str, b: str) -> bool:
+    """Two spellings of one folder ("./mymodel", "mymodel", "~/m")."""
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def fail_all(out: Path, items: deque[Item], why: str, tick: OnResult) -> None:
@@ -294,6 +322,8 @@ def error_text(err: BaseException) -> str:
     """One line naming the error (the original exception for a Ray task error)."""
     cause = getattr(err, "cause", None) or err
     text = str(cause).strip().splitlines()
+    if isinstance(cause, ValueError) and text:  # bad input: its message says it all
+        return text[0]
     return f"{type(cause).__name__}: {text[0] if text else ''}"
 
 
