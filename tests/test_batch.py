@@ -132,6 +132,7 @@ def test_field_errors_name_the_field_and_api_names_work(tmp_path: Path, tiny_mod
         "bool": "seconds must be a number or a numeric string, got True",
     }
     assert json.loads((out / "ref.json").read_text())["image"] is not None
+    assert json.loads((out / "ref.json").read_text())["timings"]["load"] == 0  # the batch's
 
 
 def test_options_that_would_be_ignored_are_refused() -> None:

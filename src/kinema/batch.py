@@ -277,6 +277,7 @@ class Worker:
 
         self.model = model
         self.pipe = load(model, device=device, dtype=dtype, compile=compile)
+        self.pipe.load_seconds = 0.0  # loaded once for the whole batch: no request's time
 
     def ready(self) -> bool:
         """Answers once the model is loaded (the driver waits for every actor)."""
