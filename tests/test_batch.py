@@ -54,6 +54,9 @@ def test_read_requests_records_bad_lines(tmp_path: Path) -> None:
         read_requests(tmp_path / "missing.jsonl")
     with pytest.raises(ValueError, match="is a folder: give a JSON-lines file"):
         read_requests(tmp_path)
+    (tmp_path / "notes.md").write_text("# Notes\n\nnot a requests file\n")  # 3 error files
+    with pytest.raises(ValueError, match=r"holds no JSON request \(none of its 2 lines"):
+        read_requests(tmp_path / "notes.md")
     (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ValueError, match="is not UTF-8 text"):
         read_requests(tmp_path / "binary.jsonl")

@@ -142,6 +142,10 @@ def read_requests(path: str | Path) -> list[Item]:
             item = Item(f"{item.id}.line{n}", item.fields, f"duplicate id {item.id!r}")
         seen.add(item.id)
         items.append(item)
+    if items and not any(i.fields for i in items):  # not one JSON object: not a requests file
+        raise ValueError(f"requests file {str(path)!r} holds no JSON request (none of its "
+                         f"{len(items)} lines is a JSON object); one request per line, e.g. "
+                         '{"id": "a", "prompt": "a red ball"}')  # fmt: skip
     return items
 
 

@@ -1061,7 +1061,8 @@ def run_cli(args: Any) -> int:
     st = settings_from_args(args)
     parts = tuple(p for p in args.parts.split(",") if p)
     results = run([c for c in args.configs.split(",") if c], st, parts)
-    stem = args.name or f"{st.device.type}-{str(st.dtype)[6:]}"
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    stem = args.name or f"{st.device.type}-{short.get(str(st.dtype)[6:], str(st.dtype)[6:])}"
     js, md = write(results, args.out, stem)
     print(markdown(results))
     print(f"wrote {js} and {md}")

@@ -124,8 +124,9 @@ def run_parallel_generate(args: argparse.Namespace) -> int:
         saved = generate(pipe, mesh, request, out, progress)
     if mesh.rank == 0:
         total = saved.info["timings"]["total"]
-        print(f"wrote {out} ({saved.frames} frames, {total:.1f} s, {mesh.config})",
-              file=sys.stderr)  # fmt: skip
+        c = mesh.config
+        print(f"wrote {out} ({saved.frames} frames, {total:.1f} s, {c.world} processes: cfg "
+              f"{c.cfg} x ulysses {c.ulysses} x ring {c.ring})", file=sys.stderr)  # fmt: skip
     dist.destroy_process_group()
     return 0
 
