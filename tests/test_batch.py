@@ -138,6 +138,18 @@ def test_field_errors_name_the_field_and_api_names_work(tmp_path: Path, tiny_mod
     assert json.loads((out / "ref.json").read_text())["timings"]["load"] == 0  # the batch's
 
 
+def test_ray_before_the_requests_file_does_not_take_it(tmp_path: Path, capsys) -> None:
+    """`kinema batch --ray r.jsonl --out x` said 'the following arguments are required'."""
+    from kinema.cli import main
+
+    requests = write_lines(tmp_path / "r.jsonl", ["not json"])
+    for argv, said in ((["--ray", str(requests)], "holds no JSON request"),  # read as the file
+                       ([], "give the requests file")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            main(["batch", *argv, "--out", str(tmp_path / "o"), "-q"])
+        assert exit_.value.code == 2 and said in capsys.readouterr().err
+
+
 def test_options_that_would_be_ignored_are_refused() -> None:
     """Workers are Ray actors and a device is a local run's: each without the other was
     silently dropped (a batch asked for 2 workers ran in one process)."""

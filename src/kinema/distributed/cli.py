@@ -139,7 +139,8 @@ def run_parallel_generate(args: argparse.Namespace) -> int:
 def add_batch(subparsers: Any) -> None:
     """``kinema batch REQUESTS.jsonl --out DIR [--ray [ADDRESS]]``."""
     p = subparsers.add_parser("batch", help="run a file of requests (JSON lines), resumably")
-    p.add_argument("requests", help="JSON lines file: one request per line (API fields)")
+    p.add_argument("requests", nargs="?", default=None,
+                   help="JSON lines file: one request per line (API fields)")  # fmt: skip
     p.add_argument("--out", required=True, help="output folder (finished outputs are skipped)")
     p.add_argument("--model", default=None, help="model folder or name (default: kinema-tiny)")
     p.add_argument("--format", default="mp4", help="output format: mp4, gif or webp")
@@ -160,8 +161,14 @@ def add_batch(subparsers: Any) -> None:
 
 def run_batch(args: argparse.Namespace) -> int:
     """Run the batch; exit code 0 when every request finished, 1 when some failed."""
+    from pathlib import Path
+
     from kinema.batch import BatchOptions, run
 
+    if args.requests is None and args.ray is not None and Path(args.ray).is_file():
+        args.requests, args.ray = args.ray, "auto"  # `--ray requests.jsonl`: --ray took it
+    if args.requests is None:
+        raise ValueError("give the requests file: kinema batch REQUESTS.jsonl --out DIR")
     options = BatchOptions(model=args.model, device=args.device, dtype=args.dtype,
                            format=args.format, ray=args.ray, workers=args.workers,
                            compile=args.compile)  # fmt: skip
