@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -402,3 +404,8 @@ def test_the_progress_bar_says_what_runs_after_the_last_step(capsys):
     assert "decoding" not in capsys.readouterr().err.split("\r")[-1]
     with progress_bar(True) as progress:
         assert progress is None
+    with progress_bar(False) as progress:  # the first step took 0.2 s, not no time at all
+        time.sleep(0.2)
+        progress(1, 1)
+        rate = float(re.findall(r"([0-9.]+)step/s", capsys.readouterr().err)[-1])
+    assert rate < 10  # it said 75,000 steps/s

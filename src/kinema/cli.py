@@ -14,6 +14,7 @@ import re
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -234,13 +235,15 @@ class progress_bar:
         self.desc, self.unit, self.then = desc, unit, then
 
     def __enter__(self) -> Callable[[int, int], None] | None:
+        self.entered = time.time()
         return None if self.quiet else self.update
 
     def update(self, step: int, total: int) -> None:
-        if self.bar is None:
+        if self.bar is None:  # made at the first step's end, when the total is known
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=sys.stderr)
+            self.bar.start_t = self.bar.last_print_t = self.entered  # that step took time
         self.bar.update(step - self.bar.n)
         if step >= total and self.then:
             self.bar.set_postfix_str(self.then)
