@@ -88,6 +88,33 @@ def test_create_poll_retrieve_list_download(client, done, tmp_path):
     assert Image.open(io.BytesIO(sheet)).size == (4 * 32, 3 * 32)  # 9 frames, 4 per row
 
 
+def test_a_download_reads_the_file_it_opened_even_if_deleted_meanwhile(http, client):
+    """A DELETE between the existence check and the file's opening gave a 500 or a body cut
+    short after its headers; the file is now opened first and read through its handle."""
+    done = client.videos.create_and_poll(
+        prompt="a ball", seconds="1", size="32x32", extra_body={"steps": 1}, poll_interval_ms=100
+    )
+    whole = http.get(f"/v1/videos/{done.id}/content").content
+    with http.stream("GET", f"/v1/videos/{done.id}/content") as streamed:
+        assert streamed.status_code == 200
+        assert http.delete(f"/v1/videos/{done.id}").status_code == 200  # while it is sent
+        assert streamed.read() == whole
+    assert http.get(f"/v1/videos/{done.id}/content").status_code == 404
+
+
+def test_odd_bodies_are_400s_not_500s(http):
+    """A size of 5000 digits (int() refuses past 4300) and JSON nested 100,000 deep
+    (RecursionError) were 500s; the favicon a browser asks for was a 404 in its console."""
+    error = error_of(http.post("/v1/videos", json={"prompt": "x", "size": "1" * 5000 + "x16"}),
+                     400, "size")  # fmt: skip
+    assert "WIDTHxHEIGHT" in error["message"]
+    nested = "[" * 100_000 + "]" * 100_000
+    response = http.post("/v1/videos", content=nested,
+                         headers={"content-type": "application/json"})  # fmt: skip
+    assert error_of(response, 400, None)["code"] == "invalid_json"
+    assert http.get("/favicon.ico").status_code == 204
+
+
 def test_head_of_content_tells_its_size_and_type(http, done):
     """curl -I and players ask with HEAD (it was 405): the headers of GET, no body."""
     head = http.head(f"/v1/videos/{done.id}/content")

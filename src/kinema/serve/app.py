@@ -20,7 +20,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,7 +30,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import (
     AfterValidator,
@@ -194,7 +194,7 @@ class ImageReference(BaseModel):
 
 
 def _size_form(value: str) -> str:
-    if not re.fullmatch(r"[0-9]+x[0-9]+", value):
+    if not re.fullmatch(r"[0-9]{1,6}x[0-9]{1,6}", value):  # 6 digits: 8192 is the most
         raise PydanticCustomError("size", "must be WIDTHxHEIGHT in pixels, e.g. '128x128'")
     return value
 
@@ -388,6 +388,8 @@ async def read_body(request: Request, model: type[BaseModel]) -> tuple[Any, dict
             raw = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise bad(None, f"body is not valid JSON: {err}", "invalid_json") from err
+        except RecursionError:  # [[[[...: nested past what a request needs
+            raise bad(None, "body is not valid JSON: nested too deeply", "invalid_json") from None
         files: dict[str, bytes] = {}
     elif ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raw, files = await read_form(request, FILE_FIELDS[model])
@@ -895,6 +897,10 @@ def add_routes(app: FastAPI, service: Service) -> None:
     def index() -> FileResponse:
         return FileResponse(WEB / "index.html", media_type="text/html")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:  # none: a 204, not a 404 in every browser console
+        return Response(status_code=204)
+
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
     def list_models() -> dict[str, Any]:
         """The served model; ``defaults`` (kinema's) are what a request leaves out."""
@@ -972,17 +978,34 @@ def add_content_routes(app: FastAPI, service: Service) -> None:
     @app.get("/v1/videos/{video_id}/content", response_class=Response,
              responses={**content, **ERRORS})  # fmt: skip
     def download_content(
-        video_id: str, variant: Literal["video", "thumbnail", "spritesheet"] = "video"
-    ) -> FileResponse:
+        request: Request, video_id: str,
+        variant: Literal["video", "thumbnail", "spritesheet"] = "video",
+    ) -> Response:  # fmt: skip
         """The MP4, or its thumbnail (WebP) or spritesheet (JPEG)."""
         job = service.get_completed(video_id, "video_id")
         name = {"video": VIDEO_FILE, "thumbnail": media.THUMBNAIL,
                 "spritesheet": media.SPRITESHEET}[variant]  # fmt: skip
         path = service.store.folder(job) / name
-        if not path.exists():  # expired or removed between the check and now
-            raise not_found(video_id)
-        filename = f"{job.id}{path.suffix}"
-        return FileResponse(path, media_type=media.MEDIA_TYPES[variant], filename=filename)
+        try:  # opened now: a delete from here on unlinks a file this answer still reads
+            f = path.open("rb")
+        except FileNotFoundError:  # expired or removed between the check and now
+            raise not_found(video_id) from None
+        size = os.fstat(f.fileno()).st_size
+        headers = {
+            "content-length": str(size),
+            "content-disposition": f'attachment; filename="{job.id}{path.suffix}"',
+        }
+        if request.method == "HEAD":
+            f.close()
+            return Response(media_type=media.MEDIA_TYPES[variant], headers=headers)
+
+        def chunks() -> Iterator[bytes]:
+            with f:
+                while block := f.read(1 << 20):
+                    yield block
+
+        return StreamingResponse(chunks(), media_type=media.MEDIA_TYPES[variant],
+                                 headers=headers)  # fmt: skip
 
     @app.post("/v1/videos/{video_id}/remix", response_model=VideoObject, responses=ERRORS)
     async def remix_video(video_id: str, request: Request) -> dict[str, Any]:
