@@ -102,6 +102,14 @@ def test_a_download_reads_the_file_it_opened_even_if_deleted_meanwhile(http, cli
     assert http.get(f"/v1/videos/{done.id}/content").status_code == 404
 
 
+def test_the_sdk_can_ask_for_the_step_cache(client):
+    """The SDK sends multipart, every value text: cache "0.1" was refused as not a number."""
+    video = client.videos.create_and_poll(prompt="a ball", seconds="1", size="32x32",
+                                          extra_body={"steps": 4, "cache": 0.1},
+                                          poll_interval_ms=100)  # fmt: skip
+    assert video.status == "completed", video.error
+
+
 def test_odd_bodies_are_400s_not_500s(http):
     """A size of 5000 digits (int() refuses past 4300) and JSON nested 100,000 deep
     (RecursionError) were 500s; the favicon a browser asks for was a 404 in its console."""
@@ -307,6 +315,7 @@ def error_of(response: httpx.Response, status: int, param: str | None) -> dict:
         ({"at": "0.25:a cat", "switch": "fade"}, "switch", "unknown switch mode 'fade'"),
         ({"guidance": "nan"}, "guidance", "finite number"),
         ({"cache": "-1"}, "cache", "must be a number >= 0 (0 turns the step cache off)"),
+        ({"cache": "fast"}, "cache", "valid number"),
     ],
 )
 def test_bad_create_requests(http, fields, param, message):

@@ -242,7 +242,7 @@ class KinemaFields(TimedFields):
         None, ge=0, le=100, allow_inf_nan=False,
         description="timed prompts (blend): guidance away from the next one",
     )  # fmt: skip
-    cache: str | float | bool | None = Field(
+    cache: float | None = Field(
         None, description="step-cache threshold (>= 0; 0: off; default: the model's)"
     )
 
