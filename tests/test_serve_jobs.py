@@ -95,11 +95,13 @@ def test_recover_after_crash(tmp_path):
     store.close()
 
     again = Store(tmp_path)  # the restarted server
-    again.recover()
+    again.recover(retention_s=3600)
     assert again.get(queued.id).status == "queued"
     assert again.get(crashed.id).status == "queued"  # re-run
     assert again.get(poison.id).status == "failed"  # crashed the server three times
     assert again.get(poison.id).error_code == "server_crashed"
+    expires = again.get(poison.id).expires_at  # it never expired: its row and folder stayed
+    assert expires is not None and 3590 < expires - time.time() <= 3600
     assert again.get(deleted.id) is None and not again.folder(deleted).exists()
     assert not any((tmp_path / "staging").iterdir())
     assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == sorted(

@@ -558,7 +558,7 @@ class Service:
     def __init__(self, settings: ServeSettings, pipe: Any) -> None:
         self.settings, self.pipe = settings, pipe
         self.store = Store(settings.data_dir)
-        self.store.recover()
+        self.store.recover(retention_s=settings.retention_s)
         self.worker = Worker(self.store, pipe, settings.retention_s)
         self.started = int(time.time())
         self.memory = settings.max_memory_bytes or memory.free_bytes(pipe.device)

@@ -359,9 +359,10 @@ class Store:
             ).fetchall()
         return [_job(r) for r in rows]
 
-    def recover(self, max_attempts: int = MAX_ATTEMPTS) -> None:
-        """After a crash: requeue running jobs (or fail them after ``max_attempts`` runs), purge
-        rows deleted mid-run, clear staging, remove folders no row owns."""
+    def recover(self, max_attempts: int = MAX_ATTEMPTS, retention_s: int = 7 * 24 * 3600) -> None:
+        """After a crash: requeue running jobs (or fail them after ``max_attempts`` runs, to
+        expire after ``retention_s`` as any finished job does), purge rows deleted mid-run,
+        clear staging, remove folders no row owns."""
         with self.tx() as db:
             gone = db.execute("SELECT id, seq, folder FROM videos WHERE deleted = 1").fetchall()
             for r in gone:
@@ -370,8 +371,9 @@ class Store:
             db.execute(
                 "UPDATE videos SET status = 'failed', error_code = 'server_crashed', "
                 "error_message = 'the server stopped while running this job ' || attempts || "
-                "' times', completed_at = ? WHERE status = 'in_progress' AND attempts >= ?",
-                (int(time.time()), max_attempts),
+                "' times', completed_at = ?, expires_at = ? "
+                "WHERE status = 'in_progress' AND attempts >= ?",
+                (int(time.time()), int(time.time()) + retention_s, max_attempts),
             )
             db.execute(
                 "UPDATE videos SET status = 'queued', progress = 0 WHERE status = 'in_progress'"
