@@ -165,7 +165,7 @@ def test_eval_command_writes_table_and_json(tmp_path, capsys):
     results = json.loads(out.read_text())
     # the model's steps and contrast, the given CFG, step cache and LoRA
     assert results["settings"] == {"steps": 2, "guidance": 2.5, "cache": 0.3, "contrast": 1.0,
-                                   "dtype": "float32",
+                                   "dtype": "float32", "device": "cpu",
                                    "loras": [{"path": str(lora), "strength": 0.5}]}  # fmt: skip
     assert all(results[name]["clips"] == 5 for name in ("heldout", "paraphrase", "rephrase"))
     assert 0 <= results["heldout"]["colour_ok"] <= 1 and results["vae_psnr_db"] > 0
