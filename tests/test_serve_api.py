@@ -351,6 +351,17 @@ def test_the_longest_clip_allowed_is_accepted(http, tmp_path):
             assert http.delete(f"/v1/videos/{edit.json()['id']}").status_code == 200
         else:
             assert "64 s is over the limit of 60 s" in error_of(edit, 400, "video")["message"]
+    extend = http.post("/v1/videos/extensions", data={"prompt": "x", "seconds": "1"},
+                       files={"video": ("a.mp4", data, "video/mp4")})  # fmt: skip
+    assert "64 s is over the limit of 60 s" in error_of(extend, 400, "video")["message"]
+    both = http.post("/v1/videos/extensions", data={"prompt": "x", "seconds": "1",
+                                                   "video[id]": "video_x"},
+                     files={"video": ("a.mp4", data, "video/mp4")})  # fmt: skip
+    assert "as a file or as" in error_of(both, 400, "video")["message"]  # the id was ignored
+    two = http.post("/v1/videos", data={"prompt": "x"},
+                    files=[("input_reference", ("a.png", b"a", "image/png")),
+                           ("input_reference", ("b.png", b"b", "image/png"))])  # fmt: skip
+    assert "one file, not several" in error_of(two, 400, "input_reference")["message"]
 
 
 def test_characters_are_refused_by_name(client, http, tmp_path):

@@ -420,6 +420,8 @@ async def read_form(request: Request, file_fields: tuple[str, ...]) -> tuple[dic
             add_field(fields, key, value)
         elif key not in file_fields:
             raise bad(key, f"{key!r} cannot be a file; file fields: {list(file_fields)}")
+        elif key in files:
+            raise bad(key, f"{key}: one file, not several")
         else:
             files[key] = await read_upload(key, value, limit)
     return nest(fields), files
@@ -621,6 +623,8 @@ class Service:
         return "source.mp4"
 
     def source_video(self, folder: str, ref: VideoReference | None, data: bytes | None) -> str:
+        if data is not None and ref is not None:
+            raise bad("video", 'give the video as a file or as {"id": ...}, not both')
         if data is not None:
             return self.save_video(folder, data, "video")
         if ref is None:
@@ -643,6 +647,10 @@ class Service:
             raise bad(param_of(message), message) from err
         self.check_memory(resolved)
         if draft.spec.kind == "extend":  # the stitched total: source plus new frames
+            source = span(len(inputs["extend"]), resolved.fps)
+            if source > self.settings.max_seconds:  # held to the limit, as an edit's is
+                raise bad("video", f"video: {source:g} s is over the limit "
+                          f"of {self.settings.max_seconds:g} s")  # fmt: skip
             draft.seconds = fmt_seconds(span(len(inputs["extend"]) + resolved.frames, resolved.fps))
         elif (length := span(resolved.frames, resolved.fps)) > self.settings.max_seconds:
             param = "seconds" if draft.spec.kind == "generate" else "video"  # a long upload
