@@ -131,6 +131,24 @@ def test_the_gallery_shows_more_on_request(tmp_path, browser):
         assert page.is_hidden("#more")  # both pages' worth, the rest of them
 
 
+def test_deleting_the_video_being_made_clears_the_live_view(tmp_path, browser):
+    """The poll after the delete said "no video with id ..." and the bar froze mid-way."""
+    model = build_tiny_model(tmp_path / "tiny")
+    with Server(model, tmp_path / "data") as server:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('size').value === '32x32'")
+        page.fill("#prompt", "a long one")
+        page.fill("#steps", "1000")
+        page.click("#submit")
+        page.wait_for_function("document.getElementById('status').textContent"
+                               ".startsWith('in_progress')", timeout=60_000)  # fmt: skip
+        page.click("#gallery li .delete")  # its card, drawn as it was queued
+        page.wait_for_function("document.querySelectorAll('#gallery li').length === 0")
+        page.wait_for_timeout(1500)  # several polls' time
+        assert page.is_hidden("#current") and page.text_content("#message") == ""
+
+
 def sidecar(tmp_path, prompt: str) -> dict:
     """The request the pipeline ran for the job of ``prompt`` (the sidecar beside its video)."""
     found = [json.loads(p.read_text()) for p in (tmp_path / "data" / "jobs").glob("*/video.json")]

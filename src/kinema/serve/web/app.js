@@ -140,10 +140,13 @@ async function track(video) {
   showStatus(video);
   while (tracking === video.id && (video.status === "queued" || video.status === "in_progress")) {
     await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+    if (tracking !== video.id) break;  // deleted (or another one started) meanwhile
     try { video = await getJSON(`/v1/videos/${encodeURIComponent(video.id)}`); }
-    catch (err) { say(err.message); return; }
+    catch (err) { if (tracking === video.id) say(err.message); return; }
+    if (tracking !== video.id) break;
     showStatus(video);
   }
+  if (tracking !== video.id) return;
   if (video.status === "completed") await play(video);
   if (video.status === "failed") say(`failed: ${video.error ? video.error.message : "unknown"}`);
   refreshGallery();
@@ -240,7 +243,11 @@ async function remix(video) {
 async function remove(video) {
   try { await api(`/v1/videos/${encodeURIComponent(video.id)}`, { method: "DELETE" }); }
   catch (err) { say(err.message); }
-  if (tracking === video.id) tracking = null;
+  if (tracking === video.id) {  // the live view goes with it
+    tracking = null;
+    $("current").hidden = true;
+    $("player").removeAttribute("src");
+  }
   refreshGallery();
 }
 
