@@ -243,10 +243,11 @@ def test_timed_prompts(client, server):
     assert form_info["switch"] == "blend"
     # a remix takes its own timed prompts (a restyle always blends: cut is refused)
     remix = client.videos.remix(as_json.id, prompt="a red ball, remixed",
-                                extra_body={"at": "0.5:a green ball"})  # fmt: skip
+                                extra_body={"at": "0.5:a green ball", "contrast": 0.5})  # fmt: skip
     assert wait(client, remix.id).status == "completed"
     remix_info = sidecar_of(server, "a red ball, remixed")
     assert (remix_info["prompts"], remix_info["switch"]) == ([[0.5, "a green ball"]], "blend")
+    assert remix_info["contrast"] == 0.5  # was "unknown parameter 'contrast'"
     with pytest.raises(openai.BadRequestError) as refused:
         client.videos.remix(as_json.id, prompt="x", extra_body={"at": ["0.5:y"], "switch": "cut"})
     assert refused.value.body["param"] == "switch"
@@ -302,6 +303,7 @@ def error_of(response: httpx.Response, status: int, param: str | None) -> dict:
         ({"size": "8192x8192"}, "size", "GiB at its peak; this server has 1.0 GiB for a job"),
         ({"seconds": "0"}, "seconds", "must be > 0"),
         ({"seconds": "ten"}, "seconds", "not a number"),
+        ({"seconds": "x" * 5000}, "seconds", "seconds 'xxxxxxxxxxxxxxxxx"),
         ({"seconds": "1000"}, "seconds", "<= 60"),
         ({"steps": "-1"}, "steps", "greater than or equal to 1"),
         ({"seed": "1.5"}, "seed", "integer"),
@@ -323,7 +325,7 @@ def test_bad_create_requests(http, fields, param, message):
     for send in ({"data": body, "files": {"unused": ("", b"")}}, {"json": body}):
         send = {k: v for k, v in send.items() if k != "files"}
         error = error_of(http.post("/v1/videos", **send), 400, param)
-        assert message in error["message"]
+        assert message in error["message"] and len(error["message"]) < 400  # quoted short
 
 
 @pytest.mark.parametrize("field", ["steps", "seconds", "guidance", "seed", "fps"])

@@ -277,6 +277,7 @@ class ExtendVideoBody(KinemaFields):
 class RemixVideoBody(TimedFields):
     prompt: str = Field(min_length=1, max_length=4000)
     strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    contrast: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)  # with `at`
     seed: int | None = Field(None, ge=0, lt=2**63)
 
 
@@ -482,12 +483,13 @@ def too_large(limit: int) -> ApiError:
 
 
 def parse_seconds(value: str | float, limit: float) -> float:
+    shown = shown_id(str(value))  # quoted, cut to 80 characters
     try:
         seconds = float(value)
     except ValueError:
-        raise bad("seconds", f'seconds {value!r} is not a number, e.g. "4"') from None
+        raise bad("seconds", f'seconds {shown} is not a number, e.g. "4"') from None
     if not math.isfinite(seconds) or seconds <= 0 or seconds > limit:
-        raise bad("seconds", f"seconds {value!r} must be > 0 and <= {limit:g}")
+        raise bad("seconds", f"seconds {shown} must be > 0 and <= {limit:g}")
     return seconds
 
 
