@@ -597,9 +597,9 @@ def _terminate(signum: int, frame: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # for --devices re-launch
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)  # serve and train put their own in place
-    try:
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # serve and
+    try:  # train put their own in place while they run
         with warnings.catch_warnings():
             warnings.showwarning = show_warning
             return args.run(args)
@@ -624,6 +624,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:  # --devices N: rank 0 says it, once
             print("kinema: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if before is not None:  # a caller's own (main() run in process, as tests do)
+            signal.signal(signal.SIGTERM, before)
 
 
 if __name__ == "__main__":
