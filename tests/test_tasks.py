@@ -377,6 +377,16 @@ def test_bad_conditioning_input(pipe, settings, message):
         pipe.generate("x", **{"frames": 9, **BASE, **settings})
 
 
+def test_switch_or_contrast_without_timed_prompts_is_warned_about(pipe):
+    for settings in ({"switch": "cut"}, {"contrast": 2.0}):
+        with pytest.warns(UserWarning, match="switch and contrast act on timed prompts"):
+            video = pipe.generate("x", frames=5, **BASE, **settings)
+        assert video.info["warnings"] == [
+            "switch and contrast act on timed prompts (--at, prompts=); this request has none, "
+            "so they change nothing"
+        ]
+
+
 def test_undecodable_image(pipe, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")

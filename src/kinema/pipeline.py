@@ -517,6 +517,9 @@ class Pipeline:
         if req.image is not None and (req.video is not None or req.extend is not None):
             other = "video (video-to-video)" if req.video is not None else "extend"
             raise ValueError(f"give either image (image-to-video) or {other}, not both")
+        if not req.prompts and (req.switch != "blend" or req.contrast is not None):
+            notes.warn("switch and contrast act on timed prompts (--at, prompts=); this request "
+                       "has none, so they change nothing")  # fmt: skip
         if req.strength is not None and req.video is None:
             raise ValueError(
                 f"strength {req.strength} is video-to-video's noise level: give a video to "
