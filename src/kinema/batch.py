@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kinema import timeline
-from kinema.io.paths import check_writable
+from kinema.io.paths import check_folder
 from kinema.pipeline import Request, SavedVideo
 
 EXTRA_FIELDS = {"id", "size", "seconds", "model", "at", "input_reference"}  # the API's names
@@ -386,11 +386,12 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 def check_model(opts: BatchOptions) -> None:
     """The model and dtype the actors will load exist (ValueError naming them otherwise)."""
-    from kinema.loading import DTYPES, resolve_model_path
+    import torch
+
+    from kinema.loading import resolve_dtype, resolve_model_path
 
     resolve_model_path(opts.model)
-    if opts.dtype is not None and opts.dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {opts.dtype!r}; valid: fp32, bf16, fp16")
+    resolve_dtype(opts.dtype, torch.device("cpu"))
 
 
 def start_actors(opts: BatchOptions, wanted: int) -> list[Any]:
@@ -512,9 +513,7 @@ def run(
 ) -> Summary:
     """Run every unfinished request of ``requests`` into ``out``; returns the counts."""
     items = read_requests(requests)
-    out = check_writable(out, "--out")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder")
+    out = check_folder(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     todo = [i for i in items if not is_finished(out, i, options.format)]
     logged = logged_ids(out)

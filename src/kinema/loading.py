@@ -69,9 +69,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
-def folder_defaults(model: str | Path) -> SamplingDefaults | None:
-    """A model's sampling defaults, read without its weights (None: not a whole model, e.g. a
-    transformer folder)."""
+def folder_defaults(model: str | Path | None) -> SamplingDefaults | None:
+    """A model's sampling defaults (``None``: the built-in model's), read without its weights
+    (None: not a whole model, e.g. a transformer folder)."""
     from kinema.sampling import schedule_from_diffusers_config
 
     path = resolve_model_path(model)

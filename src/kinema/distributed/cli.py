@@ -29,7 +29,7 @@ def guided(args: argparse.Namespace) -> bool:
 
     given = getattr(args, "guidance", None)
     if given is None:
-        given = (folder_defaults(args.model or "kinema-tiny") or SamplingDefaults()).guidance
+        given = (folder_defaults(args.model) or SamplingDefaults()).guidance
     return given > 1
 
 

@@ -27,6 +27,15 @@ def check_writable(path: str | Path, name: str = "output") -> Path:
     return path
 
 
+def check_folder(path: str | Path, name: str) -> Path:
+    """``path`` (``~`` expanded) if it is a folder or could be made one: not a file, and its
+    nearest existing ancestor writable. Raises ValueError naming ``name`` otherwise."""
+    path = check_writable(path, name)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {path} is a file; give a folder")
+    return path
+
+
 def check_frame_folder(path: str | Path, name: str = "output") -> None:
     """A PNG-frame output replaces its folder whole: refuse an existing folder that holds
     anything but frames (``frame_00000.png`` ...) of an earlier output."""
@@ -55,9 +64,7 @@ def check_export_folder(
     """An export replaces its folder whole: refuse a file, or a folder holding anything but
     what an earlier export wrote there (``kept``), e.g. the user's other models, or a training
     run's checkpoints. Returns the path (``~`` expanded)."""
-    path = check_writable(path, name)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{name} {path} is a file; give a folder")
+    path = check_folder(path, name)
     others = sorted(p.name for p in path.iterdir() if p.name not in kept) if path.is_dir() else []
     if others:
         raise ValueError(

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from kinema.configs import SamplingDefaults
 from kinema.distributed import train as dt
-from kinema.io.paths import MODEL_ENTRIES, check_export_folder, check_writable, usual_modes
+from kinema.io.paths import MODEL_ENTRIES, check_export_folder, check_folder, usual_modes
 from kinema.models.ops import cpu_has_bf16
 from kinema.timeline import latent_prompts
 from kinema.train.config import (
@@ -224,19 +224,15 @@ def check_run_folders(
     adds one file); ``data``'s video folder, if any, holds videos."""
     from kinema.data.folder import check_root
 
-    out = check_writable(out_dir, "out_dir")
     if data is not None and data.kind == "folder":  # before out_dir holds anything
         check_root(Path(data.root).expanduser())  # type: ignore[arg-type]
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir {out} is a file; give a folder")
+    out = check_folder(out_dir, "out_dir")
     log = out / "log.csv"
     if log.is_file() and not log.read_text(errors="replace").startswith("step,"):
         raise ValueError(f"out_dir {out} holds a log.csv that is not a kinema training log; "
                          "give another out_dir")  # fmt: skip
-    target = Path(dest).expanduser()
+    target = check_folder(dest, "export folder")
     if kept is None:
-        if target.exists() and not target.is_dir():
-            raise ValueError(f"export folder {target} is a file; give a folder")
         return
     if target.resolve() == out.resolve() or target.resolve() in out.resolve().parents:
         raise ValueError(f"export folder {target} holds the run's out_dir {out}: the export "
@@ -562,8 +558,9 @@ def folder_fingerprint(root: str | Path, out_dir: str | Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def cache_key(config: TrainConfig) -> dict[str, Any]:
-    """What the cached latents depend on; a mismatch with an existing cache is an error."""
+def cache_key(config: TrainConfig, files: bool = True) -> dict[str, Any]:
+    """What the cached latents depend on; a mismatch with an existing cache is an error.
+    ``files``: with the video folder's fingerprint (a walk over every file)."""
     key = {
         "data": dataclasses.asdict(config.data),
         "vae": vae_fingerprint(vae_source(config)),
@@ -571,7 +568,7 @@ def cache_key(config: TrainConfig) -> dict[str, Any]:
         "text_encoder": config.text_encoder,
         "text_max_length": config.text_max_length,
     }
-    if config.data.kind == "folder":
+    if files and config.data.kind == "folder":
         key["files"] = folder_fingerprint(config.data.root, config.out_dir)  # type: ignore[arg-type]
     return key
 
@@ -743,7 +740,7 @@ def check_extra_caches(config: TrainConfig) -> list[tuple[Path, DataConfig]]:
     """``config.extra_caches`` with the data each was encoded from. Raises ValueError for an
     unfinished one or one built with another VAE, latent statistics or text encoder than this
     run's (read from their meta.json alone: cheap, so a run checks them before encoding)."""
-    key = {k: v for k, v in cache_key(config).items() if k not in ("data", "files")}
+    key = {k: v for k, v in cache_key(config, files=False).items() if k != "data"}
     out = []
     for extra in map(Path, config.extra_caches):
         meta = extra / "meta.json"
