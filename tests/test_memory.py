@@ -82,3 +82,36 @@ def test_decode_tile_is_none_when_the_decode_fits_else_the_largest_tile_that_doe
         budget = need[TILE_SIZES[TILE_SIZES.index(size) - 1]] - 1
         assert decode_tile(config, w, h, f, budget, cache_nbytes=2) == size
     assert decode_tile(config, w, h, f, 1, cache_nbytes=2) == TILE_SIZES[-1]  # the leanest
+
+
+RSS_AFTER_FREE = """
+import os, sys, torch
+from pathlib import Path
+from kinema.memory import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+def rss():
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+x = torch.ones(4 * 2**20)  # 16 MiB, touched
+held = rss()
+del x
+print(kept, (held - rss()) / 2**20)
+"""
+
+
+def test_keep_freed_memory_keeps_a_freed_tensor_in_the_process_for_reuse():
+    import os
+    import subprocess
+    import sys
+
+    from kinema.memory import MALLOC_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+    run = lambda *args, **extra: subprocess.run(
+        [sys.executable, "-c", RSS_AFTER_FREE, *args], env=env | extra, capture_output=True,
+        text=True, check=True).stdout.split()  # fmt: skip
+    kept, given_back = run("keep")
+    assert kept == "True" and float(given_back) < 1  # the 16 MiB stay, to be reused
+    kept, given_back = run("default")
+    assert kept == "None" and float(given_back) > 15  # glibc's default: unmapped at once
+    kept, _ = run("keep", MALLOC_TRIM_THRESHOLD_="131072")  # the user's own setting wins
+    assert kept == "False"

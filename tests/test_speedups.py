@@ -277,3 +277,22 @@ def test_modulate_and_gated_add_are_the_per_group_formulas():
     torch.testing.assert_close(ops.modulate(x, shift, scale), want, atol=1e-6, rtol=1e-6)
     want = x + y * per_token(gate)
     torch.testing.assert_close(ops.gated_add(x, y, gate), want, atol=1e-6, rtol=1e-6)
+
+
+def test_inference_gelu_on_a_linears_output_is_torchs_in_place(monkeypatch):
+    import torch.nn.functional as F
+
+    monkeypatch.setattr(ops, "GELU_CHUNK_BYTES", 4 * 64 * 7)  # 7 rows a chunk: 150 = 21 x 7 + 3
+    x = 4 * torch.randn(3, 50, 64, generator=torch.Generator().manual_seed(7))
+    want = F.gelu(x, approximate="tanh")
+    with torch.no_grad():  # fp32 inference on a CPU: x sigmoid(2u), in place, by chunks of rows
+        y = x.clone()
+        got = ops.apply_gelu(y, "tanh")
+    assert got.data_ptr() == y.data_ptr() and (got - want).abs().max().item() < 1e-6
+    y = x.clone()
+    assert torch.equal(ops.apply_gelu(y, "tanh"), want) and torch.equal(y, x)  # autograd on
+    with torch.no_grad():  # not contiguous: torch's kernel, the input left as it was
+        y = x.transpose(0, 1)
+        assert torch.equal(ops.apply_gelu(y, "tanh"), want.transpose(0, 1)) and torch.equal(
+            y, x.transpose(0, 1)
+        )

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from kinema import timeline
+from kinema.memory import keep_freed_memory
 
 EXIT_BAD_INPUT = 2
 
@@ -594,9 +595,17 @@ def _terminate(signum: int, frame: Any) -> None:
     raise Terminated
 
 
+# Commands that run models, whose process reuses freed host memory (memory.keep_freed_memory);
+# bench measures RSS and is left to glibc's defaults.
+REUSE_MEMORY = {"generate", "extend", "eval", "train", "train-vae", "calibrate-cache", "serve",
+                "batch", "convert"}  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # for --devices re-launch
+    if argv is None and args.command in REUSE_MEMORY:  # the process's own command line, not a
+        keep_freed_memory()  # caller's in-process call (tests): it sets glibc for the process
     main_thread = threading.current_thread() is threading.main_thread()
     before = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # serve and
     try:  # train put their own in place while they run

@@ -142,9 +142,19 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: str) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def apply_gelu(x: Tensor, form: str) -> Tensor:
-    """GELU in the form ``F.gelu`` names ``approximate``: "tanh" (:func:`gelu_tanh`) or "none"."""
-    return gelu_tanh(x) if form == "tanh" else F.gelu(x, approximate=form)
+def apply_gelu(y: Tensor, form: str) -> Tensor:
+    """GELU in the form ``F.gelu`` names ``approximate``: "tanh" (:func:`gelu_tanh`) or "none",
+    of ``y``, a linear's fresh output, which fp32 CPU inference overwrites (:func:`gelu_tanh_`)."""
+    if form != "tanh":
+        return F.gelu(y, approximate=form)
+    in_place = (
+        y.device.type == "cpu"
+        and y.dtype == torch.float32
+        and y.is_contiguous()
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    )
+    return gelu_tanh_(y) if in_place else gelu_tanh(y)
 
 
 class Linear(nn.Linear):
@@ -272,6 +282,28 @@ def gelu_tanh(x: Tensor) -> Tensor:
         return F.gelu(x, approximate="tanh")
     u = math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)
     return x / (1 + torch.exp(-2 * u))
+
+
+# Bytes of the scratch rows gelu_tanh_ works through at a time: about a core's L2 (256 KiB to 2
+# MiB took the same time within a few per cent at kinema-tiny's and the small Wan shape's FFN).
+GELU_CHUNK_BYTES = 2**19
+
+
+def gelu_tanh_(y: Tensor) -> Tensor:
+    """:func:`gelu_tanh` of a contiguous fp32 ``y`` in place (no autograd), as x sigmoid(2u):
+    rows at a time through one small scratch tensor, five cheap passes over each chunk while
+    it is in cache. On an AVX2 CPU, whose vectorised tanh is slow, the FFN's GELU took 0.4x the
+    time of torch's tanh kernel and no new activation-sized tensor (whose first touch costs as
+    much as a pass); within 1e-6 of ``F.gelu``. y (..., D) -> y."""
+    rows = y.view(-1, y.shape[-1])  # (N, D)
+    step = max(1, GELU_CHUNK_BYTES // (4 * rows.shape[1]))
+    scratch = torch.empty(min(step, rows.shape[0]), rows.shape[1], device=y.device)
+    for start in range(0, rows.shape[0], step):
+        chunk = rows[start : start + step]
+        two_u = torch.mul(chunk, chunk, out=scratch[: chunk.shape[0]])
+        two_u.mul_(0.044715).add_(1).mul_(chunk).mul_(2 * math.sqrt(2 / math.pi))
+        chunk.mul_(two_u.sigmoid_())
+    return y
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
