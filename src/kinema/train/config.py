@@ -46,6 +46,9 @@ class DataConfig:
     #   (e.g. {up-left: 3}; unnamed ones weigh 1), to drill motions a model gets wrong
     balance: str = "triples"  # synthetic: "triples" (every allowed triple equally often) or
     #   "colour-motion" (every (colour, motion) pair equally often; see sample_clip_spec)
+    buckets: tuple[tuple[int, int], ...] = ()  # folder: (width, height) sizes; each video is
+    #   cropped to the one nearest its aspect ratio and a batch holds one size; () crops every
+    #   video to width x height, which must be one of them (samples and the export use it)
 
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
@@ -67,6 +70,27 @@ class DataConfig:
                 check_motion_weights(self.motion_weights)
             except ValueError as err:
                 raise ValueError(f"data.motion_weights: {err}") from None
+        self.check_buckets()
+
+    def check_buckets(self) -> None:
+        if not self.buckets:
+            return
+        if self.kind != "folder":
+            raise ValueError("data.buckets is for a folder of videos (data.kind 'folder'); "
+                             "synthetic clips are all width x height")  # fmt: skip
+        sizes = [tuple(b) for b in self.buckets]
+        if any(len(b) != 2 or min(b) < 1 for b in sizes):
+            raise ValueError(f"data.buckets {self.buckets}: each is [width, height] > 0")
+        if (self.width, self.height) not in sizes:
+            raise ValueError(
+                f"data.width x data.height {self.width}x{self.height} must be one of data.buckets "
+                f"{[list(b) for b in sizes]} (the size of samples and of the export's default)"
+            )
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        """Every clip size the data produces: the buckets, or (width, height)."""
+        return [tuple(b) for b in self.buckets] or [(self.width, self.height)]  # type: ignore[misc]
 
 
 @dataclass(frozen=True)
@@ -181,6 +205,8 @@ class TrainConfig(OptimFields):
             raise ValueError(f"shift {self.shift} and logit_std {self.logit_std} must be > 0")
         if self.cond_max_frames < 2:
             raise ValueError(f"cond_max_frames {self.cond_max_frames} must be >= 2")
+        if self.extra_caches and self.data.buckets:
+            raise ValueError("extra_caches mix caches of one clip size; not with data.buckets")
         side = 8 * (self.model.patch_size[1] if self.model is not None else 2)  # VAE x patch
         for name in ("width", "height"):
             if getattr(self.data, name) % side:
@@ -188,6 +214,10 @@ class TrainConfig(OptimFields):
                     f"data.{name} {getattr(self.data, name)} must be a multiple of {side} (the "
                     "VAE's 8x and the DiT's patches)"
                 )
+        for w, h in self.data.sizes:
+            if w % side or h % side:
+                raise ValueError(f"data.buckets [{w}, {h}] must be multiples of {side} (the "
+                                 "VAE's 8x and the DiT's patches)")  # fmt: skip
         if self.sampling is not None:
             check_sampling(self.sampling, side)
 
@@ -244,7 +274,7 @@ class VAETrainConfig(OptimFields):
             raise ValueError(f"crop_frames {self.crop_frames} must be 4k+1 (1, 5, 9, ...)")
         if self.crop_frames > self.data.frames:
             raise ValueError(f"crop_frames {self.crop_frames} > data.frames {self.data.frames}")
-        side = min(self.data.width, self.data.height)
+        side = min(min(size) for size in self.data.sizes)
         if not 8 <= self.crop_size <= side or self.crop_size % 8:
             raise ValueError(f"crop_size {self.crop_size} must be a multiple of 8 (the VAE's "
                              f"spatial factor) in [8, {side}]")  # fmt: skip

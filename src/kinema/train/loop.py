@@ -62,6 +62,7 @@ from kinema.train.loss import (
     sample_timesteps,
 )
 from kinema.train.state import (
+    BucketBatches,
     PositionSampler,
     Progress,
     folder_size_mb,
@@ -106,10 +107,23 @@ class ClipDataset(torch.utils.data.Dataset):
         else:
             from kinema.data.folder import VideoFolder
 
-            self.source = VideoFolder(data.root, frames=data.frames, fps=data.fps, size=size)
+            bucketed = {"resize": "bucket", "buckets": data.sizes} if data.buckets else {}
+            self.source = VideoFolder(
+                data.root, frames=data.frames, fps=data.fps, size=size, **bucketed
+            )
             self.length = min(data.num_clips, len(self.source))
             if self.length == 0:
                 raise ValueError(f"data.root {data.root} holds no videos")
+
+    def groups(self) -> list[list[int]] | None:
+        """Clip indices by size (data.buckets, each bucket its videos), in size order; None
+        when every clip has one size."""
+        if not self.data.buckets:
+            return None
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i in range(self.length):
+            by_size.setdefault(self.source.bucket_of(i), []).append(i)
+        return [by_size[size] for size in sorted(by_size)] if len(by_size) > 1 else None
 
     def __len__(self) -> int:
         return self.length
@@ -143,10 +157,15 @@ def clip_stream(
     ds: ClipDataset, start: int, batch: int, seed: int, workers: int
 ) -> Iterator[Batch]:
     """Endless micro-batches {"video": (B, 3, T, H, W), "captions": [B]} from position ``start``."""
-    sampler = PositionSampler(len(ds), seed, start, with_epoch=True)
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True
-    )
+    groups = ds.groups()
+    if groups is None:
+        sampler = PositionSampler(len(ds), seed, start, with_epoch=True)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True
+        )
+    else:  # aspect-ratio buckets: each batch one size
+        batches = BucketBatches(groups, batch, seed, start, with_epoch=True)
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers)
     for video, captions in loader:
         yield {"video": video, "captions": list(captions)}
 
@@ -561,8 +580,13 @@ def folder_fingerprint(root: str | Path, out_dir: str | Path) -> str:
 def cache_key(config: TrainConfig, files: bool = True) -> dict[str, Any]:
     """What the cached latents depend on; a mismatch with an existing cache is an error.
     ``files``: with the video folder's fingerprint (a walk over every file)."""
+    data = dataclasses.asdict(config.data)
+    if data["buckets"]:
+        data["buckets"] = [list(b) for b in data["buckets"]]  # as JSON reads them back
+    else:
+        del data["buckets"]  # caches written before buckets existed stay valid
     key = {
-        "data": dataclasses.asdict(config.data),
+        "data": data,
         "vae": vae_fingerprint(vae_source(config)),
         "normalisation": latent_normalisation(vae_source(config)),
         "text_encoder": config.text_encoder,
@@ -625,17 +649,21 @@ def encode_batch(device: torch.device) -> int:
 
 
 def encode_shard(ds: ClipDataset, indices: range, vae: nn.Module, device: torch.device,
-                 workers: int) -> tuple[Tensor, list[str], list[str]]:  # fmt: skip
-    """Latents (n, z, F, h, w) float16, captions and timed captions (JSON) of clips
+                 workers: int) -> tuple[dict[str, Tensor], list[str], list[str]]:  # fmt: skip
+    """The shard's tensors: "latents" (n, z, F, h, w) float16, or with aspect-ratio buckets
+    "latents.j" (z, F, h, w) per clip j; captions and timed captions (JSON) of clips
     ``indices``."""
-    batch = encode_batch(device)
+    bucketed = ds.groups() is not None
+    batch = 1 if bucketed else encode_batch(device)  # a batch holds one size
     loader = torch.utils.data.DataLoader(_WithTimed(ds, indices), batch, num_workers=workers)
     latents, captions, timed = [], [], []
     for video, caps, times in loader:
         latents.append(encode_clips(vae, video, device).half().cpu())
         captions.extend(caps)
         timed.extend(times)
-    return torch.cat(latents), captions, timed
+    if bucketed:
+        return {f"latents.{j}": z[0] for j, z in enumerate(latents)}, captions, timed
+    return {"latents": torch.cat(latents)}, captions, timed
 
 
 def encode_captions(text: Any, captions: list[str], folder: Path) -> None:
@@ -670,7 +698,7 @@ def precompute(
         latents, caps, timed = encode_shard(ds, range(start, min(start + shard_size, len(ds))),
                                             vae, device, config.num_workers)  # fmt: skip
         meta = {"captions": json.dumps(caps), "timed": "[" + ", ".join(timed) + "]"}
-        write_atomic({"latents": latents}, path, meta)
+        write_atomic(latents, path, meta)
         captions += caps
     if not (folder / "text.safetensors").exists():
         encode_captions(text_encoder or load_text(config, device), captions, folder)
@@ -682,14 +710,23 @@ def read_metadata(path: Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
+def shard_latents(path: Path) -> list[Tensor] | Tensor:
+    """A shard's latents: (n, z, F, h, w), or a list of n (z, F, h, w) of several sizes."""
+    tensors = load_file(str(path))
+    if "latents" in tensors:
+        return tensors["latents"]
+    return [tensors[f"latents.{j}"] for j in range(len(tensors))]
+
+
 @dataclass
 class LatentCache:
-    """Precomputed latents (N, z, F, h, w) float16, captions [N], and tokens (U, L, D) of each
+    """Precomputed latents (N, z, F, h, w) float16 (a list of N (z, F, h, w) when the clips
+    come in several sizes: aspect-ratio buckets), captions [N], and tokens (U, L, D) of each
     unique caption (row ``rows[caption]``); ``timed`` [N]: each clip's timed captions as the
     world gives them (None for a clip without), or None for a cache written before they were
     stored (look them up in the world then: :func:`timed_lookup`)."""
 
-    latents: Tensor
+    latents: Tensor | list[Tensor]
     captions: list[str]
     tokens: Tensor
     rows: dict[str, int]
@@ -698,7 +735,9 @@ class LatentCache:
     @classmethod
     def load(cls, folder: Path) -> LatentCache:
         shards = sorted(folder.glob("latents-*.safetensors"))
-        latents = torch.cat([load_file(str(p))["latents"] for p in shards])
+        clips = [z for p in shards for z in shard_latents(p)]  # (z, F, h, w) each
+        one_size = len({z.shape for z in clips}) == 1
+        latents = torch.stack(clips) if one_size else clips
         metas = [read_metadata(p) for p in shards]
         captions = [c for m in metas for c in json.loads(m["captions"])]
         timed = None
@@ -712,10 +751,27 @@ class LatentCache:
         """Captions [B] -> tokens (B, L, D) float32."""
         return self.tokens[[self.rows[c] for c in captions]].float()
 
+    def batch(self, indices: list[int]) -> Tensor:
+        """Latents (B, z, F, h, w) float32 of clips ``indices`` (of one size)."""
+        if isinstance(self.latents, Tensor):
+            return self.latents[indices].float()
+        return torch.stack([self.latents[i] for i in indices]).float()
+
+    def groups(self) -> list[list[int]] | None:
+        """Clip indices by latent shape, in shape order; None when all have one shape."""
+        if isinstance(self.latents, Tensor):
+            return None
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, z in enumerate(self.latents):
+            by_shape.setdefault(tuple(z.shape), []).append(i)
+        return [by_shape[shape] for shape in sorted(by_shape)]
+
     @classmethod
     def concat(cls, caches: Sequence[LatentCache]) -> LatentCache:
         """One cache holding the clips of ``caches`` in order (clip ``i`` of the second comes
         after all of the first's); captions they share keep one token row."""
+        if len(caches) == 1:
+            return caches[0]
         rows: dict[str, int] = {}
         tokens = []
         for cache in caches:
@@ -798,10 +854,14 @@ def cache_stream(
 ) -> Iterator[Batch]:  # fmt: skip
     """Endless micro-batches {"latents": (B, z, F, h, w), "captions": [B]} from ``start``; with
     ``timed`` (clip index -> timed captions or None) also {"timed": [B]}."""
-    indices = iter(PositionSampler(len(cache.captions), seed, start))
-    while True:
-        idx = [next(indices) for _ in range(batch)]
-        out = {"latents": cache.latents[idx].float(), "captions": [cache.captions[i] for i in idx]}
+    groups = cache.groups()
+    if groups is None:
+        indices = iter(PositionSampler(len(cache.captions), seed, start))
+        batches: Iterator[list[int]] = ([next(indices) for _ in range(batch)] for _ in iter(int, 1))
+    else:  # aspect-ratio buckets: each batch one size
+        batches = iter(BucketBatches(groups, batch, seed, start))
+    for idx in batches:
+        out = {"latents": cache.batch(idx), "captions": [cache.captions[i] for i in idx]}
         yield out | ({"timed": [timed(i) for i in idx]} if timed is not None else {})
 
 

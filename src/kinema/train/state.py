@@ -307,3 +307,38 @@ class PositionSampler(torch.utils.data.Sampler):
             order = torch.randperm(self.n, generator=generator)[offset:].tolist()
             yield from ((i, epoch) for i in order) if self.with_epoch else order
             position = (epoch + 1) * self.n
+
+
+class BucketBatches(torch.utils.data.Sampler):
+    """Endless micro-batches of ``batch`` clip indices that share a group (clips of one size:
+    an aspect-ratio bucket), from data position ``start`` (counted in clips, as
+    :class:`PositionSampler`'s). Each epoch shuffles every group by (seed, epoch), cuts it into
+    batches (a group's last batch topped up from the group's start, so every batch is full)
+    and shuffles the batches of all groups together: the order is a pure function of the
+    position, so a run resumes exactly. With ``with_epoch`` it yields (index, epoch) pairs."""
+
+    def __init__(
+        self, groups: list[list[int]], batch: int, seed: int, start: int = 0,
+        with_epoch: bool = False,
+    ) -> None:  # fmt: skip
+        self.groups, self.batch, self.seed = [list(g) for g in groups if g], batch, seed
+        self.start, self.with_epoch = start, with_epoch
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The batches of one epoch, in order."""
+        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        batches = []
+        for group in self.groups:
+            order = [group[i] for i in torch.randperm(len(group), generator=g).tolist()]
+            full = -(-len(order) // self.batch) * self.batch
+            order = (order * -(-full // len(order)))[:full]  # topped up from its start
+            batches += [order[s : s + self.batch] for s in range(0, full, self.batch)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        per_epoch = sum(-(-len(group) // self.batch) for group in self.groups)
+        epoch, offset = divmod(self.start // self.batch, per_epoch)
+        while True:
+            for indices in self.epoch_batches(epoch)[offset:]:
+                yield [(i, epoch) for i in indices] if self.with_epoch else indices
+            epoch, offset = epoch + 1, 0

@@ -147,11 +147,18 @@ def latent_stats(vae: nn.Module, clips: Iterable[Tensor]) -> dict[str, tuple[flo
 
 
 def stats_clips(config: VAETrainConfig, batch: int = 4) -> Iterable[Tensor]:
-    """The first ``stats_clips`` full clips of the data, in batches (B, 3, T, H, W)."""
+    """The first ``stats_clips`` full clips of the data, in batches (B, 3, T, H, W) of one
+    size (aspect-ratio buckets: a batch ends where the size changes)."""
     ds = ClipDataset(config.data)
-    n = min(config.stats_clips, len(ds))
-    for start in range(0, n, batch):
-        yield torch.stack([ds[i][0] for i in range(start, min(start + batch, n))])
+    clips: list[Tensor] = []
+    for i in range(min(config.stats_clips, len(ds))):
+        clip = ds[i][0]  # (3, T, H, W)
+        if clips and (len(clips) == batch or clip.shape != clips[0].shape):
+            yield torch.stack(clips)
+            clips = []
+        clips.append(clip)
+    if clips:
+        yield torch.stack(clips)
 
 
 def frozen(config: VAETrainConfig) -> tuple[str, ...]:
