@@ -848,6 +848,13 @@ def timed_lookup(sources: list[tuple[int, DataConfig]]) -> Callable[[int], Any]:
     return timed
 
 
+def position_batches(n: int, batch: int, seed: int, start: int) -> Iterator[list[int]]:
+    """Endless batches of ``batch`` indices of range(n) in :class:`PositionSampler`'s order."""
+    indices = iter(PositionSampler(n, seed, start))
+    while True:
+        yield [next(indices) for _ in range(batch)]
+
+
 def cache_stream(
     cache: LatentCache, start: int, batch: int, seed: int,
     timed: Callable[[int], Any] | None = None,
@@ -856,8 +863,7 @@ def cache_stream(
     ``timed`` (clip index -> timed captions or None) also {"timed": [B]}."""
     groups = cache.groups()
     if groups is None:
-        indices = iter(PositionSampler(len(cache.captions), seed, start))
-        batches: Iterator[list[int]] = ([next(indices) for _ in range(batch)] for _ in iter(int, 1))
+        batches = position_batches(len(cache.captions), batch, seed, start)
     else:  # aspect-ratio buckets: each batch one size
         batches = iter(BucketBatches(groups, batch, seed, start))
     for idx in batches:
