@@ -116,8 +116,10 @@ def test_steps_override_reaches_end_to_end_and_vae_decode_runs_once(monkeypatch)
     assert [v["n"] for v in vae["times"].values()] == [1, 1, 1, 1]
     piece = vae["pieces"]["kinema_piece2"]  # two frames a pass: the same decode, other kernels
     assert piece["psnr_vs_untiled_db"] > 60 and piece["ratio_memory"] > 0
-    assert "2 frames a pass" in bench.markdown({"machine": out["machine"], "dtype": "float32",
-                                                "vae_decode": [vae]})  # fmt: skip
+    table = bench.markdown({"machine": out["machine"], "dtype": "float32", "vae_decode": [vae]})
+    assert "2 frames a pass" in table
+    isa = torch.backends.cpu.get_cpu_capability()  # the machine line names the CPU's vector ISA
+    assert table.startswith("Machine: ") and f"cores, {isa}, " in table.splitlines()[0]
     assert vae["max_abs_diff"] < 1e-4
     own, live = vae["peak_memory_bytes"], vae["peak_tensor_bytes"]
     assert own.keys() == {"kinema", "diffusers", "kinema_piece2"} and min(own.values()) > 0

@@ -362,11 +362,19 @@ def _twins(ours: type, theirs: type, config: Any, kwargs: dict[str, Any], device
            dtype: torch.dtype, seed: int) -> tuple:  # fmt: skip
     """diffusers' ``theirs(**kwargs)`` with random weights from ``seed``, and kinema's
     ``ours(config)`` loaded strictly from its state dict: (ours, theirs) on device, dtype."""
+    from diffusers.utils import logging as diffusers_logging
+
     torch.manual_seed(seed)
     reference = theirs(**kwargs).eval()
     model = ours(config).eval()
     model.load_state_dict(reference.state_dict(), strict=True)
-    return model.to(device, dtype), reference.to(device, dtype)
+    verbosity = diffusers_logging.get_verbosity()
+    if dtype == torch.float32:  # its "modules that should be kept in float32" warning: they are
+        diffusers_logging.set_verbosity_error()
+    try:
+        return model.to(device, dtype), reference.to(device, dtype)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
 
 
 def twin_dits(c: DiTConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> tuple:
@@ -861,7 +869,8 @@ def _gib(n: float) -> str:
 def markdown(results: dict[str, Any]) -> str:
     """Tables of a results dict (as :func:`run` returns it), with the machine named."""
     m = results["machine"]
-    lines = [f"Machine: {m.get('gpu', m['cpu'])} ({m['cores']} cores, {m['torch_threads']} "
+    isa = f", {m['cpu_capability']}" if "gpu" not in m and "cpu_capability" in m else ""
+    lines = [f"Machine: {m.get('gpu', m['cpu'])} ({m['cores']} cores{isa}, {m['torch_threads']} "
              f"torch threads), torch {m['torch']}, diffusers {m.get('diffusers', '-')}, "
              f"{results['dtype']}. Ratios are kinema / diffusers medians, alternated in one "
              "process (< 1: kinema faster).", ""]  # fmt: skip
