@@ -86,6 +86,9 @@ def test_eval_beyond_runs_every_check(tmp_path, capsys):
     args = ["eval", "--model", str(model), "--quick", "--seeds", "1", "--beyond", "--out", str(out)]
     given = ["--steps", "1", "--guidance", "2.5", "--dtype", "bf16", "--lora", f"{lora}:0.5"]
     assert main([*args, *given]) == 0
+    captured = capsys.readouterr()
+    told = [ln for ln in captured.err.splitlines() if ln.startswith("beyond ")]
+    assert told[0] == "beyond 1/5: image-to-video first frames" and len(told) == 5  # progress
     results = json.loads(out.read_text())
     assert results["settings"]["dtype"] == "bfloat16"  # --dtype reached the pipeline
     assert results["settings"]["device"] == "cpu"
@@ -117,7 +120,7 @@ def test_eval_beyond_runs_every_check(tmp_path, capsys):
         "blend",
         "cut",
     )
-    printed = capsys.readouterr().out
+    printed = captured.out
     assert "| image-to-video first frame |" in printed
     assert "| peak RSS 8 s / 4 s clip |" in printed
     assert "| object colour drift over extensions (0-255) |" in printed

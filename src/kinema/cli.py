@@ -516,7 +516,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.beyond:
         from kinema.eval import beyond
 
-        results["beyond"] = beyond.evaluate_beyond(pipe, args.model, quick=args.quick)
+        say = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+        results["beyond"] = beyond.evaluate_beyond(pipe, args.model, quick=args.quick, log=say)
         print("\n" + beyond.table(results["beyond"]))
     print(f"wrote {write_json(results, args.out)}", file=sys.stderr)
     return 0
