@@ -116,6 +116,8 @@ def test_expired_jobs_are_removed_with_their_files(tmp_path):
         store.folder(job).mkdir(parents=True)
         (store.folder(job) / "video.mp4").write_bytes(b"x")
         store.finish(store.claim(), "completed", expires, None)
+    assert store.get(old.id) is None  # expired: gone to clients before the sweep removes it
+    assert [j.id for j in store.page(None, 10, "asc")[0]] == [fresh.id]
     Worker(store, pipe=None, retention_s=0).sweep()
     assert store.get(old.id) is None and not store.folder(old).exists()
     assert store.get(fresh.id).status == "completed" and store.folder(fresh).exists()

@@ -178,6 +178,10 @@ class DataDirLock:
         self.file.close()
 
 
+# A row clients see: not deleted and not expired (the parameter: now, in epoch seconds).
+LIVE = "deleted = 0 AND (expires_at IS NULL OR expires_at > ?)"
+
+
 class Store:
     """The job table. Thread-safe: one connection, every call under one lock."""
 
@@ -231,9 +235,11 @@ class Store:
         return replace(job, seq=cur.lastrowid)
 
     def get(self, video_id: str) -> Job | None:
+        """The video, or None once deleted or past its ``expires_at`` (the sweeper removes its
+        files within a sweep; until then it is already gone to clients)."""
         with self.lock:
             row = self.db.execute(
-                "SELECT * FROM videos WHERE id = ? AND deleted = 0", (video_id,)
+                f"SELECT * FROM videos WHERE id = ? AND {LIVE}", (video_id, int(time.time()))
             ).fetchone()
         return _job(row) if row else None
 
@@ -255,9 +261,9 @@ class Store:
         bound = after if after is not None else (0 if order == "asc" else 2**62)
         with self.lock:
             rows = self.db.execute(
-                f"SELECT * FROM videos WHERE deleted = 0 AND seq {op} ? "
+                f"SELECT * FROM videos WHERE {LIVE} AND seq {op} ? "
                 f"ORDER BY seq {direction} LIMIT ?",
-                (bound, limit + 1),
+                (int(time.time()), bound, limit + 1),
             ).fetchall()
         return [_job(r) for r in rows[:limit]], len(rows) > limit
 
