@@ -278,3 +278,29 @@ def test_scan_video_counts_read_videos_frames_and_keeps_the_last(tmp_path, name)
     assert scan_video(path, last=40)[1].shape[0] == len(read_video(path)[0])
     with pytest.raises(ValueError, match="cannot decode video"):
         scan_video(tmp_path / "missing.mp4")
+
+
+def test_transparent_images_are_laid_over_white_everywhere_images_are_read(tmp_path):
+    """A cut-out PNG (transparent pixels holding black), a half-transparent one and a GIF with
+    a transparent palette colour: the transparent parts come out white, not their stored RGB."""
+    from PIL import Image
+
+    from kinema.media import read_image_any
+    from kinema.serve.media import check_image
+
+    rgba = np.zeros((8, 8, 4), np.uint8)  # transparent black on the left
+    rgba[:, 4:] = (200, 0, 0, 255)  # opaque red on the right
+    rgba[:2, 4:, 3] = 128  # half-transparent red at the top right
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cut.png")
+    pal = Image.new("P", (8, 8), 1)
+    pal.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)
+    pal.paste(0, (0, 0, 4, 8))  # colour 0 (black) on the left, transparent
+    pal.save(tmp_path / "cut.gif", transparency=0)
+    want = np.full((8, 8, 3), 255, np.uint8)
+    want[:, 4:] = (200, 0, 0)
+    for got in (read_image(tmp_path / "cut.png"), read_image_any(Image.open(tmp_path / "cut.png")),
+                np.asarray(check_image((tmp_path / "cut.png").read_bytes(), 10**6))):  # fmt: skip
+        assert np.abs(got[2:].astype(int) - want[2:]).max() == 0  # opaque red, white matte
+        assert np.abs(got[:2, 4:].astype(int) - (228, 127, 127)).max() <= 1  # 50 % red on white
+    gif = read_image(tmp_path / "cut.gif")
+    assert (gif[:, :4] == 255).all() and (gif[:, 4:] == (0, 200, 0)).all()

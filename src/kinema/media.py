@@ -24,6 +24,7 @@ from kinema.io.video import (
     read_image,
     read_video,
     resize_center_crop,
+    rgb_image,
     scan_video,
 )
 
@@ -36,7 +37,7 @@ def read_image_any(image: Any) -> np.ndarray:
     if isinstance(image, str | Path):
         return read_image(image)
     if isinstance(image, Image.Image):
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        return np.asarray(rgb_image(ImageOps.exif_transpose(image)))
     arr = np.asarray(image)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"image array must be uint8 (H, W, 3), got {arr.dtype} {arr.shape}")

@@ -359,7 +359,7 @@ def _pillow_timeline(image: Image.Image, durations: list[float]) -> Timeline:
     t = 0.0
     for k, duration in enumerate(durations):
         image.seek(k)
-        yield t, image.convert("RGB")
+        yield t, rgb_image(image)
         t += duration
 
 
@@ -440,8 +440,8 @@ def _to_rgb(frame: Any) -> np.ndarray:
         return upright(frame.to_ndarray(format="rgb24"), frame.rotation)
     if isinstance(frame, Path):
         with Image.open(frame) as image:
-            return np.asarray(image.convert("RGB"))
-    return np.asarray(frame.convert("RGB"))
+            return np.asarray(rgb_image(image))
+    return np.asarray(rgb_image(frame))
 
 
 def _stack(frames: list[Any], path: str | Path) -> np.ndarray:
@@ -687,11 +687,28 @@ def probe(path: str | Path) -> VideoInfo:
 # ---------------------------------------------------------------------------------------------
 
 
+# What a transparent image is laid over: white, as a page shows it (not the colours its
+# transparent pixels happen to hold, which RGB conversion alone would keep).
+MATTE = (255, 255, 255)
+
+
+def rgb_image(image: Image.Image) -> Image.Image:
+    """``image`` as RGB; one with transparency (RGBA, LA, a palette or grey image with a
+    transparent colour) is composited over :data:`MATTE`."""
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*MATTE, 255)), rgba).convert(
+            "RGB"
+        )
+    return image.convert("RGB")
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """Any Pillow-readable image as uint8 (H, W, 3) RGB, EXIF orientation applied."""
+    """Any Pillow-readable image as uint8 (H, W, 3) RGB, EXIF orientation applied,
+    transparency over white (:func:`rgb_image`)."""
     try:
         with Image.open(path) as image:
-            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+            return np.asarray(rgb_image(ImageOps.exif_transpose(image)))
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot decode image {path}: {e}") from e
 

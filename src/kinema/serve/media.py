@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from kinema.io.video import rgb_image
+
 THUMBNAIL = "thumbnail.webp"
 SPRITESHEET = "spritesheet.jpg"
 SPRITE_FRAMES = 16
@@ -75,7 +77,7 @@ def check_image(data: bytes, max_pixels: int) -> Image.Image:
         if w * h > max_pixels:
             raise Rejected(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
         img.load()
-        return ImageOps.exif_transpose(img).convert("RGB")
+        return rgb_image(ImageOps.exif_transpose(img))
     except Rejected:
         raise
     except Exception as err:  # Pillow raises many kinds (UnidentifiedImageError, OSError, ...)
