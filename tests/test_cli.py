@@ -169,7 +169,8 @@ def test_an_output_that_would_destroy_files_or_fail_is_refused_first(capsys, tmp
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     (tmp_path / "file").write_text("x")
     for out, message in ((tmp_path / "mine", "holding other files (notes.txt)"),
-                         (tmp_path / "file" / "x.mp4", "is not a writable folder")):  # fmt: skip
+                         (tmp_path / "file" / "x.mp4", "is not a writable folder"),
+                         ("/proc/x.mp4", "/proc is not a writable folder")):  # fmt: skip
         with pytest.raises(SystemExit) as exit_:
             main(["generate", "a cat", "--model", str(tmp_path / "none"), "-o", str(out)])
         assert exit_.value.code == 2 and message in capsys.readouterr().err
@@ -193,6 +194,40 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, wan, name):
     assert done.returncode == 1, done.stderr
     assert done.stderr == f"kinema: error: cannot write {out}: File too large\n"
     assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["clip.mp4", "frames/"])
+def test_an_output_folder_removed_mid_run_is_one_line(tmp_path, wan, name, capsys):
+    """The folder deleted while the output is written (FFmpeg's error names no file; a
+    frame's does): exit 1 and one line, not a traceback."""
+    import shutil
+    import threading
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = folder / name
+    done = threading.Event()
+
+    def remove_when_written() -> None:
+        while not done.is_set():
+            if any(folder.iterdir()) if folder.exists() else False:
+                shutil.rmtree(folder, ignore_errors=True)
+                return
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=remove_when_written)
+    watcher.start()
+    try:
+        code = main(["generate", "a cat", "--model", str(wan), "-o", str(out), *BASE,
+                     "--frames", "33"])  # fmt: skip
+    finally:
+        done.set()
+        watcher.join()
+    err = capsys.readouterr().err
+    assert code == 1 and err.endswith(
+        f"kinema: error: cannot write {out}: No such file or directory\n"
+    )
+    assert not folder.exists()
 
 
 def test_a_lora_given_as_the_model_says_to_give_it_as_lora(capsys, tmp_path):
@@ -325,12 +360,15 @@ def test_convert_to_kinema_format_gives_the_same_video(tmp_path, wan):
     assert (a.frames == b.frames).all()
 
 
-def test_convert_keeps_the_built_in_models_vocabulary(tmp_path):
+def test_convert_keeps_the_built_in_models_vocabulary_and_step_cache_calibration(tmp_path):
     from kinema.loading import load
+    from kinema.sampling.cache import CacheCalibration
 
     assert main(["convert", "kinema-tiny", str(tmp_path / "tiny")]) == 0
-    words = load(tmp_path / "tiny", device="cpu").vocabulary
-    assert words and words == load(device="cpu").vocabulary
+    copy, built_in = load(tmp_path / "tiny", device="cpu"), load(device="cpu")
+    assert copy.vocabulary and copy.vocabulary == built_in.vocabulary
+    assert built_in.cache_calibration != CacheCalibration()  # the package ships one
+    assert copy.cache_calibration == built_in.cache_calibration  # --cache works on the copy
 
 
 def test_entry_point_exit_code(tmp_path):

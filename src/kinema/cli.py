@@ -602,6 +602,20 @@ REUSE_MEMORY = {"generate", "extend", "eval", "train", "train-vae", "calibrate-c
                 "batch", "convert"}  # fmt: skip
 
 
+def writing(err: OSError, output: str | None) -> bool:
+    """Whether ``err`` came from writing ``output``: the file, its hidden temporary file or
+    folder beside it, or a frame in either (its folder removed or made unwritable mid-run; FFmpeg's
+    errors name no file, so there: whether the output's folder is gone or unwritable)."""
+    if not output:
+        return False
+    out = Path(output).expanduser().absolute()
+    if not err.filename:  # FFmpeg's errors name no file: the output's folder is gone
+        return not out.parent.is_dir() or not os.access(out.parent, os.W_OK)
+    name = Path(os.fsdecode(err.filename)).expanduser().absolute()
+    ours = lambda p: p == out or (p.parent == out.parent and p.name.startswith(f".{out.stem}."))
+    return any(ours(p) for p in (name, *name.parents))  # a frame in it, in its temporary folder
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # for --devices re-launch
@@ -618,9 +632,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(EXIT_BAD_INPUT) from None
         fail(first_line(err))
     except OSError as err:  # the disk, not the input: one line, exit 1
-        if err.errno not in STORAGE_ERRORS:
-            raise
         output = getattr(args, "output", None)
+        if err.errno not in STORAGE_ERRORS and not writing(err, output):
+            raise
         folder = Path(err.filename).parent if err.filename else None
         where = f" {output}" if output else f" in {folder}" if folder else ""
         print(f"kinema: error: cannot write{where}: {err.strerror}", file=sys.stderr)

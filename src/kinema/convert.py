@@ -8,13 +8,16 @@ from pathlib import Path
 from kinema.io.checkpoint import save_model_folder
 from kinema.io.paths import check_export_folder
 from kinema.loading import DTYPES, load
+from kinema.sampling.cache import CALIBRATION_FILE, CacheCalibration
 
 
 def convert(source: str | Path, dest: str | Path, dtype: str | None = None) -> Path:
     """Load ``source`` on the CPU and write it to ``dest`` as a kinema model folder.
 
     The text encoder is stored beside the weights when it is a checkpoint of its own (umT5);
-    the built-in MiniLM encoder is referenced by name, since its package ships it.
+    the built-in MiniLM encoder is referenced by name, since its package ships it. A step-cache
+    calibration (``step_cache.json``) comes along: ``--cache`` on the copy works as on the
+    source.
     """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: fp32, bf16, fp16")
@@ -25,11 +28,15 @@ def convert(source: str | Path, dest: str | Path, dtype: str | None = None) -> P
     store = DTYPES[dtype] if dtype else None
     dest = Path(dest)
     spec = pipe.text_encoder.spec()
-    save_text = (
-        (lambda tmp: pipe.text_encoder.save_pretrained(tmp / spec["path"]))
-        if "path" in spec
-        else None
-    )
+
+    def extra(tmp: Path) -> None:
+        """What else the model is: a text encoder of its own, its step-cache calibration."""
+        if "path" in spec:
+            pipe.text_encoder.save_pretrained(tmp / spec["path"])
+        calibration = pipe.cache_calibration
+        if calibration is not None and calibration != CacheCalibration():
+            calibration.save(tmp / CALIBRATION_FILE)
+
     return save_model_folder(
         dest,
         dit=pipe.dit,
@@ -38,7 +45,7 @@ def convert(source: str | Path, dest: str | Path, dtype: str | None = None) -> P
         sampling=pipe.defaults,
         name=pipe.name,
         dtype=store,
-        extra=save_text,
+        extra=extra,
         vocabulary=pipe.vocabulary,
     )
 

@@ -3,8 +3,10 @@ writing would destroy what a user keeps there, is refused up front."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import tempfile
 from pathlib import Path
 
 FRAME_FILE = re.compile(r"frame_\d{5}\.png")  # what a PNG-frame output folder holds
@@ -22,9 +24,20 @@ def check_writable(path: str | Path, name: str = "output") -> Path:
     ancestor is a writable folder. Raises ValueError naming ``name`` otherwise."""
     path = Path(path).expanduser()
     parent = next((p for p in path.parents if p.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
+    if not parent.is_dir() or not os.access(parent, os.W_OK) or not can_create_in(parent):
         raise ValueError(f"{name} {path}: {parent} is not a writable folder")
     return path
+
+
+def can_create_in(folder: Path) -> bool:
+    """Whether a file can be made in ``folder``, tried (a hidden file, removed at once): write
+    permission alone passes folders no file can be made in (/proc and the like). A full disk
+    passes: that is said, as one line, when the output is written."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".kinema-check-"):
+            return True
+    except OSError as err:
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)  # full: said when it is written
 
 
 def check_folder(path: str | Path, name: str) -> Path:
