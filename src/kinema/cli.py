@@ -70,7 +70,8 @@ def parse_size(text: str) -> tuple[int, int]:
 def add_generate(sub: Any) -> None:
     p = sub.add_parser("generate", help="make a video from a text prompt")
     p.add_argument("prompt", help="what the video shows")
-    p.add_argument("-o", "--output", default=None, help="output file: .mp4 .gif .webp or folder/")
+    p.add_argument("-o", "--output", default=None, help="output file: .mp4 .gif .webp or "
+                   "folder/ (default: outputs/<prompt words>-<seed>.mp4)")  # fmt: skip
     p.add_argument("--model", default=None, help="model folder or name (default: kinema-tiny)")
     p.add_argument("--negative", default=None, help="negative prompt (used when guidance > 1)")
     add_shape_args(p)
