@@ -735,9 +735,12 @@ class LatentCache:
     @classmethod
     def load(cls, folder: Path) -> LatentCache:
         shards = sorted(folder.glob("latents-*.safetensors"))
-        clips = [z for p in shards for z in shard_latents(p)]  # (z, F, h, w) each
-        one_size = len({z.shape for z in clips}) == 1
-        latents = torch.stack(clips) if one_size else clips
+        parts = [shard_latents(p) for p in shards]
+        latents: Tensor | list[Tensor]
+        if all(isinstance(part, Tensor) for part in parts):
+            latents = torch.cat(parts)  # type: ignore[arg-type]
+        else:  # clips of several sizes, one tensor each
+            latents = [z for part in parts for z in part]
         metas = [read_metadata(p) for p in shards]
         captions = [c for m in metas for c in json.loads(m["captions"])]
         timed = None
