@@ -277,3 +277,38 @@ def test_bad_folders_and_arguments(tmp_path):
         load(tmp_path / "ok", frames=0)
     with pytest.raises(ValueError, match=r"size \(16, -2\) must be"):
         load(tmp_path / "ok", size=(16, -2))
+
+
+def test_a_video_cut_short_keeps_its_readable_part(tmp_path):
+    """A Matroska file cut in half still claims its whole 8 s; a clip drawn past the cut
+    fails to decode. The video is not dropped: that clip is read from 0 s, and later clips
+    start before the failing start."""
+    import av
+
+    root = tmp_path / "videos"
+    root.mkdir()
+    whole = tmp_path / "whole.mkv"
+    with av.open(str(whole), "w", format="matroska") as out:
+        stream = out.add_stream("libx264", rate=8)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        for t in range(64):
+            frame = np.zeros((32, 32, 3), np.uint8)
+            frame[:, t % 32] = 255
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode(None))
+    data = whole.read_bytes()
+    (root / "cut.mkv").write_bytes(data[: len(data) // 2])
+    (root / "cut.txt").write_text("a white line moving right")
+    ds = VideoFolder(root, frames=9, fps=8, size=(32, 32))
+    assert ds.infos[0].duration == 8.0  # what the header says
+    late = next(e for e in range(100) if (ds.set_epoch(e), ds.clip_start(0))[1] > 5.0)
+    ds.set_epoch(late)
+    with pytest.warns(UserWarning, match="does not decode from"):
+        item = ds[0]
+    assert item["video"].shape == (3, 9, 32, 32) and ds.skipped == []
+    cut = ds._readable[0]
+    for epoch in range(30):  # later clips start before the failing start, and decode
+        ds.set_epoch(epoch)
+        assert ds.clip_start(0) <= cut - 9 / 8 or ds.clip_start(0) == 0.0
+    assert ds[0]["path"].endswith("cut.mkv")

@@ -267,6 +267,8 @@ class VideoFolder(Dataset):
         self.epoch = 0
         self.skipped: list[tuple[str, str]] = []
         self._broken: set[int] = set()
+        self._readable: dict[int, float] = {}  # seconds a video decodes for, where its header
+        #   claims more (a truncated file): clip starts are drawn within them
         self._warned_short = False
         self.items, self.infos = self._probe_all(find_videos(self.root))
         self._buckets = [nearest_bucket(i.width, i.height, self.sizes) for i in self.infos]
@@ -305,18 +307,41 @@ class VideoFolder(Dataset):
     def clip_start(self, index: int) -> float:
         """The clip's start in seconds, drawn from ``(seed, epoch, index)``."""
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        room = self.infos[index].duration - self.frames / self.fps
+        length = min(self.infos[index].duration, self._readable.get(index, math.inf))
+        room = length - self.frames / self.fps
         return float(rng.uniform(0.0, room)) if room > 0 else 0.0
 
-    def _load(self, index: int, size: Size) -> dict[str, Any]:
-        """Decode, pad, resize and normalise item ``index`` to ``size``."""
+    def _load(self, index: int, size: Size, start: float | None = None) -> dict[str, Any]:
+        """Decode, pad, resize and normalise item ``index`` to ``size`` (from ``start``
+        seconds; None: :meth:`clip_start`'s)."""
         path, caption = self.items[index]
-        clip = read_clip(path, start=self.clip_start(index), frames=self.frames, fps=self.fps)
+        start = self.clip_start(index) if start is None else start
+        clip = read_clip(path, start=start, frames=self.frames, fps=self.fps)
         if len(clip) < self.frames:
             self._warn_short(path, len(clip))
             clip = pad_frames(clip, self.frames)
         clip = resize_center_crop(clip, *size)  # (T, H, W, 3)
         return {"video": to_tensor(clip), "caption": caption, "path": str(path)}
+
+    def _load_or_salvage(self, index: int, size: Size) -> dict[str, Any]:
+        """:meth:`_load`; when a clip starting past 0 s fails (a file cut short, whose header
+        still claims the whole length), the video is read from its start instead, and later
+        starts are drawn before the failing one (each failure lowers that bound, down to the
+        readable part). Warned once per video."""
+        try:
+            return self._load(index, size)
+        except ValueError:
+            start = self.clip_start(index)
+            if start <= 0:
+                raise
+            if index not in self._readable:
+                warnings.warn(
+                    f"{self.items[index][0]} does not decode from {start:.2f} s on; its clips "
+                    "now start before that (warned once)",
+                    stacklevel=3,
+                )
+            self._readable[index] = start
+            return self._load(index, size, start=0.0)
 
     def _warn_short(self, path: Path, got: int) -> None:
         """Warn (once per dataset) that clips are padded with their last frame."""
@@ -338,7 +363,7 @@ class VideoFolder(Dataset):
             if j in self._broken:
                 continue
             try:
-                return self._load(j, size)
+                return self._load_or_salvage(j, size)
             except ValueError as e:
                 self._broken.add(j)
                 self._record_skip(self.items[j][0], e)
