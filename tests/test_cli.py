@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -168,13 +169,17 @@ def test_an_output_that_would_destroy_files_or_fail_is_refused_first(capsys, tmp
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     (tmp_path / "file").write_text("x")
+    os.mkfifo(tmp_path / "fifo")
     for out, message in ((tmp_path / "mine", "holding other files (notes.txt)"),
                          (tmp_path / "file" / "x.mp4", "is not a writable folder"),
+                         (tmp_path / "file", "is a file; a name without .mp4"),  # not frames
+                         (tmp_path / "fifo", "is a file; a name without .mp4"),
                          ("/proc/x.mp4", "/proc is not a writable folder")):  # fmt: skip
         with pytest.raises(SystemExit) as exit_:
             main(["generate", "a cat", "--model", str(tmp_path / "none"), "-o", str(out)])
         assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    assert (tmp_path / "file").read_text() == "x"
 
 
 @pytest.mark.parametrize("name", ["clip.mp4", "clip.gif", "frames/"])
@@ -228,6 +233,35 @@ def test_an_output_folder_removed_mid_run_is_one_line(tmp_path, wan, name, capsy
         f"kinema: error: cannot write {out}: No such file or directory\n"
     )
     assert not folder.exists()
+
+
+def test_a_batch_whose_out_folder_is_removed_mid_run_is_one_line(tmp_path, wan, capsys):
+    """--out removed (rm -rf) once the first video is there: one line, exit 1."""
+    import shutil
+    import threading
+
+    requests = tmp_path / "r.jsonl"
+    lines = [{"prompt": f"a cat {i}", "frames": 9, "size": "32x32", "steps": 2} for i in range(4)]
+    requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "gone" / "b"
+    done = threading.Event()
+
+    def remove_after_first() -> None:
+        while not done.is_set():
+            if out.is_dir() and any(out.glob("*.mp4")):
+                shutil.rmtree(tmp_path / "gone", ignore_errors=True)
+                return
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=remove_after_first)
+    watcher.start()
+    try:
+        code = main(["batch", str(requests), "--model", str(wan), "--out", str(out), "-q"])
+    finally:
+        done.set()
+        watcher.join()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith(f"kinema: error: cannot write {out}"), last
 
 
 def test_a_lora_given_as_the_model_says_to_give_it_as_lora(capsys, tmp_path):

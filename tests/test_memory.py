@@ -115,3 +115,7 @@ def test_keep_freed_memory_keeps_a_freed_tensor_in_the_process_for_reuse():
     assert kept == "None" and float(given_back) > 15  # glibc's default: unmapped at once
     kept, _ = run("keep", MALLOC_TRIM_THRESHOLD_="131072")  # the user's own setting wins
     assert kept == "False"
+    kept, _ = run("keep", GLIBC_TUNABLES="glibc.malloc.trim_threshold=131072")
+    assert kept == "False"
+    kept, _ = run("keep", GLIBC_TUNABLES="glibc.pthread.rseq=0")  # not malloc's: kept
+    assert kept == "True"

@@ -64,6 +64,10 @@ def test_buckets_are_checked_when_the_config_is_read(mixed: DataConfig, tmp_path
          "not with data.buckets"),
         (lambda: VAETrainConfig(model=TINY_VAE, data=mixed, crop_size=40, crop_frames=5),
          r"crop_size 40 must be .* in \[8, 32\]"),
+        (lambda: VAETrainConfig(model=TINY_VAE, data=dataclasses.replace(
+            mixed, buckets=((32, 32), (60, 100))), crop_size=16, crop_frames=5),
+         "data size 60x100 .* must be multiples of 8"),  # refused before training, not at export
+        (lambda: dataclasses.replace(mixed, buckets=((32, 32), (64, 64))), "share an aspect"),
     ]  # fmt: skip
     for make, message in cases:
         with pytest.raises(ValueError, match=message):

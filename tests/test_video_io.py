@@ -16,6 +16,7 @@ from kinema.io.video import (
     read_metadata,
     read_video,
     resize_center_crop,
+    rgb_image,
     write_sidecar,
     write_video,
 )
@@ -304,3 +305,10 @@ def test_transparent_images_are_laid_over_white_everywhere_images_are_read(tmp_p
         assert np.abs(got[:2, 4:].astype(int) - (228, 127, 127)).max() <= 1  # 50 % red on white
     gif = read_image(tmp_path / "cut.gif")
     assert (gif[:, :4] == 255).all() and (gif[:, 4:] == (0, 200, 0)).all()
+    # an animated PNG, read as a video through FFmpeg (rgba frames): the same white matte
+    frames = [Image.fromarray(rgba, "RGBA"), Image.fromarray(rgba[:, ::-1].copy(), "RGBA")]
+    frames[0].save(tmp_path / "anim.png", save_all=True, append_images=frames[1:], duration=100)
+    video, _ = read_video(tmp_path / "anim.png")
+    assert (video[0, 2:, :4] == 255).all() and (video[0, 2:, 4:] == (200, 0, 0)).all()
+    grey16 = Image.fromarray(np.full((4, 4), 32768, np.uint16))  # 16-bit grey: mid-grey
+    assert grey16.mode.startswith("I;16") and (np.asarray(rgb_image(grey16)) == 128).all()

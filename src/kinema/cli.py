@@ -633,7 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(EXIT_BAD_INPUT) from None
         fail(first_line(err))
     except OSError as err:  # the disk, not the input: one line, exit 1
-        output = getattr(args, "output", None)
+        output = getattr(args, "output", None) or getattr(args, "out", None)  # batch: --out
         if err.errno not in STORAGE_ERRORS and not writing(err, output):
             raise
         folder = Path(err.filename).parent if err.filename else None

@@ -120,7 +120,8 @@ def keep_freed_memory() -> bool:
     that run models (not ``bench``, which measures RSS). Returns whether it took effect: not
     off glibc, nor where the user set malloc's own variables (``MALLOC_ENV``).
     """
-    if any(name in os.environ for name in MALLOC_ENV):
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if any(name in os.environ for name in MALLOC_ENV[:-1]) or "glibc.malloc." in tunables:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

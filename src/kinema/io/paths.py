@@ -53,6 +53,11 @@ def check_frame_folder(path: str | Path, name: str = "output") -> None:
     """A PNG-frame output replaces its folder whole: refuse an existing folder that holds
     anything but frames (``frame_00000.png`` ...) of an earlier output."""
     path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():  # a file named without an extension, a FIFO
+        raise ValueError(
+            f"{name} {path} is a file; a name without .mp4, .gif or .webp means a folder of PNG "
+            "frames: give a new folder, or a file name with one of those endings"
+        )
     if not path.is_dir():
         return
     others = sorted(p.name for p in path.iterdir() if not FRAME_FILE.fullmatch(p.name))

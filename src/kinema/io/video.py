@@ -437,6 +437,9 @@ def upright(pixels: np.ndarray, rotation: float) -> np.ndarray:
 def _to_rgb(frame: Any) -> np.ndarray:
     """An av.VideoFrame (turned upright), PIL image or image path as (H, W, 3) uint8."""
     if isinstance(frame, av.VideoFrame):
+        if any(c.is_alpha for c in frame.format.components):  # over white, as images are
+            rgba = Image.fromarray(frame.to_ndarray(format="rgba"), "RGBA")
+            return upright(np.asarray(rgb_image(rgba)), frame.rotation)
         return upright(frame.to_ndarray(format="rgb24"), frame.rotation)
     if isinstance(frame, Path):
         with Image.open(frame) as image:
@@ -694,7 +697,9 @@ MATTE = (255, 255, 255)
 
 def rgb_image(image: Image.Image) -> Image.Image:
     """``image`` as RGB; one with transparency (RGBA, LA, a palette or grey image with a
-    transparent colour) is composited over :data:`MATTE`."""
+    transparent colour) is composited over :data:`MATTE`; 16-bit grey scaled to 8 bits."""
+    if image.mode.startswith("I;16"):  # 16-bit grey: Pillow's conversion clips, not scales
+        image = Image.fromarray((np.asarray(image, np.uint16) >> 8).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (*MATTE, 255)), rgba).convert(

@@ -13,6 +13,7 @@ import json
 import os
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -81,6 +82,12 @@ class DataConfig:
         sizes = [tuple(b) for b in self.buckets]
         if any(len(b) != 2 or min(b) < 1 for b in sizes):
             raise ValueError(f"data.buckets {self.buckets}: each is [width, height] > 0")
+        aspects = [Fraction(w, h) for w, h in sizes]
+        if len(set(aspects)) < len(aspects):
+            raise ValueError(
+                f"data.buckets {[list(b) for b in sizes]}: two share an aspect ratio, and a "
+                "video goes to the first; give one size per ratio"
+            )
         if (self.width, self.height) not in sizes:
             raise ValueError(
                 f"data.width x data.height {self.width}x{self.height} must be one of data.buckets "
@@ -274,6 +281,10 @@ class VAETrainConfig(OptimFields):
             raise ValueError(f"crop_frames {self.crop_frames} must be 4k+1 (1, 5, 9, ...)")
         if self.crop_frames > self.data.frames:
             raise ValueError(f"crop_frames {self.crop_frames} > data.frames {self.data.frames}")
+        for w, h in self.data.sizes:
+            if w % 8 or h % 8:
+                raise ValueError(f"data size {w}x{h} (width, height or a bucket) must be "
+                                 "multiples of 8, the VAE's spatial factor")  # fmt: skip
         side = min(min(size) for size in self.data.sizes)
         if not 8 <= self.crop_size <= side or self.crop_size % 8:
             raise ValueError(f"crop_size {self.crop_size} must be a multiple of 8 (the VAE's "
