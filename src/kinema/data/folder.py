@@ -334,14 +334,16 @@ class VideoFolder(Dataset):
             start = self.clip_start(index)
             if start <= 0:
                 raise
-            if index not in self._readable:
+            first = index not in self._readable
+            self._readable[index] = start
+            item = self._load(index, size, start=0.0)  # a file broken from 0 s on is skipped
+            if first:
                 warnings.warn(
                     f"{self.items[index][0]} does not decode from {start:.2f} s on; its clips "
                     "now start before that (warned once)",
                     stacklevel=3,
                 )
-            self._readable[index] = start
-            return self._load(index, size, start=0.0)
+            return item
 
     def _warn_short(self, path: Path, got: int) -> None:
         """Warn (once per dataset) that clips are padded with their last frame."""
