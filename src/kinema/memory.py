@@ -100,12 +100,11 @@ def free_bytes(device: Any) -> int | None:
 
 
 # glibc's mallopt parameters, its largest mmap threshold on 64 bits (HEAP_MAX_SIZE / 2) and the
-# environment variables through which a user sets them (then kinema leaves them alone).
+# environment variables through which a user sets them (then kinema leaves them alone), besides
+# a glibc.malloc tunable in GLIBC_TUNABLES.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD_MAX = 32 * 2**20
-MALLOC_ENV = (
-    "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES"
-)  # fmt: skip
+MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 def keep_freed_memory() -> bool:
@@ -118,10 +117,11 @@ def keep_freed_memory() -> bool:
     the peak RSS stays what the computation needs (``benchmarks/results``), but memory freed
     after a peak stays with the process until it exits. The CLI calls this for the commands
     that run models (not ``bench``, which measures RSS). Returns whether it took effect: not
-    off glibc, nor where the user set malloc's own variables (``MALLOC_ENV``).
+    off glibc, nor where the user set malloc's own variables (``MALLOC_ENV``, a glibc.malloc
+    tunable).
     """
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if any(name in os.environ for name in MALLOC_ENV[:-1]) or "glibc.malloc." in tunables:
+    user_set = any(name in os.environ for name in MALLOC_ENV)
+    if user_set or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -379,6 +379,14 @@ class VideoFolder(Dataset):
 # ---------------------------------------------------------------------------------------------
 
 
+def group_indices(keys: Sequence[Any]) -> list[list[int]]:
+    """Indices of ``keys`` grouped by equal key (a bucket, a shape), in sorted key order."""
+    groups: dict[Any, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return [groups[key] for key in sorted(groups)]
+
+
 class BucketBatchSampler(Sampler[list[int]]):
     """Batches of indices that share one bucket (so one output size), shuffled per epoch.
 
@@ -407,10 +415,7 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def _groups(self) -> list[list[int]]:
         """Indices grouped by bucket, in bucket order."""
-        groups: dict[Size, list[int]] = {}
-        for i in range(len(self.dataset)):
-            groups.setdefault(self.dataset.bucket_of(i), []).append(i)
-        return [groups[size] for size in sorted(groups)]
+        return group_indices([self.dataset.bucket_of(i) for i in range(len(self.dataset))])
 
     def _batches(self) -> list[list[int]]:
         """This epoch's batches."""

@@ -79,7 +79,7 @@ class DataConfig:
         if self.kind != "folder":
             raise ValueError("data.buckets is for a folder of videos (data.kind 'folder'); "
                              "synthetic clips are all width x height")  # fmt: skip
-        sizes = [tuple(b) for b in self.buckets]
+        sizes = self.sizes
         if any(len(b) != 2 or min(b) < 1 for b in sizes):
             raise ValueError(f"data.buckets {self.buckets}: each is [width, height] > 0")
         aspects = [Fraction(w, h) for w, h in sizes]
@@ -221,7 +221,7 @@ class TrainConfig(OptimFields):
                     f"data.{name} {getattr(self.data, name)} must be a multiple of {side} (the "
                     "VAE's 8x and the DiT's patches)"
                 )
-        for w, h in self.data.sizes:
+        for w, h in self.data.buckets:  # width x height, checked above, is one of them
             if w % side or h % side:
                 raise ValueError(f"data.buckets [{w}, {h}] must be multiples of {side} (the "
                                  "VAE's 8x and the DiT's patches)")  # fmt: skip

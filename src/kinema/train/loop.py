@@ -120,10 +120,10 @@ class ClipDataset(torch.utils.data.Dataset):
         when every clip has one size."""
         if not self.data.buckets:
             return None
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for i in range(self.length):
-            by_size.setdefault(self.source.bucket_of(i), []).append(i)
-        return [by_size[size] for size in sorted(by_size)] if len(by_size) > 1 else None
+        from kinema.data.folder import group_indices
+
+        groups = group_indices([self.source.bucket_of(i) for i in range(self.length)])
+        return groups if len(groups) > 1 else None
 
     def __len__(self) -> int:
         return self.length
@@ -648,12 +648,13 @@ def encode_batch(device: torch.device) -> int:
     return 4 if device.type == "cpu" else 32
 
 
-def encode_shard(ds: ClipDataset, indices: range, vae: nn.Module, device: torch.device,
-                 workers: int) -> tuple[dict[str, Tensor], list[str], list[str]]:  # fmt: skip
-    """The shard's tensors: "latents" (n, z, F, h, w) float16, or with aspect-ratio buckets
-    "latents.j" (z, F, h, w) per clip j; captions and timed captions (JSON) of clips
-    ``indices``."""
-    bucketed = ds.groups() is not None
+def encode_shard(
+    ds: ClipDataset, indices: range, vae: nn.Module, device: torch.device, workers: int,
+    bucketed: bool,
+) -> tuple[dict[str, Tensor], list[str], list[str]]:  # fmt: skip
+    """The shard's tensors: "latents" (n, z, F, h, w) float16, or with clips of several sizes
+    (``bucketed``: aspect-ratio buckets) "latents.j" (z, F, h, w) per clip j; captions and
+    timed captions (JSON) of clips ``indices``."""
     batch = 1 if bucketed else encode_batch(device)  # a batch holds one size
     loader = torch.utils.data.DataLoader(_WithTimed(ds, indices), batch, num_workers=workers)
     latents, captions, timed = [], [], []
@@ -689,6 +690,7 @@ def precompute(
     vae = vae or load_frozen_vae(vae_source(config), device)
     ds = ClipDataset(config.data)
     shards = range(0, len(ds), shard_size)
+    bucketed = ds.groups() is not None  # clips of several sizes
     captions: list[str] = []
     for n, start in enumerate(tqdm(shards, desc="precompute", disable=not config.progress)):
         path = folder / SHARD.format(n)
@@ -696,7 +698,7 @@ def precompute(
             captions += json.loads(read_metadata(path)["captions"])
             continue
         latents, caps, timed = encode_shard(ds, range(start, min(start + shard_size, len(ds))),
-                                            vae, device, config.num_workers)  # fmt: skip
+                                            vae, device, config.num_workers, bucketed)  # fmt: skip
         meta = {"captions": json.dumps(caps), "timed": "[" + ", ".join(timed) + "]"}
         write_atomic(latents, path, meta)
         captions += caps
@@ -764,10 +766,9 @@ class LatentCache:
         """Clip indices by latent shape, in shape order; None when all have one shape."""
         if isinstance(self.latents, Tensor):
             return None
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, z in enumerate(self.latents):
-            by_shape.setdefault(tuple(z.shape), []).append(i)
-        return [by_shape[shape] for shape in sorted(by_shape)]
+        from kinema.data.folder import group_indices
+
+        return group_indices([tuple(z.shape) for z in self.latents])
 
     @classmethod
     def concat(cls, caches: Sequence[LatentCache]) -> LatentCache:
