@@ -8,6 +8,8 @@ import math
 import os
 import shutil
 import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from kinema.configs import DiTConfig, VAEConfig
 from kinema.data.synthetic import vocabulary
 from kinema.io.checkpoint import load_dit, load_vae, save_component
+from kinema.io.paths import RunFolderRemoved
 from kinema.models.dit import VideoDiT
 from kinema.models.ops import cpu_has_bf16
 from kinema.models.vae import CausalVAE
@@ -481,8 +484,9 @@ def test_extra_caches_mix_earlier_runs_clips_in(
 
 
 def toy_run(out: Path, **kw):
-    config = OptimFields(out_dir=str(out), batch_size=1, max_steps=6, warmup_steps=0,
-                         checkpoint_every=100, progress=False, **kw)  # fmt: skip
+    base = dict(out_dir=str(out), batch_size=1, max_steps=6, warmup_steps=0,
+                checkpoint_every=100, progress=False)  # fmt: skip
+    config = OptimFields(**{**base, **kw})
     run = start_run(config, lambda ckpt: _toy_model(ckpt))
     data = torch.randn(64, 3, generator=gen(5))
 
@@ -522,6 +526,48 @@ def test_sigterm_saves_and_resumes(tmp_path: Path) -> None:
     straight, s2, l2 = toy_run(tmp_path / "straight")
     train_loop(straight, s2, l2)
     assert torch.equal(run.model.weight, straight.model.weight)
+
+
+def test_a_run_whose_folder_is_removed_stops_at_its_next_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run, stream, loss_fn = toy_run(out, checkpoint_every=2)
+    out.mkdir()
+    (out / "train_config.json").write_text("{}")  # as train_dit and train_vae write it
+
+    def on_step(step: int) -> None:
+        if step == 3:
+            (out / "train_config.json").unlink()  # the folder emptied, or made anew
+
+    with pytest.raises(RunFolderRemoved, match=rf"out_dir {out} was removed .* at step 4 "):
+        train_loop(run, stream, loss_fn, on_step)
+    assert latest_checkpoint(out).name == "step-00000002"  # nothing written after it
+
+
+def test_kinema_train_says_in_one_line_that_its_folder_was_removed(
+    tmp_path: Path, vae_folder: Path, capsys
+) -> None:
+    """The folder removed while ``kinema train`` runs: exit 1 and one line at the next
+    checkpoint, and the folder is not made again (it was a traceback at the export)."""
+    from kinema.cli import main
+    from kinema.train.config import config_to_dict
+
+    out = tmp_path / "run"
+    config = dit_config(out, vae_folder, max_steps=10_000, checkpoint_every=2)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(config_to_dict(config)))
+
+    def remove_after_first_checkpoint() -> None:
+        while not (out / "checkpoints" / "step-00000002").is_dir():
+            time.sleep(0.01)
+        shutil.rmtree(out)
+
+    remover = threading.Thread(target=remove_after_first_checkpoint, daemon=True)
+    remover.start()
+    assert main(["train", str(path)]) == 1
+    remover.join(timeout=10)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"kinema: error: the run's out_dir {out} was removed during")
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------

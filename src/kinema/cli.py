@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from kinema import timeline
+from kinema.io.paths import RunFolderRemoved
 from kinema.memory import keep_freed_memory
 
 EXIT_BAD_INPUT = 2
@@ -639,6 +640,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         folder = Path(err.filename).parent if err.filename else None
         where = f" {output}" if output else f" in {folder}" if folder else ""
         print(f"kinema: error: cannot write{where}: {err.strerror}", file=sys.stderr)
+        return 1
+    except RunFolderRemoved as err:  # not the input: one line, exit 1
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"kinema: error: {err}", file=sys.stderr)
         return 1
     except Terminated:
         if int(os.environ.get("RANK", "0")) == 0:

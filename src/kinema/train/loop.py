@@ -43,7 +43,13 @@ from tqdm.auto import tqdm
 
 from kinema.configs import SamplingDefaults
 from kinema.distributed import train as dt
-from kinema.io.paths import MODEL_ENTRIES, check_export_folder, check_folder, usual_modes
+from kinema.io.paths import (
+    MODEL_ENTRIES,
+    RunFolderRemoved,
+    check_export_folder,
+    check_folder,
+    usual_modes,
+)
 from kinema.models.ops import cpu_has_bf16
 from kinema.timeline import latent_prompts
 from kinema.train.config import (
@@ -435,6 +441,7 @@ def train_loop(
     c, out = run.config, Path(run.config.out_dir)
     last = min(c.max_steps, stop_after) if stop_after is not None else c.max_steps
     out.mkdir(parents=True, exist_ok=True)
+    present = RunFolder(out)
     main = dt.world()[0] == 0  # rank 0 alone logs
     log = TrainLog(out, run.progress.step) if main else None
     bar = tqdm(total=c.max_steps, initial=run.progress.step, disable=not (c.progress and main))
@@ -453,17 +460,37 @@ def train_loop(
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 if step % c.checkpoint_every == 0 or step == last:
+                    present.check(step)
                     save_run(run)
                 if on_step is not None:
                     on_step(step)
             stopped = dt.any_rank(stop.requested)
             if stopped is not None:
+                present.check(run.progress.step)
                 save_run(run)
             return stopped
     finally:
         bar.close()
         if log is not None:
             log.close()
+
+
+class RunFolder:
+    """What ``out_dir`` held as training started, checked before each checkpoint: a run whose
+    folder was removed meanwhile stops there (:class:`RunFolderRemoved`) rather than write
+    checkpoints into a folder made anew without the run's config, which its export needs."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.config = (out / "train_config.json").is_file()
+
+    def check(self, step: int) -> None:
+        gone = not self.out.is_dir() or (
+            self.config and not (self.out / "train_config.json").is_file()
+        )
+        if gone:
+            raise RunFolderRemoved(f"the run's out_dir {self.out} was removed during training; "
+                                   f"stopped at step {step} with nothing saved there")  # fmt: skip
 
 
 def save_run(run: Run) -> Path:
