@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -170,16 +171,20 @@ def test_an_output_that_would_destroy_files_or_fail_is_refused_first(capsys, tmp
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     (tmp_path / "file").write_text("x")
     os.mkfifo(tmp_path / "fifo")
+    os.mkfifo(tmp_path / "fifo.mp4")
     for out, message in ((tmp_path / "mine", "holding other files (notes.txt)"),
                          (tmp_path / "file" / "x.mp4", "is not a writable folder"),
                          (tmp_path / "file", "is a file; a name without .mp4"),  # not frames
-                         (tmp_path / "fifo", "is a file; a name without .mp4"),
+                         (tmp_path / "fifo", "is a FIFO, not a file"),
+                         (tmp_path / "fifo.mp4", "is a FIFO, not a file"),  # not replaced
+                         ("/dev/null", "is a device, not a file"),
                          ("/proc/x.mp4", "/proc is not a writable folder")):  # fmt: skip
         with pytest.raises(SystemExit) as exit_:
             main(["generate", "a cat", "--model", str(tmp_path / "none"), "-o", str(out)])
         assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     assert (tmp_path / "file").read_text() == "x"
+    assert stat.S_ISFIFO((tmp_path / "fifo.mp4").stat().st_mode)
 
 
 @pytest.mark.parametrize("name", ["clip.mp4", "clip.gif", "frames/"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 
@@ -24,13 +25,30 @@ def names_folder(path: str | Path) -> bool:
 
 
 def check_writable(path: str | Path, name: str = "output") -> Path:
-    """``path`` (``~`` expanded) if a file could be made there: its nearest existing
-    ancestor is a writable folder. Raises ValueError naming ``name`` otherwise."""
+    """``path`` (``~`` expanded) if a file could be made there: not a FIFO, socket or device
+    (an output is written beside it and renamed over it, which would replace one), and its
+    nearest existing ancestor is a writable folder. Raises ValueError naming ``name``
+    otherwise."""
     path = Path(path).expanduser()
+    kind = special_kind(path)
+    if kind:
+        raise ValueError(f"{name} {path} is {kind}, not a file: outputs are written whole and "
+                         "renamed into place; give a file or folder path")  # fmt: skip
     parent = next((p for p in path.parents if p.exists()), Path("."))
     if not parent.is_dir() or not os.access(parent, os.W_OK) or not can_create_in(parent):
         raise ValueError(f"{name} {path}: {parent} is not a writable folder")
     return path
+
+
+def special_kind(path: Path) -> str | None:
+    """ "a FIFO", "a socket" or "a device" when ``path`` is one, else None."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))  # fmt: skip
+    return next((kind for test, kind in kinds if test(mode)), None)
 
 
 def can_create_in(folder: Path) -> bool:
