@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from kinema.data.folder import BucketBatchSampler, VideoFolder, collate, make_loader
+from kinema.data.folder import (
+    BucketBatchSampler,
+    VideoFolder,
+    collate,
+    group_batches,
+    make_loader,
+)
 from kinema.io.video import write_video
 
 STEP = 8  # frame i of a test video has brightness STEP * i
@@ -228,14 +234,26 @@ def test_buckets_choose_nearest_aspect(sidecar_root):
     assert all(len({ds.bucket_of(i) for i in b}) == 1 for b in batches)
 
 
+def test_group_batches_keep_drop_or_top_up_a_groups_last_batch():
+    groups = [[0, 1, 2], [3, 4], [5]]
+    assert group_batches(groups, 2, None) == [[0, 1], [2], [3, 4], [5]]  # in order
+    assert group_batches(groups, 2, None, "drop") == [[0, 1], [3, 4]]
+    assert group_batches(groups, 2, None, "top_up") == [[0, 1], [2, 0], [3, 4], [5, 5]]
+    shuffled = group_batches(groups, 2, torch.Generator().manual_seed(0), "top_up")
+    assert len(shuffled) == 4 and all(len(b) == 2 for b in shuffled)
+    assert all(any(set(b) <= set(g) for g in groups) for b in shuffled)  # one group a batch
+    again = group_batches(groups, 2, torch.Generator().manual_seed(0), "top_up")
+    assert again == shuffled != group_batches(groups, 2, torch.Generator().manual_seed(1), "top_up")
+
+
 def test_dataloader_with_worker_processes(sidecar_root):
     ds = load(sidecar_root, frames=3, size=(16, 16))
     loader = make_loader(ds, batch_size=2, num_workers=2, seed=0)
     loader.batch_sampler.set_epoch(2)
     assert ds.epoch == 2
     batches = list(loader)
-    assert [b["video"].shape[0] for b in batches] == [2, 1]
-    assert batches[0]["video"].shape == (2, 3, 3, 16, 16)
+    assert sorted(b["video"].shape[0] for b in batches) == [1, 2]  # one bucket: 3 clips
+    assert {b["video"].shape[1:] for b in batches} == {(3, 3, 16, 16)}
     seen = sorted(Path(p).name for b in batches for p in b["path"])
     assert seen == ["square.webm", "tall.mp4", "wide.mp4"]
     loader = make_loader(ds, batch_size=2, num_workers=0, seed=0)

@@ -387,12 +387,33 @@ def group_indices(keys: Sequence[Any]) -> list[list[int]]:
     return [groups[key] for key in sorted(groups)]
 
 
-class BucketBatchSampler(Sampler[list[int]]):
-    """Batches of indices that share one bucket (so one output size), shuffled per epoch.
+def group_batches(
+    groups: Sequence[Sequence[int]], batch: int, generator: torch.Generator | None,
+    last: str = "keep",
+) -> list[list[int]]:  # fmt: skip
+    """One epoch's batches of ``batch`` indices, each from one group (one bucket): every group
+    shuffled by ``generator`` and cut in order, then the batches of all groups shuffled
+    together (in the given order when ``generator`` is None). A group's last, short batch is
+    kept (``last="keep"``), dropped ("drop") or topped up from the group's start ("top_up",
+    so every batch is full)."""
+    batches = []
+    for group in groups:
+        order = list(group)
+        if generator is not None:
+            order = [order[i] for i in torch.randperm(len(order), generator=generator).tolist()]
+        if last == "top_up" and order:
+            full = -(-len(order) // batch) * batch
+            order = (order * -(-full // len(order)))[:full]
+        cuts = [order[s : s + batch] for s in range(0, len(order), batch)]
+        batches += [c for c in cuts if last != "drop" or len(c) == batch]
+    if generator is None:
+        return batches
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
-    Each bucket's indices are shuffled and cut into batches, and the batches of all buckets
-    are shuffled together, by a generator seeded with ``(seed, epoch)``.
-    """
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of indices that share one bucket (so one output size), shuffled per epoch by a
+    generator seeded with ``(seed, epoch)`` (:func:`group_batches`)."""
 
     def __init__(
         self,
@@ -413,27 +434,23 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.epoch = int(epoch)
         self.dataset.set_epoch(epoch)
 
-    def _groups(self) -> list[list[int]]:
-        """Indices grouped by bucket, in bucket order."""
-        return group_indices([self.dataset.bucket_of(i) for i in range(len(self.dataset))])
-
     def _batches(self) -> list[list[int]]:
         """This epoch's batches."""
-        rng = np.random.default_rng([self.seed, self.epoch])
-        batches = []
-        for group in self._groups():
-            order = [group[k] for k in rng.permutation(len(group))] if self.shuffle else group
-            for s in range(0, len(order), self.batch_size):
-                batch = order[s : s + self.batch_size]
-                if len(batch) == self.batch_size or not self.drop_last:
-                    batches.append(batch)
-        return [batches[k] for k in rng.permutation(len(batches))] if self.shuffle else batches
+        groups = group_indices([self.dataset.bucket_of(i) for i in range(len(self.dataset))])
+        generator = epoch_generator(self.seed, self.epoch) if self.shuffle else None
+        last = "drop" if self.drop_last else "keep"
+        return group_batches(groups, self.batch_size, generator, last)
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self._batches())
 
     def __len__(self) -> int:
         return len(self._batches())
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator that orders one epoch of a sampler seeded with ``seed``."""
+    return torch.Generator().manual_seed(seed * 7919 + epoch)
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kinema.data.folder import epoch_generator, group_batches
 from kinema.io.checkpoint import save_component
 from kinema.io.paths import usual_modes
 from kinema.train.ema import EMA
@@ -288,7 +289,7 @@ def index_at(position: int, n: int, seed: int) -> int:
     """Clip index at data position ``position``: epoch e = position // n walks a permutation
     of range(n) drawn from (seed, e), so the data order is a pure function of the position."""
     epoch, offset = divmod(position, n)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    order = torch.randperm(n, generator=epoch_generator(seed, epoch))
     return int(order[offset])
 
 
@@ -303,8 +304,8 @@ class PositionSampler(torch.utils.data.Sampler):
         position = self.start
         while True:
             epoch, offset = divmod(position, self.n)
-            generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-            order = torch.randperm(self.n, generator=generator)[offset:].tolist()
+            order = torch.randperm(self.n, generator=epoch_generator(self.seed, epoch))
+            order = order[offset:].tolist()
             yield from ((i, epoch) for i in order) if self.with_epoch else order
             position = (epoch + 1) * self.n
 
@@ -326,14 +327,7 @@ class BucketBatches(torch.utils.data.Sampler):
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The batches of one epoch, in order."""
-        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-        batches = []
-        for group in self.groups:
-            order = [group[i] for i in torch.randperm(len(group), generator=g).tolist()]
-            full = -(-len(order) // self.batch) * self.batch
-            order = (order * -(-full // len(order)))[:full]  # topped up from its start
-            batches += [order[s : s + self.batch] for s in range(0, full, self.batch)]
-        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        return group_batches(self.groups, self.batch, epoch_generator(self.seed, epoch), "top_up")
 
     def __iter__(self) -> Iterator[list[Any]]:
         per_epoch = sum(-(-len(group) // self.batch) for group in self.groups)
