@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from kinema.cli import main
+from kinema.io.video import probe
 from tests.wan_tiny import build_wan_folder
 
 
@@ -50,6 +51,10 @@ BASE = ["--size", "32x32", "--steps", "2", "-q"]
         (["--guidance", "nan"], "guidance nan must be >= 0"),
         (["--shift", "inf"], "shift inf must be > 0"),
         (["--fps", "0"], "fps 0 must be >= 1"),  # not the model's fps
+        (["--fps", "0.5"], "fps 0.5 must be >= 1"),
+        (["--fps", "x"], "argument --fps: fps 'x' must be a number >= 1, e.g. 16 or 23.976"),
+        (["--size", "0x0"], "width 0 is not a multiple of 16; nearest valid: 16"),
+        (["--at", "0.2:a dog", "--at", "0.22:a cow"], "0.2 s and 0.22 s both switch at frame"),
         (["--cache", "-0.5"], "cache -0.5 must be a number >= 0 (0 turns the step cache off)"),
         (["-o", "clip.avi"], "unknown extension '.avi'"),
         (["--at", "soon:a dog"], "--at 'soon:a dog' must be SECONDS:PROMPT"),
@@ -163,6 +168,10 @@ def test_generate_writes_video_and_sidecar(tmp_path, wan):
     info = json.loads(out.with_suffix(".json").read_text())
     assert info["frames"] == 5 and info["width"] == 32 and info["steps"] == 2
     assert out.stat().st_size > 0
+    again = ["generate", "a cat", "--model", str(wan), "-o", str(out), *BASE, "--frames", "5"]
+    assert main([*again, "--fps", "23.976"]) == 0  # its own sidecar is replaced; any rate
+    assert json.loads(out.with_suffix(".json").read_text())["fps"] == 23.976
+    assert probe(out).fps == pytest.approx(23.976, abs=1e-3)
 
 
 def test_an_output_that_would_destroy_files_or_fail_is_refused_first(capsys, tmp_path):
@@ -172,7 +181,12 @@ def test_an_output_that_would_destroy_files_or_fail_is_refused_first(capsys, tmp
     (tmp_path / "file").write_text("x")
     os.mkfifo(tmp_path / "fifo")
     os.mkfifo(tmp_path / "fifo.mp4")
+    (tmp_path / "folder.mp4").mkdir()
+    (tmp_path / "notes.json").write_text('{"mine": 1}')  # the sidecar name of notes.mp4
     for out, message in ((tmp_path / "mine", "holding other files (notes.txt)"),
+                         (tmp_path / "folder.mp4", "is an existing folder; give a file name"),
+                         ("-", "'-' (standard output) is not supported"),
+                         (tmp_path / "notes.mp4", "notes.json exists and is not a kinema"),
                          (tmp_path / "file" / "x.mp4", "is not a writable folder"),
                          (tmp_path / "file", "is a file; a name without .mp4"),  # not frames
                          (tmp_path / "fifo", "is a FIFO, not a file"),
@@ -185,6 +199,8 @@ def test_an_output_that_would_destroy_files_or_fail_is_refused_first(capsys, tmp
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     assert (tmp_path / "file").read_text() == "x"
     assert stat.S_ISFIFO((tmp_path / "fifo.mp4").stat().st_mode)
+    assert (tmp_path / "notes.json").read_text() == '{"mine": 1}'
+    assert list((tmp_path / "folder.mp4").iterdir()) == [] and not os.path.exists("-")
 
 
 @pytest.mark.parametrize("name", ["clip.mp4", "clip.gif", "frames/"])

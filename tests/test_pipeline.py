@@ -154,6 +154,8 @@ def test_words_a_closed_world_model_never_read_are_warned_about(tmp_path):
     with pytest.warns(UnknownWordsWarning) as caught:
         pipe.generate("A crimson ball, rising", prompts=[(0.5, "a red cat")], **settings)
     assert len(caught) == 1 and "never read 'cat', 'crimson' in training" in str(caught[0].message)
+    with pytest.warns(UnknownWordsWarning, match="never read 'blurry' in"):  # the negative too
+        pipe.generate("a red ball", negative_prompt="blurry", **{**settings, "guidance": 3.0})
     # words of other scripts and emoji: were no warning at all, or ('déplace') 'd' and 'place'
     for prompt, word in (("un cercle rouge se déplace", "'déplace'"), ("红色的圆", "'红色的圆'"),
                          ("a red 🔴 ball", "'🔴'")):  # fmt: skip

@@ -372,11 +372,60 @@ def test_request_takes_timed_prompts_as_json_gives_them():
         (dict(strength=0.5), "strength 0.5 is video-to-video's noise level: give a video"),
         (dict(image=clip(1)[0], video=clip(9)), "image \\(image-to-video\\) or video"),
         (dict(image=clip(1)[0], extend=clip(9)), "image \\(image-to-video\\) or extend"),
+        (dict(image=np.zeros((0, 0, 3), np.uint8)), "image array is empty: 0x0 pixels"),
+        (dict(image=b"\x89PNG"), "image must be a path, a PIL image or a uint8"),
+        (dict(video="https://example.com/a.mp4"), "video https://example.com/a.mp4: URLs are"),
+        (dict(image="-"), "image '-': standard input is not read"),
+        (dict(seed=None), "seed must be an integer \\(0 when not given\\), got None"),
+        (dict(prompts=((0.5, "b"), (0.55, "c"))), "0.5 s and 0.55 s both switch at frame 4"),
     ],
 )
 def test_bad_conditioning_input(pipe, settings, message):
-    with pytest.raises(ValueError, match=message):
-        pipe.generate("x", **{"frames": 9, **BASE, **settings})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # bad input is the error alone, no warning before it
+        with pytest.raises(ValueError, match=message):
+            pipe.generate("x", **{"frames": 9, **BASE, **settings})
+
+
+def test_extend_refuses_frames_and_urls_by_name(pipe):
+    with pytest.raises(ValueError, match="extend\\(\\) takes no frames=: the video comes first"):
+        pipe.extend(clip(9), seconds=0.5, prompt="x", frames=9, **BASE)
+    with pytest.raises(ValueError, match="video to extend http://x/a.mp4: URLs are not read"):
+        pipe.extend("http://x/a.mp4", seconds=0.5, prompt="x", **BASE)
+
+
+def test_an_extensions_sidecar_counts_source_and_output_frames(pipe, tmp_path):
+    saved = pipe.save(Request("x", extend=clip(9), frames=4, fps=8, **BASE), tmp_path / "e.mp4")
+    assert saved.frames == 13
+    sidecar = json.loads((tmp_path / "e.json").read_text())
+    assert (sidecar["frames"], sidecar["source_frames"], sidecar["output_frames"]) == (4, 9, 13)
+    assert "source_frames" not in pipe.generate("x", frames=5, **BASE).info  # not extensions
+
+
+def test_a_streams_info_is_ready_after_its_last_frame(pipe):
+    stream = pipe.stream(Request("x", frames=9, **BASE))
+    with pytest.raises(RuntimeError, match="after the last frame; 0 of 9 made so far"):
+        stream.info()
+    assert len(list(stream)) == 9 and stream.info()["transformer_evaluations"] == 2
+
+
+def test_a_negative_prompt_that_acts_on_nothing_is_warned_about(pipe):
+    with pytest.warns(UserWarning, match="acts only with guidance > 1; at guidance 1 it changes"):
+        video = pipe.generate("x", frames=5, negative_prompt="blurry", **BASE)
+    assert len(video.info["warnings"]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.generate("x", frames=5, negative_prompt="", **BASE)  # none given: nothing said
+        pipe.generate("x", frames=5, negative_prompt="blurry", **{**BASE, "guidance": 2.0})
+
+
+def test_a_short_source_cut_to_4k_plus_1_frames_is_said(pipe):
+    with pytest.warns(UserWarning, match="the source's 7 are cut to 5"):
+        video = pipe.generate("x", video=clip(7), **BASE)
+    assert len(video.frames) == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.generate("x", video=clip(9), **BASE)  # 4k+1 already: nothing to say
 
 
 def test_switch_or_contrast_without_timed_prompts_is_warned_about(pipe):
@@ -417,3 +466,14 @@ def test_a_far_smaller_image_is_warned_about_and_noted(pipe):
     assert [str(w.message) for w in shown] == [said]  # and nothing else (e.g. from torch)
     fits = pipe.generate("a cat", frames=5, image=np.full((20, 20, 3), 200, np.uint8), **BASE)
     assert fits.info["warnings"] == []
+
+
+def test_a_sources_sound_is_said_to_be_left_out(pipe, tmp_path):
+    from tests.test_video_io import write_with_sound
+
+    write_with_sound(tmp_path / "phone.mp4", smooth(9))
+    with pytest.warns(UserWarning, match="phone.mp4 has sound; the extension is video only"):
+        video = pipe.extend(str(tmp_path / "phone.mp4"), seconds=0.5, prompt="x", **BASE)
+    assert len(video.frames) == 13 and video.info["output_frames"] == 13
+    with pytest.warns(UserWarning, match="phone.mp4 has sound; the restyle is video only"):
+        pipe.generate("x", video=str(tmp_path / "phone.mp4"), **BASE)

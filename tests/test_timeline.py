@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kinema.timeline import latent_prompts, neighbour_prompts, plan, switch_frames
+from kinema.timeline import latent_prompts, neighbour_prompts, new_frames, plan, switch_frames
 
 
 def test_short_clip_is_one_plain_window():
@@ -109,3 +109,9 @@ def test_bad_times_are_refused(timed, message):
 )  # fmt: skip
 def test_neighbour_prompts_name_the_nearest_other_prompt(which, neighbours):
     assert neighbour_prompts(which) == neighbours
+
+
+def test_a_length_under_one_step_is_made_one_step_long_and_said():
+    with pytest.warns(UserWarning, match="1 s at 1 fps is less than the shortest step of 4"):
+        assert new_frames(1.0, 1, 4) == 4
+    assert new_frames(1.0, 16, 4) == 16  # a whole number of steps: nothing to say

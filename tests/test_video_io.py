@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from kinema.io.video import (
+    has_audio,
     probe,
     read_clip,
     read_image,
@@ -312,3 +313,33 @@ def test_transparent_images_are_laid_over_white_everywhere_images_are_read(tmp_p
     assert (video[0, 2:, :4] == 255).all() and (video[0, 2:, 4:] == (200, 0, 0)).all()
     grey16 = Image.fromarray(np.full((4, 4), 32768, np.uint16))  # 16-bit grey: mid-grey
     assert grey16.mode.startswith("I;16") and (np.asarray(rgb_image(grey16)) == 128).all()
+
+
+def write_with_sound(path, frames: np.ndarray, fps: int = 8) -> None:
+    """An mp4 with an AAC track of silence beside the video (as a phone records)."""
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        sound = out.add_stream("aac", rate=44100)
+        for frame in frames:
+            out.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(video.encode())
+        silence = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp",
+                                             layout="mono")  # fmt: skip
+        silence.sample_rate = 44100
+        out.mux(sound.encode(silence))
+        out.mux(sound.encode())
+
+
+def test_videos_are_told_by_their_bytes_not_their_name(tmp_path):
+    """An mp4 named .gif reads as the mp4 it is (Pillow could not open it); sound is seen."""
+    frames = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
+    mp4 = write_video(tmp_path / "clip.mp4", frames, fps=8)
+    named_gif = tmp_path / "clip.gif"
+    named_gif.write_bytes(mp4.read_bytes())
+    assert np.array_equal(read_video(named_gif)[0], read_video(mp4)[0])
+    assert probe(named_gif).codec == "h264"
+    gif = write_video(tmp_path / "real.gif", frames, fps=8)
+    assert probe(gif).codec == "gif" and not has_audio(gif) and not has_audio(mp4)
+    write_with_sound(tmp_path / "sound.mp4", frames)
+    assert has_audio(tmp_path / "sound.mp4")

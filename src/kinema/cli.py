@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import errno
 import json
+import math
 import os
 import re
 import signal
@@ -61,6 +62,18 @@ def parse_size(text: str) -> tuple[int, int]:
     if not m:
         raise argparse.ArgumentTypeError(f"size {text!r} must be WIDTHxHEIGHT, e.g. 832x480")
     return int(m.group(1)), int(m.group(2))
+
+
+def parse_fps(text: str) -> int | float:
+    """'16' -> 16, '23.976' -> 23.976: frames per second (its range is checked with the
+    request's other values)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"fps {text!r} must be a number >= 1, e.g. 16 or 23.976")
+    return int(value) if value.is_integer() else value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,18 +218,22 @@ def finish(pipe: Any, request: Any, output: str | Path, args: argparse.Namespace
     with progress_bar(args.quiet) as progress:
         saved = pipe.save(request, output, progress=progress)
     total = saved.info["timings"]["total"]
-    print(f"wrote {saved.path} ({saved.frames} frames, {total:.1f} s)", file=sys.stderr)
+    frames = f"{saved.frames} frame{'s' * (saved.frames != 1)}"
+    print(f"wrote {saved.path} ({frames}, {total:.1f} s)", file=sys.stderr)
     return 0
 
 
 def from_output_check(output: str | None) -> None:
     """Refuse, before any work is done, an output extension we cannot write, a path that
     could not be written, and a folder of other files that PNG frames would replace."""
-    from kinema.io.paths import check_frame_folder, check_writable, names_folder
+    from kinema.io.paths import check_frame_folder, check_output_name, check_writable, names_folder
+    from kinema.io.video import check_sidecar
 
     if output is None:
         return
+    check_output_name(output)
     check_writable(output)
+    check_sidecar(output)
     if names_folder(output):
         check_frame_folder(output)
     suffix = Path(output).suffix.lower()
@@ -265,7 +282,7 @@ def add_extend(sub: Any) -> None:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--model", default=None)
     p.add_argument("--negative", default=None)
-    p.add_argument("--fps", type=int, default=None, help="default: the source's")
+    p.add_argument("--fps", type=parse_fps, default=None, help="default: the source's")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -281,10 +298,11 @@ def add_extend(sub: Any) -> None:
 
 def run_extend(args: argparse.Namespace) -> int:
     from kinema.loading import load
-    from kinema.media import source_fps
-    from kinema.pipeline import Request
+    from kinema.media import check_source, source_fps
+    from kinema.pipeline import MEDIA_NAMES, Request
 
     from_output_check(args.output)
+    check_source(args.video, MEDIA_NAMES["extend"])  # before the model loads
     pipe = load(
         args.model, device=args.device, dtype=args.dtype, offload=args.offload,
         compile=args.compile, lora=args.lora,
@@ -311,7 +329,7 @@ def add_shape_args(p: argparse.ArgumentParser) -> None:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--frames", type=int, default=None, help="frame count, 4k+1")
     length.add_argument("--seconds", type=float, default=None, help="duration in seconds")
-    p.add_argument("--fps", type=int, default=None)
+    p.add_argument("--fps", type=parse_fps, default=None, help="frames per second, e.g. 16")
 
 
 def add_info(sub: Any) -> None:

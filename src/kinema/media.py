@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 
 from kinema import notes
 from kinema.io.video import (
+    has_audio,
     iter_video,
     probe,
     read_image,
@@ -27,6 +29,20 @@ from kinema.io.video import (
     rgb_image,
     scan_video,
 )
+
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def check_source(value: Any, name: str) -> None:
+    """Refuse, as typed, what is not a file to read: a URL ("https://..."; nothing is
+    downloaded) or "-" (standard input)."""
+    if not isinstance(value, str):
+        return
+    if URL.match(value):
+        raise ValueError(f"{name} {value}: URLs are not read (kinema downloads nothing); "
+                         "download the file and give its path")  # fmt: skip
+    if value == "-":
+        raise ValueError(f"{name} '-': standard input is not read; give a file path")
 
 
 def read_image_any(image: Any) -> np.ndarray:
@@ -38,9 +54,14 @@ def read_image_any(image: Any) -> np.ndarray:
         return read_image(image)
     if isinstance(image, Image.Image):
         return np.asarray(rgb_image(ImageOps.exif_transpose(image)))
+    if isinstance(image, bytes | bytearray | memoryview):
+        raise ValueError("image must be a path, a PIL image or a uint8 (H, W, 3) array; got "
+                         "bytes (open them with PIL.Image.open(io.BytesIO(data)))")  # fmt: skip
     arr = np.asarray(image)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"image array must be uint8 (H, W, 3), got {arr.dtype} {arr.shape}")
+    if not arr.size:
+        raise ValueError(f"image array is empty: {arr.shape[1]}x{arr.shape[0]} pixels")
     return arr
 
 
@@ -51,7 +72,21 @@ def read_video_any(video: Any, fps: float | None = None) -> tuple[np.ndarray, fl
     arr = np.asarray(video)
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] != 3:
         raise ValueError(f"video array must be uint8 (T, H, W, 3), got {arr.dtype} {arr.shape}")
+    if not arr.shape[1] or not arr.shape[2]:
+        raise ValueError(f"video array has empty frames: {arr.shape[2]}x{arr.shape[1]} pixels")
     return arr, fps
+
+
+def plural(count: int, noun: str) -> str:
+    """ "1 frame", "3 frames"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def warn_audio(path: Path, task: str) -> None:
+    """Say that a source's sound is not carried into the output (kinema makes video only)."""
+    if has_audio(path):
+        notes.warn(f"{path.name} has sound; the {task} is video only (add the sound back with "
+                   "a video editor or ffmpeg)", stacklevel=3)  # fmt: skip
 
 
 def check_upscale(size: tuple[int, int], width: int, height: int, stacklevel: int = 3) -> None:
@@ -108,6 +143,7 @@ def source_video(req: Any, temporal: int, size: tuple[int, int]) -> tuple[Any, R
     if isinstance(req.video, str | Path):
         video: Path | np.ndarray = Path(req.video)
         length, last, fps = scan_video(video, fps=req.fps, last=1, limit=req.frames)
+        warn_audio(video, "restyle")
         shown = (last.shape[2], last.shape[1])  # as shown (a rotated phone video upright)
     else:
         video, fps = read_video_any(req.video)
@@ -115,7 +151,10 @@ def source_video(req: Any, temporal: int, size: tuple[int, int]) -> tuple[Any, R
     fps = req.fps or round(fps or 16)
     count = req.frames or (length - 1) // temporal * temporal + 1
     if length < count:
-        raise ValueError(f"source video has {length} frames; the request needs {count}")
+        raise ValueError(f"source video has {plural(length, 'frame')}; the request needs {count}")
+    if req.frames is None and count < length:
+        notes.warn(f"video-to-video makes {temporal}k+1 frames: the source's {length} are cut "
+                   f"to {count}", stacklevel=2)  # fmt: skip
     width, height = req.width or size[0], req.height or size[1]
     check_upscale(shown, width, height, stacklevel=2)  # as fit_image's, one call less deep
     source = RestyleSource(video, req.fps if isinstance(video, Path) else None, count,
@@ -151,11 +190,13 @@ def extension_source(req: Any, context: int, spatial: int) -> tuple[Any, Any]:
     if isinstance(req.extend, str | Path):
         count, last, fps = scan_video(req.extend, last=context)  # one pass: the last frames
         source: Any = SourceClip(Path(req.extend), count, last)
+        warn_audio(source.path, "extension")
     else:
         source, fps = read_video_any(req.extend)
     if len(source) < context:
         raise ValueError(
-            f"video to extend has {len(source)} frames; at least {context} are needed as context"
+            f"video to extend has {plural(len(source), 'frame')}; at least {context} are "
+            "needed as context"
         )
     h, w = source.shape[1:3] if isinstance(source, np.ndarray) else source.tail.shape[1:3]
     if w % spatial or h % spatial:

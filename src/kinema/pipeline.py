@@ -81,6 +81,8 @@ class Request:
         for name in INTEGER_FIELDS:
             if (v := getattr(self, name)) is not None and not _integer(v):
                 raise ValueError(f"{name} must be an integer, got {v!r}")
+            if v is None and name == "seed":  # the only one a model does not fill in
+                raise ValueError("seed must be an integer (0 when not given), got None")
             if isinstance(v, np.integer):  # numpy scalars become Python's (torch's seeds)
                 object.__setattr__(self, name, int(v))
         for name in NUMBER_FIELDS:
@@ -193,7 +195,7 @@ def validate(req: Request, spatial: int, temporal: int, extension: bool = False)
         raise ValueError(f"unknown sampler {req.sampler!r}; valid: {sorted(SAMPLERS)}")
     if not math.isfinite(req.shift) or req.shift <= 0:
         raise ValueError(f"shift {req.shift} must be > 0")
-    if req.fps < 1:
+    if not math.isfinite(req.fps) or req.fps < 1:
         raise ValueError(f"fps {req.fps} must be >= 1")
     for name, off in (("cache", "the step cache"), ("contrast", "timed-prompt contrast")):
         v = getattr(req, name)
@@ -204,6 +206,9 @@ def validate(req: Request, spatial: int, temporal: int, extension: bool = False)
 
 
 INTEGER_FIELDS = ("width", "height", "frames", "steps", "seed")
+# How messages name the media fields.
+MEDIA_NAMES = {"image": "image", "last_image": "last image", "video": "video",
+               "extend": "video to extend"}  # fmt: skip
 NUMBER_FIELDS = ("fps", "guidance", "shift", "strength")  # fps: 29.97 too; cache, contrast:
 # validate() says more (their range and what 0 means)
 TEXT_FIELDS = ("negative_prompt", "sampler", "switch")  # prompt: validate() names it
@@ -246,8 +251,9 @@ class Video:
 
     def save(self, path: str | Path) -> Path:
         """Write the video (format by extension) and a ``.json`` sidecar with ``info``."""
-        from kinema.io.video import write_sidecar, write_video
+        from kinema.io.video import check_sidecar, write_sidecar, write_video
 
+        check_sidecar(path)
         out = write_video(path, self.frames, self.fps, metadata=file_metadata(self.info))
         write_sidecar(out, self.info)
         return out
@@ -294,9 +300,14 @@ class VideoStream:
             self.clock.add("write")
 
     def info(self) -> dict[str, Any]:
-        """The sidecar: what :meth:`Pipeline.describe` says, with the warnings given."""
+        """The sidecar: what :meth:`Pipeline.describe` says, with the warnings given. Ready
+        after the last frame (RuntimeError before: its evaluations and timings are not)."""
+        if self.made < self.total:
+            raise RuntimeError(f"info() is ready after the last frame; {self.made} of "
+                               f"{self.total} made so far")  # fmt: skip
         self.clock.add("write")
-        return {**self.pipe.describe(self.request, self.evaluations, self.clock),
+        source = len(self.media.get("extend", ()))
+        return {**self.pipe.describe(self.request, self.evaluations, self.clock, source),
                 "warnings": self.said}  # fmt: skip
 
     def save(
@@ -306,7 +317,9 @@ class VideoStream:
         """Write the frames to ``path`` as they come (format by extension), then the ``.json``
         sidecar (:meth:`info` plus ``info``'s entries). ``tap(index, frame)`` sees each frame
         on its way to the file. Nothing is left at ``path`` if it fails."""
-        from kinema.io.video import write_sidecar, write_video
+        from kinema.io.video import check_sidecar, write_sidecar, write_video
+
+        check_sidecar(path)
 
         def frames() -> Iterator[np.ndarray]:
             for i, frame in enumerate(self):
@@ -450,7 +463,12 @@ class Pipeline:
 
     def extend(self, video: Any, seconds: float, prompt: str, **settings: Any) -> Video:
         """Continue ``video`` (path or (T, H, W, 3) uint8) by ``seconds`` under ``prompt``."""
+        if "frames" in settings or "extend" in settings:
+            given = "frames" if "frames" in settings else "extend"
+            raise ValueError(f"extend() takes no {given}=: the video comes first and the "
+                             "new frames from seconds")  # fmt: skip
         fps = settings.pop("fps", None)
+        _media().check_source(video, MEDIA_NAMES["extend"])
         fps = self._source_fps(video) if fps is None else fps
         frames = timeline.new_frames(seconds, fps, self.temporal_factor)
         return self.run(Request(prompt=prompt, extend=video, frames=frames, fps=fps, **settings))
@@ -461,7 +479,8 @@ class Pipeline:
         clock = Clock()
         pieces = list(self.pieces(req, media, clock, progress))
         frames = np.concatenate([frames for frames, _ in pieces])
-        info = self.describe(req, sum(n for _, n in pieces), clock)
+        source = len(media.get("extend", ()))
+        info = self.describe(req, sum(n for _, n in pieces), clock, source)
         return Video(frames, float(req.fps), {**info, "warnings": said})
 
     def stream(self, request: Request, progress: Progress | None = None) -> VideoStream:
@@ -506,9 +525,14 @@ class Pipeline:
 
     def _prepare(self, request: Request) -> tuple[Request, dict[str, np.ndarray]]:
         req, media = request, {}
+        for name, said in MEDIA_NAMES.items():
+            if getattr(req, name) is not None:
+                _media().check_source(getattr(req, name), said)
         for name in ("width", "height", "frames", "fps"):  # before they size any media
             value = getattr(req, name)
-            if value is not None and value < 1:
+            if value is not None and value < 1 and name in ("width", "height"):
+                check_shape(value, self.spatial_factor, 1, self.spatial_factor, 1)
+            if value is not None and not value >= 1:  # nan too
                 raise ValueError(f"{name} {value} must be >= 1")
         if req.strength is not None and not 0 < req.strength <= 1:
             raise ValueError(f"strength {req.strength} must be in (0, 1]")
@@ -517,9 +541,8 @@ class Pipeline:
         if req.image is not None and (req.video is not None or req.extend is not None):
             other = "video (video-to-video)" if req.video is not None else "extend"
             raise ValueError(f"give either image (image-to-video) or {other}, not both")
-        if not req.prompts and (req.switch != "blend" or req.contrast is not None):
-            notes.warn("switch and contrast act on timed prompts (--at, prompts=); this request "
-                       "has none, so they change nothing")  # fmt: skip
+        idle_switch = not req.prompts and (req.switch != "blend" or req.contrast is not None)
+        given_negative = req.negative_prompt is not None
         if req.strength is not None and req.video is None:
             raise ValueError(
                 f"strength {req.strength} is video-to-video's noise level: give a video to "
@@ -540,14 +563,20 @@ class Pipeline:
         req = req.resolved(self.defaults)
         validate(req, self.spatial_factor, self.temporal_factor, extension=req.extend is not None)
         self.check_image_inputs(req)
+        given = [name for name in ("image", "last_image") if getattr(req, name) is not None]
+        images = {name: _media().read_image_any(getattr(req, name)) for name in given}
+        if idle_switch:  # warnings once the request is known to be good
+            notes.warn("switch and contrast act on timed prompts (--at, prompts=); this request "
+                       "has none, so they change nothing")  # fmt: skip
+        if given_negative and req.negative_prompt.strip() and req.guidance <= 1:
+            notes.warn(f"the negative prompt acts only with guidance > 1; at guidance "
+                       f"{req.guidance:g} it changes nothing")  # fmt: skip
         prompts = [req.prompt, *(p for _, p in req.prompts)]
         negative = [req.negative_prompt] if req.guidance > 1 else []
-        warn_unknown_words(prompts, self.vocabulary, self.name)
+        warn_unknown_words(prompts + negative, self.vocabulary, self.name)
         warn_cut_prompts(self.text_encoder, prompts + negative)
-        for name in ("image", "last_image"):
-            if getattr(req, name) is not None:
-                image = _media().read_image_any(getattr(req, name))
-                media[name] = _media().fit_image(image, req.width, req.height)
+        for name, image in images.items():
+            media[name] = _media().fit_image(image, req.width, req.height)
         return req, media
 
     def check_image_inputs(self, req: Request) -> None:
@@ -859,13 +888,21 @@ class Pipeline:
                    f"GiB, {what} {budget / 2**30:.2f} GiB")  # fmt: skip
         return TileSpec(size, size // 4)
 
-    def describe(self, req: Request, evaluations: int, clock: Clock) -> dict[str, Any]:
-        """The sidecar: request, model, versions, DiT evaluations and timings in seconds."""
+    def describe(
+        self, req: Request, evaluations: int, clock: Clock, source_frames: int = 0
+    ) -> dict[str, Any]:
+        """The sidecar: request, model, versions, DiT evaluations and timings in seconds. An
+        extension's ``frames`` are its new ones; ``source_frames`` and ``output_frames`` say
+        how many came from the source and how many the output holds."""
         timings = {"load": round(self.load_seconds, 4), **clock.rounded()}
         timings["total"] = round(sum(timings.values()), 4)
         loras = {"loras": self.lora_records()} if self.loras else {}
+        counts = {}
+        if req.extend is not None:
+            counts = {"source_frames": source_frames, "output_frames": source_frames + req.frames}
         return {
             **req.summary(),
+            **counts,
             "model": self.name,
             **loras,
             "device": str(self.device),

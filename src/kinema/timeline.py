@@ -24,6 +24,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kinema import notes
+
 
 @dataclass(frozen=True)
 class Window:
@@ -75,6 +77,12 @@ def switch_frames(
         if t <= last:
             raise ValueError(f"prompt times must increase: {t:g} s comes after {last:g} s")
         frame = max(temporal, round(t * fps / temporal) * temporal)
+        if out and frame == out[-1][0]:
+            raise ValueError(
+                f"prompt times {last:g} s and {t:g} s both switch at frame {frame}: switches "
+                f"snap to every {temporal} frames ({temporal / fps:g} s at {fps:g} fps); give "
+                "times that far apart"
+            )
         out.append((frame, prompt))
         last = t
     return out
@@ -107,7 +115,11 @@ def new_frames(seconds: float, fps: float, temporal: int) -> int:
         raise ValueError(f"seconds {seconds} must be > 0 (and finite)")
     if not fps >= 1:
         raise ValueError(f"fps {fps} must be >= 1")
-    return max(1, round(seconds * fps / temporal)) * temporal
+    steps = round(seconds * fps / temporal)
+    if steps < 1:
+        notes.warn(f"{seconds:g} s at {fps:g} fps is less than the shortest step of {temporal} "
+                   f"frames; making {temporal / fps:g} s", stacklevel=3)  # fmt: skip
+    return max(1, steps) * temporal
 
 
 def clip_frames(seconds: float, fps: float, temporal: int) -> int:

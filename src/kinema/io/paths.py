@@ -24,6 +24,20 @@ def names_folder(path: str | Path) -> bool:
     return text.endswith(("/", os.sep)) or Path(text).suffix == "" or Path(text).is_dir()
 
 
+def check_output_name(path: str | Path, name: str = "output") -> None:
+    """Refuse output names that would make something else than asked: "-" (standard output,
+    which would become a folder named "-") and an existing folder named like a file
+    (``clip.mp4``), which would be filled with PNG frames."""
+    text = os.fspath(path)
+    if text == "-":
+        raise ValueError(f"{name} '-' (standard output) is not supported; give a file name "
+                         "(.mp4 .gif .webp) or a folder/ for PNG frames")  # fmt: skip
+    media = Path(text).suffix.lower() in (".mp4", ".gif", ".webp")
+    if media and Path(text).expanduser().is_dir() and not text.endswith(("/", os.sep)):
+        raise ValueError(f"{name} {text} is an existing folder; give a file name, or "
+                         f"'{text}/' for PNG frames in that folder")  # fmt: skip
+
+
 def check_writable(path: str | Path, name: str = "output") -> Path:
     """``path`` (``~`` expanded) if a file could be made there: not a FIFO, socket or device
     (an output is written beside it and renamed over it, which would replace one), and its

@@ -40,7 +40,7 @@ import av
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin
 
-from kinema.io.paths import check_frame_folder, check_writable, names_folder
+from kinema.io.paths import check_frame_folder, check_output_name, check_writable, names_folder
 
 WRITE_FORMATS = (".mp4", ".gif", ".webp", "<directory>/")
 PILLOW_SUFFIXES = (".gif", ".webp")
@@ -253,6 +253,7 @@ def write_video(
         The path written. Nothing is left behind if an exception is raised.
     """
     _check_write_args(frames, fps, crf, metadata)
+    check_output_name(path)
     check_writable(path)
     meta = dict(metadata or {})
     checked = _checked_frames(frames)
@@ -274,6 +275,22 @@ def sidecar_path(path: str | Path) -> Path:
     """The ``.json`` file that sits beside a video or frame folder: ``clip.mp4 -> clip.json``."""
     path = Path(os.fspath(path).rstrip("/" + os.sep))
     return path.with_suffix(".json")
+
+
+def check_sidecar(path: str | Path) -> None:
+    """Refuse, before any work, an output whose sidecar name (:func:`sidecar_path`) holds
+    something kinema did not write: the sidecar would replace the user's file."""
+    side = sidecar_path(Path(path).expanduser())
+    if not side.exists() and not side.is_symlink():
+        return
+    try:
+        versions = json.loads(side.read_text()).get("versions", {})
+        ours = isinstance(versions, dict) and "kinema" in versions
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise ValueError(f"{side} exists and is not a kinema sidecar; the output's .json would "
+                         "replace it: move it away or give another output name")  # fmt: skip
 
 
 def write_file(path: str | Path, data: bytes) -> Path:
@@ -469,6 +486,18 @@ class _Source(NamedTuple):
     constant_rate: bool  # False: keep decoded frames as they are when no fps is asked
 
 
+def pillow_reads(path: Path) -> bool:
+    """Whether ``path`` is a GIF or WebP file, read with Pillow (FFmpeg decodes no animated
+    WebP), told by its first bytes, not its name: an MP4 named .gif is read as the MP4 it is
+    (a file that cannot be opened goes by its name, for the reader's error)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(12)
+    except OSError:
+        return path.suffix.lower() in PILLOW_SUFFIXES
+    return head[:6] in (b"GIF87a", b"GIF89a") or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
 @contextmanager
 def _open_source(path: Path, start: float) -> Iterator[_Source]:
     """Open a PNG folder, a GIF/WebP (Pillow) or any PyAV container as a :class:`_Source`."""
@@ -476,7 +505,7 @@ def _open_source(path: Path, start: float) -> Iterator[_Source]:
         files = _png_files(path)
         fps = _png_fps(files[0])
         yield _Source(_png_timeline(files, fps, start), fps, 1 / fps, 1 / fps, True)
-    elif path.suffix.lower() in PILLOW_SUFFIXES:
+    elif pillow_reads(path):
         with _open_pillow(path) as image:
             durations = _pillow_durations(image)
             step = min(durations)  # held frames (encoders merge repeats) come out repeated
@@ -629,11 +658,20 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     if path.is_dir():
         with Image.open(_png_files(path)[0]) as image:
             return {k: str(v) for k, v in image.info.items() if isinstance(v, str) and k != "fps"}
-    if path.suffix.lower() in PILLOW_SUFFIXES:
+    if pillow_reads(path):
         with _open_pillow(path) as image:
             return _pillow_metadata(image)
     with _open_av(path) as container:
         return dict(container.metadata)
+
+
+def has_audio(path: str | Path) -> bool:
+    """Whether a video file also holds sound (which kinema's outputs do not keep)."""
+    path = Path(path)
+    if path.is_dir() or pillow_reads(path):
+        return False
+    with _open_av(path) as container:
+        return bool(container.streams.audio)
 
 
 def _probe_av(path: Path) -> VideoInfo:
@@ -678,7 +716,7 @@ def probe(path: str | Path) -> VideoInfo:
     try:
         if path.is_dir():
             return _probe_png(path)
-        if path.suffix.lower() in PILLOW_SUFFIXES:
+        if pillow_reads(path):
             return _probe_pillow(path)
         return _probe_av(path)
     except (OSError, EOFError, av.FFmpegError) as e:
