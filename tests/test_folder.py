@@ -179,8 +179,64 @@ def test_caption_files_that_are_not_utf8_or_short_rows_are_named(tmp_path):
         load(tmp_path / "latin")
     make_folder(tmp_path / "short")
     (tmp_path / "short" / "metadata.csv").write_text("file_name,caption\ntall.mp4\n")
-    with pytest.raises(ValueError, match="row 2 has no caption: the row has fewer cells"):
+    with pytest.raises(ValueError, match=r"row 2 has no caption \(an empty cell or null\)"):
         load(tmp_path / "short")
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        (
+            "metadata.csv",
+            "file_name,caption\ntall.mp4,a cat, running\n",
+            "row 2 has more cells than the header; quote a caption that holds commas",
+        ),
+        (
+            "metadata.csv",
+            'file_name,caption\ntall.mp4,"oops\nwide.mp4,fine\n',
+            "is not valid CSV: unexpected end of data \\(a quote left open\\?\\)",
+        ),
+        (
+            "metadata.csv",
+            'file_name,caption\ntall.mp4,"' + "w " * 70_000 + '"\n',
+            "is not valid CSV: field larger than field limit",
+        ),
+        ("metadata.csv", "name,desc\ntall.mp4,x,y\n", "row 2 has more cells than the header"),
+        (
+            "metadata.jsonl",
+            '{"file_name": "tall.mp4", "caption": null}',
+            "line 1 has no caption \\(an empty cell or null\\)",
+        ),
+        (
+            "metadata.jsonl",
+            '{"file_name": "tall.mp4", "caption": ["a", "b"]}',
+            'line 1: caption is \\["a", "b"\\], not text',
+        ),
+        ("metadata.jsonl", '{"file_name": "tall.mp4", "caption": true}', "caption is true, not"),
+        (
+            "metadata.jsonl",
+            '{"file_name": "tall.mp4", "caption": "party \\ud83c"}',
+            "line 1: caption is not valid Unicode text",
+        ),
+    ],
+)
+def test_metadata_rows_that_would_be_misread_are_named(tmp_path, name, text, message):
+    """Each was a traceback (extra cells, a huge cell, half an emoji) or a silent misreading
+    (a quote left open swallowed every later row; a list or true became its Python text)."""
+    make_folder(tmp_path)
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load(tmp_path)
+
+
+def test_a_split_folders_metadata_is_named_not_ignored(tmp_path):
+    """root/train/metadata.jsonl (a Hugging Face dataset's split): the videos were trained on
+    with empty captions."""
+    make_folder(tmp_path / "train")
+    (tmp_path / "train" / "metadata.jsonl").write_text('{"file_name": "tall.mp4", "caption": "x"}')
+    with pytest.raises(ValueError, match=f"give data.root {tmp_path / 'train'} "):
+        load(tmp_path)
+    assert [c for _, c in load(tmp_path / "train").items] == ["x"]
 
 
 def test_every_video_failing_to_decode_is_one_clear_error(tmp_path):

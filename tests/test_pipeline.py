@@ -130,7 +130,7 @@ def test_a_zero_is_refused_not_taken_for_the_default(tmp_path):
         pipe.generate("x", **{**SETTINGS, "fps": 0})
     with pytest.raises(ValueError, match="frames 0 must be >= 1"):
         pipe.generate("x", video=video, frames=0)
-    with pytest.raises(ValueError, match="width 0 must be >= 1"):
+    with pytest.raises(ValueError, match="width 0 is not a multiple of 16; nearest valid: 16"):
         pipe.generate("x", video=video, width=0)
     with pytest.raises(ValueError, match="fps 0 must be >= 1"):
         pipe.extend(video, 1.0, "x", fps=0)

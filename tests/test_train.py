@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from kinema.configs import DiTConfig, VAEConfig
 from kinema.data.synthetic import vocabulary
+from kinema.errors import RunFolderRemoved, TrainingDiverged
 from kinema.io.checkpoint import load_dit, load_vae, save_component
-from kinema.io.paths import RunFolderRemoved
 from kinema.models.dit import VideoDiT
 from kinema.models.ops import cpu_has_bf16
 from kinema.models.vae import CausalVAE
@@ -208,6 +208,18 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         "vae: v\nmodel: {}\nsampling: {width: 30}\n": "sampling.width / height 30x128",
         "vae: v\nmodel: {}\nsampling: {frames: 10}\n": "sampling.frames 10 must be 4k",
         "vae: v\nmodel: {}\nlr: 1e-4x\n": "TrainConfig.lr",
+        "vae: v\nmodel: {}\nlr: .inf\n": "lr inf must be a finite number > 0",
+        "vae: v\nmodel: {}\ngrad_clip: -1\n": r"grad_clip -1.0 must be >= 0 \(0 disables",
+        "vae: v\nmodel: {}\nweight_decay: -1\n": "weight_decay -1.0 must be >= 0",
+        "vae: v\nmodel: {}\nwarmup_steps: -5\n": "warmup_steps -5 must be >= 0",
+        "vae: v\nmodel: {}\nnum_workers: -1\n": "num_workers -1 must be >= 0",
+        "vae: v\nmodel: {}\nmin_lr_ratio: -1\n": r"min_lr_ratio -1.0 must be in \[0, 1\]",
+        "vae: v\nmodel: {}\nbetas: [1.5, 0.999]\n": r"betas \[1.5, 0.999\] must be two numbers",
+        "vae: v\nmodel: {}\ntext_max_length: 0\n": "text_max_length 0 must be >= 1",
+        "vae: v\nmodel: {}\nsample_every: 1\nsample_steps: 0\n": "sample_steps 0 must be",
+        "vae: v\nmodel: {}\ndata: {fps: 0}\n": "data.fps 0 must be >= 1",
+        "vae: v\nmodel: {}\ndata: {width: -32}\n": "data.width / height -32x128 must be >= 1",
+        "vae: v\nmodel: {}\nbatch_size: 1\nbatch_size: 2\n": "key 'batch_size' is given twice",
     }
     for i, (text, key) in enumerate(cases.items()):
         path = tmp_path / f"bad{i}.yaml"
@@ -423,6 +435,7 @@ def test_latent_cache_refuses_a_changed_video_folder(
     config = dit_config(root / "runs" / "a", vae_folder, data=data)  # out_dir inside the data
     precompute(config, text_encoder=text_encoder)
     (root / ".DS_Store").write_text("a file manager's")
+    (root / "notes.md").write_text("shot list")  # neither a video nor a caption
     precompute(config, text_encoder=text_encoder)  # the videos unchanged: reused
     caption = next(root.glob("*.txt"))
     for change in (lambda: caption.write_text("a purple star exploding"), caption.unlink):
@@ -568,6 +581,39 @@ def test_kinema_train_says_in_one_line_that_its_folder_was_removed(
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"kinema: error: the run's out_dir {out} was removed during")
     assert not out.exists()
+
+
+def test_a_full_disk_while_training_is_one_line(tmp_path: Path, vae_folder: Path) -> None:
+    """safetensors' own error for a write that fails (a full disk; here a file-size limit,
+    EFBIG) ends ``kinema train`` as every other write does: one line, exit 1."""
+    import resource
+    import subprocess
+    import sys
+
+    from kinema.train.config import config_to_dict
+
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(config_to_dict(dit_config(tmp_path / "run", vae_folder))))
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))  # noqa: E731
+    done = subprocess.run([sys.executable, "-m", "kinema", "train", str(path)],
+                          preexec_fn=limit, capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"kinema: error: cannot write in {tmp_path / 'run'}")
+    assert last.endswith(": File too large") and "Traceback" not in done.stderr
+
+
+def test_a_diverged_run_stops_before_saving_nan_weights(tmp_path: Path) -> None:
+    run, stream, loss_fn = toy_run(tmp_path / "run", checkpoint_every=2)
+
+    def on_step(step: int) -> None:
+        if step == 3:
+            with torch.no_grad():
+                run.model.weight.fill_(math.nan)  # as an lr far too high leaves them
+
+    with pytest.raises(TrainingDiverged, match="diverged by step 4 .* nothing was saved"):
+        train_loop(run, stream, loss_fn, on_step)
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000002"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,11 +6,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kinema.train import VAETrainConfig, export, train_dit, train_vae
 from kinema.train.state import latest_checkpoint
-from tests.test_train import TINY_VAE, dit_config
+from tests.test_train import TINY_VAE, dit_config, make_video_folder
 
 
 def keepsake(folder: Path) -> Path:
@@ -210,3 +211,39 @@ def test_convert_to_bf16_warns_of_no_slow_sampling(tmp_path: Path, capsys) -> No
     assert main(["convert", "kinema-tiny", str(tmp_path / "tiny-bf16"), "--dtype", "bf16"]) == 0
     assert capsys.readouterr().err == f"wrote {tmp_path / 'tiny-bf16'}\n"
     assert (tmp_path / "tiny-bf16" / "transformer" / "model.safetensors").stat().st_size > 0
+
+
+def test_out_dir_or_export_inside_the_video_folder_is_refused_first(
+    tmp_path: Path, vae_folder: Path, text_encoder
+) -> None:
+    """Its sample videos (and an export's) would become training data on the next run, and
+    an export there changed the folder the cache was built for."""
+    from kinema.train import DataConfig
+
+    root = make_video_folder(tmp_path / "videos")
+    videos = DataConfig(kind="folder", root=str(root), width=32, height=32, frames=9, fps=8)
+    for kw, name in ((dict(out_dir=str(root / "run")), "out_dir"),
+                     (dict(export_dir=str(root / "mine")), "export folder")):  # fmt: skip
+        config = dit_config(tmp_path / "run", vae_folder, data=videos, **kw)
+        with pytest.raises(ValueError, match=f"{name} .* is inside data.root {root}"):
+            train_dit(config, text_encoder=text_encoder)
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == []
+
+
+def test_a_run_that_failed_before_encoding_anything_starts_again_once_fixed(
+    tmp_path: Path, vae_folder: Path, text_encoder
+) -> None:
+    from kinema.io.video import write_video
+    from kinema.train import DataConfig
+
+    root = tmp_path / "videos"
+    root.mkdir()
+    data = DataConfig(kind="folder", root=str(root), width=32, height=32, frames=9, fps=8)
+    config = dit_config(tmp_path / "run", vae_folder, data=data, max_steps=1)
+    with pytest.raises(ValueError, match="has no videos"):
+        train_dit(config, text_encoder=text_encoder)
+    frames = np.random.default_rng(0).integers(0, 255, (12, 32, 32, 3), dtype=np.uint8)
+    write_video(root / "a.mp4", frames, fps=8)  # the user adds the video
+    (root / "a.txt").write_text("a red circle")
+    train_dit(config, text_encoder=text_encoder)  # was: "cache was built for other files"
+    assert (tmp_path / "run" / "cache" / "text.safetensors").is_file()

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from kinema import timeline
-from kinema.io.paths import RunFolderRemoved
+from kinema.errors import TrainingStopped
 from kinema.memory import keep_freed_memory
 
 EXIT_BAD_INPUT = 2
@@ -659,7 +659,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" {output}" if output else f" in {folder}" if folder else ""
         print(f"kinema: error: cannot write{where}: {err.strerror}", file=sys.stderr)
         return 1
-    except RunFolderRemoved as err:  # not the input: one line, exit 1
+    except TrainingStopped as err:  # not the input: one line, exit 1
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"kinema: error: {err}", file=sys.stderr)
         return 1

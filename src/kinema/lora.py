@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from kinema.io.checkpoint import save_tensors
 from kinema.io.paths import usual_modes
 from kinema.models.ops import Linear, apply_gelu, linear
 
@@ -136,7 +136,7 @@ def save_lora(model: nn.Module, path: str | Path, base: str = "") -> Path:
     rank = model.lora_config.rank
     meta = {"format": "kinema-lora", "rank": str(rank), "alpha": str(rank), "base": base}
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata=meta)
+    save_tensors(state, tmp, meta)
     usual_modes(tmp)
     tmp.replace(path)
     return path

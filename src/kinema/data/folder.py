@@ -51,13 +51,22 @@ Size = tuple[int, int]
 
 
 def _pick(row: dict[str, Any], keys: Sequence[str], where: str) -> str:
-    """The first of ``keys`` present in ``row``, as a string."""
+    """The first of ``keys`` present in ``row``: text (valid Unicode), else ValueError."""
     for key in keys:
-        if row.get(key) is not None:
-            return str(row[key])
-    if any(key in row for key in keys):  # csv: a row with fewer cells than the header
-        raise ValueError(f"{where} has no {keys[0]}: the row has fewer cells than the header")
-    raise ValueError(f"{where} has none of the columns {list(keys)}; found {sorted(row)}")
+        value = row.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: {key} is {json.dumps(value)}, not text")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: half an emoji cut by some tool
+            raise ValueError(f"{where}: {key} is not valid Unicode text ({value!r})") from None
+        return value
+    if any(key in row for key in keys):  # csv: fewer cells than the header; json: null
+        raise ValueError(f"{where} has no {keys[0]} (an empty cell or null)")
+    found = sorted(str(k) for k in row if k is not None)
+    raise ValueError(f"{where} has none of the columns {list(keys)}; found {found}")
 
 
 def read_text(path: Path) -> str:
@@ -90,7 +99,15 @@ def _jsonl_rows(path: Path) -> list[tuple[str, str]]:
 
 def _csv_rows(path: Path) -> list[tuple[str, str]]:
     """(file name, caption) per row of a ``metadata.csv`` with a header line."""
-    rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
+    try:  # strict: a quote left open is an error, not a caption swallowing every later row
+        rows = list(csv.DictReader(io.StringIO(read_text(path), newline=""), strict=True))
+    except csv.Error as err:
+        hint = " (a quote left open?)" if "end of data" in str(err) else ""
+        raise ValueError(f"{path} is not valid CSV: {err}{hint}") from None
+    for n, row in enumerate(rows, start=2):
+        if None in row:  # cells past the header's: an unquoted comma in a caption
+            raise ValueError(f"{path} row {n} has more cells than the header; quote a caption "
+                             'that holds commas ("a cat, running")')  # fmt: skip
     return [
         (_pick(row, FILE_KEYS, f"{path} row {n}"), _pick(row, CAPTION_KEYS, f"{path} row {n}"))
         for n, row in enumerate(rows, start=2)
@@ -111,14 +128,17 @@ def _existing(root: Path, rows: list[tuple[str, str]], source: Path) -> list[tup
     return found
 
 
-def _is_video_name(path: Path) -> bool:
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # captions of a whole folder, in this order
+
+
+def is_video_name(path: Path) -> bool:
     """A visible file with a video extension (hidden files are skipped: temp writes)."""
     return path.suffix.lower() in VIDEO_SUFFIXES and not path.name.startswith(".")
 
 
 def _sidecar_items(root: Path) -> list[tuple[Path, str]]:
     """Every video under ``root`` (recursively) with its ``.txt`` caption or ``""``."""
-    videos = sorted(p for p in root.rglob("*") if _is_video_name(p))
+    videos = sorted(p for p in root.rglob("*") if is_video_name(p))
     if not videos:
         texts = list(root.rglob("*.txt"))
         what = f"{len(texts)} caption file(s) but no videos" if texts else "no videos"
@@ -152,7 +172,7 @@ def find_videos(root: str | Path) -> list[tuple[Path, str]]:
             videos, or its metadata names no existing file or lacks the needed columns.
     """
     root = check_root(root)
-    for name, reader in (("metadata.jsonl", _jsonl_rows), ("metadata.csv", _csv_rows)):
+    for name, reader in zip(METADATA_FILES, (_jsonl_rows, _csv_rows), strict=True):
         source = root / name
         if source.is_file():
             rows = reader(source)
@@ -160,13 +180,18 @@ def find_videos(root: str | Path) -> list[tuple[Path, str]]:
                 raise ValueError(f"{source} has no rows; expected file_name and caption")
             found = _existing(root, rows, source)
             listed = {p.resolve() for p, _ in found}
-            unlisted = [p for p in root.rglob("*") if _is_video_name(p)
+            unlisted = [p for p in root.rglob("*") if is_video_name(p)
                         and p.resolve() not in listed]  # fmt: skip
             if unlisted:
                 names = [p.name for p in unlisted[:5]]
                 warnings.warn(f"{len(unlisted)} video(s) in {root} are not in {name} and are "
                               f"not used: {names}", stacklevel=2)  # fmt: skip
             return found
+    nested = sorted(p for name in METADATA_FILES for p in root.rglob(name))
+    if nested:  # a Hugging Face dataset's split folder (root/train/metadata.jsonl)
+        raise ValueError(f"{root} has no {' or '.join(METADATA_FILES)} of its own but "
+                         f"{nested[0]}: give data.root {nested[0].parent} (captions are read "
+                         "from the root's metadata file or .txt sidecars)")  # fmt: skip
     return _sidecar_items(root)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -40,6 +41,21 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Reading tensors
 # ---------------------------------------------------------------------------------------------
+
+
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """``safetensors.torch.save_file``, whose I/O failures (a full disk) are raised as the
+    OSError they are, so that they end a command as one line like every other write."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), str(path)) from None
 
 
 def weight_files(folder: str | Path) -> list[Path]:
@@ -178,7 +194,7 @@ def save_component(module: nn.Module, folder: str | Path, dtype: torch.dtype | N
     try:
         state = {k: _cast(v.detach(), dtype, False).contiguous().cpu() for k, v in
                  module.state_dict().items()}  # fmt: skip
-        save_file(state, str(tmp / "model.safetensors"))
+        save_tensors(state, tmp / "model.safetensors")
         save_json(module.config, tmp / "config.json", _class=type(module).__name__)
         usual_modes(tmp)
         replace_dir(tmp, folder)

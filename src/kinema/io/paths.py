@@ -13,10 +13,6 @@ from pathlib import Path
 FRAME_FILE = re.compile(r"frame_\d{5}\.png")  # what a PNG-frame output folder holds
 
 
-class RunFolderRemoved(RuntimeError):
-    """A training run's out_dir (or its ``train_config.json``) was removed while it trained."""
-
-
 def names_folder(path: str | Path) -> bool:
     """A path names a PNG-frame folder when it ends in a separator, has no suffix, or is a
     folder."""

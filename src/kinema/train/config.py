@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -60,6 +61,10 @@ class DataConfig:
             raise ValueError(f"data.frames {self.frames} must be 4k+1 (1, 5, 9, ..., 33, ...)")
         if self.num_clips < 1:
             raise ValueError(f"data.num_clips {self.num_clips} must be >= 1")
+        if self.fps < 1:
+            raise ValueError(f"data.fps {self.fps} must be >= 1")
+        if self.width < 1 or self.height < 1:
+            raise ValueError(f"data.width / height {self.width}x{self.height} must be >= 1")
         if not 0.5 <= self.object_scale <= 1.6:
             raise ValueError(f"data.object_scale {self.object_scale}; valid: 0.5 to 1.6")
         from kinema.data.synthetic import BALANCES, check_motion_weights
@@ -133,8 +138,19 @@ class OptimFields:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} {getattr(self, name)} must be >= 1")
-        if self.lr <= 0:
-            raise ValueError(f"lr {self.lr} must be > 0")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr {self.lr} must be a finite number > 0")
+        at_least_zero = {"grad_clip": "0 disables clipping", "weight_decay": "0: none",
+                         "warmup_steps": "0: none",
+                         "num_workers": "0: decode in this process"}  # fmt: skip
+        for name, zero in at_least_zero.items():
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} {value} must be >= 0 ({zero})")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio {self.min_lr_ratio} must be in [0, 1]")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas {list(self.betas)} must be two numbers in [0, 1)")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay {self.ema_decay} must be in [0, 1)")
         if self.precision not in PRECISIONS:
@@ -212,6 +228,11 @@ class TrainConfig(OptimFields):
             raise ValueError(f"shift {self.shift} and logit_std {self.logit_std} must be > 0")
         if self.cond_max_frames < 2:
             raise ValueError(f"cond_max_frames {self.cond_max_frames} must be >= 2")
+        if self.text_max_length < 1:
+            raise ValueError(f"text_max_length {self.text_max_length} must be >= 1")
+        if self.sample_every and (self.sample_steps < 1 or self.sample_guidance < 0):
+            raise ValueError(f"sample_steps {self.sample_steps} must be >= 1 and sample_guidance "
+                             f"{self.sample_guidance} >= 0")  # fmt: skip
         if self.extra_caches and self.data.buckets:
             raise ValueError("extra_caches mix caches of one clip size; not with data.buckets")
         side = 8 * (self.model.patch_size[1] if self.model is not None else 2)  # VAE x patch
@@ -344,6 +365,22 @@ def parse_config(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         raise ValueError(message) from err
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last
+    silently: a second ``batch_size:`` lower down overrode the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_mapping(path: str | Path) -> dict[str, Any]:
     """A YAML (``.yaml``/``.yml``) or JSON file as a dict."""
     path = Path(path)
@@ -354,7 +391,7 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     kind = "JSON" if path.suffix == ".json" else "YAML"
     try:
         text = path.read_text()
-        data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+        data = json.loads(text) if kind == "JSON" else yaml.load(text, UniqueKeyLoader)
     except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as err:
         raise ValueError(f"config file {path} is not valid {kind}: {parse_error(err)}") from None
     if not isinstance(data, dict):

@@ -37,19 +37,15 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from kinema.configs import SamplingDefaults
 from kinema.distributed import train as dt
-from kinema.io.paths import (
-    MODEL_ENTRIES,
-    RunFolderRemoved,
-    check_export_folder,
-    check_folder,
-    usual_modes,
-)
+from kinema.errors import RunFolderRemoved, TrainingDiverged
+from kinema.io.checkpoint import save_tensors
+from kinema.io.paths import MODEL_ENTRIES, check_export_folder, check_folder, usual_modes
 from kinema.models.ops import cpu_has_bf16
 from kinema.timeline import latent_prompts
 from kinema.train.config import (
@@ -249,14 +245,19 @@ def check_run_folders(
     adds one file); ``data``'s video folder, if any, holds videos."""
     from kinema.data.folder import check_root
 
-    if data is not None and data.kind == "folder":  # before out_dir holds anything
-        check_root(Path(data.root).expanduser())  # type: ignore[arg-type]
     out = check_folder(out_dir, "out_dir")
+    target = check_folder(dest, "export folder")
+    if data is not None and data.kind == "folder":  # before out_dir holds anything
+        root = check_root(Path(data.root).expanduser()).resolve()  # type: ignore[arg-type]
+        for name, path in (("out_dir", out), ("export folder", target)):
+            if root == path.resolve() or root in path.resolve().parents:
+                raise ValueError(f"{name} {path} is inside data.root {root}: the videos it "
+                                 "gets (samples, exports) would be read as training data; "
+                                 "give a folder outside it")  # fmt: skip
     log = out / "log.csv"
     if log.is_file() and not log.read_text(errors="replace").startswith("step,"):
         raise ValueError(f"out_dir {out} holds a log.csv that is not a kinema training log; "
                          "give another out_dir")  # fmt: skip
-    target = check_folder(dest, "export folder")
     if kept is None:
         return
     if target.resolve() == out.resolve() or target.resolve() in out.resolve().parents:
@@ -461,12 +462,14 @@ def train_loop(
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 if step % c.checkpoint_every == 0 or step == last:
                     present.check(step)
+                    check_finite(run.model, step, loss)
                     save_run(run)
                 if on_step is not None:
                     on_step(step)
             stopped = dt.any_rank(stop.requested)
             if stopped is not None:
                 present.check(run.progress.step)
+                check_finite(run.model, run.progress.step, math.nan)
                 save_run(run)
             return stopped
     finally:
@@ -491,6 +494,17 @@ class RunFolder:
         if gone:
             raise RunFolderRemoved(f"the run's out_dir {self.out} was removed during training; "
                                    f"stopped at step {step} with nothing saved there")  # fmt: skip
+
+
+def check_finite(model: nn.Module, step: int, loss: float) -> None:
+    """Before a checkpoint: stop (:class:`TrainingDiverged`) rather than save weights that are
+    no longer finite numbers, which every later step and the export would inherit."""
+    trained = (p for p in model.parameters() if p.requires_grad)
+    if all(bool(torch.isfinite(p).all()) for p in trained):
+        return
+    raise TrainingDiverged(f"training diverged by step {step} (loss {loss:.4g}): the weights are "
+                           "no longer finite, so nothing was saved; lower lr and run again (it "
+                           "resumes from the last checkpoint)")  # fmt: skip
 
 
 def save_run(run: Run) -> Path:
@@ -589,13 +603,20 @@ def vae_fingerprint(vae: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def data_file(path: Path) -> bool:
+    """Whether a file in a video folder is one the clips are made of: a video or captions."""
+    from kinema.data.folder import METADATA_FILES, is_video_name
+
+    return is_video_name(path) or path.suffix.lower() == ".txt" or path.name in METADATA_FILES
+
+
 def folder_fingerprint(root: str | Path, out_dir: str | Path) -> str:
-    """A video folder's state: a hash of every file's path, size and modification time, so a
-    video or caption added, removed or edited since is seen (hidden files, and the run's own
-    ``out_dir`` should it lie inside, left out)."""
+    """A video folder's state: a hash of the path, size and modification time of every video
+    and caption file (videos, ``.txt``, ``metadata.jsonl`` / ``.csv``; not notes, thumbnails
+    or hidden files), so a video or caption added, removed or edited since is seen."""
     root, digest = Path(root).expanduser(), hashlib.sha256()
     out = Path(out_dir).expanduser().resolve()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and data_file(p)):
         hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
         if hidden or out in path.resolve().parents:
             continue
@@ -632,8 +653,12 @@ CACHE_KEY_NAMES = {"data": "data settings", "vae": "VAE weights",
 
 
 def check_cache_key(folder: Path, key: dict[str, Any]) -> None:
+    """Refuse a cache built for other settings or files; record ``key`` in ``meta.json``.
+    A cache with nothing encoded yet (a run that stopped before its first shard, e.g. on bad
+    input the user has since fixed) is taken over, whatever it was started for."""
     meta = folder / "meta.json"
-    if meta.exists():
+    encoded = any(folder.glob("latents-*.safetensors")) or (folder / "text.safetensors").exists()
+    if meta.exists() and encoded:
         built = json.loads(meta.read_text())
         built.setdefault("files", key.get("files"))  # a cache from before folders were hashed
         if differs := [CACHE_KEY_NAMES[k] for k in key if built.get(k) != key[k]]:
@@ -652,7 +677,7 @@ def encode_clips(vae: nn.Module, video: Tensor, device: torch.device) -> Tensor:
 
 def write_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    save_tensors({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata)
     usual_modes(tmp)
     tmp.replace(path)
 

@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from kinema.data.folder import epoch_generator, group_batches
-from kinema.io.checkpoint import save_component
+from kinema.io.checkpoint import save_component, save_tensors
 from kinema.io.paths import usual_modes
 from kinema.train.ema import EMA
 
@@ -103,10 +103,10 @@ def save_checkpoint(
             from kinema.lora import lora_state
 
             lora = {k: v.detach().contiguous().cpu() for k, v in lora_state(model).items()}
-            save_file(lora, str(tmp / "lora.safetensors"))
+            save_tensors(lora, tmp / "lora.safetensors")
         else:
             save_component(model, tmp / "model")
-        save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
+        save_tensors({k: v.contiguous() for k, v in ema.shadow.items()}, tmp / "ema.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / "optimizer.pt")
         write_state(tmp, progress, ema, extra)
         usual_modes(tmp)
@@ -166,9 +166,9 @@ def _write_full(tmp: Path, progress: Progress, model: nn.Module, weights: dict[s
 
     (tmp / "model").mkdir()
     state = {k: v.contiguous() for k, v in weights.items()}
-    save_file(state, str(tmp / "model" / "model.safetensors"))
+    save_tensors(state, tmp / "model" / "model.safetensors")
     save_json(model.config, tmp / "model" / "config.json", _class=_plain_class(model).__name__)
-    save_file(shadow, str(tmp / "ema.safetensors"))
+    save_tensors(shadow, tmp / "ema.safetensors")
     torch.save({"rng": rng_state()}, tmp / "rng.pt")
     write_state(tmp, progress, ema)
 
