@@ -351,6 +351,19 @@ def test_bad_folders_and_arguments(tmp_path):
         load(tmp_path / "ok", frames=0)
     with pytest.raises(ValueError, match=r"size \(16, -2\) must be"):
         load(tmp_path / "ok", size=(16, -2))
+    for bad, message in (({"frames": True}, "frames True must be an int"),
+                         ({"fps": "8"}, "fps '8' must be a finite number"),
+                         ({"size": (True, True)}, "size \\(True, True\\) must be")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            load(tmp_path / "ok", **bad)
+    numpy_sized = load(tmp_path / "ok", frames=np.int64(3), size=(np.int64(16), 16))
+    assert numpy_sized.frames == 3 and numpy_sized.sizes == ((16, 16),)
+
+
+def test_a_home_relative_root_is_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    make_folder(tmp_path / "vids")
+    assert load("~/vids").root == tmp_path / "vids"
 
 
 def test_a_video_cut_short_keeps_its_readable_part(tmp_path):

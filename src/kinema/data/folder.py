@@ -200,10 +200,15 @@ def find_videos(root: str | Path) -> list[tuple[Path, str]]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _whole(value: Any) -> bool:
+    """An int (numpy's too), not a bool."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
 def _check_size(size: Any, name: str) -> Size:
     """A (width, height) pair of positive ints, or ValueError naming it."""
     ok = isinstance(size, (tuple, list)) and len(size) == 2
-    if not ok or not all(isinstance(v, int) and v > 0 for v in size):
+    if not ok or not all(_whole(v) and v > 0 for v in size):
         raise ValueError(f"{name} {size!r} must be (width, height) with positive ints")
     return int(size[0]), int(size[1])
 
@@ -281,13 +286,15 @@ class VideoFolder(Dataset):
         buckets: Sequence[Size] | None = None,
         seed: int = 0,
     ) -> None:
-        if not isinstance(frames, int) or frames < 1:
+        if not _whole(frames) or frames < 1:
             raise ValueError(f"frames {frames!r} must be an int >= 1")
-        if not (math.isfinite(fps) and fps > 0):
-            raise ValueError(f"fps {fps} must be a finite number > 0")
-        if not isinstance(seed, int) or seed < 0:
+        number = isinstance(fps, int | float | np.number) and not isinstance(fps, bool)
+        if not (number and math.isfinite(fps) and fps > 0):
+            raise ValueError(f"fps {fps!r} must be a finite number > 0")
+        if not _whole(seed) or seed < 0:
             raise ValueError(f"seed {seed!r} must be an int >= 0")
-        self.root, self.frames, self.fps, self.seed = Path(root), frames, float(fps), seed
+        self.root, self.frames, self.fps = Path(root).expanduser(), int(frames), float(fps)
+        self.seed = int(seed)
         self.resize, self.sizes = resize, _resolve_sizes(resize, size, buckets)
         self.epoch = 0
         self.skipped: list[tuple[str, str]] = []
@@ -310,7 +317,9 @@ class VideoFolder(Dataset):
             except ValueError as e:
                 self._record_skip(path, e)
         if not items:
-            raise ValueError(f"all {len(found)} video(s) in {self.root} are unreadable")
+            first, why = self.skipped[0]
+            raise ValueError(f"all {len(found)} video(s) in {self.root} are unreadable; the "
+                             f"first, {first}: {why}")  # fmt: skip
         return items, infos
 
     def _record_skip(self, path: Path, error: Exception) -> None:
