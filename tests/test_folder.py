@@ -399,3 +399,14 @@ def test_a_video_cut_short_keeps_its_readable_part(tmp_path):
         ds.set_epoch(epoch)
         assert ds.clip_start(0) <= cut - 9 / 8 or ds.clip_start(0) == 0.0
     assert ds[0]["path"].endswith("cut.mkv")
+
+
+def test_a_linked_folder_of_videos_is_followed_once(tmp_path):
+    """A folder linked in (videos on another disk) was not searched; a link back up is not
+    followed round."""
+    make_folder(tmp_path / "elsewhere")
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "linked").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere" / "loop").symlink_to(tmp_path / "root")
+    names = sorted(Path(p).name for p, _ in load(tmp_path / "root").items)
+    assert names == ["square.webm", "tall.mp4", "wide.mp4"]

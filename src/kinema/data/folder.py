@@ -25,6 +25,7 @@ import csv
 import io
 import json
 import math
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -128,6 +129,20 @@ def _existing(root: Path, rows: list[tuple[str, str]], source: Path) -> list[tup
     return found
 
 
+def files_under(root: Path) -> list[Path]:
+    """Every file below ``root``, sorted, following linked folders (a folder of videos linked
+    in from another disk), each real folder once (a link back up is not followed round)."""
+    found, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        found += [Path(folder) / name for name in files]
+    return sorted(found)
+
+
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # captions of a whole folder, in this order
 
 
@@ -138,9 +153,10 @@ def is_video_name(path: Path) -> bool:
 
 def _sidecar_items(root: Path) -> list[tuple[Path, str]]:
     """Every video under ``root`` (recursively) with its ``.txt`` caption or ``""``."""
-    videos = sorted(p for p in root.rglob("*") if is_video_name(p))
+    files = files_under(root)
+    videos = [p for p in files if is_video_name(p)]
     if not videos:
-        texts = list(root.rglob("*.txt"))
+        texts = [p for p in files if p.suffix == ".txt"]
         what = f"{len(texts)} caption file(s) but no videos" if texts else "no videos"
         raise ValueError(f"video folder {root} has {what}; video extensions: {VIDEO_SUFFIXES}")
     items = [(p, _read_caption(p.with_suffix(".txt"))) for p in videos]
@@ -180,14 +196,14 @@ def find_videos(root: str | Path) -> list[tuple[Path, str]]:
                 raise ValueError(f"{source} has no rows; expected file_name and caption")
             found = _existing(root, rows, source)
             listed = {p.resolve() for p, _ in found}
-            unlisted = [p for p in root.rglob("*") if is_video_name(p)
+            unlisted = [p for p in files_under(root) if is_video_name(p)
                         and p.resolve() not in listed]  # fmt: skip
             if unlisted:
                 names = [p.name for p in unlisted[:5]]
                 warnings.warn(f"{len(unlisted)} video(s) in {root} are not in {name} and are "
                               f"not used: {names}", stacklevel=2)  # fmt: skip
             return found
-    nested = sorted(p for name in METADATA_FILES for p in root.rglob(name))
+    nested = [p for p in files_under(root) if p.name in METADATA_FILES]
     if nested:  # a Hugging Face dataset's split folder (root/train/metadata.jsonl)
         raise ValueError(f"{root} has no {' or '.join(METADATA_FILES)} of its own but "
                          f"{nested[0]}: give data.root {nested[0].parent} (captions are read "

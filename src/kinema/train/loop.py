@@ -614,9 +614,11 @@ def folder_fingerprint(root: str | Path, out_dir: str | Path) -> str:
     """A video folder's state: a hash of the path, size and modification time of every video
     and caption file (videos, ``.txt``, ``metadata.jsonl`` / ``.csv``; not notes, thumbnails
     or hidden files), so a video or caption added, removed or edited since is seen."""
+    from kinema.data.folder import files_under
+
     root, digest = Path(root).expanduser(), hashlib.sha256()
     out = Path(out_dir).expanduser().resolve()
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and data_file(p)):
+    for path in (p for p in files_under(root) if data_file(p) and p.is_file()):
         hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
         if hidden or out in path.resolve().parents:
             continue
