@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -410,3 +411,24 @@ def test_a_linked_folder_of_videos_is_followed_once(tmp_path):
     (tmp_path / "elsewhere" / "loop").symlink_to(tmp_path / "root")
     names = sorted(Path(p).name for p, _ in load(tmp_path / "root").items)
     assert names == ["square.webm", "tall.mp4", "wide.mp4"]
+
+
+def test_worker_processes_say_a_skipped_file_once_between_them(tmp_path, capfd):
+    """Each DataLoader worker has its own copy of the dataset: each said the same skip."""
+    from torch.utils.data import DataLoader
+
+    from kinema.train.loop import said_once
+
+    make_folder(tmp_path)
+    ds = load(tmp_path)
+    victim = [Path(p).name for p, _ in ds.items].index("tall.mp4")
+    (tmp_path / "tall.mp4").write_bytes(b"\x00" * 2000)  # broken after the probe
+    loader = DataLoader(ds, batch_size=1, sampler=[victim] * 4, num_workers=2, collate_fn=collate)
+    capfd.readouterr()
+    with warnings.catch_warnings(), said_once(ds, workers=2):
+        warnings.simplefilter("always")  # as the CLI shows them (pytest's would record them)
+        warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
+        assert len(list(loader)) == 4  # each worker met the broken file
+    err = capfd.readouterr().err
+    assert err.count("skipping unreadable video") == 1, err
+    assert ds.said_in is None

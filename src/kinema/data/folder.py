@@ -22,6 +22,7 @@ A clip is ``frames`` frames at ``fps`` from a random start, drawn by a generator
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -318,6 +319,7 @@ class VideoFolder(Dataset):
         self._readable: dict[int, float] = {}  # seconds a video decodes for, where its header
         #   claims more (a truncated file): clip starts are drawn within them
         self._warned_short = False
+        self.said_in: Path | None = None  # a folder DataLoader workers say warnings once in
         self.items, self.infos = self._probe_all(find_videos(self.root))
         self._buckets = [nearest_bucket(i.width, i.height, self.sizes) for i in self.infos]
 
@@ -340,8 +342,19 @@ class VideoFolder(Dataset):
 
     def _record_skip(self, path: Path, error: Exception) -> None:
         """Warn about an unreadable file and add it to :attr:`skipped`."""
-        warnings.warn(f"skipping unreadable video: {error}", stacklevel=3)
+        self._say_once(f"skip {path}", f"skipping unreadable video: {error}")
         self.skipped.append((str(path), str(error)))
+
+    def _say_once(self, key: str, message: str) -> None:
+        """Warn ``message``, which DataLoader workers sharing :attr:`said_in` (each with its
+        own copy of this dataset) say once between them: the first to claim ``key`` there."""
+        if self.said_in is not None:
+            mark = self.said_in / hashlib.sha1(key.encode()).hexdigest()
+            try:
+                os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
+        warnings.warn(message, stacklevel=4)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -388,22 +401,18 @@ class VideoFolder(Dataset):
             self._readable[index] = start
             item = self._load(index, size, start=0.0)  # a file broken from 0 s on is skipped
             if first:
-                warnings.warn(
-                    f"{self.items[index][0]} does not decode from {start:.2f} s on; its clips "
-                    "now start before that (warned once)",
-                    stacklevel=3,
-                )
+                path = self.items[index][0]
+                self._say_once(f"cut {path}", f"{path} does not decode from {start:.2f} s on; "
+                               "its clips now start before that (warned once)")  # fmt: skip
             return item
 
     def _warn_short(self, path: Path, got: int) -> None:
         """Warn (once per dataset) that clips are padded with their last frame."""
         if not self._warned_short:
             self._warned_short = True
-            warnings.warn(
-                f"{path} gives {got} of {self.frames} frames at {self.fps} fps; short clips "
-                "are padded by repeating their last frame (warned once)",
-                stacklevel=3,
-            )
+            self._say_once("short", f"{path} gives {got} of {self.frames} frames at {self.fps} "
+                           "fps; short clips are padded by repeating their last frame (warned "
+                           "once)")  # fmt: skip
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Item ``index``, or the next readable one (resized to ``index``'s bucket)."""

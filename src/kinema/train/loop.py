@@ -19,6 +19,7 @@ randomness of the whole micro-batch, so N processes follow the one-process run.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -27,6 +28,7 @@ import json
 import math
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -168,8 +170,24 @@ def clip_stream(
     else:  # aspect-ratio buckets: each batch one size
         batches = BucketBatches(groups, batch, seed, start, with_epoch=True)
         loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers)
-    for video, captions in loader:
-        yield {"video": video, "captions": list(captions)}
+    with said_once(ds.source, workers):
+        for video, captions in loader:
+            yield {"video": video, "captions": list(captions)}
+
+
+@contextlib.contextmanager
+def said_once(source: Any, workers: int) -> Iterator[None]:
+    """With worker processes, a video folder's warnings (a file skipped, clips padded) are
+    said once between them, not once by each (see ``VideoFolder.said_in``)."""
+    if workers < 1 or not hasattr(source, "said_in"):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="kinema-said-") as folder:
+        source.said_in = Path(folder)
+        try:
+            yield
+        finally:
+            source.said_in = None
 
 
 # ---------------------------------------------------------------------------------------------
