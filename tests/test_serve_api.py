@@ -269,9 +269,20 @@ def test_delete_cancels_and_removes(client, server):
         client.videos.delete(slow[0].id)
 
 
-def test_models(client):
+def test_models(client, http):
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny-model"]
+    assert client.models.retrieve("tiny-model").id == "tiny-model"
+    error = error_of(http.get("/v1/models/sora-2"), 404, "model")
+    assert error["message"] == "no model 'sora-2'; this server serves 'tiny-model'"
+
+
+def test_an_empty_image_is_refused_not_dropped(http):
+    """It made a text-to-video job, the image quietly left out."""
+    ref = {"image_url": "data:image/png;base64,"}
+    error = error_of(http.post("/v1/videos", json={"prompt": "x", "input_reference": ref}), 400,
+                     "input_reference")  # fmt: skip
+    assert "holds no data (an empty image)" in error["message"]
 
 
 def test_auth(server):
@@ -303,6 +314,8 @@ def error_of(response: httpx.Response, status: int, param: str | None) -> dict:
         ({"size": "8192x8192"}, "size", "GiB at its peak; this server has 1.0 GiB for a job"),
         ({"seconds": "0"}, "seconds", "must be > 0"),
         ({"seconds": "ten"}, "seconds", "not a number"),
+        ({"seconds": "1_0"}, "seconds", "seconds '1_0' is not a number"),  # float() took it: 10
+        ({"at": "0.5:" + "a cat " * 700}, "at", "at.0: String should have at most 4100"),
         ({"seconds": "x" * 5000}, "seconds", "seconds 'xxxxxxxxxxxxxxxxx"),
         ({"seconds": "1000"}, "seconds", "<= 60"),
         ({"steps": "-1"}, "steps", "greater than or equal to 1"),
@@ -536,6 +549,34 @@ def test_serve_refuses_an_address_it_cannot_listen_on_before_loading(tmp_path):
             )  # fmt: skip
             assert done.returncode == 2 and message in done.stderr, done.stderr
             assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_serve_refuses_a_data_dir_it_cannot_keep_jobs_in(tmp_path):
+    """Each was a traceback (some after the model had loaded): one line and exit code 2."""
+    import subprocess
+    import sys
+
+    from tests.serve_helpers import ROOT, free_port
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "jobs-file").mkdir()
+    (tmp_path / "jobs-file" / "jobs").write_text("x")
+    (tmp_path / "bad-db").mkdir()
+    (tmp_path / "bad-db" / "jobs.sqlite3").write_text("garbage")
+    for data_dir, message in (
+        (tmp_path / "file", "--data-dir " + str(tmp_path / "file") + " is a file"),
+        (tmp_path / "file" / "sub", "is not a writable folder"),
+        (tmp_path / "jobs-file", "holds a file named jobs, where the server keeps a folder"),
+        (tmp_path / "bad-db", "jobs.sqlite3 is not a kinema job database (not SQLite)"),
+        ("/proc/kinema", "/proc is not a writable folder"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "kinema", "serve", "--data-dir", str(data_dir),
+             "--port", str(free_port())],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
 
 
 def test_a_second_server_on_the_same_data_dir_is_refused_before_loading(server):

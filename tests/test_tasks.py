@@ -477,3 +477,11 @@ def test_a_sources_sound_is_said_to_be_left_out(pipe, tmp_path):
     assert len(video.frames) == 13 and video.info["output_frames"] == 13
     with pytest.warns(UserWarning, match="phone.mp4 has sound; the restyle is video only"):
         pipe.generate("x", video=str(tmp_path / "phone.mp4"), **BASE)
+
+
+def test_contrast_with_cut_switches_is_said_to_change_nothing(pipe):
+    with pytest.warns(UserWarning, match="with switch 'cut' it changes nothing"):
+        pipe.generate("x", frames=9, prompts=[(0.5, "y")], switch="cut", contrast=2.0, **BASE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.generate("x", frames=9, prompts=[(0.5, "y")], contrast=2.0, **BASE)  # blend: acts

@@ -542,6 +542,7 @@ class Pipeline:
             other = "video (video-to-video)" if req.video is not None else "extend"
             raise ValueError(f"give either image (image-to-video) or {other}, not both")
         idle_switch = not req.prompts and (req.switch != "blend" or req.contrast is not None)
+        idle_contrast = bool(req.prompts) and req.switch == "cut" and req.contrast is not None
         given_negative = req.negative_prompt is not None
         if req.strength is not None and req.video is None:
             raise ValueError(
@@ -568,6 +569,8 @@ class Pipeline:
         if idle_switch:  # warnings once the request is known to be good
             notes.warn("switch and contrast act on timed prompts (--at, prompts=); this request "
                        "has none, so they change nothing")  # fmt: skip
+        if idle_contrast:
+            notes.warn("contrast acts on blended switches; with switch 'cut' it changes nothing")
         if given_negative and req.negative_prompt.strip() and req.guidance <= 1:
             notes.warn(f"the negative prompt acts only with guidance > 1; at guidance "
                        f"{req.guidance:g} it changes nothing")  # fmt: skip

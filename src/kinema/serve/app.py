@@ -206,7 +206,7 @@ class TimedFields(BaseModel):
     """Timed prompts, accepted wherever a prompt is."""
 
     model_config = ConfigDict(extra="forbid")
-    at: list[str] | None = Field(
+    at: list[Annotated[str, Field(max_length=4100)]] | None = Field(
         None, max_length=64,
         description='timed prompts, as the CLI\'s --at: ["1.5:a cat jumps", ...] (seconds from '
         "the start of the clip, or of the continuation for an extension)",
@@ -482,9 +482,14 @@ def too_large(limit: int) -> ApiError:
 # ---------------------------------------------------------------------------------------------
 
 
+DECIMAL = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*|[+-]?(inf|nan)", re.ASCII)
+
+
 def parse_seconds(value: str | float, limit: float) -> float:
     shown = shown_id(str(value))  # quoted, cut to 80 characters
-    try:
+    try:  # a plain decimal number: float() also takes "1_0" (10) and "١" (Arabic 1)
+        if not DECIMAL.fullmatch(str(value)):
+            raise ValueError(value)
         seconds = float(value)
     except ValueError:
         raise bad("seconds", f'seconds {shown} is not a number, e.g. "4"') from None
@@ -911,12 +916,22 @@ def add_routes(app: FastAPI, service: Service) -> None:
     def favicon() -> Response:  # none: a 204, not a 404 in every browser console
         return Response(status_code=204)
 
+    def model_object() -> dict[str, Any]:
+        return {"id": settings.model_id, "object": "model", "created": service.started,
+                "owned_by": "kinema", "defaults": model_defaults(service.pipe)}  # fmt: skip
+
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
     def list_models() -> dict[str, Any]:
         """The served model; ``defaults`` (kinema's) are what a request leaves out."""
-        model = {"id": settings.model_id, "object": "model", "created": service.started,
-                 "owned_by": "kinema", "defaults": model_defaults(service.pipe)}  # fmt: skip
-        return {"object": "list", "data": [model]}
+        return {"object": "list", "data": [model_object()]}
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelObject, responses=ERRORS)
+    def retrieve_model(model_id: str) -> dict[str, Any]:
+        """The served model by its id (``client.models.retrieve``)."""
+        if model_id != settings.model_id:
+            message = f"no model {shown_id(model_id)}; this server serves {settings.model_id!r}"
+            raise ApiError(404, "model_not_found", message, "model")
+        return model_object()
 
     @app.post("/v1/videos", response_model=VideoObject, responses=ERRORS)
     async def create_video(request: Request) -> dict[str, Any]:

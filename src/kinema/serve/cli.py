@@ -93,6 +93,30 @@ def check_address(host: str, port: int) -> None:
             raise ValueError(f"cannot listen on {host}:{port}: {err.strerror} ({hint})") from None
 
 
+def check_data_dir(data_dir: Path) -> None:
+    """Raise ValueError, before the model loads, for a --data-dir the server could not keep
+    its jobs in: a file, not writable, or holding a ``jobs`` / ``staging`` that is not a
+    folder or a ``jobs.sqlite3`` that is not SQLite."""
+    from kinema.io.paths import check_folder
+
+    check_folder(data_dir, "--data-dir")
+    for sub in ("jobs", "staging"):
+        if (data_dir / sub).exists() and not (data_dir / sub).is_dir():
+            raise ValueError(f"--data-dir {data_dir} holds a file named {sub}, where the server "
+                             "keeps a folder: move it away or give another --data-dir")  # fmt: skip
+    db = data_dir / "jobs.sqlite3"
+    if db.exists():
+        try:
+            with db.open("rb") as f:
+                sqlite = f.read(16) == b"SQLite format 3\x00"
+        except OSError as err:
+            message = f"--data-dir {data_dir}: cannot read {db.name}: {err.strerror}"
+            raise ValueError(message) from None
+        if not sqlite and db.stat().st_size:
+            raise ValueError(f"{db} is not a kinema job database (not SQLite): move it away or "
+                             "give another --data-dir")  # fmt: skip
+
+
 def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -106,6 +130,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from kinema.serve.app import create_app
 
     settings = settings_from_args(args)
+    check_data_dir(settings.data_dir)
     check_address(args.host, args.port)
     if not is_loopback(args.host) and settings.api_key is None:
         print(f"kinema: warning: serving on {args.host} without --api-key", file=sys.stderr)

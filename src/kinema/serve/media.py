@@ -62,9 +62,12 @@ def decode_data_url(url: str) -> bytes:
             "fetches a URL: upload the file instead"
         )
     try:
-        return base64.b64decode(m.group(2), validate=False)
+        data = base64.b64decode(m.group(2), validate=False)
     except (binascii.Error, ValueError) as err:
         raise ValueError(f"data URL is not valid base64: {err}") from err
+    if not data:
+        raise ValueError("the data URL holds no data (an empty image)")
+    return data
 
 
 def check_image(data: bytes, max_pixels: int) -> Image.Image:
