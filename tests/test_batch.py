@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -121,14 +122,18 @@ def test_field_errors_name_the_field_and_api_names_work(tmp_path: Path, tiny_mod
             "frames": 5,
         },
         {"id": "dot", "prompt": "x", "model": f"{tiny_model}/.", "steps": 1, "frames": 5},
+        {"id": "huge", "prompt": "x", "size": "8192x8192", "seconds": 60},  # was killed (OOM)
     ]
     requests = write_lines(tmp_path / "r.jsonl", rows)  # fmt: skip
     out = tmp_path / "out"
     summary = run(requests, out, BatchOptions(model=str(tiny_model), format="gif"),
                   show_progress=False)  # fmt: skip
-    assert (summary.done, summary.failed) == (2, 3)
+    assert (summary.done, summary.failed) == (2, 4)
     errors = {r: json.loads((out / f"{r}.error.json").read_text())["error"]
               for r in ("size", "text", "bool")}  # fmt: skip
+    huge = json.loads((out / "huge.error.json").read_text())["error"]
+    assert re.fullmatch(r"size 8192x8192 needs about [\d.]+ GiB at its peak; this machine has "
+                        r"[\d.]+ GiB for a job: ask for a smaller size .*", huge), huge  # fmt: skip
     assert errors == {
         "size": "size 'big' must be WIDTHxHEIGHT, e.g. 832x480",
         "text": "seconds 'abc' is not a number",

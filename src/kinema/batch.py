@@ -30,6 +30,7 @@ from typing import Any
 
 from kinema import timeline
 from kinema.io.paths import check_folder
+from kinema.memory import check_fits, free_bytes
 from kinema.pipeline import Request, SavedVideo
 
 EXTRA_FIELDS = {"id", "size", "seconds", "model", "at", "input_reference"}  # the API's names
@@ -282,6 +283,7 @@ class Worker:
         self.model = model
         self.pipe = load(model, device=device, dtype=dtype, compile=compile)
         self.pipe.load_seconds = 0.0  # loaded once for the whole batch: no request's time
+        self.memory = free_bytes(self.pipe.device)  # what a request may take, once loaded
 
     def ready(self) -> bool:
         """Answers once the model is loaded (the driver waits for every actor)."""
@@ -307,7 +309,16 @@ class Worker:
             and not (self.model is not None and same_path(wanted, self.model))
         ):
             raise ValueError(f"model {wanted!r}: this batch runs {self.model or self.pipe.name!r}")
-        return build_request(fields, self.pipe)
+        request = build_request(fields, self.pipe)
+        req = request.resolved(self.pipe.defaults)
+        width, height = req.width, req.height
+        if isinstance(req.extend, str | Path):  # an extension keeps its source's size
+            from kinema.io.video import probe
+
+            source = probe(req.extend)
+            width, height = source.width, source.height
+        check_fits(self.pipe, width, height, req.frames, self.memory, "this machine")
+        return request
 
 
 def same_path(a: str, b: str) -> bool:

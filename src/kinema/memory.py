@@ -177,6 +177,22 @@ def estimate_peak_bytes(
     return int(weights + work_bytes(pipe, width, height, frames, dtype_bytes, device))
 
 
+def check_fits(pipe: Any, width: int, height: int, frames: int, budget: int | None,
+               where: str) -> None:  # fmt: skip
+    """Raise ValueError when a request's estimated peak (:func:`work_bytes`, what ``kinema
+    info`` prints, less the loaded weights) is over ``budget`` bytes (None: unknown, no
+    check): a size far past the model's would take the machine down mid-step. ``where``
+    names whose budget it is ("this server", "this machine")."""
+    if budget is None:
+        return
+    need = work_bytes(pipe, width, height, frames, pipe.dtype.itemsize)
+    if need > budget:
+        d = pipe.defaults
+        raise ValueError(f"size {width}x{height} needs about {need / 2**30:.1f} GiB at its "
+                         f"peak; {where} has {budget / 2**30:.1f} GiB for a job: ask for a "
+                         f"smaller size (the model's is {d.width}x{d.height})")  # fmt: skip
+
+
 def work_bytes(
     pipe: Any, width: int, height: int, frames: int, dtype_bytes: int, device: str | None = None
 ) -> int:

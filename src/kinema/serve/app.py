@@ -576,15 +576,11 @@ class Service:
         """Refuse a request whose estimated peak (:func:`kinema.memory.work_bytes`, what
         ``kinema info`` prints, less the loaded weights) exceeds what this server may use: a
         size far past the model's would take the machine down, and cannot be stopped mid-step."""
-        if self.memory is None:
-            return
-        need = memory.work_bytes(self.pipe, req.width, req.height, req.frames,
-                                 self.pipe.dtype.itemsize)  # fmt: skip
-        if need > self.memory:
-            d = self.pipe.defaults
-            raise bad("size", f"size {req.width}x{req.height} needs about {need / 2**30:.1f} GiB "
-                      f"at its peak; this server has {self.memory / 2**30:.1f} GiB for a job: "
-                      f"ask for a smaller size (the model's is {d.width}x{d.height})")  # fmt: skip
+        try:
+            memory.check_fits(self.pipe, req.width, req.height, req.frames, self.memory,
+                              "this server")  # fmt: skip
+        except ValueError as err:
+            raise bad("size", str(err)) from None
 
     def job_dir(self, folder: str) -> Path:
         return self.settings.data_dir / "jobs" / folder
