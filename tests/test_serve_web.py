@@ -76,9 +76,13 @@ def test_submit_progress_play_gallery(tmp_path, browser):
             assert made["prompts"] == [[0.25, "a green ball"]] and made["seed"] == 7
         assert sidecar(tmp_path, "it rolls on")["steps"] == 2  # not the default, nor 1000
         assert sidecar(tmp_path, "a ball, remixed")["strength"] == 0.5
+        blobs = "[...window.kinemaBlobs.keys()]"
+        assert f"{video_id} video" in page.evaluate(blobs)  # played: downloaded once, kept
         page.click(f'#gallery li[data-id="{video_id}"] .delete')
         page.wait_for_selector(f'#gallery li[data-id="{video_id}"]', state="detached")
         assert page.locator("#gallery li").count() == 2  # the extension and the remix
+        page.wait_for_function(f"!{blobs}.some(k => k.startsWith('{video_id}'))")  # let go
+        assert len(page.evaluate(blobs)) <= 4  # at most a thumbnail and a video of each
         page.fill("#api-key", "wrong")  # a wrong key shows no list, not the last key's
         page.dispatch_event("#api-key", "change")
         page.wait_for_function("document.querySelectorAll('#gallery li').length === 0")
@@ -147,6 +151,33 @@ def test_deleting_the_video_being_made_clears_the_live_view(tmp_path, browser):
         page.wait_for_function("document.querySelectorAll('#gallery li').length === 0")
         page.wait_for_timeout(1500)  # several polls' time
         assert page.is_hidden("#current") and page.text_content("#message") == ""
+
+
+def test_the_live_view_follows_its_video_through_a_server_restart(tmp_path, browser):
+    """One failed poll (the server restarting) stopped the page following the job, which the
+    restarted server requeued and made: it now says it is still trying, then plays it."""
+    model = build_tiny_model(tmp_path / "tiny")
+    server = Server(model, tmp_path / "data")
+    try:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('size').value === '32x32'")
+        page.fill("#prompt", "a long one")
+        page.fill("#steps", "1000")
+        page.click("#submit")
+        page.wait_for_function("document.getElementById('status').textContent"
+                               ".startsWith('in_progress')", timeout=60_000)  # fmt: skip
+        server.stop()
+        page.wait_for_function("document.getElementById('message').textContent"
+                               ".endsWith('still trying')", timeout=30_000)  # fmt: skip
+        server = Server(model, tmp_path / "data", port=server.port)  # the job requeued
+        page.wait_for_function(
+            "(() => { const v = document.getElementById('player');"
+            " return v.readyState >= 2 && v.duration > 0; })()", timeout=120_000,
+        )  # fmt: skip
+        assert page.text_content("#message") == ""  # the retry line went when it answered
+    finally:
+        server.stop()
 
 
 def sidecar(tmp_path, prompt: str) -> dict:

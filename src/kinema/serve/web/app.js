@@ -20,19 +20,46 @@ async function api(path, options = {}) {
       const body = await response.json();
       if (body.error) message = body.error.message + (body.error.param ? ` (${body.error.param})` : "");
     } catch (_) { /* not JSON */ }
-    throw new Error(message);
+    const error = new Error(message);
+    error.status = response.status;
+    throw error;
   }
   return response;
 }
+
+// Whether a failed request may succeed later: the server unreachable (restarting: fetch
+// throws with no status) or answering 5xx, not a 4xx about the request itself.
+const passing = (err) => err.status === undefined || err.status >= 500;
+const RETRY_MS = 2000;  // between polls while the server does not answer
 
 const getJSON = async (path) => (await api(path)).json();
 const postJSON = async (path, body) => (await api(path, {
   method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
 })).json();
 
-async function blobURL(id, variant) {
-  const response = await api(`/v1/videos/${encodeURIComponent(id)}/content?variant=${variant}`);
-  return URL.createObjectURL(await response.blob());
+// Object URLs of downloaded videos and thumbnails, "id variant" -> Promise of the URL: made
+// once (a finished video never changes) and let go once the video leaves the page.
+const blobs = new Map();
+window.kinemaBlobs = blobs;  // read by tests
+
+function blobURL(id, variant) {
+  const key = `${id} ${variant}`;
+  if (!blobs.has(key)) {
+    const made = api(`/v1/videos/${encodeURIComponent(id)}/content?variant=${variant}`)
+      .then(async (response) => URL.createObjectURL(await response.blob()));
+    made.catch(() => blobs.delete(key));  // a failed download is tried again next time
+    blobs.set(key, made);
+  }
+  return blobs.get(key);
+}
+
+// Revoke the object URLs of videos no longer shown (deleted, or paged out of the gallery).
+function forgetBlobs(shown) {
+  for (const [key, made] of blobs) {
+    if (shown.has(key.split(" ")[0])) continue;
+    blobs.delete(key);
+    made.then((url) => URL.revokeObjectURL(url), () => {});
+  }
 }
 
 function say(text) { $("message").textContent = text || ""; }
@@ -136,14 +163,24 @@ function showStatus(video) {
 
 async function track(video) {
   tracking = video.id;
+  let retrying = false;
   $("player").removeAttribute("src");
   showStatus(video);
   while (tracking === video.id && (video.status === "queued" || video.status === "in_progress")) {
     await new Promise((resolve) => setTimeout(resolve, POLL_MS));
     if (tracking !== video.id) break;  // deleted (or another one started) meanwhile
     try { video = await getJSON(`/v1/videos/${encodeURIComponent(video.id)}`); }
-    catch (err) { if (tracking === video.id) say(err.message); return; }
+    catch (err) {
+      if (tracking !== video.id) return;
+      say(passing(err) ? `${err.message}; still trying` : err.message);
+      if (!passing(err)) return;
+      retrying = true;
+      await new Promise((resolve) => setTimeout(resolve, RETRY_MS));
+      continue;  // a restarting server requeues the job: keep following it
+    }
     if (tracking !== video.id) break;
+    if (retrying) say("");  // the server answers again
+    retrying = false;
     showStatus(video);
   }
   if (tracking !== video.id) return;
@@ -186,6 +223,7 @@ async function refreshGallery() {
   }
   $("gallery").replaceChildren(...videos.map(card));
   $("more").hidden = !more;
+  forgetBlobs(new Set([...videos.map((v) => v.id), $("player").dataset.id]));
 }
 
 function card(video) {
@@ -247,6 +285,7 @@ async function remove(video) {
     tracking = null;
     $("current").hidden = true;
     $("player").removeAttribute("src");
+    delete $("player").dataset.id;
   }
   refreshGallery();
 }
