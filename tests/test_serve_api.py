@@ -398,6 +398,13 @@ def test_bad_uploads(http):
         files={"input_reference": ("cat.png", b"GIF89a not really", "image/png")},
     )
     assert "not a decodable image" in error_of(not_image, 400, "input_reference")["message"]
+    assert "PNG, JPEG, WebP, GIF, BMP and TIFF are" in not_image.json()["error"]["message"]
+    bomb = io.BytesIO()
+    Image.new("1", (13_500, 13_500)).save(bomb, format="PNG")  # 182 Mpixel in ~25 kB
+    files = {"input_reference": ("a.png", bomb.getvalue(), "image/png")}
+    bombed = http.post("/v1/videos", data={"prompt": "x"}, files=files)
+    message = error_of(bombed, 400, "input_reference")["message"]
+    assert message.startswith("input_reference: image is over") and "the limit is" in message
     big = np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(big).save(buf, format="PNG")  # ~120 kB, over the 0.05 MB limit

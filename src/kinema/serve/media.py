@@ -83,8 +83,14 @@ def check_image(data: bytes, max_pixels: int) -> Image.Image:
         return rgb_image(ImageOps.exif_transpose(img))
     except Rejected:
         raise
+    except Image.DecompressionBombError:  # so large Pillow will not open it
+        raise Rejected(
+            f"image is over {2 * Image.MAX_IMAGE_PIXELS} pixels; the limit is {max_pixels}"
+        ) from None
     except Exception as err:  # Pillow raises many kinds (UnidentifiedImageError, OSError, ...)
-        raise ValueError(f"not a decodable image ({type(err).__name__})") from err
+        raise ValueError(
+            f"not a decodable image ({type(err).__name__}); PNG, JPEG, WebP, GIF, BMP and TIFF are"
+        ) from err
 
 
 def check_video(path: Path, max_frames: int, max_pixels: int) -> VideoProbe:
