@@ -133,6 +133,25 @@ def test_head_of_content_tells_its_size_and_type(http, done):
     assert http.head("/v1/videos/video_nope/content").status_code == 404
 
 
+def test_a_download_answers_byte_ranges(http, done):
+    """Players seek and downloads resume with Range (the whole file came back, 200)."""
+    whole = http.get(f"/v1/videos/{done.id}/content").content
+    size, url = len(whole), f"/v1/videos/{done.id}/content"
+    for asked, (start, end) in (("bytes=0-99", (0, 100)), ("bytes=100-", (100, size)),
+                                ("bytes=-50", (size - 50, size)),
+                                (f"bytes=10-{size + 99}", (10, size))):  # fmt: skip
+        part = http.get(url, headers={"Range": asked})
+        assert part.status_code == 206 and part.content == whole[start:end], asked
+        assert part.headers["content-range"] == f"bytes {start}-{end - 1}/{size}"
+        assert part.headers["accept-ranges"] == "bytes"
+    head = http.head(url, headers={"Range": "bytes=0-9"})
+    assert head.status_code == 206 and head.headers["content-length"] == "10"
+    past = http.get(url, headers={"Range": f"bytes={size}-"})
+    assert error_of(past, 416, "range")["code"] == "range_not_satisfiable"
+    assert past.headers["content-range"] == f"bytes */{size}"
+    assert http.get(url, headers={"Range": "items=0-1"}).content == whole  # not bytes: whole
+
+
 def test_warnings_reach_the_video_and_its_sidecar(client, server, done):
     assert done.model_dump()["warnings"] == []
     prompt = "a red ball and " * 8  # over the 16 tokens the test model's MiniLM reads

@@ -482,6 +482,25 @@ def too_large(limit: int) -> ApiError:
 # ---------------------------------------------------------------------------------------------
 
 
+def byte_range(header: str | None, size: int) -> tuple[int, int]:
+    """The bytes [start, end) a ``Range: bytes=...`` header asks of a file of ``size`` bytes:
+    the whole file without one (or for several ranges, or another unit, which a server may
+    answer whole); ValueError when the range lies past the end (a 416)."""
+    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header or "")
+    if m is None or m.group(1) == m.group(2) == "":
+        return 0, size
+    first, last = m.groups()
+    if first == "":  # the last N bytes
+        if int(last) == 0 or size == 0:
+            raise ValueError(f"bytes {header} of {size}")
+        return max(0, size - int(last)), size
+    start = int(first)
+    end = size if last == "" else min(size, int(last) + 1)
+    if start >= size or end <= start:
+        raise ValueError(f"bytes {header} of {size}")
+    return start, end
+
+
 DECIMAL = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*|[+-]?(inf|nan)", re.ASCII)
 
 
@@ -1013,20 +1032,32 @@ def add_content_routes(app: FastAPI, service: Service) -> None:
             raise not_found(video_id) from None
         size = os.fstat(f.fileno()).st_size
         headers = {
-            "content-length": str(size),
+            "content-length": str(size), "accept-ranges": "bytes",
             "content-disposition": f'attachment; filename="{job.id}{path.suffix}"',
-        }
+        }  # fmt: skip
+        try:
+            start, end = byte_range(request.headers.get("range"), size)
+        except ValueError:
+            f.close()
+            raise ApiError(416, "range_not_satisfiable", f"the file has {size} bytes", "range",
+                           {"content-range": f"bytes */{size}"}) from None  # fmt: skip
+        status = 200 if (start, end) == (0, size) else 206
+        if status == 206:
+            headers.update({"content-length": str(end - start),
+                            "content-range": f"bytes {start}-{end - 1}/{size}"})  # fmt: skip
         if request.method == "HEAD":
             f.close()
-            return Response(media_type=media.MEDIA_TYPES[variant], headers=headers)
+            return Response(None, status, headers, media.MEDIA_TYPES[variant])
 
         def chunks() -> Iterator[bytes]:
             with f:
-                while block := f.read(1 << 20):
+                f.seek(start)
+                left = end - start
+                while left > 0 and (block := f.read(min(1 << 20, left))):
+                    left -= len(block)
                     yield block
 
-        return StreamingResponse(chunks(), media_type=media.MEDIA_TYPES[variant],
-                                 headers=headers)  # fmt: skip
+        return StreamingResponse(chunks(), status, headers, media.MEDIA_TYPES[variant])
 
     @app.post("/v1/videos/{video_id}/remix", response_model=VideoObject, responses=ERRORS)
     async def remix_video(video_id: str, request: Request) -> dict[str, Any]:
