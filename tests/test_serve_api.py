@@ -133,6 +133,14 @@ def test_head_of_content_tells_its_size_and_type(http, done):
     assert http.head("/v1/videos/video_nope/content").status_code == 404
 
 
+def test_a_method_a_path_does_not_take_is_a_405_naming_those_it_does(http):
+    """No Allow header, and Starlette's named only the first route's methods (POST)."""
+    r = http.put("/v1/videos")
+    assert error_of(r, 405, None)["message"] == "PUT is not allowed here; valid: GET, POST"
+    assert r.headers["allow"] == "GET, POST"
+    assert http.delete("/v1/models").headers["allow"] == "GET"
+
+
 def test_a_download_answers_byte_ranges(http, done):
     """Players seek and downloads resume with Range (the whole file came back, 200)."""
     whole = http.get(f"/v1/videos/{done.id}/content").content

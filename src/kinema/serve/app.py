@@ -887,7 +887,24 @@ def install_errors(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
-        return ApiError(err.status_code, code, str(err.detail)).response()
+        headers, message = dict(err.headers or {}), str(err.detail)
+        if err.status_code == 405:  # Allow: every method of the routes on this path (Starlette
+            methods = sorted(allowed_methods(request))  # names only the first route's)
+            headers["Allow"] = ", ".join(methods)
+            message = f"{request.method} is not allowed here; valid: {', '.join(methods)}"
+        return ApiError(err.status_code, code, message, None, headers).response()
+
+
+def allowed_methods(request: Request) -> set[str]:
+    """The HTTP methods some route takes at ``request``'s path."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in request.app.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return methods
 
 
 def install_auth(app: FastAPI, api_key: str | None) -> None:
