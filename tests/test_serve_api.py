@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import time
@@ -121,6 +122,12 @@ def test_odd_bodies_are_400s_not_500s(http):
                          headers={"content-type": "application/json"})  # fmt: skip
     assert error_of(response, 400, None)["code"] == "invalid_json"
     assert http.get("/favicon.ico").status_code == 204
+    body = gzip.compress(b'{"prompt": "x"}')  # was "not valid JSON: can't decode byte 0x8b"
+    zipped = http.post("/v1/videos", content=body, headers={
+        "content-type": "application/json", "content-encoding": "gzip"})  # fmt: skip
+    assert error_of(zipped, 415, None)["code"] == "unsupported_content_encoding"
+    text = http.post("/v1/videos", content=b"x", headers={"content-type": "text/plain"})
+    assert "send application/json or multipart" in error_of(text, 415, None)["message"]
 
 
 def test_head_of_content_tells_its_size_and_type(http, done):

@@ -384,6 +384,10 @@ def nest(fields: dict[str, Any]) -> dict[str, Any]:
 async def read_body(request: Request, model: type[BaseModel]) -> tuple[Any, dict[str, bytes]]:
     """The validated body and the bytes of its uploaded files (by field name)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):  # a gzip body read as JSON was "not valid JSON"
+        raise ApiError(415, "unsupported_content_encoding", f"content encoding {encoding!r} is "
+                       "not supported; send the body uncompressed")  # fmt: skip
     if ctype == "application/json":
         try:
             raw = await request.json()
@@ -395,8 +399,8 @@ async def read_body(request: Request, model: type[BaseModel]) -> tuple[Any, dict
     elif ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raw, files = await read_form(request, FILE_FIELDS[model])
     else:
-        raise bad(None, f"content type {ctype or 'none'!r}: send application/json or "
-                  "multipart/form-data", "unsupported_content_type")  # fmt: skip
+        raise ApiError(415, "unsupported_content_type", f"content type {ctype or 'none'!r}: "
+                       "send application/json or multipart/form-data")  # fmt: skip
     if not isinstance(raw, dict):
         raise bad(None, "body must be a JSON object")
     try:
