@@ -180,6 +180,21 @@ def test_the_live_view_follows_its_video_through_a_server_restart(tmp_path, brow
         server.stop()
 
 
+def test_fields_the_chosen_request_does_not_take_are_named(tmp_path, browser):
+    """A strength with no video of one's own made a text-to-video clip without a word."""
+    model = build_tiny_model(tmp_path / "tiny")
+    with Server(model, tmp_path / "data") as server:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('size').value === '32x32'")
+        page.fill("#prompt", "a red ball")
+        page.fill("#strength", "0.5")
+        page.click("#submit")
+        page.wait_for_function("document.getElementById('message').textContent"
+                               " === 'strength: not used by a new video'")  # fmt: skip
+        page.wait_for_selector('#gallery li[data-status="completed"]', timeout=60_000)
+
+
 def sidecar(tmp_path, prompt: str) -> dict:
     """The request the pipeline ran for the job of ``prompt`` (the sidecar beside its video)."""
     found = [json.loads(p.read_text()) for p in (tmp_path / "data" / "jobs").glob("*/video.json")]

@@ -99,15 +99,21 @@ function target() {
   const image = $("image").files[0], video = $("video").files[0];
   if (image && video) throw new Error("give a start image or a video of yours, not both");
   if (!video) {
-    return { path: "/v1/videos", file: ["input_reference", image],
+    return { path: "/v1/videos", file: ["input_reference", image], what: "a new video",
              fields: ["negative_prompt", "size", "seconds", "seed", "steps"] };
   }
   if ($("video-mode").value === "extend") {
-    return { path: "/v1/videos/extensions", file: ["video", video],
+    return { path: "/v1/videos/extensions", file: ["video", video], what: "an extension",
              fields: ["negative_prompt", "seconds", "seed", "steps"] };
   }
-  return { path: "/v1/videos/edits", file: ["video", video],
+  return { path: "/v1/videos/edits", file: ["video", video], what: "a restyle",
            fields: ["negative_prompt", "size", "seed", "steps", "strength"] };
+}
+
+// what the form holds that ``to`` does not send (strength without a video, ...), said
+function unusedFields(to) {
+  const unused = Object.keys(FIELDS).filter((n) => !to.fields.includes(n) && $(FIELDS[n]).value.trim());
+  return unused.length ? `${unused.join(", ")}: not used by ${to.what}` : "";
 }
 
 // the form's values of these API fields, those filled in
@@ -137,6 +143,7 @@ async function submit(event) {
     const to = target();
     const video = await (await api(to.path, { method: "POST", body: formBody(to) })).json();
     track(video);
+    say(unusedFields(to));
     refreshGallery();
   } catch (err) { say(err.message); }
 }
