@@ -123,12 +123,18 @@ def test_field_errors_name_the_field_and_api_names_work(tmp_path: Path, tiny_mod
         },
         {"id": "dot", "prompt": "x", "model": f"{tiny_model}/.", "steps": 1, "frames": 5},
         {"id": "huge", "prompt": "x", "size": "8192x8192", "seconds": 60},  # was killed (OOM)
+        {"id": "typo", "prompt": "x", "seconds": "1_0"},  # float() read it as 10
+        {"id": "texts", "prompt": "x", "steps": "1", "frames": "5", "guidance": "1"},  # as a form
     ]
     requests = write_lines(tmp_path / "r.jsonl", rows)  # fmt: skip
     out = tmp_path / "out"
     summary = run(requests, out, BatchOptions(model=str(tiny_model), format="gif"),
                   show_progress=False)  # fmt: skip
-    assert (summary.done, summary.failed) == (2, 4)
+    assert (summary.done, summary.failed) == (3, 5)
+    typo = json.loads((out / "typo.error.json").read_text())["error"]
+    assert typo == "seconds '1_0' is not a number"
+    made = json.loads((out / "texts.json").read_text())
+    assert (made["steps"], made["frames"], made["guidance"]) == (1, 5, 1)
     errors = {r: json.loads((out / f"{r}.error.json").read_text())["error"]
               for r in ("size", "text", "bool")}  # fmt: skip
     huge = json.loads((out / "huge.error.json").read_text())["error"]

@@ -31,7 +31,7 @@ from typing import Any
 from kinema import timeline
 from kinema.io.paths import check_folder
 from kinema.memory import check_fits, free_bytes
-from kinema.pipeline import Request, SavedVideo
+from kinema.pipeline import INTEGER_FIELDS, NUMBER_FIELDS, Request, SavedVideo
 
 EXTRA_FIELDS = {"id", "size", "seconds", "model", "at", "input_reference"}  # the API's names
 REQUEST_FIELDS = {f.name for f in dataclasses.fields(Request)}
@@ -150,21 +150,37 @@ def read_requests(path: str | Path) -> list[Item]:
     return items
 
 
+NUMBER_TEXT_FIELDS = (*NUMBER_FIELDS, "cache", "contrast")
+
+
 def seconds_of(value: Any) -> float:
     """``seconds`` as the API gives it ("2" or 2.5); ValueError naming it otherwise."""
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise ValueError(f"seconds must be a number or a numeric string, got {value!r}")
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"seconds {value!r} is not a number") from None
+    if isinstance(value, str) and not timeline.DECIMAL.fullmatch(value):
+        raise ValueError(f"seconds {value!r} is not a number")
+    return float(value)
+
+
+def numbers_of(kw: dict[str, Any]) -> dict[str, Any]:
+    """Numbers given as text, as the API (a form) takes them: "2" steps, "0.5" strength."""
+    out = dict(kw)
+    for name, value in kw.items():
+        if not isinstance(value, str):
+            continue
+        numeric = name in INTEGER_FIELDS or name in NUMBER_TEXT_FIELDS
+        if numeric and timeline.INTEGER.fullmatch(value):
+            out[name] = int(value)
+        elif name in NUMBER_TEXT_FIELDS and timeline.DECIMAL.fullmatch(value):
+            out[name] = float(value)
+    return out
 
 
 def build_request(fields: dict[str, Any], pipe: Any) -> Request:
     """API fields -> :class:`Request` for ``pipe`` (``size`` and ``seconds`` resolved)."""
     from kinema.cli import parse_size
 
-    kw = {k: v for k, v in fields.items() if k in REQUEST_FIELDS}
+    kw = numbers_of({k: v for k, v in fields.items() if k in REQUEST_FIELDS})
     if "input_reference" in fields:  # the API's name of the start image (here: a path)
         if "image" in fields:
             raise ValueError("give image or input_reference, not both")

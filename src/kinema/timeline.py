@@ -21,6 +21,7 @@ Two ways to switch (``SWITCH_MODES``):
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -102,6 +103,11 @@ def in_force(
             out.append((local, p))
     return tuple(out)
 
+
+# A number as text the way people write one ("4", "2.5", "1e3"; "inf" / "nan" for the range
+# checks to name): float() also takes "1_0" (10) and digits of other scripts.
+DECIMAL = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*|[+-]?(inf|nan)", re.ASCII)
+INTEGER = re.compile(r"\s*[+-]?\d+\s*", re.ASCII)
 
 SWITCH_MODES = ("blend", "cut")
 

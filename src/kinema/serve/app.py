@@ -505,13 +505,10 @@ def byte_range(header: str | None, size: int) -> tuple[int, int]:
     return start, end
 
 
-DECIMAL = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*|[+-]?(inf|nan)", re.ASCII)
-
-
 def parse_seconds(value: str | float, limit: float) -> float:
     shown = shown_id(str(value))  # quoted, cut to 80 characters
     try:  # a plain decimal number: float() also takes "1_0" (10) and "١" (Arabic 1)
-        if not DECIMAL.fullmatch(str(value)):
+        if not timeline.DECIMAL.fullmatch(str(value)):
             raise ValueError(value)
         seconds = float(value)
     except ValueError:
