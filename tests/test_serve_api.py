@@ -311,6 +311,31 @@ def test_models(client, http):
     assert error["message"] == "no model 'sora-2'; this server serves 'tiny-model'"
 
 
+@pytest.mark.parametrize(
+    "fields, param, message",
+    [
+        (
+            {"input_reference": {"image_url": "data:image/png;base64,AA==", "detail": "auto"}},
+            "input_reference",
+            "unknown parameter 'input_reference.detail'",
+        ),
+        ({"input_reference": {}}, "input_reference", "input_reference has no image_url; give"),
+        ({"seconds": [1]}, "seconds", "seconds: Input should be a valid"),
+        (
+            {"input_reference": "data:image/png;base64,AA=="},
+            "input_reference",
+            "should be a valid dictionary (got 'data:image/png;base64,AA=='); give {\"image_url\"",
+        ),
+    ],
+)
+def test_json_shape_errors_name_the_field_and_its_shape(http, fields, param, message):
+    """They named the parent field, file_id nobody sent, pydantic's 'seconds.str' branch and
+    a Python class (ImageReference)."""
+    error = error_of(http.post("/v1/videos", json={"prompt": "x", **fields}), 400, param)
+    assert message in error["message"], error["message"]
+    assert ".str" not in error["message"] and "instance of" not in error["message"]
+
+
 def test_an_empty_image_is_refused_not_dropped(http):
     """It made a text-to-video job, the image quietly left out."""
     ref = {"image_url": "data:image/png;base64,"}

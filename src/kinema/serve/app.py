@@ -354,12 +354,22 @@ def validation_error(err: ValidationError | RequestValidationError) -> ApiError:
     """The first pydantic error as a 400 naming the field."""
     first = err.errors()[0]
     loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path")]
+    loc = [x for x in loc if x not in UNION_TAGS]  # "seconds.str": the union member tried
     param = loc[0] if loc else None
     if first.get("type") == "extra_forbidden":
-        return bad(param, f"unknown parameter {param!r}", "unknown_parameter")
+        return bad(param, f"unknown parameter {'.'.join(loc)!r}", "unknown_parameter")
     got = first.get("input")
     shown = "" if isinstance(got, dict) or got is None else f" (got {str(got)[:80]!r})"
-    return bad(param, f"{'.'.join(loc) or 'body'}: {first.get('msg')}{shown}")
+    message = re.sub(r" or instance of \w+", "", str(first.get("msg")))  # a Python class
+    hint = f"; {SHAPES[param]}" if param in SHAPES else ""
+    return bad(param, f"{'.'.join(loc) or 'body'}: {message}{shown}{hint}")
+
+
+UNION_TAGS = {"str", "int", "float", "bool"}
+SHAPES = {  # the valid form of the fields that take an object
+    "input_reference": 'give {"image_url": "data:image/png;base64,..."} or upload the image',
+    "video": 'give {"id": "video_..."} or upload the video',
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -733,9 +743,12 @@ class Service:
     def image_from_json(self, ref: ImageReference | None) -> bytes | None:
         if ref is None:
             return None
-        if ref.file_id is not None or ref.image_url is None:
+        if ref.file_id is not None:
             raise bad("input_reference", "input_reference: file_id is not supported; upload the "
                       "image or give a base64 data URL as image_url")  # fmt: skip
+        if ref.image_url is None:
+            raise bad("input_reference", f"input_reference has no image_url; "
+                      f"{SHAPES['input_reference']}")  # fmt: skip
         try:
             return media.decode_data_url(ref.image_url)
         except ValueError as err:
