@@ -456,7 +456,8 @@ async def read_upload(key: str, upload: UploadFile, limit: int) -> bytes:
     data = await upload.read(limit + 1)
     await upload.close()
     if len(data) > limit:
-        raise bad(key, f"{key}: the file is larger than the limit of {limit} bytes", "too_large")
+        raise ApiError(413, "file_too_large", f"{key}: the file is larger than the limit of "
+                       f"{limit} bytes (--max-upload-mb)", key)  # fmt: skip
     if not data:
         raise bad(key, f"{key}: the file is empty")
     return data
