@@ -146,3 +146,55 @@ def test_loading_a_model_builds_it_without_init_or_compiler_imports(tmp_path):
             "print(*(m in sys.modules for m in ('torch._dynamo', 'sympy')))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr
+
+
+def _edit_json(path, change) -> None:
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(change(data)))
+
+
+@pytest.mark.parametrize(
+    "model, edit, message",
+    [
+        (
+            "tiny",
+            ("transformer/config.json", lambda d: {**d, "num_heads": "two"}),
+            "transformer/config.json: DiTConfig.num_heads: expected int, got str 'two'",
+        ),
+        (
+            "tiny",
+            ("kinema.json", lambda d: {**d, "sampling": {**d["sampling"], "width": "big"}}),
+            "kinema.json: SamplingDefaults.width: expected int, got str 'big'",
+        ),
+        ("tiny", ("kinema.json", lambda d: [1, 2]), "kinema.json holds a JSON list, not an object"),
+        ("tiny", ("kinema.json", "{bad"), "kinema.json is not valid JSON: Expecting property"),
+        ("tiny", ("step_cache.json", "[]"), "step_cache.json holds a JSON list, not an object"),
+        (
+            "tiny",
+            ("step_cache.json", '{"coefficients": "abc"}'),
+            "step_cache.json is not a step-cache calibration: could not convert",
+        ),
+        ("wan", ("scheduler/scheduler_config.json", "{x"), "scheduler_config.json is not valid"),
+        ("wan", ("text_encoder/config.json", "{"), "text_encoder/config.json is not valid JSON"),
+    ],
+)
+def test_a_broken_file_in_a_model_folder_is_named(tmp_path, capsys, model, edit, message):
+    """Each was a traceback, or a JSON error naming no file."""
+    from kinema.cli import main
+    from tests.serve_helpers import build_tiny_model
+    from tests.wan_tiny import build_wan_folder
+
+    build = build_tiny_model if model == "tiny" else build_wan_folder
+    folder = build(tmp_path / "m")
+    name, change = edit
+    if name == "step_cache.json":
+        (folder / name).write_text("{}")
+    if callable(change):
+        _edit_json(folder / name, change)
+    else:
+        (folder / name).write_text(change)
+    capsys.readouterr()  # building the folder's own output
+    with pytest.raises(SystemExit) as exit_:
+        main(["info", str(folder)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and err.count("\n") == 1, err

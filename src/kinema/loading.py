@@ -14,7 +14,6 @@ Device and dtype policy lives here and nowhere else: weights go straight to thei
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,8 +21,8 @@ from typing import Any
 
 import torch
 
-from kinema.configs import SamplingDefaults, from_dict
-from kinema.io.checkpoint import CheckpointError, load_dit, load_vae
+from kinema.configs import SamplingDefaults
+from kinema.io.checkpoint import CheckpointError, config_in, load_dit, load_vae, read_json_object
 from kinema.pipeline import Pipeline
 
 BUILTIN = "kinema-tiny"
@@ -76,13 +75,20 @@ def folder_defaults(model: str | Path | None) -> SamplingDefaults | None:
 
     path = resolve_model_path(model)
     if (path / "kinema.json").is_file():
-        return from_dict(SamplingDefaults, json.loads((path / "kinema.json").read_text()).get(
-            "sampling", {}))  # fmt: skip
+        return model_defaults(path / "kinema.json", read_json_object(path / "kinema.json"))
     scheduler = path / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():
-        sampler, shift = schedule_from_diffusers_config(json.loads(scheduler.read_text()))
+        sampler, shift = schedule_from_diffusers_config(read_json_object(scheduler))
         return SamplingDefaults(sampler=sampler, shift=shift)
     return SamplingDefaults() if (path / "Wan2.1_VAE.pth").exists() else None
+
+
+def model_defaults(path: Path, meta: dict[str, Any]) -> SamplingDefaults:
+    """The ``sampling`` block of a ``kinema.json`` (read from ``path``), errors naming it."""
+    sampling = meta.get("sampling", {})
+    if not isinstance(sampling, dict):
+        raise CheckpointError(f"{path}: sampling is {type(sampling).__name__}, not an object")
+    return config_in(SamplingDefaults, sampling, path)
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
@@ -187,7 +193,7 @@ def _kinema_parts(
 ) -> dict[str, Any]:
     from kinema.models.text import CachedTextEncoder, load_text_encoder
 
-    meta = json.loads((path / "kinema.json").read_text())
+    meta = read_json_object(path / "kinema.json")
     text = dict(meta.get("text_encoder", {"kind": "minilm"}))
     kind = text.pop("kind")
     sub = text.pop("path", None)
@@ -198,7 +204,7 @@ def _kinema_parts(
         "vae": load_vae(path / "vae", dev, vae_dt),
         "text_encoder": encoder,
         "name": meta.get("name", path.name),
-        "defaults": from_dict(SamplingDefaults, meta.get("sampling", {})),
+        "defaults": model_defaults(path / "kinema.json", meta),
         "vocabulary": meta.get("vocabulary"),
     }
 
@@ -213,7 +219,7 @@ def _diffusers_parts(
     scheduler = path / "scheduler" / "scheduler_config.json"
     if not scheduler.exists():
         raise CheckpointError(f"missing {scheduler}")
-    sampler, shift = schedule_from_diffusers_config(json.loads(scheduler.read_text()))
+    sampler, shift = schedule_from_diffusers_config(read_json_object(scheduler))
     parts = {
         "dit": load_dit(path / "transformer", dev, dt),
         "vae": load_vae(path / "vae", dev, vae_dt),

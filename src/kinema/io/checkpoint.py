@@ -30,6 +30,7 @@ from kinema.configs import save_json
 from kinema.io.paths import COMPONENT_ENTRIES, check_export_folder, usual_modes
 
 M = TypeVar("M", bound=nn.Module)
+T = TypeVar("T")
 
 WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 
@@ -220,10 +221,29 @@ def read_config_json(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"
     if not path.exists():
         raise CheckpointError(f"missing {path}")
+    return read_json_object(path)
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A JSON file of a model folder that holds an object; CheckpointError naming the file
+    when it is not valid JSON (or UTF-8) or holds something else."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def config_in(cls: type[T], data: dict[str, Any], path: str | Path) -> T:
+    """``from_dict(cls, data)`` with its errors (a wrong type) naming the file ``path``."""
+    from kinema.configs import from_dict
+
+    try:
+        return from_dict(cls, data)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +258,7 @@ def load_dit(
     folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ):
     """A :class:`~kinema.models.dit.VideoDiT` from a kinema, diffusers or original Wan folder."""
-    from kinema.configs import DiTConfig, from_dict
+    from kinema.configs import DiTConfig
     from kinema.io.wan_keys import (
         dit_config_from_diffusers,
         dit_config_from_original,
@@ -251,7 +271,7 @@ def load_dit(
     kind = raw.get("_class") or raw.get("_class_name")
     plain = {k: v for k, v in raw.items() if not k.startswith("_")}
     if kind == "VideoDiT":
-        config = from_dict(DiTConfig, plain)
+        config = config_in(DiTConfig, plain, Path(folder) / "config.json")
     elif kind == "WanTransformer3DModel":
         config = dit_config_from_diffusers(raw)
     elif "dim" in raw and "num_heads" in raw:
@@ -270,7 +290,7 @@ def load_vae(
 ):
     """A :class:`~kinema.models.vae.CausalVAE` from a kinema or diffusers folder, or the
     original ``Wan2.1_VAE.pth`` file."""
-    from kinema.configs import WAN21_VAE, VAEConfig, from_dict
+    from kinema.configs import WAN21_VAE, VAEConfig
     from kinema.io.wan_vae_keys import original_to_diffusers
     from kinema.models.vae import CausalVAE, config_from_diffusers
 
@@ -284,7 +304,8 @@ def load_vae(
         raw = read_config_json(source)
         kind = raw.get("_class") or raw.get("_class_name")
         if kind == "CausalVAE":
-            config = from_dict(VAEConfig, {k: v for k, v in raw.items() if not k.startswith("_")})
+            plain = {k: v for k, v in raw.items() if not k.startswith("_")}
+            config = config_in(VAEConfig, plain, source / "config.json")
         elif kind == "AutoencoderKLWan":
             config = config_from_diffusers(raw)
         else:

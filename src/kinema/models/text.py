@@ -31,6 +31,7 @@ from kinema.io.checkpoint import (
     CheckpointError,
     assign_state,
     build_empty,
+    read_json_object,
     read_safetensors,
     read_torch_file,
     weight_files,
@@ -187,6 +188,7 @@ class UMT5TextEncoder:
         tokenizer_dir = Path(tokenizer) if tokenizer is not None else folder / "tokenizer"
         if not (encoder_dir / "config.json").exists():
             raise CheckpointError(f"missing {encoder_dir / 'config.json'} (umT5 text encoder)")
+        read_json_object(encoder_dir / "config.json")  # a broken one named in one line
         config = UMT5Config.from_pretrained(str(encoder_dir), local_files_only=True)
         files = weight_files(encoder_dir)
         state = read_safetensors(files, device, dtype, keep_fp32=_keep_wo_fp32(dtype))

@@ -95,9 +95,15 @@ class CacheCalibration:
 
     @classmethod
     def load(cls, path: str | Path) -> CacheCalibration:
-        data = json.loads(Path(path).read_text())
-        floats = lambda key: tuple(float(c) for c in data.get(key, ()))
-        return cls(floats("coefficients"), floats("timesteps"), floats("ratios"))
+        """A saved calibration; CheckpointError naming ``path`` when it is not one."""
+        from kinema.io.checkpoint import CheckpointError, read_json_object
+
+        data = read_json_object(path)
+        try:
+            floats = lambda key: tuple(float(c) for c in data.get(key, ()))
+            return cls(floats("coefficients"), floats("timesteps"), floats("ratios"))
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{path} is not a step-cache calibration: {err}") from None
 
 
 def load_calibration(folder: str | Path) -> CacheCalibration:
