@@ -3,12 +3,21 @@ layout reads the same; bad files are refused with the reason; ``load(lora=...)``
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from kinema.io.wan_keys import kinema_to_original
-from kinema.lora import DEFAULT_TARGETS, LoRAConfig, lora_targets, merge_lora, read_lora
+from kinema.lora import (
+    DEFAULT_TARGETS,
+    LoRAConfig,
+    lora_targets,
+    merge_lora,
+    parse_lora_arg,
+    read_lora,
+)
 from tests.test_dit import kinema_twin, tiny_reference
 
 RANK = 4
@@ -138,6 +147,32 @@ def test_bad_lora_files_are_refused_with_the_reason(tmp_path) -> None:
         merge_lora(ours, read_lora(tmp_path / "wide.safetensors"))
     with pytest.raises(ValueError, match="rank must be >= 1"):
         LoRAConfig(rank=0)
+    a_key = next(k for k in state if "lora_A" in k)
+    for name, change, message in (
+        ("nan", lambda v: v.fill_(math.nan), "holds nan or inf values"),  # a black video
+        ("cube", lambda v: v[..., None], r"are \(4, \d+, 1\) and .* LoRA factors are matrices"),
+    ):  # fmt: skip
+        save_file({**state, a_key: change(state[a_key].clone())}, str(tmp_path / f"{name}.st"))
+        with pytest.raises(ValueError, match=message):
+            read_lora(tmp_path / f"{name}.st")
+    for text in ("x.safetensors:nan", "x.safetensors:inf"):
+        with pytest.raises(ValueError, match="the strength must be a finite number"):
+            parse_lora_arg(text)
+
+
+def test_a_lora_that_does_not_fit_is_named_among_several(tmp_path) -> None:
+    from kinema.loading import load
+    from tests.serve_helpers import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "tiny")
+    pipe = load(str(folder), device="cpu")
+    state = random_lora(pipe.dit)
+    save_file(state, str(tmp_path / "fits.safetensors"))
+    wide = {k: torch.cat([v, v], 1) if "lora_A" in k else v for k, v in state.items()}
+    save_file(wide, str(tmp_path / "wide.safetensors"))
+    loras = [str(tmp_path / "fits.safetensors"), str(tmp_path / "wide.safetensors")]
+    with pytest.raises(ValueError, match=r"wide.safetensors: the LoRA's .* weight there is"):
+        load(str(folder), device="cpu", lora=loras)
 
 
 def test_train_config_reads_a_lora_block() -> None:

@@ -14,6 +14,7 @@ Device and dtype policy lives here and nowhere else: weights go straight to thei
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -163,7 +164,13 @@ def load(
 
         pairs = [item if isinstance(item, tuple) else (item, 1.0) for item in lora]
         for file, strength in pairs:
-            merge_lora(parts["dit"], read_lora(file), strength)
+            if not math.isfinite(strength):
+                raise ValueError(f"LoRA {file}: the strength {strength} must be a finite number")
+            try:
+                merge_lora(parts["dit"], read_lora(file), strength)
+            except ValueError as err:  # a shape that does not fit: which of the files
+                said = str(err) if str(file) in str(err) else f"{file}: {err}"
+                raise ValueError(said) from None
         parts["loras"] = [(str(file), float(strength)) for file, strength in pairs]
     if compile:
         parts["dit"].fuse_projections().compile_blocks()

@@ -190,7 +190,14 @@ def read_lora(path: str | Path) -> dict[str, LoRAFactor]:
             if up_key not in tensors:
                 raise ValueError(f"{path}: {key} has no matching {up_key}")
             down, up = tensors[key].float(), tensors[up_key].float()
+            if down.ndim != 2 or up.ndim != 2:
+                raise ValueError(f"{path}: {key} and {up_key} are {tuple(down.shape)} and "
+                                 f"{tuple(up.shape)}; LoRA factors are matrices")  # fmt: skip
+            if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+                raise ValueError(f"{path}: {key} or {up_key} holds nan or inf values")
             alpha = tensors.get(f"{layer}.alpha")
+            if alpha is not None and (alpha.numel() != 1 or not torch.isfinite(alpha).all()):
+                raise ValueError(f"{path}: {layer}.alpha must be one finite number")
             scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
             layers[_module_name(layer)] = LoRAFactor(down, up, scale)
             used |= {key, up_key, f"{layer}.alpha"}
@@ -234,6 +241,10 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
     if not sep or not path or "/" in strength or "\\" in strength:
         return text, 1.0
     try:
-        return path, float(strength)
+        value = float(strength)
     except ValueError:
-        raise ValueError(f"--lora {text!r}: the strength after ':' must be a number") from None
+        raise ValueError(f"--lora {text!r}: the strength after ':' must be a number (a file "
+                         "whose name holds ':' is given as PATH:1)") from None  # fmt: skip
+    if not math.isfinite(value):
+        raise ValueError(f"--lora {text!r}: the strength must be a finite number")
+    return path, value
