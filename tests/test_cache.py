@@ -140,16 +140,28 @@ def test_calibrate_cache_command_writes_what_load_reads(tmp_path, capsys):
     again = pipe.calibrate_cache(CALIBRATION_PROMPT, steps=6)
     assert again.coefficients == pytest.approx(saved.coefficients, rel=1e-6, abs=1e-9)
     before = (model / "step_cache.json").read_bytes()
-    with pytest.raises(SystemExit) as exit_:
-        main(["calibrate-cache", str(model), "--steps", "2"])
-    assert exit_.value.code == 2
-    assert (model / "step_cache.json").read_bytes() == before
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:  # it overwrote the package's own calibration
-        main(["calibrate-cache"])
-    assert exit_.value.code == 2
-    assert "kinema-tiny ships its calibration inside the installed package" in (
+    for steps in ("2", "0"):  # one line, before loading: no warning about fewer steps first
+        with pytest.raises(SystemExit) as exit_:
+            main(["calibrate-cache", str(model), "--steps", steps])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1
+        assert f"--steps {steps}: calibration needs at least 4 steps" in err
+    with pytest.raises(SystemExit) as exit_:  # the model's own 2 steps are too few
+        main(["calibrate-cache", str(model)])
+    assert "samples in 2 steps by default; calibration needs at least 4: give --steps 4" in (
         capsys.readouterr().err)  # fmt: skip
+    assert (model / "step_cache.json").read_bytes() == before
+    assert [p.name for p in model.iterdir() if p.name.startswith(".")] == []
+    from kinema.loading import BUILTIN, resolve_model_path
+
+    (tmp_path / "link").symlink_to(resolve_model_path(BUILTIN))
+    for spelling in (BUILTIN, str(tmp_path / "link")):  # it overwrote the package's own
+        with pytest.raises(SystemExit) as exit_:
+            main(["calibrate-cache", spelling])
+        assert exit_.value.code == 2
+        assert "kinema-tiny ships its calibration inside the installed package" in (
+            capsys.readouterr().err)  # fmt: skip
 
 
 def test_a_model_folder_can_recommend_a_cache(tmp_path):

@@ -502,3 +502,15 @@ def test_the_progress_bar_says_what_runs_after_the_last_step(capsys):
         progress(1, 1)
         rate = float(re.findall(r"([0-9.]+)step/s", capsys.readouterr().err)[-1])
     assert rate < 10  # it said 75,000 steps/s
+
+
+def test_a_text_file_written_whole_or_not_at_all(tmp_path):
+    """step_cache.json, eval JSON and configs: a failed write left 'NAME.tmp' behind."""
+    from kinema.io.paths import write_text_atomic
+
+    assert write_text_atomic(tmp_path / "a.json", "{}\n").read_text() == "{}\n"
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("keep")  # the rename onto it fails
+    with pytest.raises(OSError):
+        write_text_atomic(tmp_path / "taken", "{}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "taken"]

@@ -427,10 +427,12 @@ def add_calibrate_cache(sub: Any) -> None:
 
 def run_calibrate_cache(args: argparse.Namespace) -> int:
     from kinema.loading import BUILTIN, load, resolve_model_path
-    from kinema.sampling.cache import CALIBRATION_FILE
+    from kinema.sampling.cache import CALIBRATION_FILE, MIN_CALIBRATION_STEPS
 
     folder = resolve_model_path(args.model)
-    if folder == resolve_model_path(BUILTIN):
+    if args.steps is not None and args.steps < MIN_CALIBRATION_STEPS:
+        fail(f"--steps {args.steps}: calibration needs at least {MIN_CALIBRATION_STEPS} steps")
+    if folder.resolve() == resolve_model_path(BUILTIN).resolve():  # however it is spelled
         fail(
             f"{BUILTIN} ships its calibration inside the installed package; to fit one of "
             f"your own, copy the model (kinema convert {BUILTIN} DIR), calibrate DIR"
@@ -438,6 +440,11 @@ def run_calibrate_cache(args: argparse.Namespace) -> int:
     if not os.access(folder, os.W_OK):
         fail(f"model folder {folder} is not writable: the calibration is saved there")
     pipe = load(folder, device=args.device)
+    if args.steps is None and pipe.defaults.steps < MIN_CALIBRATION_STEPS:
+        fail(
+            f"this model samples in {pipe.defaults.steps} steps by default; calibration needs "
+            f"at least {MIN_CALIBRATION_STEPS}: give --steps {MIN_CALIBRATION_STEPS} or more"
+        )
     if args.steps is not None and args.steps < pipe.defaults.steps:
         warnings.warn(f"calibrating at {args.steps} steps, fewer than the model's "
                       f"{pipe.defaults.steps}: a request with more steps reads the calibration "

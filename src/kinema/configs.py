@@ -209,10 +209,9 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 def save_json(config: Any, path: str | Path, **extra: Any) -> None:
     """Write a config as JSON (atomically), with ``extra`` top-level keys such as ``_class``."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({**extra, **to_dict(config)}, indent=2) + "\n")
-    tmp.replace(path)
+    from kinema.io.paths import write_text_atomic
+
+    write_text_atomic(path, json.dumps({**extra, **to_dict(config)}, indent=2) + "\n")
 
 
 def load_json(cls: type[T], path: str | Path) -> T:

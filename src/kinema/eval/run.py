@@ -33,6 +33,7 @@ from kinema.data.synthetic import (
     parse_prompt,
 )
 from kinema.eval.judge import judge_clip, score
+from kinema.io.paths import write_text_atomic
 from kinema.pipeline import UnknownWordsWarning
 
 ATTRIBUTES = ("colour_ok", "shape_ok", "motion_ok", "count_ok")
@@ -197,7 +198,4 @@ def table(results: dict[str, Any]) -> str:
 def write_json(results: dict[str, Any], path: str | Path) -> Path:
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps(results, indent=2) + "\n")

@@ -6,11 +6,26 @@ from __future__ import annotations
 import errno
 import os
 import re
+import secrets
 import stat
 import tempfile
 from pathlib import Path
 
 FRAME_FILE = re.compile(r"frame_\d{5}\.png")  # what a PNG-frame output folder holds
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a hidden temporary file beside ``path`` and rename it into place:
+    a failure (a full disk) leaves the old file as it was and no temporary file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def names_folder(path: str | Path) -> bool:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kinema.io.paths import write_text_atomic
 from kinema.sampling.samplers import ModelFn
 
 Probe = Callable[[Tensor, Tensor], Tensor]  # (x, t) -> features whose change predicts v's
@@ -87,11 +88,9 @@ class CacheCalibration:
     def save(self, path: str | Path) -> None:
         """Write JSON to ``path`` (through a temporary file: never half-written)."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
         fields = {"coefficients": list(self.coefficients), "timesteps": list(self.timesteps),
                   "ratios": list(self.ratios)}  # fmt: skip
-        tmp.write_text(json.dumps(fields) + "\n")
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(fields) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> CacheCalibration:
@@ -206,6 +205,9 @@ def step_cache(
     return StepCache(model_fn, float(threshold), calibration, probe, max_skips)
 
 
+MIN_CALIBRATION_STEPS = 4  # :func:`calibrate`'s degree-2 fit needs degree + 2 timesteps
+
+
 def calibrate(
     model_fn: ModelFn,
     sample: Callable[[ModelFn], Tensor],
@@ -231,7 +233,7 @@ def calibrate(
     with torch.inference_mode():
         sample(recording)
     if len(seen) < degree + 2:
-        raise ValueError(f"calibration needs >= {degree + 2} steps for degree {degree}")
+        raise ValueError(f"calibration needs at least {degree + 2} steps for degree {degree}")
     d_in = [relative_l1(b[0], a[0]) for a, b in zip(seen, seen[1:], strict=False)]
     d_out = [relative_l1(b[1], a[1]) for a, b in zip(seen, seen[1:], strict=False)]
     coefficients = np.polyfit(np.array(d_in), np.array(d_out), degree)
