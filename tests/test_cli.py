@@ -66,6 +66,7 @@ BASE = ["--size", "32x32", "--steps", "2", "-q"]
         (["--lora", "nowhere.safetensors"], "LoRA file nowhere.safetensors does not exist"),
         (["--lora", "x.safetensors:strong"], "the strength after ':' must be a number"),
         (["--lora", "x.safetensors", "--devices", "2"], "--lora runs in one process"),
+        (["--devices", "2", "--offload", "model"], "--offload works in one process"),  # launched
         (
             ["--switch", "fade"],
             "argument --switch: invalid choice: 'fade' (choose from 'blend', 'cut')",

@@ -177,11 +177,11 @@ def default_output(prompt: str, seed: int) -> Path:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from kinema.distributed.cli import distributed_generate
+    from kinema.distributed.cli import check_one_process_options, distributed_generate
     from kinema.loading import load
 
-    if args.lora and args.devices > 1:
-        raise ValueError("--lora runs in one process; leave out --devices")
+    if args.devices > 1:  # before any process is launched
+        check_one_process_options(args)
     if (code := distributed_generate(args)) is not None:
         return code
     from_output_check(args.output)

@@ -98,6 +98,17 @@ def launch_torchrun(devices: int, argv: list[str]) -> int:
     return 0
 
 
+def check_one_process_options(args: argparse.Namespace) -> None:
+    """Refuse the options that work in one process only, with --devices N (checked before
+    the launch too: a rank failing first could have its partner killed before it said why)."""
+    if getattr(args, "lora", None):
+        raise ValueError("--lora runs in one process; leave out --devices")
+    if getattr(args, "offload", "none") != "none":
+        raise ValueError("--offload works in one process; drop --devices or --offload")
+    if getattr(args, "compile", False):
+        raise ValueError("--compile works in one process; drop --devices or --compile")
+
+
 def run_parallel_generate(args: argparse.Namespace) -> int:
     """One rank of a torchrun ``kinema generate``: rank 0 shows progress and writes the file."""
     import torch.distributed as dist
@@ -106,10 +117,7 @@ def run_parallel_generate(args: argparse.Namespace) -> int:
     from kinema.distributed.generate import generate, load_parallel
 
     from_output_check(args.output)
-    if getattr(args, "offload", "none") != "none":
-        raise ValueError("--offload works in one process; drop --devices or --offload")
-    if getattr(args, "compile", False):
-        raise ValueError("--compile works in one process; drop --devices or --compile")
+    check_one_process_options(args)
     tile = None
     if getattr(args, "decode_tile", None):
         from kinema.models.vae import TileSpec
