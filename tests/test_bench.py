@@ -90,6 +90,9 @@ def test_bad_configs_and_parts_are_refused():
         bench.settings_from_args(parser.parse_args(["--repeats", "0"]))
     with pytest.raises(ValueError, match="seed"):
         bench.settings_from_args(parser.parse_args(["--seed", "-1"]))
+    for name in ("a/b", "../../escape", ".."):  # failed after measuring, or wrote outside --out
+        with pytest.raises(ValueError, match="must be a file stem, not a path"):
+            bench.settings_from_args(parser.parse_args(["--name", name]))
     with pytest.raises(ValueError, match="--threads 0 must be >= 1"):  # was torch's RuntimeError
         bench.settings_from_args(parser.parse_args(["--threads", "0"]))
     assert bench.settings_from_args(parser.parse_args(["--seed", "3"])).seed == 3

@@ -1039,7 +1039,13 @@ def settings_from_args(args: Any) -> Settings:
     from kinema.io.paths import check_writable
     from kinema.loading import resolve_device
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; give a folder (JSON and markdown go there)")
     check_writable(Path(args.out) / "results.json", "--out")  # a folder: JSON and markdown
+    name = getattr(args, "name", None)
+    if name is not None and (not name.strip() or Path(name).name != name or name in (".", "..")):
+        raise ValueError(f"--name {name!r} must be a file stem, not a path (the files go in "
+                         "--out)")  # fmt: skip
 
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type not in ("cpu", "cuda"):
