@@ -378,6 +378,7 @@ def test_info_estimates_a_long_clip_as_the_one_window_it_makes_at_a_time(capsys,
         (["--frames", "6"], "frames 6 is not 4k+1"),
         (["--seconds", "inf"], "seconds inf must be > 0 (and finite)"),
         (["--seconds", "2", "--fps", "0"], "fps 0 must be >= 1"),
+        (["--fps", "0.5"], "fps 0.5 must be >= 1"),  # without --seconds: was ignored, exit 0
         (["--seconds", "2", "--frames", "9"], "not allowed with argument"),
     ],
 )

@@ -334,7 +334,7 @@ def add_shape_args(p: argparse.ArgumentParser) -> None:
 
 def add_info(sub: Any) -> None:
     p = sub.add_parser("info", help="config, parameters and peak-memory estimate of a model")
-    p.add_argument("model", nargs="?", default=None)
+    p.add_argument("model", nargs="?", default=None, help="model folder (default: kinema-tiny)")
     add_shape_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run_info)
@@ -347,6 +347,8 @@ def run_info(args: argparse.Namespace) -> int:
     from kinema.memory import decode_tile, estimate_peak_bytes, free_bytes, vae_decode_bytes
     from kinema.pipeline import check_shape
 
+    if args.fps is not None and not args.fps >= 1:  # checked with or without --seconds
+        raise ValueError(f"fps {args.fps} must be >= 1")
     pipe = load(args.model, device="cpu", dtype="fp32")
     width, height = args.size or (pipe.defaults.width, pipe.defaults.height)
     frames = pipe.defaults.frames if args.frames is None else args.frames
@@ -457,9 +459,10 @@ def run_calibrate_cache(args: argparse.Namespace) -> int:
 
 
 def add_convert(sub: Any) -> None:
-    p = sub.add_parser("convert", help="write a model (diffusers or original Wan) in kinema format")
-    p.add_argument("source")
-    p.add_argument("dest")
+    p = sub.add_parser("convert", help="write a model (kinema, diffusers or original Wan) in "
+                       "kinema format, e.g. in another dtype")  # fmt: skip
+    p.add_argument("source", help="model folder or name (kinema-tiny)")
+    p.add_argument("dest", help="new folder (or an earlier conversion's, replaced)")
     p.add_argument("--dtype", default=None, help="store weights as fp32, bf16 or fp16")
     p.set_defaults(run=run_convert)
 
@@ -494,7 +497,7 @@ def run_bench(args: argparse.Namespace) -> int:
 def add_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="judge prompt adherence on held-out synthetic prompts")
     p.add_argument("--model", default=None, help="model folder (default: kinema-tiny)")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt (default 2)")
     p.add_argument("--steps", type=int, default=None, help="default: the model's")
     p.add_argument("--guidance", type=float, default=None, help="default: the model's")
     p.add_argument("--cache", type=float, default=None, help="step cache; default: the model's")
