@@ -535,7 +535,8 @@ def test_openapi_is_true(http, done):
     doc = http.get("/openapi.json").json()
     served = {(p, m) for p, ops in doc["paths"].items() for m in ops}
     assert served == {
-        ("/v1/models", "get"), ("/v1/videos", "post"), ("/v1/videos", "get"),
+        ("/v1/models", "get"), ("/v1/models/{model_id}", "get"),
+        ("/v1/videos", "post"), ("/v1/videos", "get"),
         ("/v1/videos/{video_id}", "get"), ("/v1/videos/{video_id}", "delete"),
         ("/v1/videos/{video_id}/content", "get"), ("/v1/videos/{video_id}/remix", "post"),
         ("/v1/videos/edits", "post"), ("/v1/videos/extensions", "post"),
