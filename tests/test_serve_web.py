@@ -135,18 +135,24 @@ def test_the_gallery_shows_more_on_request(tmp_path, browser):
         assert page.is_hidden("#more")  # both pages' worth, the rest of them
 
 
+def start_a_long_video(browser, server: Server):  # noqa: ANN201 (a Playwright page)
+    """A page on ``server`` that has submitted a 1000-step video, now in progress."""
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_function("document.getElementById('size').value === '32x32'")
+    page.fill("#prompt", "a long one")
+    page.fill("#steps", "1000")
+    page.click("#submit")
+    page.wait_for_function("document.getElementById('status').textContent"
+                           ".startsWith('in_progress')", timeout=60_000)  # fmt: skip
+    return page
+
+
 def test_deleting_the_video_being_made_clears_the_live_view(tmp_path, browser):
     """The poll after the delete said "no video with id ..." and the bar froze mid-way."""
     model = build_tiny_model(tmp_path / "tiny")
     with Server(model, tmp_path / "data") as server:
-        page = browser.new_page()
-        page.goto(server.url + "/")
-        page.wait_for_function("document.getElementById('size').value === '32x32'")
-        page.fill("#prompt", "a long one")
-        page.fill("#steps", "1000")
-        page.click("#submit")
-        page.wait_for_function("document.getElementById('status').textContent"
-                               ".startsWith('in_progress')", timeout=60_000)  # fmt: skip
+        page = start_a_long_video(browser, server)
         page.click("#gallery li .delete")  # its card, drawn as it was queued
         page.wait_for_function("document.querySelectorAll('#gallery li').length === 0")
         page.wait_for_timeout(1500)  # several polls' time
@@ -159,14 +165,7 @@ def test_the_live_view_follows_its_video_through_a_server_restart(tmp_path, brow
     model = build_tiny_model(tmp_path / "tiny")
     server = Server(model, tmp_path / "data")
     try:
-        page = browser.new_page()
-        page.goto(server.url + "/")
-        page.wait_for_function("document.getElementById('size').value === '32x32'")
-        page.fill("#prompt", "a long one")
-        page.fill("#steps", "1000")
-        page.click("#submit")
-        page.wait_for_function("document.getElementById('status').textContent"
-                               ".startsWith('in_progress')", timeout=60_000)  # fmt: skip
+        page = start_a_long_video(browser, server)
         server.stop()
         page.wait_for_function("document.getElementById('message').textContent"
                                ".endsWith('still trying')", timeout=30_000)  # fmt: skip
