@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 
 import pytest
 
@@ -14,9 +15,23 @@ def test_collecting_keeps_what_is_warned_inside_only():
         notes.warn("outside")
     with pytest.warns(DeprecationWarning), notes.collecting() as kept:
         notes.warn("inside", DeprecationWarning)
-        with notes.collecting() as inner, pytest.warns(UserWarning):
+        with pytest.warns(UserWarning), notes.collecting() as inner:
             notes.warn("nested")
     assert kept == ["inside"] and inner == ["nested"]
+
+
+def test_what_is_warned_inside_is_shown_only_if_the_block_ends_well():
+    """A request found bad later is its error alone, not warnings and then the error."""
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError), notes.collecting() as kept:
+            notes.warn("upscaling it")
+            raise ValueError("steps 0 must be >= 1")
+        assert shown == [] and kept == []
+        with notes.collecting() as kept:
+            notes.warn("upscaling it")
+            assert shown == []  # shown once the block ends
+        assert [str(w.message) for w in shown] == ["upscaling it"] == kept
 
 
 @pytest.mark.filterwarnings("ignore:[ab] [0-9]+:UserWarning")
