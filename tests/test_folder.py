@@ -361,6 +361,18 @@ def test_bad_folders_and_arguments(tmp_path):
     assert numpy_sized.frames == 3 and numpy_sized.sizes == ((16, 16),)
 
 
+def test_videos_without_captions_are_named(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "sub").mkdir()
+    write_video(tmp_path / "sub" / "more.mp4", brightness(10, 32, 32), 10)
+    with pytest.warns(
+        UserWarning,
+        match=r"5 video\(s\) in .* have no .txt caption \(their "
+        r"caption is empty\): broken.mp4, square.webm, sub/more.mp4 and 2 more",
+    ):
+        VideoFolder(tmp_path, frames=5, fps=10.0, size=(32, 32))
+
+
 def test_a_home_relative_root_is_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     make_folder(tmp_path / "vids")

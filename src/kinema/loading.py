@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,10 @@ def load(
     compute = resolve_device(device)
     dt = resolve_dtype(dtype, compute)
     placement = Placement(offload, compute)
+    if placement.policy != "none" and compute.type == "cpu":
+        warnings.warn(f"offload {offload!r} moves weights between host memory and a GPU; on a "
+                      "CPU they are in host memory already, so it changes nothing",
+                      stacklevel=2)  # fmt: skip
     dev = placement.home  # where the weights live
     vae_dt = _vae_dtype(dt, compute)  # warns where a CPU emulates dt
     if (path / "kinema.json").exists():

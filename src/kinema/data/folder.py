@@ -161,9 +161,12 @@ def _sidecar_items(root: Path) -> list[tuple[Path, str]]:
         what = f"{len(texts)} caption file(s) but no videos" if texts else "no videos"
         raise ValueError(f"video folder {root} has {what}; video extensions: {VIDEO_SUFFIXES}")
     items = [(p, _read_caption(p.with_suffix(".txt"))) for p in videos]
-    uncaptioned = sum(1 for p in videos if not p.with_suffix(".txt").is_file())
+    uncaptioned = [p for p in videos if not p.with_suffix(".txt").is_file()]
     if uncaptioned:
-        warnings.warn(f"{uncaptioned} video(s) in {root} have no .txt caption", stacklevel=3)
+        names = [str(p.relative_to(root)) for p in uncaptioned[:3]]
+        more = f" and {len(uncaptioned) - 3} more" if len(uncaptioned) > 3 else ""
+        warnings.warn(f"{len(uncaptioned)} video(s) in {root} have no .txt caption (their "
+                      f"caption is empty): {', '.join(names)}{more}", stacklevel=3)  # fmt: skip
     return items
 
 
