@@ -9,23 +9,35 @@ import re
 import secrets
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 FRAME_FILE = re.compile(r"frame_\d{5}\.png")  # what a PNG-frame output folder holds
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a hidden temporary file beside ``path`` and rename it into place:
-    a failure (a full disk) leaves the old file as it was and no temporary file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+def temp_name(path: Path, suffix: str) -> Path:
+    """A fresh hidden name beside ``path`` (same suffix, so format sniffing still works)."""
+    return path.parent / f".{path.stem}.{secrets.token_hex(6)}.tmp{suffix}"
+
+
+def atomic_file(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place: a
+    failure (a full disk) leaves the old file as it was and no temporary file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path, path.suffix)
     try:
-        tmp.write_text(text)
+        tmp.touch(exist_ok=False)  # mode 0o666 minus umask, unlike mkstemp's 0o600
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """:func:`atomic_file` writing ``text``."""
+    return atomic_file(Path(path), lambda tmp: tmp.write_text(text))
 
 
 def names_folder(path: str | Path) -> bool:

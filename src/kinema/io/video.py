@@ -27,7 +27,6 @@ import collections
 import json
 import math
 import os
-import secrets
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -40,7 +39,14 @@ import av
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin
 
-from kinema.io.paths import check_frame_folder, check_output_name, check_writable, names_folder
+from kinema.io.paths import (
+    atomic_file,
+    check_frame_folder,
+    check_output_name,
+    check_writable,
+    names_folder,
+    temp_name,
+)
 
 WRITE_FORMATS = (".mp4", ".gif", ".webp", "<directory>/")
 PILLOW_SUFFIXES = (".gif", ".webp")
@@ -83,36 +89,17 @@ class VideoInfo:
 # ---------------------------------------------------------------------------------------------
 
 
-def _temp_name(path: Path, suffix: str) -> Path:
-    """A fresh hidden name beside ``path`` (same suffix, so format sniffing still works)."""
-    return path.parent / f".{path.stem}.{secrets.token_hex(6)}.tmp{suffix}"
-
-
-def _atomic_file(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path, path.suffix)
-    try:
-        tmp.touch(exist_ok=False)  # mode 0o666 minus umask, unlike mkstemp's 0o600
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _atomic_dir(path: Path, write: Callable[[Path], None]) -> Path:
     """Fill a temporary directory beside ``path`` with ``write(tmp)``, then swap it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path, "")
+    tmp = temp_name(path, "")
     try:
         tmp.mkdir()  # mode 0o777 minus umask, unlike mkdtemp's 0o700
         write(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = _temp_name(path, ".old") if path.exists() else None
+    old = temp_name(path, ".old") if path.exists() else None
     if old is not None:
         os.replace(path, old)  # a directory cannot be replaced in one step: move it aside
     os.replace(tmp, path)
@@ -263,11 +250,11 @@ def write_video(
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".mp4":
-        return _atomic_file(path, lambda t: _write_mp4(t, checked, fps, meta, crf))
+        return atomic_file(path, lambda t: _write_mp4(t, checked, fps, meta, crf))
     if suffix == ".gif":
-        return _atomic_file(path, lambda t: _write_gif(t, checked, fps, meta))
+        return atomic_file(path, lambda t: _write_gif(t, checked, fps, meta))
     if suffix == ".webp":
-        return _atomic_file(path, lambda t: _write_webp(t, checked, fps, meta))
+        return atomic_file(path, lambda t: _write_webp(t, checked, fps, meta))
     raise ValueError(f"unknown video extension {path.suffix!r} in {path}; valid: {WRITE_FORMATS}")
 
 
@@ -295,13 +282,13 @@ def check_sidecar(path: str | Path) -> None:
 
 def write_file(path: str | Path, data: bytes) -> Path:
     """Write ``data`` (e.g. a video encoded in another process) to ``path`` atomically."""
-    return _atomic_file(Path(path), lambda t: t.write_bytes(data))
+    return atomic_file(Path(path), lambda t: t.write_bytes(data))
 
 
 def write_sidecar(path: str | Path, info: dict) -> Path:
     """Write ``info`` as indented JSON to :func:`sidecar_path` (atomically); return that path."""
     text = json.dumps(info, indent=2, sort_keys=True, default=str) + "\n"
-    return _atomic_file(sidecar_path(path), lambda t: t.write_text(text))
+    return atomic_file(sidecar_path(path), lambda t: t.write_text(text))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,7 +47,13 @@ from kinema.configs import SamplingDefaults
 from kinema.distributed import train as dt
 from kinema.errors import RunFolderRemoved, TrainingDiverged
 from kinema.io.checkpoint import save_tensors
-from kinema.io.paths import MODEL_ENTRIES, check_export_folder, check_folder, usual_modes
+from kinema.io.paths import (
+    MODEL_ENTRIES,
+    atomic_file,
+    check_export_folder,
+    check_folder,
+    usual_modes,
+)
 from kinema.models.ops import cpu_has_bf16
 from kinema.timeline import latent_prompts
 from kinema.train.config import (
@@ -696,10 +702,14 @@ def encode_clips(vae: nn.Module, video: Tensor, device: torch.device) -> Tensor:
 
 
 def write_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_tensors({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata)
-    usual_modes(tmp)
-    tmp.replace(path)
+    """A safetensors file written whole or not at all (:func:`atomic_file`)."""
+    state = {k: v.contiguous().cpu() for k, v in tensors.items()}
+
+    def write(tmp: Path) -> None:
+        save_tensors(state, tmp, metadata)
+        usual_modes(tmp)  # safetensors makes its file 0o600
+
+    atomic_file(path, write)
 
 
 class _WithTimed(torch.utils.data.Dataset):
