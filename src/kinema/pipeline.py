@@ -79,14 +79,14 @@ class Request:
         """Refuse a value of the wrong type by name (a float seed, a "128" width); timed
         prompts may come as JSON gives them, ``[[seconds, prompt], ...]``."""
         for name in INTEGER_FIELDS:
-            if (v := getattr(self, name)) is not None and not _integer(v):
+            if (v := getattr(self, name)) is not None and not is_integer(v):
                 raise ValueError(f"{name} must be an integer, got {v!r}")
             if v is None and name == "seed":  # the only one a model does not fill in
                 raise ValueError("seed must be an integer (0 when not given), got None")
             if isinstance(v, np.integer):  # numpy scalars become Python's (torch's seeds)
                 object.__setattr__(self, name, int(v))
         for name in NUMBER_FIELDS:
-            if (v := getattr(self, name)) is not None and not _number(v):
+            if (v := getattr(self, name)) is not None and not is_number(v):
                 raise ValueError(f"{name} must be a number, got {v!r}")
             if isinstance(v, np.number):
                 object.__setattr__(self, name, v.item())
@@ -199,7 +199,7 @@ def validate(req: Request, spatial: int, temporal: int, extension: bool = False)
         raise ValueError(f"fps {req.fps} must be >= 1")
     for name, off in (("cache", "the step cache"), ("contrast", "timed-prompt contrast")):
         v = getattr(req, name)
-        if not _number(v) or not math.isfinite(v) or v < 0:
+        if not is_number(v) or not math.isfinite(v) or v < 0:
             raise ValueError(f"{name} {v!r} must be a number >= 0 (0 turns {off} off)")
     timeline.check_switch(req.switch)
     switches(req, temporal, extension)  # raises on prompt times outside the clip or out of order
@@ -214,18 +214,20 @@ NUMBER_FIELDS = ("fps", "guidance", "shift", "strength")  # fps: 29.97 too; cach
 TEXT_FIELDS = ("negative_prompt", "sampler", "switch")  # prompt: validate() names it
 
 
-def _number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """An int or float (numpy's too), not a bool."""
     return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
 
 
-def _integer(v: Any) -> bool:
+def is_integer(v: Any) -> bool:
+    """An int (numpy's too), not a bool."""
     return isinstance(v, int | np.integer) and not isinstance(v, bool)
 
 
 def _timed_pair(item: Any) -> tuple[float, str]:
     """A timed prompt ``(seconds, prompt)``; ValueError naming the valid form otherwise."""
     if (
-        not isinstance(item, list | tuple) or len(item) != 2 or not _number(item[0])
+        not isinstance(item, list | tuple) or len(item) != 2 or not is_number(item[0])
         or not isinstance(item[1], str)
     ):  # fmt: skip
         raise ValueError(

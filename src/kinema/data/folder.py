@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kinema.io.video import VideoInfo, probe, read_clip, resize_center_crop
+from kinema.pipeline import is_integer, is_number
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".gif", ".webp")
 FILE_KEYS = ("file_name", "video", "path")
@@ -152,9 +153,8 @@ def is_video_name(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_SUFFIXES and not path.name.startswith(".")
 
 
-def _sidecar_items(root: Path) -> list[tuple[Path, str]]:
-    """Every video under ``root`` (recursively) with its ``.txt`` caption or ``""``."""
-    files = files_under(root)
+def _sidecar_items(root: Path, files: list[Path]) -> list[tuple[Path, str]]:
+    """Every video of ``files`` (those under ``root``) with its ``.txt`` caption or ``""``."""
     videos = [p for p in files if is_video_name(p)]
     if not videos:
         texts = [p for p in files if p.suffix == ".txt"]
@@ -192,6 +192,7 @@ def find_videos(root: str | Path) -> list[tuple[Path, str]]:
             videos, or its metadata names no existing file or lacks the needed columns.
     """
     root = check_root(root)
+    files = files_under(root)  # one walk of the folder for all that follows
     for name, reader in zip(METADATA_FILES, (_jsonl_rows, _csv_rows), strict=True):
         source = root / name
         if source.is_file():
@@ -200,19 +201,18 @@ def find_videos(root: str | Path) -> list[tuple[Path, str]]:
                 raise ValueError(f"{source} has no rows; expected file_name and caption")
             found = _existing(root, rows, source)
             listed = {p.resolve() for p, _ in found}
-            unlisted = [p for p in files_under(root) if is_video_name(p)
-                        and p.resolve() not in listed]  # fmt: skip
+            unlisted = [p for p in files if is_video_name(p) and p.resolve() not in listed]
             if unlisted:
                 names = [p.name for p in unlisted[:5]]
                 warnings.warn(f"{len(unlisted)} video(s) in {root} are not in {name} and are "
                               f"not used: {names}", stacklevel=2)  # fmt: skip
             return found
-    nested = [p for p in files_under(root) if p.name in METADATA_FILES]
+    nested = [p for p in files if p.name in METADATA_FILES]
     if nested:  # a Hugging Face dataset's split folder (root/train/metadata.jsonl)
         raise ValueError(f"{root} has no {' or '.join(METADATA_FILES)} of its own but "
                          f"{nested[0]}: give data.root {nested[0].parent} (captions are read "
                          "from the root's metadata file or .txt sidecars)")  # fmt: skip
-    return _sidecar_items(root)
+    return _sidecar_items(root, files)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,15 +220,10 @@ def find_videos(root: str | Path) -> list[tuple[Path, str]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _whole(value: Any) -> bool:
-    """An int (numpy's too), not a bool."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
 def _check_size(size: Any, name: str) -> Size:
     """A (width, height) pair of positive ints, or ValueError naming it."""
     ok = isinstance(size, (tuple, list)) and len(size) == 2
-    if not ok or not all(_whole(v) and v > 0 for v in size):
+    if not ok or not all(is_integer(v) and v > 0 for v in size):
         raise ValueError(f"{name} {size!r} must be (width, height) with positive ints")
     return int(size[0]), int(size[1])
 
@@ -306,12 +301,11 @@ class VideoFolder(Dataset):
         buckets: Sequence[Size] | None = None,
         seed: int = 0,
     ) -> None:
-        if not _whole(frames) or frames < 1:
+        if not is_integer(frames) or frames < 1:
             raise ValueError(f"frames {frames!r} must be an int >= 1")
-        number = isinstance(fps, int | float | np.number) and not isinstance(fps, bool)
-        if not (number and math.isfinite(fps) and fps > 0):
+        if not (is_number(fps) and math.isfinite(fps) and fps > 0):
             raise ValueError(f"fps {fps!r} must be a finite number > 0")
-        if not _whole(seed) or seed < 0:
+        if not is_integer(seed) or seed < 0:
             raise ValueError(f"seed {seed!r} must be an int >= 0")
         self.root, self.frames, self.fps = Path(root).expanduser(), int(frames), float(fps)
         self.seed = int(seed)
