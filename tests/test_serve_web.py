@@ -135,11 +135,17 @@ def test_the_gallery_shows_more_on_request(tmp_path, browser):
         assert page.is_hidden("#more")  # both pages' worth, the rest of them
 
 
-def start_a_long_video(browser, server: Server):  # noqa: ANN201 (a Playwright page)
-    """A page on ``server`` that has submitted a 1000-step video, now in progress."""
+def open_page(browser, server: Server):  # noqa: ANN201 (a Playwright page)
+    """The page on ``server``, its form filled with the model's defaults."""
     page = browser.new_page()
     page.goto(server.url + "/")
     page.wait_for_function("document.getElementById('size').value === '32x32'")
+    return page
+
+
+def start_a_long_video(browser, server: Server):  # noqa: ANN201 (a Playwright page)
+    """A page on ``server`` that has submitted a 1000-step video, now in progress."""
+    page = open_page(browser, server)
     page.fill("#prompt", "a long one")
     page.fill("#steps", "1000")
     page.click("#submit")
@@ -183,9 +189,7 @@ def test_fields_the_chosen_request_does_not_take_are_named(tmp_path, browser):
     """A strength with no video of one's own made a text-to-video clip without a word."""
     model = build_tiny_model(tmp_path / "tiny")
     with Server(model, tmp_path / "data") as server:
-        page = browser.new_page()
-        page.goto(server.url + "/")
-        page.wait_for_function("document.getElementById('size').value === '32x32'")
+        page = open_page(browser, server)
         page.fill("#prompt", "a red ball")
         page.fill("#strength", "0.5")
         page.click("#submit")
