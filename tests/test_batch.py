@@ -210,6 +210,7 @@ def test_timed_prompts_and_compile(tmp_path: Path, tiny_model: Path) -> None:
     assert args.compile
     worker = Worker(str(tiny_model), "cpu", None, compile=True)
     assert all(b._compiled_call_impl is not None for b in worker.pipe.dit.blocks)
+    assert worker.pipe.dit.compiled  # what the sidecar records
     summary = run(requests, out, BatchOptions(model=str(tiny_model), format="gif"),
                   show_progress=False)  # fmt: skip
     assert (summary.done, summary.failed) == (2, 2)

@@ -168,6 +168,7 @@ def test_generate_writes_video_and_sidecar(tmp_path, wan):
     )
     info = json.loads(out.with_suffix(".json").read_text())
     assert info["frames"] == 5 and info["width"] == 32 and info["steps"] == 2
+    assert (info["offload"], info["compile"]) == ("none", False)
     assert out.stat().st_size > 0
     again = ["generate", "a cat", "--model", str(wan), "-o", str(out), *BASE, "--frames", "5"]
     assert main([*again, "--fps", "23.976"]) == 0  # its own sidecar is replaced; any rate

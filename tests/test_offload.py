@@ -88,6 +88,7 @@ def test_pipeline_offload_gives_the_same_video(tmp_path, policy):
     assert streamed and all(s == (policy == "block") for s in streamed)
     assert not pipe.dit.blocks[0]._forward_pre_hooks
     assert np.array_equal(video.frames, plain.frames)
+    assert (video.info["offload"], plain.info["offload"]) == (policy, "none")  # the sidecar's
 
 
 def test_placement_moves_text_encoders_and_refuses_unknown_policies():

@@ -912,6 +912,8 @@ class Pipeline:
             **loras,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "offload": self.placement.policy,
+            "compile": self.dit.compiled,
             "transformer_evaluations": evaluations,
             "timings": timings,
             "versions": {

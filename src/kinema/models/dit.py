@@ -293,6 +293,7 @@ class VideoDiT(nn.Module):
         self.proj_out = Linear(c.dim, c.out_channels * math.prod(c.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, c.dim).mul_(c.dim**-0.5))
         self.gradient_checkpointing = False
+        self.compiled = False  # compile_blocks() sets it (the sidecar records it)
         self._rope_cache: dict[tuple[int, int, int, str], tuple[Tensor, Tensor]] = {}
 
     def grid(self, x: Tensor) -> tuple[int, int, int]:
@@ -384,6 +385,7 @@ class VideoDiT(nn.Module):
         every block, so compiling takes seconds, not minutes). Same outputs. Returns self."""
         for block in self.blocks:
             block.compile(dynamic=False, **options)
+        self.compiled = True
         return self
 
     def unfuse_projections(self) -> VideoDiT:
