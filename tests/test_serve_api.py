@@ -143,9 +143,21 @@ def test_head_of_content_tells_its_size_and_type(http, done):
 def test_a_method_a_path_does_not_take_is_a_405_naming_those_it_does(http):
     """No Allow header, and Starlette's named only the first route's methods (POST)."""
     r = http.put("/v1/videos")
-    assert error_of(r, 405, None)["message"] == "PUT is not allowed here; valid: GET, POST"
-    assert r.headers["allow"] == "GET, POST"
-    assert http.delete("/v1/models").headers["allow"] == "GET"
+    valid = "GET, HEAD, POST"
+    assert error_of(r, 405, None)["message"] == f"PUT is not allowed here; valid: {valid}"
+    assert r.headers["allow"] == valid
+    assert http.delete("/v1/models").headers["allow"] == "GET, HEAD"
+
+
+def test_head_answers_as_get_without_the_body_on_every_get_route(http, done):
+    """HEAD on a GET route was a 405 (FastAPI routes take only the methods they name)."""
+    for path in ("/v1/models", f"/v1/videos/{done.id}", "/v1/videos", "/", "/favicon.ico"):
+        head, get = http.head(path), http.get(path)
+        assert (head.status_code, head.content) == (get.status_code, b""), path
+        assert head.status_code in (200, 204), path  # the favicon is an empty 204
+        for name in ("content-type", "content-length"):
+            assert head.headers.get(name) == get.headers.get(name), (path, name)
+    assert http.head("/v1/videos/video_nope").status_code == 404
 
 
 def test_a_download_answers_byte_ranges(http, done):

@@ -488,6 +488,33 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+class HeadAsGet:
+    """ASGI middleware: HEAD on a path that has a GET route and no HEAD route of its own is
+    answered as GET without the body (HTTP asks every GET resource to take HEAD; FastAPI's
+    routes take only the methods they name). Headers, status and Content-Length are GET's."""
+
+    def __init__(self, app: Any, router: Any) -> None:
+        self.app, self.router = app, router
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD" or self.takes_head(scope):
+            return await self.app(scope, receive, send)
+
+        async def headers_only(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return  # the body's parts are dropped; the last one ends the response
+                message = {"type": "http.response.body", "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+    def takes_head(self, scope: dict) -> bool:
+        from starlette.routing import Match
+
+        return any(route.matches(scope)[0] == Match.FULL for route in self.router.routes)
+
+
 def too_large(limit: int) -> ApiError:
     return ApiError(413, "request_too_large", f"the request body is over {limit} bytes")
 
@@ -876,6 +903,7 @@ def create_app(settings: ServeSettings, pipe: Any = None) -> FastAPI:
     add_routes(app, service)
     app.mount("/static", StaticFiles(directory=WEB), name="static")
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + 2**20)
+    app.add_middleware(HeadAsGet, router=app.router)
     app.openapi = lambda: build_openapi(app, settings.api_key is not None)
     return app
 
@@ -919,7 +947,7 @@ def allowed_methods(request: Request) -> set[str]:
         match, _ = route.matches({**request.scope, "method": "GET"})
         if match != Match.NONE:
             methods |= getattr(route, "methods", None) or set()
-    return methods
+    return methods | ({"HEAD"} if "GET" in methods else set())  # HeadAsGet
 
 
 def install_auth(app: FastAPI, api_key: str | None) -> None:
