@@ -289,6 +289,9 @@ def test_buckets_choose_nearest_aspect(sidecar_root):
     batches = list(sampler)
     assert sorted(i for b in batches for i in b) == [0, 1, 2]
     assert all(len({ds.bucket_of(i) for i in b}) == 1 for b in batches)
+    empty = BucketBatchSampler(ds, batch_size=2, drop_last=True)  # one video a bucket: none
+    with pytest.raises(ValueError, match="leaves no batch: the largest bucket holds 1 video;"):
+        list(empty)  # a training loop over it did nothing, silently
 
 
 def test_group_batches_keep_drop_or_top_up_a_groups_last_batch():

@@ -495,7 +495,15 @@ class BucketBatchSampler(Sampler[list[int]]):
         groups = group_indices([self.dataset.bucket_of(i) for i in range(len(self.dataset))])
         generator = epoch_generator(self.seed, self.epoch) if self.shuffle else None
         last = "drop" if self.drop_last else "keep"
-        return group_batches(groups, self.batch_size, generator, last)
+        batches = group_batches(groups, self.batch_size, generator, last)
+        if not batches and groups:  # a loop over the loader would silently do nothing
+            most = max(map(len, groups))
+            raise ValueError(
+                f"batch_size {self.batch_size} with drop_last=True leaves no batch: the largest "
+                f"bucket holds {most} video{'s' * (most != 1)}; use a smaller batch_size or "
+                "drop_last=False"
+            )
+        return batches
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self._batches())
