@@ -185,6 +185,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return float(value)
     if annotation is float and isinstance(value, str) and YAML_FLOAT.fullmatch(value.strip()):
         return float(value)  # YAML 1.1 reads 1e-4 (no '.') as text; every user writes it so
+    if annotation is int and isinstance(value, str) and YAML_FLOAT.fullmatch(value.strip()):
+        if float(value).is_integer():  # max_steps: 1e5, text to YAML 1.1 as 1e-4 is
+            return int(float(value))
+        raise TypeError(f"{where}: expected int, got {value!r}, not a whole number")
     if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
         return from_dict(annotation, value)
     if isinstance(annotation, type) and not isinstance(value, annotation):
