@@ -224,6 +224,20 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, wan, name):
     assert list(out.parent.iterdir()) == []
 
 
+def test_a_full_disk_while_converting_names_the_destination(tmp_path, wan):
+    """convert's error named its hidden temporary folder (.DEST.xxxx/transformer/...)."""
+    import resource
+
+    small_files = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+    dest = tmp_path / "out" / "converted"
+    dest.parent.mkdir()
+    argv = [sys.executable, "-m", "kinema", "convert", str(wan), str(dest)]
+    done = subprocess.run(argv, preexec_fn=small_files, capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == f"kinema: error: cannot write {dest}: File too large\n"
+    assert list(dest.parent.iterdir()) == []
+
+
 @pytest.mark.parametrize("name", ["clip.mp4", "frames/"])
 def test_an_output_folder_removed_mid_run_is_one_line(tmp_path, wan, name, capsys):
     """The folder deleted while the output is written (FFmpeg's error names no file; a
