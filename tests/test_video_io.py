@@ -343,3 +343,87 @@ def test_videos_are_told_by_their_bytes_not_their_name(tmp_path):
     assert probe(gif).codec == "gif" and not has_audio(gif) and not has_audio(mp4)
     write_with_sound(tmp_path / "sound.mp4", frames)
     assert has_audio(tmp_path / "sound.mp4")
+
+
+def write_streams(path, streams: list[tuple[np.ndarray, bool]], fps: int = 16) -> None:
+    """An mp4 with one video stream per (frames, is cover art) pair, in that order (a cover is
+    a still JPEG marked attached_pic, as a song's or a podcast's)."""
+    with av.open(str(path), "w") as out:
+        made = []
+        for frames, cover in streams:  # every stream before the first packet (the header)
+            stream = out.add_stream("mjpeg" if cover else "libx264", rate=1 if cover else fps)
+            stream.width, stream.height = frames.shape[2], frames.shape[1]
+            stream.pix_fmt = "yuvj420p" if cover else "yuv420p"
+            if cover:
+                stream.disposition = av.stream.Disposition.attached_pic
+            made.append(stream)
+        for (frames, _), stream in zip(streams, made, strict=True):
+            for frame in frames:
+                picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+                out.mux(stream.encode(picture.reformat(format=stream.pix_fmt)))
+            out.mux(stream.encode())
+
+
+def test_the_video_stream_is_the_one_ffmpeg_picks_and_never_cover_art(tmp_path):
+    """Cover art (an mp3's picture) was read as a 1-frame video at 90000 fps, and of two
+    video streams the first was taken, not the largest as FFmpeg's tools take."""
+    small, big = brightness_clip(5, size=16), brightness_clip(9, size=32)
+    cover = np.zeros((1, 64, 64, 3), np.uint8)
+    write_streams(tmp_path / "two.mp4", [(small, False), (big, False)])
+    assert read_video(tmp_path / "two.mp4")[0].shape == (9, 32, 32, 3)
+    info = probe(tmp_path / "two.mp4")
+    assert (info.width, info.height, info.frames) == (32, 32, 9)
+    write_streams(tmp_path / "song.mp4", [(big, False), (cover, True)])  # cover the largest
+    assert read_video(tmp_path / "song.mp4")[0].shape == (9, 32, 32, 3)
+    write_streams(tmp_path / "cover.mp4", [(cover, True)])
+    with pytest.raises(ValueError, match="cover.mp4: no video stream"):
+        read_video(tmp_path / "cover.mp4")
+
+
+def test_a_damaged_part_of_a_video_is_skipped_not_the_whole_video(tmp_path):
+    """A few bytes overwritten mid-file made the whole video a decode error (FFmpeg's tools
+    and players skip what they cannot decode): now those packets are skipped, with a warning."""
+    clip = smooth_clip(frames=48, height=64, width=64)
+    path = write_video(tmp_path / "clip.mp4", clip, 16)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 300] = np.random.default_rng(0).bytes(300)
+    path.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=r"clip.mp4: skipped \d+ damaged packets? it could not"):
+        frames, fps = read_video(path)
+    assert 0 < len(frames) < 48 and fps == 16
+    assert psnr(frames[0], clip[0]) > 30  # the part before the damage is as it was
+
+
+def test_wide_and_float_grey_images_are_scaled_not_clipped(tmp_path):
+    """A 16-bit PGM (Pillow's mode "I") and a float TIFF ("F") came out all white; a 16-bit
+    grey PNG's transparent value was dropped."""
+    wide = np.zeros((4, 8), np.int32)
+    wide[:, 4:] = 32768  # black | mid-grey
+    assert Image.fromarray(wide).mode == "I"
+    assert (np.asarray(rgb_image(Image.fromarray(wide)))[:, :, 0] == wide >> 8).all()
+    small = Image.fromarray(wide // 256)  # 8-bit values stored wide are kept as they are
+    assert (np.asarray(rgb_image(small))[:, 4:] == 128).all()
+    floats = Image.fromarray(np.full((4, 4), 0.5, np.float32))
+    assert floats.mode == "F" and (np.asarray(rgb_image(floats)) == 128).all()
+    grey16 = Image.fromarray(np.where(np.arange(8) < 4, 30000, 65535).astype(np.uint16)[None])
+    grey16.save(tmp_path / "key.png", transparency=30000)
+    got = read_image(tmp_path / "key.png")
+    assert (got == 255).all()  # the left half transparent (over white), the right white
+    grey16.save(tmp_path / "plain.png")
+    assert (read_image(tmp_path / "plain.png")[0, :4] == 30000 >> 8).all()
+
+
+def test_an_image_over_pillows_pixel_limit_is_one_line(tmp_path, monkeypatch):
+    """A 200 MP phone photo was a DecompressionBombError traceback, and a 108 MP one printed
+    Pillow's "decompression bomb DOS attack" warning (the limit is lowered here to test it)."""
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "big.png")  # over the limit: warned
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "huge.png")  # over twice it: refused
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_image(tmp_path / "big.png").shape == (40, 40, 3)
+    with pytest.raises(ValueError, match="huge.png: it is over 2000 pixels, more than Pillow"):
+        read_image(tmp_path / "huge.png")

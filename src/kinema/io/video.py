@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -309,10 +310,40 @@ def _open_av(path: Path) -> av.container.InputContainer:
         container = av.open(str(path))
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
         raise _decode_error(path, e) from e
-    if not container.streams.video:
+    if not video_streams(container):
         container.close()
         raise _decode_error(path, "no video stream")
     return container
+
+
+def video_streams(container: av.container.InputContainer) -> list[av.video.stream.VideoStream]:
+    """The container's video streams, less cover art (an mp3's or m4a's attached picture)."""
+    cover = av.stream.Disposition.attached_pic
+    return [s for s in container.streams.video if not s.disposition & cover]
+
+
+def video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
+    """The stream FFmpeg's tools pick: the video stream of most pixels (not cover art)."""
+    return max(video_streams(container), key=lambda s: (s.width or 0) * (s.height or 0))
+
+
+def decoded(container: av.container.InputContainer, stream: Any) -> Iterator[av.VideoFrame]:
+    """Every frame of ``stream`` as FFmpeg's tools decode it: a packet the decoder refuses (a
+    damaged part of the file) is skipped with a warning, not the whole video refused."""
+    skipped = 0
+    for packet in container.demux(stream):
+        try:
+            frames = packet.decode()
+        except av.InvalidDataError:
+            skipped += 1
+            continue
+        yield from frames
+    if skipped:
+        plural = "s" * (skipped != 1)
+        warnings.warn(
+            f"{container.name}: skipped {skipped} damaged packet{plural} it could not decode",
+            stacklevel=2,
+        )
 
 
 def _stream_fps(stream: av.video.stream.VideoStream) -> float:
@@ -330,13 +361,13 @@ def _stream_offset(stream: av.video.stream.VideoStream) -> float:
 
 def _av_timeline(container: av.container.InputContainer, start: float) -> Timeline:
     """Decode the first video stream from about ``start`` seconds: (seconds, av.VideoFrame)."""
-    stream = container.streams.video[0]
+    stream = video_stream(container)
     stream.thread_type = "AUTO"
     offset, fps = _stream_offset(stream), _stream_fps(stream)
     if start > 0:
         target = int((start + offset) / stream.time_base)
         container.seek(target, stream=stream, backward=True)
-    for i, frame in enumerate(container.decode(stream)):
+    for i, frame in enumerate(decoded(container, stream)):
         t = frame.time - offset if frame.time is not None else i / fps
         yield t, frame
 
@@ -500,7 +531,7 @@ def _open_source(path: Path, start: float) -> Iterator[_Source]:
             yield _Source(timeline, _snap_fps(step), step, durations[-1], True)
     else:
         with _open_av(path) as container:
-            fps = _stream_fps(container.streams.video[0])
+            fps = _stream_fps(video_stream(container))
             yield _Source(_av_timeline(container, start), fps, 1 / fps, 1 / fps, False)
 
 
@@ -583,6 +614,8 @@ def _open_pillow(path: Path) -> Image.Image:
     """Open an image with Pillow, or raise the decode ValueError."""
     try:
         return Image.open(path)
+    except Image.DecompressionBombError:
+        raise ValueError(too_many_pixels(f"video {path}")) from None
     except (OSError, ValueError) as e:
         raise _decode_error(path, e) from e
 
@@ -664,7 +697,7 @@ def has_audio(path: str | Path) -> bool:
 def _probe_av(path: Path) -> VideoInfo:
     """Header facts of a PyAV-readable file."""
     with _open_av(path) as container:
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         fps = _stream_fps(stream)
         if stream.duration is not None:
             duration = float(stream.duration * stream.time_base)
@@ -672,7 +705,7 @@ def _probe_av(path: Path) -> VideoInfo:
             duration = (container.duration or 0) / av.time_base
         frames = stream.frames or max(1, round(duration * fps))
         name = stream.codec_context.name
-        first = next(container.decode(stream), None)  # the display matrix rides on frames
+        first = next(decoded(container, stream), None)  # the display matrix rides on frames
         turned = first is not None and round(first.rotation / 90) % 2 == 1
         w, h = (stream.height, stream.width) if turned else (stream.width, stream.height)
         return VideoInfo(w, h, frames, fps, duration, name)
@@ -720,11 +753,31 @@ def probe(path: str | Path) -> VideoInfo:
 MATTE = (255, 255, 255)
 
 
+def grey8(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer ("I": a 16-bit PGM or PNG as Pillow opens some) or float
+    ("F", 0-1) grey image as 8-bit "L", scaled (Pillow's conversion clips: all white); a
+    transparent grey value becomes an alpha channel ("LA")."""
+    values = np.asarray(image)
+    if image.mode == "F":
+        grey = values * 255.0 if values.max(initial=0) <= 1 else values
+    elif image.mode == "I" and values.max(initial=0) <= 255:
+        grey = values  # 8-bit values stored wide
+    else:
+        grey = np.clip(values.astype(np.int64), 0, 65535) >> 8
+    out = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
+    key = image.info.get("transparency")
+    if isinstance(key, int) and image.mode != "F":
+        alpha = Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8), "L")
+        return Image.merge("LA", (out, alpha))
+    return out
+
+
 def rgb_image(image: Image.Image) -> Image.Image:
     """``image`` as RGB; one with transparency (RGBA, LA, a palette or grey image with a
-    transparent colour) is composited over :data:`MATTE`; 16-bit grey scaled to 8 bits."""
-    if image.mode.startswith("I;16"):  # 16-bit grey: Pillow's conversion clips, not scales
-        image = Image.fromarray((np.asarray(image, np.uint16) >> 8).astype(np.uint8), "L")
+    transparent colour) is composited over :data:`MATTE`; 16-bit, 32-bit and float grey
+    scaled to 8 bits (:func:`grey8`)."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        image = grey8(image)
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (*MATTE, 255)), rgba).convert(
@@ -737,10 +790,20 @@ def read_image(path: str | Path) -> np.ndarray:
     """Any Pillow-readable image as uint8 (H, W, 3) RGB, EXIF orientation applied,
     transparency over white (:func:`rgb_image`)."""
     try:
-        with Image.open(path) as image:
-            return np.asarray(rgb_image(ImageOps.exif_transpose(image)))
+        with warnings.catch_warnings():  # the user's own file: no "DOS attack" over 89 MP
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return np.asarray(rgb_image(ImageOps.exif_transpose(image)))
+    except Image.DecompressionBombError:
+        raise ValueError(too_many_pixels(f"image {path}")) from None
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot decode image {path}: {e}") from e
+
+
+def too_many_pixels(what: str) -> str:
+    """Why Pillow would not open ``what``: its decompression-bomb limit."""
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    return f"cannot decode {what}: it is over {limit} pixels, more than Pillow opens; scale it down"
 
 
 def _cover_box(width: int, height: int, src_w: int, src_h: int) -> tuple[float, ...]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from kinema.io.video import rgb_image
+from kinema.io.video import decoded, rgb_image, video_stream, video_streams
 
 THUMBNAIL = "thumbnail.webp"
 SPRITESHEET = "spritesheet.jpg"
@@ -100,11 +100,11 @@ def check_video(path: Path, max_frames: int, max_pixels: int) -> VideoProbe:
     try:
         with av.open(str(path)) as container:
             fmt = container.format.name
-            if not container.streams.video:
+            if not video_streams(container):  # cover art is not a video
                 raise Rejected("the file has no video stream")
-            stream = container.streams.video[0]
+            stream = video_stream(container)
             frames, size = 0, None
-            for frame in container.decode(stream):
+            for frame in decoded(container, stream):
                 size = size or (frame.width, frame.height)
                 frames += 1
                 if frames > max_frames:
