@@ -427,3 +427,27 @@ def test_an_image_over_pillows_pixel_limit_is_one_line(tmp_path, monkeypatch):
         assert read_image(tmp_path / "big.png").shape == (40, 40, 3)
     with pytest.raises(ValueError, match="huge.png: it is over 2000 pixels, more than Pillow"):
         read_image(tmp_path / "huge.png")
+
+
+def save_gif(path, count: int, delays_ms: list[int]) -> None:
+    """A GIF of :func:`brightness_clip` frames with the given delays (Pillow keeps equal
+    frames apart only when told not to optimise)."""
+    images = [Image.fromarray(f) for f in brightness_clip(count, step=12)]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=delays_ms,
+                   loop=0, optimize=False, disposal=1)  # fmt: skip
+
+
+def test_gif_timing_is_read_as_browsers_show_it(tmp_path):
+    """16 fps written as GIF delays of 6 and 7 hundredths (FFmpeg's) read as 18 frames, one
+    repeated; a 1/100 s delay read as 100 fps, browsers show it at 10; held frames (a longer
+    delay where an encoder merged repeats) still come out repeated."""
+    delays = [60, 70, 60, 60] * 4 + [60]
+    save_gif(tmp_path / "even.gif", 17, delays)
+    frames, fps = read_video(tmp_path / "even.gif")
+    assert fps == 16 and frame_indices(frames, 12) == list(range(17))
+    assert probe(tmp_path / "even.gif").frames == 17
+    save_gif(tmp_path / "fast.gif", 4, [10] * 4)
+    assert read_video(tmp_path / "fast.gif")[1] == probe(tmp_path / "fast.gif").fps == 10
+    save_gif(tmp_path / "held.gif", 3, [100, 300, 100])
+    frames, fps = read_video(tmp_path / "held.gif")
+    assert fps == 10 and frame_indices(frames, 12) == [0, 1, 1, 2, 2]  # nearest in time

@@ -373,13 +373,25 @@ def _av_timeline(container: av.container.InputContainer, start: float) -> Timeli
 
 
 def _pillow_durations(image: Image.Image) -> list[float]:
-    """Per-frame display time in seconds of an animated image (0 or missing -> 0.1 s)."""
+    """Per-frame display time in seconds of an animated image; a delay of 10 ms or less (or
+    none) is 0.1 s, as browsers show it."""
     durations = []
     for k in range(getattr(image, "n_frames", 1)):
         image.seek(k)
         image.load()
-        durations.append((image.info.get("duration") or 100) / 1000)
+        delay = image.info.get("duration") or 0
+        durations.append((delay if delay > 10 else 100) / 1000)
     return durations
+
+
+def _pillow_step(durations: list[float]) -> tuple[float, bool]:
+    """(seconds between native frames, whether the frames are evenly spaced). A GIF says its
+    delays in whole 1/100 s, so an even rate such as 16 fps comes out as 6 and 7: delays within
+    10 ms of each other are even (each frame taken once, at their mean spacing); otherwise the
+    shortest delay is the step and held frames (encoders merge repeats) come out repeated."""
+    if max(durations) - min(durations) <= 0.0105:
+        return sum(durations) / len(durations), True
+    return min(durations), False
 
 
 def _snap_fps(duration: float) -> float:
@@ -526,9 +538,9 @@ def _open_source(path: Path, start: float) -> Iterator[_Source]:
     elif pillow_reads(path):
         with _open_pillow(path) as image:
             durations = _pillow_durations(image)
-            step = min(durations)  # held frames (encoders merge repeats) come out repeated
+            step, even = _pillow_step(durations)
             timeline = _pillow_timeline(image, durations)
-            yield _Source(timeline, _snap_fps(step), step, durations[-1], True)
+            yield _Source(timeline, _snap_fps(step), step, durations[-1], not even)
     else:
         with _open_av(path) as container:
             fps = _stream_fps(video_stream(container))
@@ -715,7 +727,7 @@ def _probe_pillow(path: Path) -> VideoInfo:
     """Header facts of an animated GIF or WebP (frame count at the native rate)."""
     with _open_pillow(path) as image:
         durations = _pillow_durations(image)
-        fps, duration = _snap_fps(min(durations)), sum(durations)
+        fps, duration = _snap_fps(_pillow_step(durations)[0]), sum(durations)
         frames = max(1, round(duration * fps))
         codec = (image.format or path.suffix[1:]).lower()
         return VideoInfo(image.width, image.height, frames, fps, duration, codec)
