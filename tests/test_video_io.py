@@ -451,3 +451,19 @@ def test_gif_timing_is_read_as_browsers_show_it(tmp_path):
     save_gif(tmp_path / "held.gif", 3, [100, 300, 100])
     frames, fps = read_video(tmp_path / "held.gif")
     assert fps == 10 and frame_indices(frames, 12) == [0, 1, 1, 2, 2]  # nearest in time
+
+
+def test_a_video_whose_size_changes_mid_stream_is_named(tmp_path):
+    """Was numpy's "all input arrays must have the same shape" (after a whole extension)."""
+    from kinema.io.video import scan_video
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, width in enumerate([16, 16, 32, 32]):
+        Image.new("RGB", (width, 16), "red").save(folder / f"{i:03d}.png")
+    message = "frame 2 is 32x16, the first 16x16: its size changes mid-stream"
+    with pytest.raises(ValueError, match=message):
+        read_video(folder)
+    with pytest.raises(ValueError, match=message):
+        scan_video(folder, last=2, one_size=True)  # what an extension scans
+    assert scan_video(folder, last=1).count == 4  # a restyle fits each frame: fine

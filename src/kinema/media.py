@@ -188,7 +188,7 @@ def extension_source(req: Any, context: int, spatial: int) -> tuple[Any, Any]:
     rounded) times the new frames and the file. A file is streamed (:class:`SourceClip`): a
     long video is not held in memory; an array is used as it is."""
     if isinstance(req.extend, str | Path):
-        count, last, fps = scan_video(req.extend, last=context)  # one pass: the last frames
+        count, last, fps = scan_video(req.extend, last=context, one_size=True)  # one pass
         source: Any = SourceClip(Path(req.extend), count, last)
         warn_audio(source.path, "extension")
     else:

@@ -498,7 +498,27 @@ def _stack(frames: list[Any], path: str | Path) -> np.ndarray:
     """Frames as (T, H, W, 3) uint8; an empty list is a decode error."""
     if not frames:
         raise _decode_error(path, "no frames decoded")
-    return np.stack([_to_rgb(f) for f in frames])
+    rgb = [_to_rgb(f) for f in frames]
+    for i, frame in enumerate(rgb):
+        _check_size(path, i, frame.shape[1::-1], rgb[0].shape[1::-1])
+    return np.stack(rgb)
+
+
+def _frame_size(frame: Any) -> tuple[int, int]:
+    """(width, height) of a decoded frame (an av.VideoFrame, PIL image or PNG path) as stored."""
+    if isinstance(frame, Path):
+        with Image.open(frame) as image:
+            return image.size
+    return (frame.width, frame.height)
+
+
+def _check_size(path: str | Path, index: int, size: tuple, first: tuple) -> None:
+    """The decode error for a frame whose size is not the first frame's."""
+    if tuple(size) != tuple(first):
+        raise _decode_error(
+            path, f"frame {index} is {size[0]}x{size[1]}, the first {first[0]}x{first[1]}: "
+            "its size changes mid-stream; re-encode it at one size"
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,19 +609,28 @@ class Scan(NamedTuple):
 
 
 def scan_video(
-    path: str | Path, *, fps: float | None = None, last: int = 0, limit: int | None = None
+    path: str | Path,
+    *,
+    fps: float | None = None,
+    last: int = 0,
+    limit: int | None = None,
+    one_size: bool = False,
 ) -> Scan:
     """One decoding pass that keeps almost nothing: how many frames :func:`read_video` would
     give (at ``fps``; native when None; counting stops at ``limit``), the ``last`` of them
     (fewer in a shorter video) and the native rate. Only the kept frames are converted to
-    RGB. Raises :func:`read_video`'s ValueError, also for a video without frames."""
+    RGB. Raises :func:`read_video`'s ValueError, also for a video without frames, and with
+    ``one_size`` for one whose frame size changes mid-stream."""
     _check_read_args(limit, fps)
     path = Path(path)
     kept: collections.deque[Any] = collections.deque(maxlen=last)
-    count = 0
+    count, first = 0, None
     try:
         with _open_source(path, 0.0) as source:
             for frame in _frames(source, 0.0, fps, limit):
+                if one_size:
+                    first = first or _frame_size(frame)
+                    _check_size(path, count, _frame_size(frame), first)
                 count += 1
                 if last:
                     kept.append(frame)
