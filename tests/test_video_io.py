@@ -467,3 +467,22 @@ def test_a_video_whose_size_changes_mid_stream_is_named(tmp_path):
     with pytest.raises(ValueError, match=message):
         scan_video(folder, last=2, one_size=True)  # what an extension scans
     assert scan_video(folder, last=1).count == 4  # a restyle fits each frame: fine
+
+
+def test_mp4_outputs_say_their_colours_and_hdr_sources_are_named(tmp_path):
+    """Untagged BT.601 mp4s shift colours in players that assume BT.709 for HD; an HDR (HLG)
+    phone video was read dull without a word."""
+    out = write_video(tmp_path / "clip.mp4", smooth_clip(4), 16)
+    with av.open(str(out)) as container:
+        frame = next(container.decode(video=0))
+    assert (frame.colorspace, frame.color_range, frame.color_primaries, frame.color_trc) == (
+        6, 1, 1, 1)  # smpte170m, tv, bt709, bt709  # fmt: skip
+    with av.open(str(tmp_path / "hlg.mp4"), "w") as container:
+        stream = container.add_stream("libx264", rate=16)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.color_trc = 18  # ARIB STD-B67 (HLG), as an iPhone records
+        for frame in smooth_clip(4):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    with pytest.warns(UserWarning, match=r"hlg.mp4 is HDR \(HLG\): it is read without tone"):
+        assert len(read_video(tmp_path / "hlg.mp4")[0]) == 4

@@ -164,10 +164,23 @@ def _write_mp4(
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"crf": str(crf)}
+        tag_colours(stream.codec_context)
         for frame in _prepend(first, frames):
             video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
             container.mux(stream.encode(video_frame))
         container.mux(stream.encode(None))
+
+
+# What the mp4's pixels are, told to players (untagged, many assume BT.709 for HD sizes and
+# shift the colours): RGB frames become BT.601 ("smpte170m") limited-range YUV in FFmpeg's
+# conversion, of sRGB content (BT.709 primaries and transfer, as every SDR video says).
+SMPTE170M, BT709, TV_RANGE = 6, 1, 1  # FFmpeg's AVColorSpace / AVColorPrimaries / ... values
+
+
+def tag_colours(codec: Any) -> None:
+    """Tag an encoder's output with the colours :func:`_write_mp4` gives it."""
+    codec.colorspace, codec.color_range = SMPTE170M, TV_RANGE
+    codec.color_primaries, codec.color_trc = BT709, BT709
 
 
 def _prepend(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
@@ -346,6 +359,9 @@ def decoded(container: av.container.InputContainer, stream: Any) -> Iterator[av.
         )
 
 
+HDR_TRANSFERS = {16: "PQ", 18: "HLG"}  # FFmpeg's AVColorTransferCharacteristic values
+
+
 def _stream_fps(stream: av.video.stream.VideoStream) -> float:
     """The native frame rate of a stream (average, else guessed, else 16)."""
     rate = stream.average_rate or stream.guessed_rate
@@ -368,6 +384,12 @@ def _av_timeline(container: av.container.InputContainer, start: float) -> Timeli
         target = int((start + offset) / stream.time_base)
         container.seek(target, stream=stream, backward=True)
     for i, frame in enumerate(decoded(container, stream)):
+        if i == 0 and frame.color_trc in HDR_TRANSFERS:
+            warnings.warn(
+                f"{container.name} is HDR ({HDR_TRANSFERS[frame.color_trc]}): it is read "
+                "without tone mapping, so its colours come out dull; convert it to SDR first",
+                stacklevel=2,
+            )
         t = frame.time - offset if frame.time is not None else i / fps
         yield t, frame
 
