@@ -485,3 +485,29 @@ def test_contrast_with_cut_switches_is_said_to_change_nothing(pipe):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipe.generate("x", frames=9, prompts=[(0.5, "y")], contrast=2.0, **BASE)  # blend: acts
+
+
+def test_a_variable_rate_source_keeps_its_timing(pipe, tmp_path):
+    """A variable-frame-rate file (a screen or phone recording: here 16 fps for 0.5 s, then
+    a frame every 3/16 s) was restyled frame for frame at its reported 16 fps, so it played
+    in half its time; a 12.5 fps clip was written at 12. Now read at the rate it plays."""
+    from fractions import Fraction
+
+    import av
+
+    path = tmp_path / "vfr.mkv"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=16)
+        stream.width = stream.height = 32
+        stream.pix_fmt, stream.codec_context.time_base = "yuv420p", Fraction(1, 16)
+        for k in range(17):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), k * 12, np.uint8), "rgb24")
+            frame.pts, frame.time_base = (k if k < 8 else 3 * k - 16), Fraction(1, 16)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    req, media, _ = pipe.prepare(Request("a cat", video=str(path), strength=0.5, **BASE))
+    assert (req.fps, req.frames) == (16, 33)  # 2.06 s at 16 fps, as it plays
+    shown = [int(round(f.mean() / 12)) for f in media["video"].frames()]
+    assert shown[:9] == list(range(9)) and shown[9:12] == [8, 9, 9]  # the slow part held
+    slow = write_video(tmp_path / "slow.gif", clip(9), fps=12.5)
+    assert pipe.prepare(Request("a cat", extend=str(slow), frames=4, **BASE))[0].fps == 12.5

@@ -142,13 +142,14 @@ def source_video(req: Any, temporal: int, size: tuple[int, int]) -> tuple[Any, R
     request's (or ``size``, the model default). A file is counted here, then streamed."""
     if isinstance(req.video, str | Path):
         video: Path | np.ndarray = Path(req.video)
-        length, last, fps = scan_video(video, fps=req.fps, last=1, limit=req.frames)
+        fps = req.fps or source_rate(probe(video).fps)  # read at it: a variable rate's timing
+        length, last, _ = scan_video(video, fps=fps, last=1, limit=req.frames)
         warn_audio(video, "restyle")
         shown = (last.shape[2], last.shape[1])  # as shown (a rotated phone video upright)
     else:
-        video, fps = read_video_any(req.video)
+        video, native = read_video_any(req.video)
+        fps = req.fps or source_rate(native)
         length, shown = len(video), (video.shape[2], video.shape[1])
-    fps = req.fps or round(fps or 16)
     count = req.frames or (length - 1) // temporal * temporal + 1
     if length < count:
         raise ValueError(f"source video has {plural(length, 'frame')}; the request needs {count}")
@@ -157,7 +158,7 @@ def source_video(req: Any, temporal: int, size: tuple[int, int]) -> tuple[Any, R
                    f"to {count}", stacklevel=2)  # fmt: skip
     width, height = req.width or size[0], req.height or size[1]
     check_upscale(shown, width, height, stacklevel=2)  # as fit_image's, one call less deep
-    source = RestyleSource(video, req.fps if isinstance(video, Path) else None, count,
+    source = RestyleSource(video, fps if isinstance(video, Path) else None, count,
                            (width, height))  # fmt: skip
     return dataclasses.replace(req, frames=count, fps=fps, width=width, height=height), source
 
@@ -206,5 +207,14 @@ def extension_source(req: Any, context: int, spatial: int) -> tuple[Any, Any]:
         )
     if (req.width or w, req.height or h) != (w, h):
         raise ValueError(f"an extension keeps the source size {w}x{h}; do not pass another size")
-    fps = req.fps or round(fps or 16)
+    fps = req.fps or source_rate(fps)
     return dataclasses.replace(req, width=w, height=h, fps=fps), source
+
+
+def source_rate(fps: float | None) -> float:
+    """The rate a restyle or an extension is written at: the source's own (12.5 fps had been
+    rounded to 12, so the source part played 4 % slow), whole where it is within 0.01 of
+    whole (a header's 25.0001), 16 when the source has none."""
+    if not fps:
+        return 16.0
+    return float(round(fps)) if abs(fps - round(fps)) < 0.01 else fps
