@@ -82,6 +82,10 @@ def test_determinism_and_sidecar(tmp_path):
         (dict(sampler=3), "sampler must be a string, got int"),
         (dict(prompts=[(1.0,)]), r"prompts must be \(seconds, prompt\) pairs.*got \(1.0,\)"),
         (dict(prompts=[("1", "b")]), r"prompts must be \(seconds, prompt\) pairs"),
+        (dict(prompts="a dog"), "prompts must be a list of .* got str"),  # was "got 'a'"
+        (dict(prompts=None), "prompts must be a list of .* got NoneType"),  # a TypeError
+        (dict(prompts=[(0.25, "  ")]), "the prompt at 0.25 s is empty"),  # ran silently
+        (dict(frames=4 * 10**9 + 1), "frames 4000000001 is over 1048577, the most"),  # no memory
     ],
 )
 def test_bad_requests_name_the_value(tmp_path, bad, message):
@@ -207,3 +211,66 @@ def test_a_decode_that_would_not_fit_in_the_budget_is_tiled(tmp_path):
         latent = pipe.vae.denormalize(z)
         want = pipe.vae.decode(latent, tile=TileSpec(128, 32), cache_dtype=torch.float16)
     assert torch.equal(tiled, want) and not torch.equal(tiled, untiled)
+
+
+def test_the_library_names_what_it_is_given_wrong_before_any_work(tmp_path):
+    """Each of these was a traceback from deep inside (or, for compile="no" and a LoRA path
+    as a string, a wrong action) before a QA pass over the Python API."""
+    from kinema.pipeline import Request
+
+    folder = build_wan_folder(tmp_path / "wan")
+    for options, message in (
+        (dict(compile="no"), "compile must be True or False, got 'no'"),  # compiled
+        (dict(lora="style.safetensors"), "style.safetensors"),  # 'LoRA file s does not exist'
+        (dict(lora=[("a", "0.8")]), r"lora takes paths or \(path, strength\) pairs"),
+        (dict(dtype=torch.int8), "unknown dtype torch.int8; valid: fp32, bf16, fp16"),
+        (dict(dtype=torch.float64), "unknown dtype torch.float64"),  # failed in generate
+    ):
+        with pytest.raises(ValueError, match=message):
+            kinema.load(folder, device="cpu", **options)
+    pipe = kinema.load(folder, device="cpu", dtype="FP32")  # any case
+    video = np.zeros((9, 32, 32, 3), np.uint8)
+    with pytest.raises(TypeError, match="request must be a Request, got str"):
+        pipe.stream("a cat")  # was AttributeError: 'str' object has no attribute 'image'
+    with pytest.raises(TypeError, match="run a Request with run"):
+        pipe.generate(Request("a cat"))
+    with pytest.raises(TypeError, match="progress must be a function"):
+        pipe.generate("a cat", progress=5, **SETTINGS)  # failed after the first step
+    with pytest.raises(ValueError, match="fps must be a number, got '16'"):
+        pipe.extend(video, 0.5, "a cat", fps="16")
+    with pytest.raises(ValueError, match="video to extend must be a path or"):
+        pipe.extend(None, 0.5, "a cat")  # became text-to-video with frames=8
+    with pytest.raises(ValueError, match="video array has no frames"):
+        pipe.generate("a cat", video=video[:0], **SETTINGS)  # "frames -3 is not 4k+1"
+
+
+def test_a_video_reads_as_one_is_extended_and_saved_home_relative(tmp_path, monkeypatch):
+    """repr(video) printed every frame value; extend() refused what generate() returned;
+    save("~/x.mp4") made a folder named "~"."""
+    pipe = kinema.load(build_wan_folder(tmp_path / "wan"), device="cpu")
+    video = pipe.generate("a cat", **SETTINGS)
+    assert repr(video) == "Video(9 frames, 32x32, 16 fps, 0.56 s)"
+    assert len(video) == 9 and all(f.shape == (32, 32, 3) for f in video)
+    longer = pipe.extend(video, 0.5, "a cat", **{k: SETTINGS[k] for k in ("steps", "seed")})
+    assert len(longer) == 17 and longer.fps == video.fps
+    assert np.array_equal(longer.frames[:9], video.frames)
+    restyled = pipe.generate("a dog", video=video, strength=0.5, steps=2, width=32, height=32)
+    assert len(restyled) == 9 and restyled.fps == 16
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert video.save("~/clip.gif") == tmp_path / "clip.gif" and (tmp_path / "clip.json").is_file()
+
+
+def test_request_warnings_name_the_callers_line(tmp_path):
+    """They named kinema's own pipeline.py (a fixed stacklevel one call short)."""
+    from kinema.pipeline import Request
+
+    pipe = kinema.load(build_wan_folder(tmp_path / "wan"), device="cpu")
+    with pytest.warns(UserWarning, match="guidance") as caught:
+        pipe.generate("a cat", negative_prompt="dog", **{**SETTINGS, "guidance": 1.0})
+        pipe.stream(Request("a cat", negative_prompt="dog", **{**SETTINGS, "guidance": 1.0}))
+    assert [w.filename for w in caught] == [__file__, __file__]
+
+
+def test_kinema_names_its_public_types():
+    assert kinema.Request is kinema.pipeline.Request and kinema.Video is kinema.pipeline.Video
+    assert "Pipeline" in kinema.__all__ and "Any" not in dir(kinema)

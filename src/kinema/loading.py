@@ -25,7 +25,7 @@ import torch
 
 from kinema.configs import SamplingDefaults
 from kinema.io.checkpoint import CheckpointError, config_in, load_dit, load_vae, read_json_object
-from kinema.pipeline import Pipeline
+from kinema.pipeline import Pipeline, is_number
 
 BUILTIN = "kinema-tiny"
 ASSETS = Path(__file__).parent / "assets"
@@ -61,13 +61,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """The requested dtype, or the device's default: bf16 on CUDA, fp16 on MPS, fp32 on CPU."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
     if dtype is None:
         return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
-    if dtype not in DTYPES:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if not isinstance(dtype, str) or dtype.lower() not in DTYPES:  # torch.int8 and float64 too
         raise ValueError(f"unknown dtype {dtype!r}; valid: fp32, bf16, fp16")
-    return DTYPES[dtype]
+    return DTYPES[dtype.lower()]
 
 
 def folder_defaults(model: str | Path | None) -> SamplingDefaults | None:
@@ -135,6 +135,9 @@ def load(
     from kinema.offload import Placement
 
     start = time.perf_counter()
+    if not isinstance(compile, bool):  # compile="no" turned it on
+        raise ValueError(f"compile must be True or False, got {compile!r}")
+    pairs = lora_pairs(lora)  # checked before the weights load
     path = resolve_model_path(model)
     compute = resolve_device(device)
     dt = resolve_dtype(dtype, compute)
@@ -164,13 +167,10 @@ def load(
     from kinema.sampling.cache import load_calibration
 
     parts["cache_calibration"] = load_calibration(path)  # step_cache.json, if calibrated
-    if lora:
+    if pairs:
         from kinema.lora import merge_lora, read_lora
 
-        pairs = [item if isinstance(item, tuple) else (item, 1.0) for item in lora]
         for file, strength in pairs:
-            if not math.isfinite(strength):
-                raise ValueError(f"LoRA {file}: the strength {strength} must be a finite number")
             try:
                 merge_lora(parts["dit"], read_lora(file), strength)
             except ValueError as err:  # a shape that does not fit: which of the files
@@ -180,6 +180,23 @@ def load(
     if compile:
         parts["dit"].fuse_projections().compile_blocks()
     return Pipeline(**parts, placement=placement, load_seconds=time.perf_counter() - start)
+
+
+def lora_pairs(lora: Any) -> list[tuple[str | Path, float]]:
+    """``lora`` as (file, strength) pairs: one path (a string is one file, not its letters), or
+    a list of paths and (path, strength) pairs; ValueError naming what is not one."""
+    if isinstance(lora, str | Path):
+        lora = [lora]
+    pairs = []
+    for item in lora or ():
+        pair = item if isinstance(item, tuple | list) and len(item) == 2 else (item, 1.0)
+        file, strength = pair
+        if not isinstance(file, str | Path) or not is_number(strength):
+            raise ValueError(f"lora takes paths or (path, strength) pairs, got {item!r}")
+        if not math.isfinite(strength):
+            raise ValueError(f"LoRA {file}: the strength {strength} must be a finite number")
+        pairs.append((file, float(strength)))
+    return pairs
 
 
 def _vae_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:

@@ -72,6 +72,8 @@ def read_video_any(video: Any, fps: float | None = None) -> tuple[np.ndarray, fl
     arr = np.asarray(video)
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] != 3:
         raise ValueError(f"video array must be uint8 (T, H, W, 3), got {arr.dtype} {arr.shape}")
+    if not arr.shape[0]:
+        raise ValueError("video array has no frames")
     if not arr.shape[1] or not arr.shape[2]:
         raise ValueError(f"video array has empty frames: {arr.shape[2]}x{arr.shape[1]} pixels")
     return arr, fps
@@ -107,10 +109,10 @@ def fit_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return resize_center_crop(image, width, height)
 
 
-def source_fps(video: Any, default: int) -> int:
-    """The frame rate of a source clip (``default`` for arrays)."""
+def source_fps(video: Any, default: float) -> float:
+    """The frame rate of a source clip (:func:`source_rate`; ``default`` for arrays)."""
     if isinstance(video, str | Path):
-        return max(1, round(probe(video).fps))
+        return max(1.0, source_rate(probe(video).fps))
     return default
 
 

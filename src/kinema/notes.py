@@ -10,6 +10,9 @@ on several threads at once.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,13 +22,28 @@ _kept: ContextVar[list[tuple[str, type[Warning]]] | None] = ContextVar("kinema_n
                                                                       default=None)  # fmt: skip
 
 
+PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+INSIDE = (PACKAGE, contextlib.__file__)
+
+
+def outside_stacklevel() -> int:
+    """The ``stacklevel`` at which a ``warnings.warn`` in the calling function names the
+    first caller outside kinema (the user's line, not kinema's own: requests reach their
+    warnings through a call depth that varies)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(INSIDE):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def warn(message: str, category: type[Warning] = UserWarning, stacklevel: int = 2) -> None:
-    """``warnings.warn(message, category)``, or kept by the innermost :func:`collecting`."""
+    """``warnings.warn(message, category)`` naming the caller outside kinema (``stacklevel`` is
+    kept for callers that give it), or kept by the innermost :func:`collecting`."""
     kept = _kept.get()
     if kept is not None:
         kept.append((message, category))
         return
-    warnings.warn(message, category, stacklevel=stacklevel + 1)
+    warnings.warn(message, category, stacklevel=outside_stacklevel())
 
 
 @contextmanager
@@ -41,4 +59,4 @@ def collecting() -> Iterator[list[str]]:
         _kept.reset(token)
     said += [message for message, _ in kept]
     for message, category in kept:
-        warnings.warn(message, category, stacklevel=4)  # the caller of the pipeline's method
+        warnings.warn(message, category, stacklevel=outside_stacklevel())  # the user's line

@@ -59,7 +59,7 @@ class Request:
     width: int | None = None
     height: int | None = None
     frames: int | None = None
-    fps: int | None = None
+    fps: float | None = None
     steps: int | None = None
     guidance: float | None = None
     shift: float | None = None
@@ -93,6 +93,9 @@ class Request:
         for name in TEXT_FIELDS:
             if (v := getattr(self, name)) is not None and not isinstance(v, str):
                 raise ValueError(f"{name} must be a string, got {type(v).__name__}")
+        if isinstance(self.prompts, str | dict) or not isinstance(self.prompts, Sequence):
+            raise ValueError(f"prompts must be a list of (seconds, prompt) pairs, e.g. "
+                             f"[(1.0, 'a dog')]; got {type(self.prompts).__name__}")  # fmt: skip
         timed = tuple(_timed_pair(item) for item in self.prompts)
         object.__setattr__(self, "prompts", timed)
 
@@ -206,6 +209,8 @@ def validate(req: Request, spatial: int, temporal: int, extension: bool = False)
 
 
 INTEGER_FIELDS = ("width", "height", "frames", "steps", "seed")
+# The largest request kinema plans (frames: 2**20 + 1, 18 h at 16 fps; made window by window).
+LIMITS = {"width": 16384, "height": 16384, "frames": 2**20 + 1, "fps": 1000}
 # How messages name the media fields.
 MEDIA_NAMES = {"image": "image", "last_image": "last image", "video": "video",
                "extend": "video to extend"}  # fmt: skip
@@ -233,6 +238,8 @@ def _timed_pair(item: Any) -> tuple[float, str]:
         raise ValueError(
             f"prompts must be (seconds, prompt) pairs, e.g. (1.0, 'a dog'); got {item!r}"
         )
+    if not item[1].strip():
+        raise ValueError(f"the prompt at {item[0]} s is empty; describe the video from then on")
     return float(item[0]), item[1]
 
 
@@ -249,12 +256,25 @@ class Video:
 
     frames: np.ndarray
     fps: float
-    info: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __repr__(self) -> str:  # not the frames' every value (a notebook shows this)
+        t, h, w = self.frames.shape[:3]
+        return f"Video({t} frames, {w}x{h}, {self.fps:g} fps, {t / self.fps:.2f} s)"
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """The frames (H, W, 3) uint8 in order."""
+        return iter(self.frames)
 
     def save(self, path: str | Path) -> Path:
-        """Write the video (format by extension) and a ``.json`` sidecar with ``info``."""
+        """Write the video (format by extension) and a ``.json`` sidecar with ``info``; ``~``
+        is the home folder."""
         from kinema.io.video import check_sidecar, write_sidecar, write_video
 
+        path = Path(path).expanduser()
         check_sidecar(path)
         out = write_video(path, self.frames, self.fps, metadata=file_metadata(self.info))
         write_sidecar(out, self.info)
@@ -461,6 +481,8 @@ class Pipeline:
 
     def generate(self, prompt: str, *, progress: Progress | None = None, **settings: Any) -> Video:
         """Make a video. ``settings`` are the :class:`Request` fields (width, frames, seed, ...)."""
+        if isinstance(prompt, Request):
+            raise TypeError("generate() takes a prompt; run a Request with run(request)")
         return self.run(Request(prompt=prompt, **settings), progress=progress)
 
     def extend(self, video: Any, seconds: float, prompt: str, **settings: Any) -> Video:
@@ -470,6 +492,13 @@ class Pipeline:
             raise ValueError(f"extend() takes no {given}=: the video comes first and the "
                              "new frames from seconds")  # fmt: skip
         fps = settings.pop("fps", None)
+        if fps is not None and not is_number(fps):
+            raise ValueError(f"fps must be a number, got {fps!r}")
+        if isinstance(video, Video):  # what generate() returned: its frames, at its rate
+            video, fps = video.frames, video.fps if fps is None else fps
+        if video is None:
+            raise ValueError("the video to extend must be a path or (T, H, W, 3) uint8 frames, "
+                             "got None")  # fmt: skip
         _media().check_source(video, MEDIA_NAMES["extend"])
         fps = self._source_fps(video) if fps is None else fps
         frames = timeline.new_frames(seconds, fps, self.temporal_factor)
@@ -477,7 +506,7 @@ class Pipeline:
 
     def run(self, request: Request, progress: Progress | None = None) -> Video:
         """Generate what ``request`` asks for (text-, image-, video-to-video or extension)."""
-        req, media, said = self.prepare(request)
+        req, media, said = self.prepare(request, progress)
         clock = Clock()
         pieces = list(self.pieces(req, media, clock, progress))
         frames = np.concatenate([frames for frames, _ in pieces])
@@ -490,7 +519,7 @@ class Pipeline:
         (H, W, 3) uint8 frames in order, window by window as they are made, so a long video is
         never whole in memory; its ``total`` says how many come before the first. The same
         frames as :meth:`run`."""
-        req, media, said = self.prepare(request)
+        req, media, said = self.prepare(request, progress)
         return VideoStream(self, req, media, said, progress)
 
     def save(
@@ -516,11 +545,18 @@ class Pipeline:
 
     # -- request preparation -----------------------------------------------------------------------
 
-    def prepare(self, request: Request) -> tuple[Request, dict[str, np.ndarray], list[str]]:
+    def prepare(
+        self, request: Request, progress: Progress | None = None
+    ) -> tuple[Request, dict[str, np.ndarray], list[str]]:
         """Read and fit media, resolve defaults, validate; returns the request, media and the
         warnings about it (also given as Python warnings: words the model never read
         (:class:`UnknownWordsWarning`), a prompt longer than its text encoder reads, an image
         or video far smaller than the request)."""
+        if not isinstance(request, Request):
+            raise TypeError(f"request must be a Request, got {type(request).__name__} (for a "
+                            "prompt alone use generate(prompt, ...))")  # fmt: skip
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be a function (done, total), got {progress!r}")
         with notes.collecting() as said:
             req, media = self._prepare(request)
         return req, media, said
@@ -530,8 +566,13 @@ class Pipeline:
         for name, said in MEDIA_NAMES.items():
             if getattr(req, name) is not None:
                 _media().check_source(getattr(req, name), said)
+        for name in ("video", "extend"):  # a Video that generate() returned: its frames
+            if isinstance(given := getattr(req, name), Video):
+                req = dataclasses.replace(req, **{name: given.frames}, fps=req.fps or given.fps)
         for name in ("width", "height", "frames", "fps"):  # before they size any media
             value = getattr(req, name)
+            if value is not None and value > LIMITS[name]:  # 1e300 s ran out of memory
+                raise ValueError(f"{name} {value} is over {LIMITS[name]}, the most kinema makes")
             if value is not None and value < 1 and name in ("width", "height"):
                 check_shape(value, self.spatial_factor, 1, self.spatial_factor, 1)
             if value is not None and not value >= 1:  # nan too
@@ -602,7 +643,7 @@ class Pipeline:
         if first_last and req.last_image is None:
             raise ValueError(f"this model needs --last-image: {self.name} is first-last-frame")
 
-    def _source_fps(self, video: Any) -> int:
+    def _source_fps(self, video: Any) -> float:
         return _media().source_fps(video, self.defaults.fps)
 
     # -- the generation loop -----------------------------------------------------------------------
