@@ -250,6 +250,10 @@ def test_a_video_reads_as_one_is_extended_and_saved_home_relative(tmp_path, monk
     pipe = kinema.load(build_wan_folder(tmp_path / "wan"), device="cpu")
     video = pipe.generate("a cat", **SETTINGS)
     assert repr(video) == "Video(9 frames, 32x32, 16 fps, 0.56 s)"
+    timed = {k: v for k, v in SETTINGS.items() if k != "frames"}
+    assert len(pipe.generate("a cat", seconds=0.5, **timed)) == 9  # as the CLI's --seconds
+    with pytest.raises(ValueError, match="give frames or seconds, not both"):
+        pipe.generate("a cat", seconds=0.5, **SETTINGS)
     assert len(video) == 9 and all(f.shape == (32, 32, 3) for f in video)
     longer = pipe.extend(video, 0.5, "a cat", **{k: SETTINGS[k] for k in ("steps", "seed")})
     assert len(longer) == 17 and longer.fps == video.fps

@@ -480,9 +480,18 @@ class Pipeline:
     # -- entry points ------------------------------------------------------------------------------
 
     def generate(self, prompt: str, *, progress: Progress | None = None, **settings: Any) -> Video:
-        """Make a video. ``settings`` are the :class:`Request` fields (width, frames, seed, ...)."""
+        """Make a video. ``settings`` are the :class:`Request` fields (width, frames, seed, ...),
+        or ``seconds`` instead of ``frames`` (as the CLI's ``--seconds``)."""
         if isinstance(prompt, Request):
             raise TypeError("generate() takes a prompt; run a Request with run(request)")
+        if "seconds" in settings:
+            if "frames" in settings:
+                raise ValueError("give frames or seconds, not both")
+            fps = settings.get("fps") or self.defaults.fps
+            if not is_number(fps):
+                raise ValueError(f"fps must be a number, got {fps!r}")
+            seconds = settings.pop("seconds")
+            settings["frames"] = timeline.clip_frames(seconds, fps, self.temporal_factor)
         return self.run(Request(prompt=prompt, **settings), progress=progress)
 
     def extend(self, video: Any, seconds: float, prompt: str, **settings: Any) -> Video:
