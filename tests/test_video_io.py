@@ -486,3 +486,25 @@ def test_mp4_outputs_say_their_colours_and_hdr_sources_are_named(tmp_path):
         container.mux(stream.encode())
     with pytest.warns(UserWarning, match=r"hlg.mp4 is HDR \(HLG\): it is read without tone"):
         assert len(read_video(tmp_path / "hlg.mp4")[0]) == 4
+
+
+def test_an_anamorphic_video_is_read_as_players_show_it(tmp_path):
+    """Pixels twice as wide as tall (a sample aspect ratio of 2, as HDV and DV store video)
+    were read at their stored shape: a restyle's crop cut what players show, and an extension
+    kept the squeezed frames."""
+    from fractions import Fraction
+
+    frame = np.zeros((32, 32, 3), np.uint8)
+    frame[:, :16] = (255, 0, 0)  # red on the left half, black on the right
+    with av.open(str(tmp_path / "wide.mp4"), "w") as out:
+        stream = out.add_stream("libx264", rate=16)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = Fraction(2, 1)
+        for _ in range(5):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+    video, _ = read_video(tmp_path / "wide.mp4")
+    assert video.shape == (5, 32, 64, 3)  # shown 64 wide
+    info = probe(tmp_path / "wide.mp4")
+    assert (info.width, info.height) == (64, 32)
+    assert video[:, :, :28, 0].min() > 200 and video[:, :, 36:].max() < 40  # halves, widened

@@ -368,6 +368,16 @@ def _stream_fps(stream: av.video.stream.VideoStream) -> float:
     return float(rate) if rate else DEFAULT_FOLDER_FPS
 
 
+def display_size(stream: av.video.stream.VideoStream) -> tuple[int, int]:
+    """(width, height) a player shows a stream's frames at (before rotation): its stored size,
+    widened (or heightened) by a sample aspect ratio other than 1 (anamorphic video, e.g.
+    HDV's 1440x1080 shown 1920x1080), so no detail is lost making the pixels square."""
+    w, h, sar = stream.width, stream.height, stream.sample_aspect_ratio
+    if not sar or sar == 1 or not w or not h:
+        return (w, h)
+    return (round(w * sar), h) if sar > 1 else (w, round(h / sar))
+
+
 def _stream_offset(stream: av.video.stream.VideoStream) -> float:
     """Seconds of the stream's first timestamp, so timelines start at zero."""
     if stream.start_time is None:
@@ -379,7 +389,7 @@ def _av_timeline(container: av.container.InputContainer, start: float) -> Timeli
     """Decode the first video stream from about ``start`` seconds: (seconds, av.VideoFrame)."""
     stream = video_stream(container)
     stream.thread_type = "AUTO"
-    offset, fps = _stream_offset(stream), _stream_fps(stream)
+    offset, fps, shown = _stream_offset(stream), _stream_fps(stream), display_size(stream)
     if start > 0:
         target = int((start + offset) / stream.time_base)
         container.seek(target, stream=stream, backward=True)
@@ -391,6 +401,8 @@ def _av_timeline(container: av.container.InputContainer, start: float) -> Timeli
                 stacklevel=2,
             )
         t = frame.time - offset if frame.time is not None else i / fps
+        if (frame.width, frame.height) != shown:  # anamorphic: square pixels, as shown
+            frame = frame.reformat(width=shown[0], height=shown[1], interpolation="LANCZOS")
         yield t, frame
 
 
@@ -770,7 +782,8 @@ def _probe_av(path: Path) -> VideoInfo:
         name = stream.codec_context.name
         first = next(decoded(container, stream), None)  # the display matrix rides on frames
         turned = first is not None and round(first.rotation / 90) % 2 == 1
-        w, h = (stream.height, stream.width) if turned else (stream.width, stream.height)
+        w, h = display_size(stream)
+        w, h = (h, w) if turned else (w, h)
         return VideoInfo(w, h, frames, fps, duration, name)
 
 
