@@ -508,3 +508,19 @@ def test_an_anamorphic_video_is_read_as_players_show_it(tmp_path):
     info = probe(tmp_path / "wide.mp4")
     assert (info.width, info.height) == (64, 32)
     assert video[:, :, :28, 0].min() > 200 and video[:, :, 36:].max() < 40  # halves, widened
+
+
+def test_a_transparent_webm_is_laid_over_white(tmp_path):
+    """VP9 with alpha (the usual transparent web video): FFmpeg's own decoder dropped the
+    alpha, so the transparent half came out black."""
+    frame = np.zeros((32, 32, 4), np.uint8)
+    frame[:, :16] = (200, 0, 0, 255)  # opaque red left, transparent right
+    with av.open(str(tmp_path / "cut.webm"), "w") as out:
+        stream = out.add_stream("libvpx-vp9", rate=16)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuva420p"
+        for _ in range(3):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgba")))
+        out.mux(stream.encode())
+    video, _ = read_video(tmp_path / "cut.webm")
+    assert video.shape == (3, 32, 32, 3)
+    assert (video[:, :, 20:] >= 250).all() and (video[:, :, :12, 0] > 180).all()

@@ -340,13 +340,27 @@ def video_stream(container: av.container.InputContainer) -> av.video.stream.Vide
     return max(video_streams(container), key=lambda s: (s.width or 0) * (s.height or 0))
 
 
+# FFmpeg's own VP8/VP9 decoders drop a WebM's alpha channel (kept beside the picture, as the
+# "alpha_mode" stream tag says); libvpx's decoders keep it: transparent video, over white.
+ALPHA_DECODERS = {"vp8": "libvpx", "vp9": "libvpx-vp9"}
+
+
+def _decoder(stream: Any) -> Callable[[Any], list]:
+    """What turns a stream's packets into frames: the stream's own decoder, or libvpx's for
+    VP8/VP9 with alpha."""
+    name = ALPHA_DECODERS.get(stream.codec_context.name)
+    if name and stream.metadata.get("alpha_mode") == "1" and name in av.codecs_available:
+        return av.CodecContext.create(name, "r").decode
+    return lambda packet: packet.decode()
+
+
 def decoded(container: av.container.InputContainer, stream: Any) -> Iterator[av.VideoFrame]:
     """Every frame of ``stream`` as FFmpeg's tools decode it: a packet the decoder refuses (a
     damaged part of the file) is skipped with a warning, not the whole video refused."""
-    skipped = 0
+    skipped, decode = 0, _decoder(stream)
     for packet in container.demux(stream):
         try:
-            frames = packet.decode()
+            frames = decode(packet)
         except av.InvalidDataError:
             skipped += 1
             continue
