@@ -511,3 +511,13 @@ def test_a_variable_rate_source_keeps_its_timing(pipe, tmp_path):
     assert shown[:9] == list(range(9)) and shown[9:12] == [8, 9, 9]  # the slow part held
     slow = write_video(tmp_path / "slow.gif", clip(9), fps=12.5)
     assert pipe.prepare(Request("a cat", extend=str(slow), frames=4, **BASE))[0].fps == 12.5
+
+
+def test_a_still_image_given_as_the_video_is_said_to_be_one_frame(pipe, tmp_path):
+    """A JPEG given as --video made a 1-frame "video" without a word."""
+    from PIL import Image
+
+    Image.fromarray(clip(1)[0]).save(tmp_path / "still.png")
+    with pytest.warns(UserWarning, match="a single frame .* give it as the image"):
+        video = pipe.generate("a cat", video=str(tmp_path / "still.png"), strength=0.5, **BASE)
+    assert len(video.frames) == 1

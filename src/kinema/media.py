@@ -153,6 +153,10 @@ def source_video(req: Any, temporal: int, size: tuple[int, int]) -> tuple[Any, R
         fps = req.fps or source_rate(native)
         length, shown = len(video), (video.shape[2], video.shape[1])
     count = req.frames or (length - 1) // temporal * temporal + 1
+    if length == 1 and req.frames is None:
+        notes.warn("the video to restyle is a single frame (a still image), so the restyle is "
+                   "one frame; to start a clip from a picture, give it as the image",
+                   stacklevel=2)  # fmt: skip
     if length < count:
         raise ValueError(f"source video has {plural(length, 'frame')}; the request needs {count}")
     if req.frames is None and count < length:
