@@ -154,3 +154,50 @@ def test_extension_and_restyle_run_on_an_i2v_model(folder):
     assert np.array_equal(extended.frames[:9], source)
     restyled = pipe.generate("a cat", video=source, strength=0.5, **quick)
     assert restyled.frames.shape == (9, 32, 32, 3)
+
+
+def test_a_converted_i2v_model_keeps_its_image_encoder(folder, tmp_path):
+    """kinema convert dropped the CLIP image encoder, and the copy ran without image tokens:
+    exit 0 and a different video. Now the copy carries it and makes the same video."""
+    from kinema.convert import convert
+
+    copy = convert(folder, tmp_path / "copy")
+    assert (copy / "image_encoder").is_dir() and (copy / "image_processor").is_dir()
+    settings = {**SETTINGS, "steps": 2}
+    want = kinema.load(folder, device="cpu").generate("a cat", image=picture(1), **settings)
+    got = kinema.load(copy, device="cpu").generate("a cat", image=picture(1), **settings)
+    assert np.array_equal(got.frames, want.frames)
+
+
+def test_an_i2v_dit_without_its_image_encoder_is_refused(folder, tmp_path):
+    """Without the encoder the DiT skipped its image cross-attention silently: the original
+    release's (open-clip) CLIP is not read, and a model folder missing it is named."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from kinema.io.wan_keys import kinema_to_original
+    from kinema.models import VideoDiT
+    from kinema.pipeline import Pipeline
+
+    dit = VideoDiT.from_pretrained(folder / "transformer")
+    original = tmp_path / "original"
+    original.mkdir()
+    state = kinema_to_original(dit.state_dict())
+    save_file(state, str(original / "diffusion_pytorch_model.safetensors"))
+    c = dit.config
+    (original / "config.json").write_text(json.dumps({
+        "model_type": "i2v", "dim": c.dim, "num_heads": c.num_heads, "ffn_dim": c.ffn_dim,
+        "num_layers": c.num_layers, "text_dim": c.text_dim, "freq_dim": c.freq_dim,
+        "in_dim": c.in_channels, "out_dim": c.out_channels}))  # fmt: skip
+    (original / "Wan2.1_VAE.pth").write_bytes(b"")  # never reached
+    with pytest.raises(ValueError, match="original-release Wan 2.1 image-to-video model"):
+        kinema.load(original, device="cpu")
+    copy = shutil.copytree(folder, tmp_path / "no-processor")
+    shutil.rmtree(copy / "image_processor")
+    with pytest.raises(ValueError, match="missing .*image_processor"):  # transformers' OSError
+        kinema.load(copy, device="cpu")
+    pipe = kinema.load(folder, device="cpu")
+    with pytest.raises(ValueError, match="reads CLIP image tokens .* has no image encoder"):
+        Pipeline(pipe.dit, pipe.vae, pipe.text_encoder, name="x", defaults=pipe.defaults)

@@ -14,7 +14,8 @@ from kinema.sampling.cache import CALIBRATION_FILE, CacheCalibration
 def convert(source: str | Path, dest: str | Path, dtype: str | None = None) -> Path:
     """Load ``source`` on the CPU and write it to ``dest`` as a kinema model folder.
 
-    The text encoder is stored beside the weights when it is a checkpoint of its own (umT5);
+    The text encoder is stored beside the weights when it is a checkpoint of its own (umT5),
+    and so is an image-to-video model's CLIP image encoder;
     the built-in MiniLM encoder is referenced by name, since its package ships it. A step-cache
     calibration (``step_cache.json``) comes along: ``--cache`` on the copy works as on the
     source.
@@ -33,6 +34,8 @@ def convert(source: str | Path, dest: str | Path, dtype: str | None = None) -> P
         """What else the model is: a text encoder of its own, its step-cache calibration."""
         if "path" in spec:
             pipe.text_encoder.save_pretrained(tmp / spec["path"])
+        if pipe.image_encoder is not None:  # Wan 2.1 image-to-video: its CLIP vision tower
+            pipe.image_encoder.save_pretrained(tmp)
         calibration = pipe.cache_calibration
         if calibration is not None and calibration != CacheCalibration():
             calibration.save(tmp / CALIBRATION_FILE)

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kinema.io.checkpoint import CheckpointError
+
 ImageModelFn = Callable[..., Tensor]  # (x, t, context, image) -> velocity
 ContextModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x, t, context) -> velocity
 
@@ -58,9 +60,17 @@ class CLIPImageEncoder:
         """Load from a diffusers folder; float32, as diffusers' Wan I2V examples load it."""
         from transformers import AutoImageProcessor, CLIPVisionModel
 
+        for part in ("image_encoder", "image_processor"):
+            if not (path / part).is_dir():
+                raise CheckpointError(f"missing {path / part} (the DiT reads CLIP image tokens)")
         model = CLIPVisionModel.from_pretrained(path / "image_encoder", dtype=torch.float32)
         processor = AutoImageProcessor.from_pretrained(path / "image_processor")
         return cls(model.to(device).eval(), processor)
+
+    def save_pretrained(self, folder: Path) -> None:
+        """Write ``folder/image_encoder`` and ``folder/image_processor`` (diffusers layout)."""
+        self.model.save_pretrained(str(folder / "image_encoder"))
+        self.processor.save_pretrained(str(folder / "image_processor"))
 
     def encode(self, images: list[np.ndarray]) -> Tensor:
         """uint8 images (H, W, 3) -> tokens (N, L, image_dim), ``hidden_states[-2]``."""

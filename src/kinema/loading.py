@@ -228,7 +228,7 @@ def _kinema_parts(
     sub = text.pop("path", None)
     encoder = load_text_encoder(kind, str(path / sub) if sub else None, dev, dt, **text)
     encoder = CachedTextEncoder(encoder)
-    return {
+    parts = {
         "dit": load_dit(path / "transformer", dev, dt),
         "vae": load_vae(path / "vae", dev, vae_dt),
         "text_encoder": encoder,
@@ -236,6 +236,11 @@ def _kinema_parts(
         "defaults": model_defaults(path / "kinema.json", meta),
         "vocabulary": meta.get("vocabulary"),
     }
+    if parts["dit"].config.image_dim is not None:  # converted Wan 2.1 image-to-video
+        from kinema.i2v import CLIPImageEncoder
+
+        parts["image_encoder"] = CLIPImageEncoder.from_pretrained(path, dev)
+    return parts
 
 
 def _diffusers_parts(
@@ -259,8 +264,6 @@ def _diffusers_parts(
         "defaults": SamplingDefaults(sampler=sampler, shift=shift),
     }
     if needs_image_encoder(path):  # Wan 2.1 image-to-video: CLIP image tokens
-        if not (path / "image_encoder").is_dir():
-            raise CheckpointError(f"missing {path / 'image_encoder'} (the DiT reads CLIP tokens)")
         parts["image_encoder"] = CLIPImageEncoder.from_pretrained(path, dev)
     return parts
 
@@ -272,6 +275,13 @@ def _original_parts(
 
     t5 = path / "models_t5_umt5-xxl-enc-bf16.pth"
     tokenizer = path / "google" / "umt5-xxl"
+    config = read_json_object(path / "config.json") if (path / "config.json").is_file() else {}
+    if config.get("model_type") in ("i2v", "flf2v"):  # CLIP is open-clip's: not read here
+        raise CheckpointError(
+            f"{path} is an original-release Wan 2.1 image-to-video model: kinema reads its "
+            "CLIP image encoder from the diffusers layout only; use the -Diffusers release "
+            "(e.g. Wan2.1-I2V-14B-480P-Diffusers)"
+        )
     return {
         "dit": load_dit(path, dev, dt),
         "vae": load_vae(path / "Wan2.1_VAE.pth", dev, vae_dt),

@@ -437,6 +437,11 @@ class Pipeline:
         self.loras = list(loras)  # (file, strength) merged into the DiT, for the sidecar
         self.vocabulary = frozenset(vocabulary) if vocabulary else None  # words it was trained on
         self.image_encoder, self.cache_calibration = image_encoder, cache_calibration
+        if getattr(dit.config, "image_dim", None) is not None and image_encoder is None:
+            raise ValueError(  # it would run without its image tokens: a different video
+                f"{name}: the DiT reads CLIP image tokens (image_dim {dit.config.image_dim}) "
+                "but the model has no image encoder (image_encoder/ and image_processor/)"
+            )
         self.name, self.defaults, self.load_seconds = name, defaults, load_seconds
         self.placement = placement or Placement("none", next(dit.parameters()).device)
         # Bytes a VAE decode may use; None: the device's free memory (memory.free_bytes).
