@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from kinema.io.checkpoint import CheckpointError, load_dit
 from kinema.io.wan_keys import kinema_to_original
@@ -198,3 +198,50 @@ def test_a_broken_file_in_a_model_folder_is_named(tmp_path, capsys, model, edit,
         main(["info", str(folder)])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_broken_checkpoint_folders_are_one_line_naming_the_file(tmp_path):
+    """Each was a traceback (KeyError, AttributeError, TypeError, RuntimeError) or a silent
+    load before a QA pass over users' Wan folders."""
+    import shutil
+
+    from kinema.io.checkpoint import read_torch_file, weight_files
+    from kinema.loading import check_pipeline
+    from tests.wan_tiny import build_wan_folder
+
+    weights = {"w": torch.ones(2)}
+    torch.save({"model": weights, "epoch": 3}, tmp_path / "wrapped.pth")  # a training save
+    assert read_torch_file(tmp_path / "wrapped.pth").keys() == {"w"}
+    torch.save([torch.ones(2)], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="list.pth holds a list, not a state dict"):
+        read_torch_file(tmp_path / "list.pth")
+    (tmp_path / "sharded").mkdir()
+    (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="index.json has no weight_map"):
+        weight_files(tmp_path / "sharded")
+    with pytest.raises(CheckpointError, match="'CogVideoXPipeline' folder; kinema reads Wan"):
+        check_pipeline({"_class_name": "CogVideoXPipeline"}, tmp_path / "model_index.json")
+    with pytest.raises(CheckpointError, match="Wan 2.2 two-expert model"):  # loaded one of two
+        check_pipeline({"_class_name": "WanPipeline", "transformer_2": ["diffusers", "X"]},
+                       tmp_path / "model_index.json")  # fmt: skip
+    check_pipeline({"_class_name": "WanPipeline", "transformer_2": [None, None]}, tmp_path)
+
+    wan = build_wan_folder(tmp_path / "wan")
+    config = wan / "transformer" / "config.json"
+    good = config.read_text()
+    config.write_text(good.replace('"num_layers": 2', '"num_layers": "two"'))
+    with pytest.raises(CheckpointError, match="num_layers: expected int, got str 'two'"):
+        load_dit(wan / "transformer")
+    config.write_text(good)
+    dit = wan / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(dit))
+    key = next(k for k in state if k.endswith("to_q.weight"))
+    save_file({**state, key: state[key].to(torch.int8)}, str(dit))
+    with pytest.raises(CheckpointError, match=f"{key} is int8; kinema reads float weights"):
+        load_dit(wan / "transformer")
+    tokenizer = shutil.copytree(wan / "tokenizer", tmp_path / "tokenizer")
+    (tokenizer / "tokenizer_config.json").write_text("{broken")
+    from kinema.models.text import _tokenizer
+
+    with pytest.raises(CheckpointError, match="tokenizer_config.json is not valid JSON"):
+        _tokenizer(tokenizer)

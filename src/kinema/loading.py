@@ -250,6 +250,7 @@ def _diffusers_parts(
     from kinema.models.text import CachedTextEncoder, UMT5TextEncoder
     from kinema.sampling import schedule_from_diffusers_config
 
+    check_pipeline(read_json_object(path / "model_index.json"), path / "model_index.json")
     scheduler = path / "scheduler" / "scheduler_config.json"
     if not scheduler.exists():
         raise CheckpointError(f"missing {scheduler}")
@@ -266,6 +267,25 @@ def _diffusers_parts(
     if needs_image_encoder(path):  # Wan 2.1 image-to-video: CLIP image tokens
         parts["image_encoder"] = CLIPImageEncoder.from_pretrained(path, dev)
     return parts
+
+
+# The diffusers pipelines whose folders kinema reads (Wan 2.1: text-, image-, video-to-video).
+WAN_PIPELINES = ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline")
+
+
+def check_pipeline(index: dict[str, Any], where: Path) -> None:
+    """Refuse a diffusers folder of another pipeline, or a Wan 2.2 two-expert one (a second
+    transformer for the low-noise steps, which a load of ``transformer`` alone would skip)."""
+    kind = index.get("_class_name")
+    if kind not in WAN_PIPELINES:
+        raise CheckpointError(f"{where} is a {kind!r} folder; kinema reads Wan 2.1 diffusers "
+                              f"folders ({', '.join(WAN_PIPELINES)})")  # fmt: skip
+    second = index.get("transformer_2")
+    if isinstance(second, list) and any(part is not None for part in second):
+        raise CheckpointError(
+            f"{where} is a Wan 2.2 two-expert model (transformer_2, boundary_ratio "
+            f"{index.get('boundary_ratio')}): kinema runs Wan 2.1 layouts, one transformer"
+        )
 
 
 def _original_parts(

@@ -65,7 +65,10 @@ def weight_files(folder: str | Path) -> list[Path]:
     for name in WEIGHT_NAMES:
         index = folder / f"{name}.index.json"
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index} has no weight_map (tensor name -> shard file)")
+            shards = sorted(set(map(str, weight_map.values())))
             files = [folder / s for s in shards]
             for f in files:
                 if not f.exists():
@@ -109,7 +112,12 @@ def read_torch_file(path: Path, device: torch.device | str = "cpu") -> dict[str,
         state = torch.load(path, map_location=device, weights_only=True, mmap=True)
     except Exception as err:
         raise CheckpointError(f"cannot read {path}: {err}") from err
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    for wrapper in ("state_dict", "model", "module"):  # training checkpoints wrap the weights
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}  # not "epoch": 3
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None, keep_fp32: bool) -> torch.Tensor:
@@ -171,6 +179,11 @@ def assign_state(model: M, state: dict[str, torch.Tensor], source: str | Path) -
             raise CheckpointError(
                 f"{source}: key {key} has shape {tuple(state[key].shape)}, "
                 f"the model expects {tuple(want.shape)}"
+            )
+        if want.is_floating_point() and not state[key].is_floating_point():
+            raise CheckpointError(
+                f"{source}: key {key} is {str(state[key].dtype).removeprefix('torch.')}; kinema "
+                "reads float weights (fp32, bf16, fp16 or fp8), not quantised integer ones"
             )
     model.load_state_dict(state, strict=True, assign=True)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -246,6 +259,17 @@ def config_in(cls: type[T], data: dict[str, Any], path: str | Path) -> T:
         raise CheckpointError(f"{path}: {err}") from None
 
 
+def read_config(parse: Callable[[dict[str, Any]], T], raw: dict[str, Any], folder: Any) -> T:
+    """``parse(raw)`` (a diffusers or original config.json dict -> kinema's config), its
+    errors (a missing key, a value of the wrong type) naming the file."""
+    try:
+        return parse(raw)
+    except KeyError as err:
+        raise CheckpointError(f"{Path(folder) / 'config.json'}: missing {err}") from None
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{Path(folder) / 'config.json'}: {err}") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Components
 # ---------------------------------------------------------------------------------------------
@@ -273,9 +297,9 @@ def load_dit(
     if kind == "VideoDiT":
         config = config_in(DiTConfig, plain, Path(folder) / "config.json")
     elif kind == "WanTransformer3DModel":
-        config = dit_config_from_diffusers(raw)
+        config = read_config(dit_config_from_diffusers, raw, folder)
     elif "dim" in raw and "num_heads" in raw:
-        config = dit_config_from_original(raw)
+        config = read_config(dit_config_from_original, raw, folder)
     else:
         raise CheckpointError(f"{folder}/config.json is not a VideoDiT, diffusers or Wan config")
     keep = lambda key: any(p in key for p in _DIT_FP32)
@@ -307,7 +331,7 @@ def load_vae(
             plain = {k: v for k, v in raw.items() if not k.startswith("_")}
             config = config_in(VAEConfig, plain, source / "config.json")
         elif kind == "AutoencoderKLWan":
-            config = config_from_diffusers(raw)
+            config = read_config(config_from_diffusers, raw, source)
         else:
             raise CheckpointError(f"{source}/config.json is not a CausalVAE or AutoencoderKLWan")
         state = read_safetensors(weight_files(source), device, dtype)

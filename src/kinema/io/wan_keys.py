@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from kinema.configs import DiTConfig
+from kinema.configs import DiTConfig, from_dict
 
 # Top-level prefixes and block-internal prefixes: original name -> kinema (= diffusers) name.
 _TOP = {
@@ -106,13 +106,13 @@ def dit_config_from_diffusers(d: dict[str, Any]) -> DiTConfig:
     if unknown:
         raise ValueError(f"unsupported WanTransformer3DModel config key(s): {unknown}")
     kw: dict[str, Any] = {_DIFFUSERS_CONFIG[k]: v for k, v in d.items() if k in _DIFFUSERS_CONFIG}
-    kw["patch_size"] = tuple(kw.get("patch_size", (1, 2, 2)))
+    kw.setdefault("patch_size", (1, 2, 2))
     if kw.get("out_channels") is None:
         kw["out_channels"] = kw.get("in_channels", 16)
     qk = d.get("qk_norm", "rms_norm_across_heads")
     if qk not in ("rms_norm_across_heads", None):
         raise ValueError(f"qk_norm={qk!r} is not supported; valid: 'rms_norm_across_heads' or null")
-    return DiTConfig(**kw, qk_norm=qk is not None)
+    return from_dict(DiTConfig, {**kw, "qk_norm": qk is not None})  # types checked by name
 
 
 def dit_config_from_original(d: dict[str, Any]) -> DiTConfig:

@@ -116,6 +116,9 @@ def _tokenizer(path: str | Path) -> Any:
 
     if not Path(path).is_dir():
         raise CheckpointError(f"tokenizer folder {path} does not exist")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(path) / name).is_file():
+            read_json_object(Path(path) / name)  # a broken one is named, not json's bare line
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
