@@ -367,6 +367,13 @@ def test_info_prints_parameters_and_memory(capsys, wan):
     assert info["parameters"]["transformer"] > 0 and info["request"]["width"] == 64
     peaks = info["peak_memory_bytes"]
     assert peaks["cpu_fp32"] > peaks["fp32"] > peaks["bf16"] > 0  # a CPU runtime holds more
+    from kinema.loading import load
+    from kinema.memory import encoder_bytes, weight_bytes
+
+    pipe = load(str(wan), device="cpu")
+    umt5 = weight_bytes(pipe.text_encoder.encoder.model)  # it stays beside the DiT: counted
+    assert encoder_bytes(pipe, 4) == umt5 > 0 and peaks["fp32"] > umt5 + weight_bytes(pipe.dit)
+    assert info["cpu_process_bytes"] > peaks["cpu_fp32"]  # the interpreter and torch too
     assert info["vocabulary"] is None  # Wan reads any words
     decode = info["decode"]  # this machine's free memory (/proc/meminfo) holds a tiny decode
     assert 0 < decode["untiled_bytes"] < decode["cpu_free_bytes"] and decode["cpu_tile"] is None

@@ -344,7 +344,14 @@ def run_info(args: argparse.Namespace) -> int:
     import dataclasses
 
     from kinema.loading import load
-    from kinema.memory import decode_tile, estimate_peak_bytes, free_bytes, vae_decode_bytes
+    from kinema.memory import (
+        decode_tile,
+        estimate_peak_bytes,
+        free_bytes,
+        process_bytes,
+        vae_decode_bytes,
+        work_bytes,
+    )
     from kinema.pipeline import check_shape
 
     if args.fps is not None and not args.fps >= 1:  # checked with or without --seconds
@@ -373,6 +380,10 @@ def run_info(args: argparse.Namespace) -> int:
             key: estimate_peak_bytes(pipe, width, height, frames, dtype_bytes=n, device=device)
             for key, n, device in (("fp32", 4, "cuda"), ("bf16", 2, "cuda"), ("cpu_fp32", 4, "cpu"))
         },
+        # the whole process on this CPU: what it holds now, model loaded, plus the request
+        "cpu_process_bytes": None
+        if (now := process_bytes()) is None
+        else now + work_bytes(pipe, width, height, frames, 4, "cpu"),
         "decode": {  # on this machine's CPU: untiled, or the tile the pipeline would take
             "untiled_bytes": vae_decode_bytes(v, width, height, window, cache_nbytes=2),
             "cpu_free_bytes": free,
@@ -401,6 +412,8 @@ def format_info(info: dict[str, Any]) -> str:
     ]
     where = {"fp32": "GPU fp32", "bf16": "GPU bf16", "cpu_fp32": "CPU fp32"}
     lines += [f"peak memory {where[k]}: ~{gib(v)}" for k, v in info["peak_memory_bytes"].items()]
+    if info["cpu_process_bytes"] is not None:  # the above is the model's; this, all of it
+        lines[-1] += f" (the whole process: ~{gib(info['cpu_process_bytes'])})"
     dec = info["decode"]
     if dec["cpu_free_bytes"] is not None:
         how = f"in {dec['cpu_tile']} px tiles" if dec["cpu_tile"] else "untiled"

@@ -173,8 +173,28 @@ def estimate_peak_bytes(
     ``device`` of this type ("cpu", "cuda"; default: where ``pipe`` computes). A clip longer
     than the model's window is made window by window, so it peaks as one window does."""
     params = sum(p.numel() for p in pipe.dit.parameters())
-    weights = params * dtype_bytes + weight_bytes(pipe.vae)
+    weights = params * dtype_bytes + weight_bytes(pipe.vae) + encoder_bytes(pipe, dtype_bytes)
     return int(weights + work_bytes(pipe, width, height, frames, dtype_bytes, device))
+
+
+def encoder_bytes(pipe: Any, dtype_bytes: int) -> int:
+    """Weights of the text encoder (in the DiT's dtype) and of an image encoder (float32),
+    which stay beside the DiT unless an offload policy moves them (umT5-XXL: 11 GB in bf16,
+    several times Wan 1.3B's DiT)."""
+    text = getattr(pipe.text_encoder, "encoder", pipe.text_encoder)  # behind its cache
+    model = getattr(text, "model", None)
+    total = sum(p.numel() for p in model.parameters()) * dtype_bytes if model is not None else 0
+    image = getattr(pipe.image_encoder, "model", None)
+    return total + (weight_bytes(image) if image is not None else 0)
+
+
+def process_bytes() -> int | None:
+    """This process's resident memory now (Linux; None elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def check_fits(pipe: Any, width: int, height: int, frames: int, budget: int | None,
