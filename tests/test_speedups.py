@@ -296,3 +296,19 @@ def test_inference_gelu_on_a_linears_output_is_torchs_in_place(monkeypatch):
         assert torch.equal(ops.apply_gelu(y, "tanh"), want.transpose(0, 1)) and torch.equal(
             y, x.transpose(0, 1)
         )
+
+
+def test_bf16_is_native_only_where_the_cpu_says_so(monkeypatch):
+    """oneDNN's own check says yes on any AVX-512 CPU, where it emulates bf16 at a third of
+    fp32's speed (and the VAE then ran in bf16, slower, without a warning)."""
+    from kinema.models import ops
+
+    native = ops.cpu_has_bf16.__wrapped__  # the check itself, not this machine's cached answer
+    if ops.cpu_flags() is None:
+        pytest.skip("not an x86 Linux CPU: oneDNN's check decides there")
+    monkeypatch.setattr(ops, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512bw"}))
+    assert not native()
+    monkeypatch.setattr(ops, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert native()
+    monkeypatch.setattr(ops, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16", "amx_fp16"}))
+    assert native() and ops.cpu_native(torch.float16)

@@ -23,8 +23,26 @@ AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 @functools.cache
+def cpu_flags() -> frozenset[str] | None:
+    """An x86 Linux CPU's feature flags (/proc/cpuinfo); None where they cannot be read."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return frozenset(flags.split(":", 1)[1].split()) if flags else None
+
+
+@functools.cache
 def cpu_has_bf16() -> bool:
-    """True when this CPU computes in bf16 natively (AVX512-BF16 or AMX, through oneDNN)."""
+    """True when this CPU computes in bf16 natively (AVX512-BF16 or AMX, through oneDNN).
+    oneDNN's own check also says yes on a plain AVX-512 CPU, where it emulates bf16 at a
+    third of fp32's speed, so an x86 CPU's flags decide."""
+    flags = cpu_flags()
+    if flags is not None:
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
     return bool(
         torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     )
@@ -37,6 +55,9 @@ def cpu_native(dtype: torch.dtype) -> bool:
     if dtype == torch.bfloat16:
         return cpu_has_bf16()
     if dtype == torch.float16:
+        flags = cpu_flags()
+        if flags is not None:
+            return bool({"avx512_fp16", "amx_fp16"} & flags)
         return bool(
             torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
         )
