@@ -968,7 +968,7 @@ class Pipeline:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "offload": self.placement.policy,
-            "compile": self.dit.compiled,
+            "compile": getattr(self.dit, "compiled", False),  # a ParallelDiT: never
             "transformer_evaluations": evaluations,
             "timings": timings,
             "versions": {
