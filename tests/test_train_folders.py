@@ -211,6 +211,13 @@ def test_convert_to_bf16_warns_of_no_slow_sampling(tmp_path: Path, capsys) -> No
     assert main(["convert", "kinema-tiny", str(tmp_path / "tiny-bf16"), "--dtype", "bf16"]) == 0
     assert capsys.readouterr().err == f"wrote {tmp_path / 'tiny-bf16'}\n"
     assert (tmp_path / "tiny-bf16" / "transformer" / "model.safetensors").stat().st_size > 0
+    import torch
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "tiny-bf16" / "transformer" / "model.safetensors"))
+    kept = {k for k, v in stored.items() if v.dtype == torch.float32}  # as a bf16 load keeps
+    assert "scale_shift_table" in kept and "blocks.0.norm2.weight" in kept  # were rounded
+    assert stored["blocks.0.attn1.to_q.weight"].dtype == torch.bfloat16
 
 
 def test_out_dir_or_export_inside_the_video_folder_is_refused_first(

@@ -205,8 +205,10 @@ def save_component(module: nn.Module, folder: str | Path, dtype: torch.dtype | N
     folder = check_export_folder(folder, COMPONENT_ENTRIES, "component folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    dit = type(module).__name__ == "VideoDiT"  # its norms and modulation stay float32
+    keep = lambda key: dit and any(p in key for p in _DIT_FP32)
     try:
-        state = {k: _cast(v.detach(), dtype, False).contiguous().cpu() for k, v in
+        state = {k: _cast(v.detach(), dtype, keep(k)).contiguous().cpu() for k, v in
                  module.state_dict().items()}  # fmt: skip
         save_tensors(state, tmp / "model.safetensors")
         save_json(module.config, tmp / "config.json", _class=type(module).__name__)
