@@ -89,6 +89,8 @@ def test_pipeline_offload_gives_the_same_video(tmp_path, policy):
     assert not pipe.dit.blocks[0]._forward_pre_hooks
     assert np.array_equal(video.frames, plain.frames)
     assert (video.info["offload"], plain.info["offload"]) == (policy, "none")  # the sidecar's
+    said = [w for w in video.info["warnings"] if "changes nothing" in w]  # load's, kept too
+    assert len(said) == 1 and not any("changes nothing" in w for w in plain.info["warnings"])
 
 
 def test_placement_moves_text_encoders_and_refuses_unknown_policies():

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -132,6 +131,19 @@ def load(
     ``lora``: LoRA files (:mod:`kinema.lora`; or folders holding ``lora.safetensors``), each a
     path or (path, strength), merged into the DiT's weights once (no cost per step).
     """
+    from kinema import notes
+
+    with notes.collecting() as said:  # shown, and kept for every clip's sidecar
+        pipe = _load(model, device, dtype, offload, compile, lora)
+    pipe.load_warnings = said
+    return pipe
+
+
+def _load(
+    model: str | Path | None, device: Any, dtype: Any, offload: str, compile: bool, lora: Any
+) -> Pipeline:
+    """:func:`load`'s work; its warnings go to the :func:`kinema.notes.collecting` around it."""
+    from kinema import notes
     from kinema.offload import Placement
 
     start = time.perf_counter()
@@ -143,9 +155,8 @@ def load(
     dt = resolve_dtype(dtype, compute)
     placement = Placement(offload, compute)
     if placement.policy != "none" and compute.type == "cpu":
-        warnings.warn(f"offload {offload!r} moves weights between host memory and a GPU; on a "
-                      "CPU they are in host memory already, so it changes nothing",
-                      stacklevel=2)  # fmt: skip
+        notes.warn(f"offload {offload!r} moves weights between host memory and a GPU; on a "
+                   "CPU they are in host memory already, so it changes nothing")  # fmt: skip
     dev = placement.home  # where the weights live
     vae_dt = _vae_dtype(dt, compute)  # warns where a CPU emulates dt
     if (path / "kinema.json").exists():

@@ -444,6 +444,7 @@ class Pipeline:
             )
         self.name, self.defaults, self.load_seconds = name, defaults, load_seconds
         self.placement = placement or Placement("none", next(dit.parameters()).device)
+        self.load_warnings: list[str] = []  # said when the model loaded; in every sidecar too
         # Bytes a VAE decode may use; None: the device's free memory (memory.free_bytes).
         # A decode that would not fit is tiled in space (:meth:`decode_tile`).
         self.decode_budget: int | None = None
@@ -573,7 +574,7 @@ class Pipeline:
             raise TypeError(f"progress must be a function (done, total), got {progress!r}")
         with notes.collecting() as said:
             req, media = self._prepare(request)
-        return req, media, said
+        return req, media, [*self.load_warnings, *said]
 
     def _prepare(self, request: Request) -> tuple[Request, dict[str, np.ndarray]]:
         req, media = request, {}
