@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -312,12 +313,26 @@ def test_a_lora_given_as_the_model_says_to_give_it_as_lora(capsys, tmp_path):
     for model in (tmp_path / "my-lora", tmp_path / "my-lora" / "lora.safetensors"):
         code, err = run(capsys, "generate", "a cat", "--model", str(model), "-o",
                         str(tmp_path / "out.mp4"))  # fmt: skip
-        assert (
-            code == 2
-            and "is a LoRA or a weights file, not a model folder: give it as "
-            "--lora (lora=) and its base model as --model"
-            in err
-        )
+        assert code == 2 and "is a weights file, not a model folder: a LoRA goes in --lora" in err
+        assert "a model is its whole folder" in err  # a single-file DiT is not a LoRA
+
+
+def test_a_frame_folder_with_a_dot_in_its_name_is_a_folder(tmp_path, wan):
+    """-o v1.5/ was refused: "unknown extension '.5'"."""
+    out = tmp_path / "v1.5"
+    argv = ["generate", "a cat", "--model", str(wan), "-o", f"{out}/", *BASE, "--frames", "5"]
+    assert main(argv) == 0 and len(list(out.glob("*.png"))) == 5
+
+
+def test_a_models_name_is_its_folders_even_as_dot_or_a_hub_snapshot(tmp_path, monkeypatch):
+    """--model . recorded "" as the model; a Hugging Face cache snapshot its hash."""
+    from kinema.loading import model_name
+
+    snapshot = tmp_path / "models--Wan-AI--Wan2.1-T2V-1.3B-Diffusers" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    assert model_name(snapshot) == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    monkeypatch.chdir(snapshot.parent)
+    assert model_name(Path(".")) == "snapshots"
 
 
 def test_cfg_parallel_only_where_guidance_makes_a_second_branch(wan):

@@ -234,8 +234,9 @@ def from_output_check(output: str | None) -> None:
     check_output_name(output)
     check_writable(output)
     check_sidecar(output)
-    if names_folder(output):
+    if names_folder(output):  # frames: "v1.5/" is a folder, its ".5" no extension
         check_frame_folder(output)
+        return
     suffix = Path(output).suffix.lower()
     if suffix and suffix not in (".mp4", ".gif", ".webp"):
         raise ValueError(

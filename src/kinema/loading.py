@@ -167,8 +167,9 @@ def _load(
         parts = _original_parts(path, dev, dt, vae_dt)
     elif path.suffix == ".safetensors" or (path / "lora.safetensors").is_file():
         raise ValueError(
-            f"{path} is a LoRA or a weights file, not a model folder: give it as --lora "
-            "(lora=) and its base model as --model"
+            f"{path} is a weights file, not a model folder: a LoRA goes in --lora (lora=) with "
+            "its base model as --model; a model is its whole folder (diffusers' or the "
+            "original release's, with its VAE and text encoder)"
         )
     else:
         raise ValueError(
@@ -210,6 +211,15 @@ def lora_pairs(lora: Any) -> list[tuple[str | Path, float]]:
     return pairs
 
 
+def model_name(path: Path) -> str:
+    """How sidecars name a model folder: its name ("." resolved: the folder's own), or for a
+    Hugging Face cache snapshot (.../models--ORG--NAME/snapshots/HASH) the repository."""
+    path = path.resolve()
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name.removeprefix("models--").replace("--", "/")
+    return path.name
+
+
 def _vae_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The VAE runs in float32 unless half precision was asked for where it runs natively: on
     an accelerator, or on a CPU that computes in it (:func:`kinema.models.ops.cpu_native`).
@@ -243,7 +253,7 @@ def _kinema_parts(
         "dit": load_dit(path / "transformer", dev, dt),
         "vae": load_vae(path / "vae", dev, vae_dt),
         "text_encoder": encoder,
-        "name": meta.get("name", path.name),
+        "name": meta.get("name", model_name(path)),
         "defaults": model_defaults(path / "kinema.json", meta),
         "vocabulary": meta.get("vocabulary"),
     }
@@ -272,7 +282,7 @@ def _diffusers_parts(
         "text_encoder": CachedTextEncoder(
             UMT5TextEncoder.from_pretrained(path, device=dev, dtype=dt)
         ),
-        "name": path.name,
+        "name": model_name(path),
         "defaults": SamplingDefaults(sampler=sampler, shift=shift),
     }
     if needs_image_encoder(path):  # Wan 2.1 image-to-video: CLIP image tokens
@@ -319,6 +329,6 @@ def _original_parts(
         "text_encoder": CachedTextEncoder(
             UMT5TextEncoder.from_original(t5, tokenizer, device=dev, dtype=dt)
         ),
-        "name": path.name,
+        "name": model_name(path),
         "defaults": SamplingDefaults(),
     }
