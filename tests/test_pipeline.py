@@ -260,6 +260,9 @@ def test_a_video_reads_as_one_is_extended_and_saved_home_relative(tmp_path, monk
     assert np.array_equal(longer.frames[:9], video.frames)
     restyled = pipe.generate("a dog", video=video, strength=0.5, steps=2, width=32, height=32)
     assert len(restyled) == 9 and restyled.fps == 16
+    for bad, said in (("", "names no file"), (".", "names no file"), (None, "must be a path")):
+        with pytest.raises(ValueError, match=said):  # pathlib's "has an empty name" before
+            video.save(bad)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert video.save("~/clip.gif") == tmp_path / "clip.gif" and (tmp_path / "clip.json").is_file()
 

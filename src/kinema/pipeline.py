@@ -272,8 +272,10 @@ class Video:
     def save(self, path: str | Path) -> Path:
         """Write the video (format by extension) and a ``.json`` sidecar with ``info``; ``~``
         is the home folder."""
+        from kinema.io.paths import check_output_name
         from kinema.io.video import check_sidecar, write_sidecar, write_video
 
+        check_output_name(path)
         path = Path(path).expanduser()
         check_sidecar(path)
         out = write_video(path, self.frames, self.fps, metadata=file_metadata(self.info))

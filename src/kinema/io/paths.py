@@ -51,7 +51,12 @@ def check_output_name(path: str | Path, name: str = "output") -> None:
     """Refuse output names that would make something else than asked: "-" (standard output,
     which would become a folder named "-") and an existing folder named like a file
     (``clip.mp4``), which would be filled with PNG frames."""
+    if not isinstance(path, str | os.PathLike):
+        raise ValueError(f"{name} must be a path (a str or Path), got {type(path).__name__}")
     text = os.fspath(path)
+    if Path(text).name in ("", ".", ".."):  # "", ".", "/": no name to write under
+        raise ValueError(f"{name} {text!r} names no file; give a file name (.mp4 .gif .webp) "
+                         "or a new folder/ for PNG frames")  # fmt: skip
     if text == "-":
         raise ValueError(f"{name} '-' (standard output) is not supported; give a file name "
                          "(.mp4 .gif .webp) or a folder/ for PNG frames")  # fmt: skip
