@@ -321,3 +321,22 @@ def test_ray_set_up_errors_are_one_line_not_a_hang(tmp_path: Path, tiny_model: P
             run(requests, out, options, show_progress=False)
     finally:
         ray.shutdown()
+
+
+def test_an_extension_line_counts_seconds_of_new_frames_at_the_sources_rate(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """ "seconds": 0.3 on an extension failed ("extension frames 5 must be a positive multiple
+    of 4": it was counted as a whole clip), and at the model's rate, not the source's."""
+    import numpy as np
+
+    from kinema.batch import build_request
+    from kinema.io.video import write_video
+    from kinema.loading import load
+
+    pipe = load(str(tiny_model), device="cpu")
+    assert pipe.defaults.fps == 8
+    source = write_video(tmp_path / "src", np.zeros((9, 32, 32, 3), np.uint8), fps=16)
+    req = build_request({"prompt": "a ball", "extend": str(source), "seconds": 0.5}, pipe)
+    assert req.frames == 8  # 0.5 s at the source's 16 fps: new frames only, a multiple of 4
+    assert build_request({"prompt": "a ball", "seconds": 1}, pipe).frames == 9  # 8 fps + 1

@@ -322,6 +322,7 @@ def test_a_frame_folder_with_a_dot_in_its_name_is_a_folder(tmp_path, wan):
     out = tmp_path / "v1.5"
     argv = ["generate", "a cat", "--model", str(wan), "-o", f"{out}/", *BASE, "--frames", "5"]
     assert main(argv) == 0 and len(list(out.glob("*.png"))) == 5
+    assert (tmp_path / "v1.5.json").is_file() and not (tmp_path / "v1.json").exists()  # v1.mp4's
 
 
 def test_a_models_name_is_its_folders_even_as_dot_or_a_hub_snapshot(tmp_path, monkeypatch):

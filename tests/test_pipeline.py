@@ -83,7 +83,7 @@ def test_determinism_and_sidecar(tmp_path):
         (dict(prompts=[(1.0,)]), r"prompts must be \(seconds, prompt\) pairs.*got \(1.0,\)"),
         (dict(prompts=[("1", "b")]), r"prompts must be \(seconds, prompt\) pairs"),
         (dict(prompts="a dog"), "prompts must be a list of .* got str"),  # was "got 'a'"
-        (dict(prompts=None), "prompts must be a list of .* got NoneType"),  # a TypeError
+        (dict(prompts=b"ab"), "prompts must be a list of .* got bytes"),  # "got 97"
         (dict(prompts=[(0.25, "  ")]), "the prompt at 0.25 s is empty"),  # ran silently
         (dict(frames=4 * 10**9 + 1), "frames 4000000001 is over 1048577, the most"),  # no memory
     ],
@@ -223,6 +223,7 @@ def test_the_library_names_what_it_is_given_wrong_before_any_work(tmp_path):
         (dict(compile="no"), "compile must be True or False, got 'no'"),  # compiled
         (dict(lora="style.safetensors"), "style.safetensors"),  # 'LoRA file s does not exist'
         (dict(lora=[("a", "0.8")]), r"lora takes paths or \(path, strength\) pairs"),
+        (dict(lora={"a.safetensors": 0.5}), "not a dict"),  # its strength was dropped
         (dict(dtype=torch.int8), "unknown dtype torch.int8; valid: fp32, bf16, fp16"),
         (dict(dtype=torch.float64), "unknown dtype torch.float64"),  # failed in generate
     ):
@@ -260,7 +261,14 @@ def test_a_video_reads_as_one_is_extended_and_saved_home_relative(tmp_path, monk
     assert np.array_equal(longer.frames[:9], video.frames)
     restyled = pipe.generate("a dog", video=video, strength=0.5, steps=2, width=32, height=32)
     assert len(restyled) == 9 and restyled.fps == 16
-    for bad, said in (("", "names no file"), (".", "names no file"), (None, "must be a path")):
+    assert repr(kinema.Video(video.frames[:0], 0.0)) == "Video(0 frames, 32x32, 0 fps)"
+    with pytest.raises(ValueError, match="seconds 1e\\+300 is over the most kinema makes"):
+        pipe.generate("a cat", seconds=1e300, **timed)  # named frames, 300 digits long
+    quick = {**timed, "steps": 1}  # None: the model's defaults (81 frames for Wan)
+    made = pipe.generate("a cat", seconds=None, frames=None, prompts=None, **quick)
+    assert len(made) == pipe.defaults.frames
+    for bad, said in (("", "names no file"), (".", "names no file"), (None, "must be a path"),
+                      ("~nouser-kinema/x.mp4", "no such user's home folder")):  # fmt: skip
         with pytest.raises(ValueError, match=said):  # pathlib's "has an empty name" before
             video.save(bad)
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -280,4 +288,4 @@ def test_request_warnings_name_the_callers_line(tmp_path):
 
 def test_kinema_names_its_public_types():
     assert kinema.Request is kinema.pipeline.Request and kinema.Video is kinema.pipeline.Video
-    assert "Pipeline" in kinema.__all__ and "Any" not in dir(kinema)
+    assert "Pipeline" in kinema.__all__ and "Any" not in dir(kinema) and "Video" in dir(kinema)

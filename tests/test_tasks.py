@@ -521,3 +521,27 @@ def test_a_still_image_given_as_the_video_is_said_to_be_one_frame(pipe, tmp_path
     with pytest.warns(UserWarning, match="a single frame .* give it as the image"):
         video = pipe.generate("a cat", video=str(tmp_path / "still.png"), strength=0.5, **BASE)
     assert len(video.frames) == 1
+
+
+def test_a_sources_warnings_reach_the_sidecar_once_and_slow_sources_restyle(pipe, tmp_path):
+    """An HDR source's warning was printed twice (the counting pass and the restyle pass),
+    named kinema's own file and was not in the sidecar; a source under 1 fps was refused
+    ("fps 0.67 must be >= 1") though the user gave no fps."""
+    import av
+
+    with av.open(str(tmp_path / "hlg.mp4"), "w") as out:
+        stream = out.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.codec_context.color_trc = 18  # HLG
+        for frame in clip(9):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+    with pytest.warns(UserWarning, match="is HDR") as caught:
+        video = pipe.generate("a cat", video=str(tmp_path / "hlg.mp4"), strength=0.5, **BASE)
+    hdr = [w for w in caught if "is HDR" in str(w.message)]
+    assert len(hdr) == 1 and hdr[0].filename == __file__
+    assert sum("is HDR" in w for w in video.info["warnings"]) == 1
+    slow = write_video(tmp_path / "slow", clip(5), fps=0.5)  # PNG frames, 2 s apart
+    with pytest.warns(UserWarning, match="the source's 10 are cut to 9"):  # 10 s at 1 fps
+        req, _, _ = pipe.prepare(Request("a cat", video=str(slow), strength=0.5, **BASE))
+    assert req.fps == 1 and req.frames == 9  # each frame held twice

@@ -193,6 +193,8 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     good.write_text("vae: v\nmodel: {}\nlr: 1e-4\nmin_lr_ratio: 5E-2\nmax_steps: 1e3\n")
     config = load_train_config(good)  # YAML 1.1 reads 1e-4 and 1e3 as text (not 1.0e-4)
     assert config.lr == 1e-4 and config.min_lr_ratio == 0.05 and config.max_steps == 1000
+    good.write_text("vae: v\nmodel: {}\nmax_steps: 1.0e+3\n")  # YAML's float, whole
+    assert load_train_config(good).max_steps == 1000
     cases = {
         "vae: v\nmodel: {}\nlearning_rate: 1\n": "learning_rate",
         "vae: v\nmodel: {}\ndata: {fpss: 3}\n": "fpss",
@@ -208,7 +210,8 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         "vae: v\nmodel: {}\nsampling: {width: 30}\n": "sampling.width / height 30x128",
         "vae: v\nmodel: {}\nsampling: {frames: 10}\n": "sampling.frames 10 must be 4k",
         "vae: v\nmodel: {}\nlr: 1e-4x\n": "TrainConfig.lr",
-        "vae: v\nmodel: {}\nmax_steps: 1e-3\n": "max_steps: expected int, got '1e-3', not a",
+        "vae: v\nmodel: {}\nmax_steps: 1e-3\n": "max_steps: expected int, got 0.001, not a",
+        "vae: v\nmodel: {}\nmax_steps: 1e400\n": "got inf, not a finite whole number",
         "vae: v\nmodel: {}\nlr: .inf\n": "lr inf must be a finite number > 0",
         "vae: v\nmodel: {}\ngrad_clip: -1\n": r"grad_clip -1.0 must be >= 0 \(0 disables",
         "vae: v\nmodel: {}\nweight_decay: -1\n": "weight_decay -1.0 must be >= 0",

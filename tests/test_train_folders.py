@@ -218,6 +218,8 @@ def test_convert_to_bf16_warns_of_no_slow_sampling(tmp_path: Path, capsys) -> No
     kept = {k for k, v in stored.items() if v.dtype == torch.float32}  # as a bf16 load keeps
     assert "scale_shift_table" in kept and "blocks.0.norm2.weight" in kept  # were rounded
     assert stored["blocks.0.attn1.to_q.weight"].dtype == torch.bfloat16
+    vae = load_file(str(tmp_path / "tiny-bf16" / "vae" / "model.safetensors"))
+    assert {v.dtype for v in vae.values()} == {torch.float32}  # as loaded (a CPU decodes in it)
 
 
 def test_out_dir_or_export_inside_the_video_folder_is_refused_first(

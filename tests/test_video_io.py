@@ -402,8 +402,8 @@ def test_wide_and_float_grey_images_are_scaled_not_clipped(tmp_path):
     wide[:, 4:] = 32768  # black | mid-grey
     assert Image.fromarray(wide).mode == "I"
     assert (np.asarray(rgb_image(Image.fromarray(wide)))[:, :, 0] == wide >> 8).all()
-    small = Image.fromarray(wide // 256)  # 8-bit values stored wide are kept as they are
-    assert (np.asarray(rgb_image(small))[:, 4:] == 128).all()
+    dark = Image.fromarray(wide // 256)  # 16-bit values all under 256: near black, as a PNG
+    assert (np.asarray(rgb_image(dark)) == 0).all()
     floats = Image.fromarray(np.full((4, 4), 0.5, np.float32))
     assert floats.mode == "F" and (np.asarray(rgb_image(floats)) == 128).all()
     grey16 = Image.fromarray(np.where(np.arange(8) < 4, 30000, 65535).astype(np.uint16)[None])
@@ -524,3 +524,45 @@ def test_a_transparent_webm_is_laid_over_white(tmp_path):
     video, _ = read_video(tmp_path / "cut.webm")
     assert video.shape == (3, 32, 32, 3)
     assert (video[:, :, 20:] >= 250).all() and (video[:, :, :12, 0] > 180).all()
+
+
+def write_ts(path, frames: np.ndarray, fps: int = 16) -> bytes:
+    """An MPEG-TS H.264 clip's bytes (TS segments join by concatenation, as streams are cut)."""
+    with av.open(str(path), "w", format="mpegts") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+    return path.read_bytes()
+
+
+def test_a_size_change_in_a_stream_is_named_not_stretched(tmp_path):
+    """After the anamorphic change, frames of another size were widened to the first size."""
+    from kinema.io.video import scan_video
+
+    joined = write_ts(tmp_path / "a.ts", smooth_clip(5, 32, 32))
+    joined += write_ts(tmp_path / "b.ts", smooth_clip(5, 16, 32))
+    (tmp_path / "joined.ts").write_bytes(joined)
+    with pytest.raises(ValueError, match="is 32x16, the first 32x32: its size changes"):
+        read_video(tmp_path / "joined.ts")
+    with pytest.raises(ValueError, match="its size changes mid-stream"):
+        scan_video(tmp_path / "joined.ts", last=2, one_size=True)
+
+
+def test_a_matroska_clip_read_at_its_own_rate_keeps_its_frames(tmp_path):
+    """Matroska rounds timestamps to milliseconds: read at its 29.97 fps, a 33-frame clip came
+    out 34 frames, the last repeated (the end was taken a rounding error too late)."""
+    from fractions import Fraction
+
+    with av.open(str(tmp_path / "clip.mkv"), "w") as out:
+        stream = out.add_stream("libx264", rate=Fraction(30000, 1001))
+        stream.width = stream.height = 16
+        stream.pix_fmt = "yuv420p"
+        for frame in brightness_clip(33, step=7):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+    native, fps = read_video(tmp_path / "clip.mkv")
+    assert len(native) == 33 and fps == pytest.approx(29.97, abs=0.01)
+    at_rate, _ = read_video(tmp_path / "clip.mkv", fps=fps)
+    assert frame_indices(at_rate, 7) == frame_indices(native, 7) == list(range(33))

@@ -62,4 +62,8 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'kinema' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted([*__all__, "__version__"])
+
+
 __all__ = ["Pipeline", "Request", "Video", "load", "__version__"]

@@ -193,9 +193,14 @@ def build_request(fields: dict[str, Any], pipe: Any) -> Request:
     if "seconds" in fields:
         if "frames" in fields:
             raise ValueError("give frames or seconds, not both")
-        fps = kw["fps"] if kw.get("fps") is not None else pipe.defaults.fps
-        kw["frames"] = timeline.clip_frames(seconds_of(fields["seconds"]), fps,
-                                            pipe.temporal_factor)  # fmt: skip
+        extending = kw.get("extend") is not None  # seconds of new frames, at the source's rate
+        fps = kw.get("fps")
+        if fps is None:
+            from kinema.media import source_fps
+
+            fps = source_fps(kw["extend"], pipe.defaults.fps) if extending else pipe.defaults.fps
+        frames = timeline.new_frames if extending else timeline.clip_frames
+        kw["frames"] = frames(seconds_of(fields["seconds"]), fps, pipe.temporal_factor)
     if "at" in fields:
         if "prompts" in fields:
             raise ValueError("give at or prompts, not both")

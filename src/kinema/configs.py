@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -186,9 +187,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is float and isinstance(value, str) and YAML_FLOAT.fullmatch(value.strip()):
         return float(value)  # YAML 1.1 reads 1e-4 (no '.') as text; every user writes it so
     if annotation is int and isinstance(value, str) and YAML_FLOAT.fullmatch(value.strip()):
-        if float(value).is_integer():  # max_steps: 1e5, text to YAML 1.1 as 1e-4 is
-            return int(float(value))
-        raise TypeError(f"{where}: expected int, got {value!r}, not a whole number")
+        value = float(value)  # max_steps: 1e5, text to YAML 1.1 as 1e-4 is
+    if annotation is int and isinstance(value, float):  # 1.0e+3 (YAML's float) or 1e5
+        if math.isfinite(value) and value.is_integer():
+            return int(value)
+        raise TypeError(f"{where}: expected int, got {value!r}, not a finite whole number")
     if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
         return from_dict(annotation, value)
     if isinstance(annotation, type) and not isinstance(value, annotation):

@@ -50,6 +50,7 @@ def convert(source: str | Path, dest: str | Path, dtype: str | None = None) -> P
         dtype=store,
         extra=extra,
         vocabulary=pipe.vocabulary,
+        vae_dtype=None,  # as it was: a half-precision load on a CPU runs it from these in fp32
     )
 
 

@@ -199,6 +199,9 @@ def lora_pairs(lora: Any) -> list[tuple[str | Path, float]]:
     a list of paths and (path, strength) pairs; ValueError naming what is not one."""
     if isinstance(lora, str | Path):
         lora = [lora]
+    if isinstance(lora, dict):  # {path: strength} would drop the strengths
+        raise ValueError("lora takes a path or a list of paths and (path, strength) pairs, "
+                         "not a dict")  # fmt: skip
     pairs = []
     for item in lora or ():
         pair = item if isinstance(item, tuple | list) and len(item) == 2 else (item, 1.0)

@@ -144,13 +144,13 @@ def source_video(req: Any, temporal: int, size: tuple[int, int]) -> tuple[Any, R
     request's (or ``size``, the model default). A file is counted here, then streamed."""
     if isinstance(req.video, str | Path):
         video: Path | np.ndarray = Path(req.video)
-        fps = req.fps or source_rate(probe(video).fps)  # read at it: a variable rate's timing
+        fps = req.fps or max(1.0, source_rate(probe(video).fps))  # a variable rate's timing
         length, last, _ = scan_video(video, fps=fps, last=1, limit=req.frames)
         warn_audio(video, "restyle")
         shown = (last.shape[2], last.shape[1])  # as shown (a rotated phone video upright)
     else:
         video, native = read_video_any(req.video)
-        fps = req.fps or source_rate(native)
+        fps = req.fps or max(1.0, source_rate(native))
         length, shown = len(video), (video.shape[2], video.shape[1])
     count = req.frames or (length - 1) // temporal * temporal + 1
     if length == 1 and req.frames is None:
@@ -208,8 +208,8 @@ def extension_source(req: Any, context: int, spatial: int) -> tuple[Any, Any]:
     h, w = source.shape[1:3] if isinstance(source, np.ndarray) else source.tail.shape[1:3]
     if w % spatial or h % spatial:
         raise ValueError(
-            f"video to extend is {w}x{h}; its sides must be multiples of {spatial} "
-            "(resize it first, or use video-to-video)"
+            f"video to extend is {w}x{h} (as shown: non-square pixels are widened); its sides "
+            f"must be multiples of {spatial} (resize it first, or use video-to-video)"
         )
     if (req.width or w, req.height or h) != (w, h):
         raise ValueError(f"an extension keeps the source size {w}x{h}; do not pass another size")

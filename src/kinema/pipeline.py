@@ -93,7 +93,9 @@ class Request:
         for name in TEXT_FIELDS:
             if (v := getattr(self, name)) is not None and not isinstance(v, str):
                 raise ValueError(f"{name} must be a string, got {type(v).__name__}")
-        if isinstance(self.prompts, str | dict) or not isinstance(self.prompts, Sequence):
+        if self.prompts is None:  # None: the default, one prompt throughout
+            object.__setattr__(self, "prompts", ())
+        if isinstance(self.prompts, str | bytes | dict) or not isinstance(self.prompts, Sequence):
             raise ValueError(f"prompts must be a list of (seconds, prompt) pairs, e.g. "
                              f"[(1.0, 'a dog')]; got {type(self.prompts).__name__}")  # fmt: skip
         timed = tuple(_timed_pair(item) for item in self.prompts)
@@ -210,7 +212,7 @@ def validate(req: Request, spatial: int, temporal: int, extension: bool = False)
 
 INTEGER_FIELDS = ("width", "height", "frames", "steps", "seed")
 # The largest request kinema plans (frames: 2**20 + 1, 18 h at 16 fps; made window by window).
-LIMITS = {"width": 16384, "height": 16384, "frames": 2**20 + 1, "fps": 1000}
+LIMITS = {"width": 16384, "height": 16384, "frames": timeline.MAX_FRAMES}
 # How messages name the media fields.
 MEDIA_NAMES = {"image": "image", "last_image": "last image", "video": "video",
                "extend": "video to extend"}  # fmt: skip
@@ -259,8 +261,9 @@ class Video:
     info: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __repr__(self) -> str:  # not the frames' every value (a notebook shows this)
-        t, h, w = self.frames.shape[:3]
-        return f"Video({t} frames, {w}x{h}, {self.fps:g} fps, {t / self.fps:.2f} s)"
+        t, h, w = (tuple(np.shape(self.frames)) + (0, 0, 0))[:3]
+        seconds = f", {t / self.fps:.2f} s" if self.fps else ""
+        return f"Video({t} frames, {w}x{h}, {self.fps:g} fps{seconds})"
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -492,14 +495,15 @@ class Pipeline:
         or ``seconds`` instead of ``frames`` (as the CLI's ``--seconds``)."""
         if isinstance(prompt, Request):
             raise TypeError("generate() takes a prompt; run a Request with run(request)")
-        if "seconds" in settings:
-            if "frames" in settings:
+        if settings.get("seconds") is not None:
+            if settings.get("frames") is not None:
                 raise ValueError("give frames or seconds, not both")
             fps = settings.get("fps") or self.defaults.fps
             if not is_number(fps):
                 raise ValueError(f"fps must be a number, got {fps!r}")
             seconds = settings.pop("seconds")
             settings["frames"] = timeline.clip_frames(seconds, fps, self.temporal_factor)
+        settings.pop("seconds", None)  # seconds=None: the model's frames
         return self.run(Request(prompt=prompt, **settings), progress=progress)
 
     def extend(self, video: Any, seconds: float, prompt: str, **settings: Any) -> Video:
@@ -588,7 +592,7 @@ class Pipeline:
                 req = dataclasses.replace(req, **{name: given.frames}, fps=req.fps or given.fps)
         for name in ("width", "height", "frames", "fps"):  # before they size any media
             value = getattr(req, name)
-            if value is not None and value > LIMITS[name]:  # 1e300 s ran out of memory
+            if value is not None and value > LIMITS.get(name, math.inf):  # 1e300 s: no memory
                 raise ValueError(f"{name} {value} is over {LIMITS[name]}, the most kinema makes")
             if value is not None and value < 1 and name in ("width", "height"):
                 check_shape(value, self.spatial_factor, 1, self.spatial_factor, 1)

@@ -112,6 +112,10 @@ INTEGER = re.compile(r"\s*[+-]?\d+\s*", re.ASCII)
 SWITCH_MODES = ("blend", "cut")
 
 
+# The longest clip kinema plans (2**20 + 1 frames: 18 h at 16 fps), made window by window.
+MAX_FRAMES = 2**20 + 1
+
+
 def new_frames(seconds: float, fps: float, temporal: int) -> int:
     """Frames that continue a clip by ``seconds`` at ``fps`` (an extension's): the nearest
     multiple of ``temporal``, at least one."""
@@ -121,6 +125,9 @@ def new_frames(seconds: float, fps: float, temporal: int) -> int:
         raise ValueError(f"seconds {seconds} must be > 0 (and finite)")
     if not fps >= 1:
         raise ValueError(f"fps {fps} must be >= 1")
+    if seconds * fps > MAX_FRAMES:  # checked here: the frame count would be 300 digits
+        raise ValueError(f"seconds {seconds:g} is over the most kinema makes: {MAX_FRAMES} "
+                         f"frames, {MAX_FRAMES / fps / 3600:.1f} h at {fps:g} fps")  # fmt: skip
     steps = round(seconds * fps / temporal)
     if steps < 1:
         notes.warn(f"{seconds:g} s at {fps:g} fps is less than the shortest step of {temporal} "

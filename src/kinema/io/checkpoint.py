@@ -384,8 +384,10 @@ def save_model_folder(
     dtype: torch.dtype | None = None,
     extra: Callable[[Path], None] | None = None,
     vocabulary: Sequence[str] | None = None,
+    vae_dtype: torch.dtype | None | str = "same",
 ) -> Path:
-    """Write a whole kinema model: ``kinema.json`` + ``transformer/`` + ``vae/``, atomically.
+    """Write a whole kinema model: ``kinema.json`` + ``transformer/`` + ``vae/``, atomically;
+    the weights in ``dtype`` (None: as they are), the VAE's in ``vae_dtype`` ("same": ``dtype``).
 
     ``extra(tmp_folder)`` may write more files (e.g. a text encoder) before the rename;
     ``vocabulary``: the words of the training captions, for models trained on a closed world
@@ -397,7 +399,7 @@ def save_model_folder(
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         save_component(dit, tmp / "transformer", dtype)
-        save_component(vae, tmp / "vae", dtype)
+        save_component(vae, tmp / "vae", dtype if vae_dtype == "same" else vae_dtype)
         meta = {"format": "kinema", "name": name, "text_encoder": text_encoder,
                 "sampling": dataclasses.asdict(sampling)}  # fmt: skip
         if vocabulary:

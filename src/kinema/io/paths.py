@@ -57,6 +57,10 @@ def check_output_name(path: str | Path, name: str = "output") -> None:
     if Path(text).name in ("", ".", ".."):  # "", ".", "/": no name to write under
         raise ValueError(f"{name} {text!r} names no file; give a file name (.mp4 .gif .webp) "
                          "or a new folder/ for PNG frames")  # fmt: skip
+    try:
+        Path(text).expanduser()
+    except RuntimeError:  # "~nouser/x.mp4"
+        raise ValueError(f"{name} {text}: no such user's home folder") from None
     if text == "-":
         raise ValueError(f"{name} '-' (standard output) is not supported; give a file name "
                          "(.mp4 .gif .webp) or a folder/ for PNG frames")  # fmt: skip

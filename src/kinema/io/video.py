@@ -273,9 +273,13 @@ def write_video(
 
 
 def sidecar_path(path: str | Path) -> Path:
-    """The ``.json`` file that sits beside a video or frame folder: ``clip.mp4 -> clip.json``."""
+    """The ``.json`` file that sits beside a video or frame folder: ``clip.mp4 -> clip.json``,
+    ``frames/ -> frames.json``, ``v1.5/ -> v1.5.json`` (a folder's name is all name)."""
+    from kinema.io.paths import names_folder
+
+    folder = names_folder(path)
     path = Path(os.fspath(path).rstrip("/" + os.sep))
-    return path.with_suffix(".json")
+    return path.with_name(path.name + ".json") if folder else path.with_suffix(".json")
 
 
 def check_sidecar(path: str | Path) -> None:
@@ -340,6 +344,19 @@ def video_stream(container: av.container.InputContainer) -> av.video.stream.Vide
     return max(video_streams(container), key=lambda s: (s.width or 0) * (s.height or 0))
 
 
+_said: set[str] = set()
+
+
+def say_once(message: str) -> None:
+    """A warning about a file, said the first time only (a restyle reads its source twice: to
+    count it, then as it goes), kept for the request's sidecar (:func:`kinema.notes.warn`)."""
+    from kinema import notes
+
+    if message not in _said:
+        _said.add(message)
+        notes.warn(message)
+
+
 # FFmpeg's own VP8/VP9 decoders drop a WebM's alpha channel (kept beside the picture, as the
 # "alpha_mode" stream tag says); libvpx's decoders keep it: transparent video, over white.
 ALPHA_DECODERS = {"vp8": "libvpx", "vp9": "libvpx-vp9"}
@@ -367,10 +384,7 @@ def decoded(container: av.container.InputContainer, stream: Any) -> Iterator[av.
         yield from frames
     if skipped:
         plural = "s" * (skipped != 1)
-        warnings.warn(
-            f"{container.name}: skipped {skipped} damaged packet{plural} it could not decode",
-            stacklevel=2,
-        )
+        say_once(f"{container.name}: skipped {skipped} damaged packet{plural} it could not decode")
 
 
 HDR_TRANSFERS = {16: "PQ", 18: "HLG"}  # FFmpeg's AVColorTransferCharacteristic values
@@ -404,18 +418,17 @@ def _av_timeline(container: av.container.InputContainer, start: float) -> Timeli
     stream = video_stream(container)
     stream.thread_type = "AUTO"
     offset, fps, shown = _stream_offset(stream), _stream_fps(stream), display_size(stream)
+    stored = (stream.width, stream.height)
     if start > 0:
         target = int((start + offset) / stream.time_base)
         container.seek(target, stream=stream, backward=True)
     for i, frame in enumerate(decoded(container, stream)):
         if i == 0 and frame.color_trc in HDR_TRANSFERS:
-            warnings.warn(
-                f"{container.name} is HDR ({HDR_TRANSFERS[frame.color_trc]}): it is read "
-                "without tone mapping, so its colours come out dull; convert it to SDR first",
-                stacklevel=2,
-            )
+            say_once(f"{container.name} is HDR ({HDR_TRANSFERS[frame.color_trc]}): it is read "
+                     "without tone mapping, so its colours come out dull; convert it to SDR "
+                     "first")  # fmt: skip
         t = frame.time - offset if frame.time is not None else i / fps
-        if (frame.width, frame.height) != shown:  # anamorphic: square pixels, as shown
+        if shown != stored and (frame.width, frame.height) == stored:  # anamorphic: widened
             frame = frame.reformat(width=shown[0], height=shown[1], interpolation="LANCZOS")
         yield t, frame
 
@@ -493,6 +506,9 @@ def _nearer_is_prev(prev_t: float, t: float, tau: float) -> bool:
     return tau - prev_t <= t - tau + _EPS
 
 
+TAIL = 0.25  # of a frame: how far short of the video's end the last target time must be
+
+
 def _resample(
     timeline: Timeline, start: float, fps: float, count: int | None, frame_duration: float
 ) -> Iterator[Any]:
@@ -515,8 +531,8 @@ def _resample(
             return
         prev = (t, frame)
     while prev is not None and (count is None or n < count):
-        if start + n / fps >= prev[0] + frame_duration - _EPS:
-            break
+        if start + n / fps >= prev[0] + frame_duration - TAIL * min(frame_duration, 1 / fps):
+            break  # past the end (TAIL: timestamps rounded to ms, e.g. Matroska's, at 30 fps)
         yield prev[1]
         n += 1
 
@@ -844,14 +860,13 @@ MATTE = (255, 255, 255)
 
 
 def grey8(image: Image.Image) -> Image.Image:
-    """A 16-bit, 32-bit integer ("I": a 16-bit PGM or PNG as Pillow opens some) or float
+    """A 16-bit or 32-bit integer ("I": a 16-bit PGM or PNG as Pillow opens some; read as
+    16-bit values) or float
     ("F", 0-1) grey image as 8-bit "L", scaled (Pillow's conversion clips: all white); a
     transparent grey value becomes an alpha channel ("LA")."""
     values = np.asarray(image)
     if image.mode == "F":
         grey = values * 255.0 if values.max(initial=0) <= 1 else values
-    elif image.mode == "I" and values.max(initial=0) <= 255:
-        grey = values  # 8-bit values stored wide
     else:
         grey = np.clip(values.astype(np.int64), 0, 65535) >> 8
     out = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
