@@ -121,7 +121,9 @@ def test_short_videos_are_padded_with_their_last_frame(sidecar_root):
     ds = load(sidecar_root, frames=13, fps=10)  # 1.3 s wanted from 1 s videos
     with pytest.warns(UserWarning, match="padded by repeating their last frame"):
         item = ds[0]
-    assert frame_indices(item["video"]) == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29, 29, 29]
+    # 1 s at 10 fps is 10 frames, then the last of them repeated (WebM's millisecond
+    # timestamps had let a 1.0 s target time take frame 29, a frame past the clip's end)
+    assert frame_indices(item["video"]) == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 27, 27, 27]
 
 
 def test_jsonl_takes_precedence_and_missing_files_are_skipped(tmp_path):
