@@ -429,7 +429,8 @@ def _av_timeline(container: av.container.InputContainer, start: float) -> Timeli
                      "first")  # fmt: skip
         t = frame.time - offset if frame.time is not None else i / fps
         if shown != stored and (frame.width, frame.height) == stored:  # anamorphic: widened
-            frame = frame.reformat(width=shown[0], height=shown[1], interpolation="LANCZOS")
+            frame = frame.reformat(width=shown[0], height=shown[1], interpolation="LANCZOS",
+                                   threads=SWS_THREADS)  # fmt: skip
         yield t, frame
 
 
@@ -545,13 +546,19 @@ def upright(pixels: np.ndarray, rotation: float) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(pixels, k)) if k else pixels
 
 
+# swscale's own slice threads, one per conversion: none. Frames are converted in DataLoader
+# workers forked from a process with threads of its own (torch's, Ray's), where a new thread
+# can block for good on a lock held at the fork: a worker hung in swscale's thread pool.
+SWS_THREADS = 1
+
+
 def _to_rgb(frame: Any) -> np.ndarray:
     """An av.VideoFrame (turned upright), PIL image or image path as (H, W, 3) uint8."""
     if isinstance(frame, av.VideoFrame):
         if any(c.is_alpha for c in frame.format.components):  # over white, as images are
-            rgba = Image.fromarray(frame.to_ndarray(format="rgba"), "RGBA")
+            rgba = Image.fromarray(frame.to_ndarray(format="rgba", threads=SWS_THREADS), "RGBA")
             return upright(np.asarray(rgb_image(rgba)), frame.rotation)
-        return upright(frame.to_ndarray(format="rgb24"), frame.rotation)
+        return upright(frame.to_ndarray(format="rgb24", threads=SWS_THREADS), frame.rotation)
     if isinstance(frame, Path):
         with Image.open(frame) as image:
             return np.asarray(rgb_image(image))
