@@ -193,14 +193,8 @@ def build_request(fields: dict[str, Any], pipe: Any) -> Request:
     if "seconds" in fields:
         if "frames" in fields:
             raise ValueError("give frames or seconds, not both")
-        extending = kw.get("extend") is not None  # seconds of new frames, at the source's rate
-        fps = kw.get("fps")
-        if fps is None:
-            from kinema.media import source_fps
-
-            fps = source_fps(kw["extend"], pipe.defaults.fps) if extending else pipe.defaults.fps
-        frames = timeline.new_frames if extending else timeline.clip_frames
-        kw["frames"] = frames(seconds_of(fields["seconds"]), fps, pipe.temporal_factor)
+        seconds = seconds_of(fields["seconds"])  # an extension's: new, at the source's rate
+        kw["frames"], _ = pipe.frames_for(seconds, kw.get("fps"), kw.get("extend"))
     if "at" in fields:
         if "prompts" in fields:
             raise ValueError("give at or prompts, not both")

@@ -676,14 +676,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(EXIT_BAD_INPUT) from None
         fail(first_line(err))
     except OSError as err:  # the disk, not the input: one line, exit 1
-        output = next(
-            (
-                getattr(args, name)
-                for name in ("output", "out", "dest")  # batch: --out,
-                if getattr(args, name, None)
-            ),
-            None,
-        )  # convert: DEST
+        named = (getattr(args, name, None) for name in ("output", "out", "dest"))
+        output = next((path for path in named if path), None)  # -o, batch's --out, DEST
         if err.errno not in STORAGE_ERRORS and not writing(err, output):
             raise
         folder = Path(err.filename).parent if err.filename else None

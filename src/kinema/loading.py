@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from kinema import notes
 from kinema.configs import SamplingDefaults
 from kinema.io.checkpoint import CheckpointError, config_in, load_dit, load_vae, read_json_object
 from kinema.pipeline import Pipeline, is_number
@@ -131,8 +132,6 @@ def load(
     ``lora``: LoRA files (:mod:`kinema.lora`; or folders holding ``lora.safetensors``), each a
     path or (path, strength), merged into the DiT's weights once (no cost per step).
     """
-    from kinema import notes
-
     with notes.collecting() as said:  # shown, and kept for every clip's sidecar
         pipe = _load(model, device, dtype, offload, compile, lora)
     pipe.load_warnings = said
@@ -143,7 +142,6 @@ def _load(
     model: str | Path | None, device: Any, dtype: Any, offload: str, compile: bool, lora: Any
 ) -> Pipeline:
     """:func:`load`'s work; its warnings go to the :func:`kinema.notes.collecting` around it."""
-    from kinema import notes
     from kinema.offload import Placement
 
     start = time.perf_counter()
@@ -204,8 +202,7 @@ def lora_pairs(lora: Any) -> list[tuple[str | Path, float]]:
                          "not a dict")  # fmt: skip
     pairs = []
     for item in lora or ():
-        pair = item if isinstance(item, tuple | list) and len(item) == 2 else (item, 1.0)
-        file, strength = pair
+        file, strength = item if isinstance(item, tuple | list) and len(item) == 2 else (item, 1.0)
         if not isinstance(file, str | Path) or not is_number(strength):
             raise ValueError(f"lora takes paths or (path, strength) pairs, got {item!r}")
         if not math.isfinite(strength):

@@ -112,7 +112,7 @@ def fit_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
 def source_fps(video: Any, default: float) -> float:
     """The frame rate of a source clip (:func:`source_rate`; ``default`` for arrays)."""
     if isinstance(video, str | Path):
-        return max(1.0, source_rate(probe(video).fps))
+        return source_rate(probe(video).fps)
     return default
 
 
@@ -144,13 +144,13 @@ def source_video(req: Any, temporal: int, size: tuple[int, int]) -> tuple[Any, R
     request's (or ``size``, the model default). A file is counted here, then streamed."""
     if isinstance(req.video, str | Path):
         video: Path | np.ndarray = Path(req.video)
-        fps = req.fps or max(1.0, source_rate(probe(video).fps))  # a variable rate's timing
+        fps = req.fps or source_fps(video, 16.0)  # read at it: a variable rate's timing
         length, last, _ = scan_video(video, fps=fps, last=1, limit=req.frames)
         warn_audio(video, "restyle")
         shown = (last.shape[2], last.shape[1])  # as shown (a rotated phone video upright)
     else:
         video, native = read_video_any(req.video)
-        fps = req.fps or max(1.0, source_rate(native))
+        fps = req.fps or source_rate(native)
         length, shown = len(video), (video.shape[2], video.shape[1])
     count = req.frames or (length - 1) // temporal * temporal + 1
     if length == 1 and req.frames is None:
@@ -220,7 +220,7 @@ def extension_source(req: Any, context: int, spatial: int) -> tuple[Any, Any]:
 def source_rate(fps: float | None) -> float:
     """The rate a restyle or an extension is written at: the source's own (12.5 fps had been
     rounded to 12, so the source part played 4 % slow), whole where it is within 0.01 of
-    whole (a header's 25.0001), 16 when the source has none."""
+    whole (a header's 25.0001), at least 1, and 16 when the source has none."""
     if not fps:
         return 16.0
-    return float(round(fps)) if abs(fps - round(fps)) < 0.01 else fps
+    return max(1.0, float(round(fps)) if abs(fps - round(fps)) < 0.01 else fps)

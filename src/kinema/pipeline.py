@@ -495,16 +495,27 @@ class Pipeline:
         or ``seconds`` instead of ``frames`` (as the CLI's ``--seconds``)."""
         if isinstance(prompt, Request):
             raise TypeError("generate() takes a prompt; run a Request with run(request)")
-        if settings.get("seconds") is not None:
+        seconds = settings.pop("seconds", None)  # None: the model's frames
+        if seconds is not None:
             if settings.get("frames") is not None:
                 raise ValueError("give frames or seconds, not both")
-            fps = settings.get("fps") or self.defaults.fps
-            if not is_number(fps):
-                raise ValueError(f"fps must be a number, got {fps!r}")
-            seconds = settings.pop("seconds")
-            settings["frames"] = timeline.clip_frames(seconds, fps, self.temporal_factor)
-        settings.pop("seconds", None)  # seconds=None: the model's frames
+            settings["frames"], _ = self.frames_for(seconds, settings.get("fps"))
         return self.run(Request(prompt=prompt, **settings), progress=progress)
+
+    def frames_for(
+        self, seconds: float, fps: float | None = None, extend: Any = None
+    ) -> tuple[int, float]:
+        """(frames, fps) of ``seconds``: a clip's (tk+1 frames, at ``fps`` or the model's), or
+        with ``extend`` (the video to continue) the new frames of an extension (tk, at ``fps``
+        or the source's rate)."""
+        if fps is not None and not is_number(fps):
+            raise ValueError(f"fps must be a number, got {fps!r}")
+        if extend is None:
+            fps = self.defaults.fps if fps is None else fps
+            return timeline.clip_frames(seconds, fps, self.temporal_factor), fps
+        if fps is None:
+            fps = extend.fps if isinstance(extend, Video) else self._source_fps(extend)
+        return timeline.new_frames(seconds, fps, self.temporal_factor), fps
 
     def extend(self, video: Any, seconds: float, prompt: str, **settings: Any) -> Video:
         """Continue ``video`` (path or (T, H, W, 3) uint8) by ``seconds`` under ``prompt``."""
@@ -512,17 +523,11 @@ class Pipeline:
             given = "frames" if "frames" in settings else "extend"
             raise ValueError(f"extend() takes no {given}=: the video comes first and the "
                              "new frames from seconds")  # fmt: skip
-        fps = settings.pop("fps", None)
-        if fps is not None and not is_number(fps):
-            raise ValueError(f"fps must be a number, got {fps!r}")
-        if isinstance(video, Video):  # what generate() returned: its frames, at its rate
-            video, fps = video.frames, video.fps if fps is None else fps
         if video is None:
             raise ValueError("the video to extend must be a path or (T, H, W, 3) uint8 frames, "
                              "got None")  # fmt: skip
         _media().check_source(video, MEDIA_NAMES["extend"])
-        fps = self._source_fps(video) if fps is None else fps
-        frames = timeline.new_frames(seconds, fps, self.temporal_factor)
+        frames, fps = self.frames_for(seconds, settings.pop("fps", None), extend=video)
         return self.run(Request(prompt=prompt, extend=video, frames=frames, fps=fps, **settings))
 
     def run(self, request: Request, progress: Progress | None = None) -> Video:

@@ -206,10 +206,9 @@ def save_component(module: nn.Module, folder: str | Path, dtype: torch.dtype | N
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     dit = type(module).__name__ == "VideoDiT"  # its norms and modulation stay float32
-    keep = lambda key: dit and any(p in key for p in _DIT_FP32)
     try:
-        state = {k: _cast(v.detach(), dtype, keep(k)).contiguous().cpu() for k, v in
-                 module.state_dict().items()}  # fmt: skip
+        state = {k: _cast(v.detach(), dtype, dit and dit_keeps_fp32(k)).contiguous().cpu()
+                 for k, v in module.state_dict().items()}  # fmt: skip
         save_tensors(state, tmp / "model.safetensors")
         save_json(module.config, tmp / "config.json", _class=type(module).__name__)
         usual_modes(tmp)
@@ -255,21 +254,18 @@ def config_in(cls: type[T], data: dict[str, Any], path: str | Path) -> T:
     """``from_dict(cls, data)`` with its errors (a wrong type) naming the file ``path``."""
     from kinema.configs import from_dict
 
-    try:
-        return from_dict(cls, data)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: {err}") from None
+    return read_config(lambda d: from_dict(cls, d), data, path)
 
 
-def read_config(parse: Callable[[dict[str, Any]], T], raw: dict[str, Any], folder: Any) -> T:
-    """``parse(raw)`` (a diffusers or original config.json dict -> kinema's config), its
-    errors (a missing key, a value of the wrong type) naming the file."""
+def read_config(parse: Callable[[dict[str, Any]], T], raw: dict[str, Any], path: Any) -> T:
+    """``parse(raw)`` (a config file's dict -> kinema's config), its errors (a missing key, a
+    value of the wrong type) naming the file ``path``."""
     try:
         return parse(raw)
     except KeyError as err:
-        raise CheckpointError(f"{Path(folder) / 'config.json'}: missing {err}") from None
+        raise CheckpointError(f"{path}: missing {err}") from None
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{Path(folder) / 'config.json'}: {err}") from None
+        raise CheckpointError(f"{path}: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +274,11 @@ def read_config(parse: Callable[[dict[str, Any]], T], raw: dict[str, Any], folde
 
 # Parameters kept in float32 when a DiT is loaded in half precision (as diffusers and Wan do).
 _DIT_FP32 = ("time_embedder", "scale_shift_table", ".norm1.", ".norm2.", ".norm3.")
+
+
+def dit_keeps_fp32(key: str) -> bool:
+    """Whether a DiT parameter stays float32 in half precision (loaded or saved)."""
+    return any(p in key for p in _DIT_FP32)
 
 
 def load_dit(
@@ -299,13 +300,12 @@ def load_dit(
     if kind == "VideoDiT":
         config = config_in(DiTConfig, plain, Path(folder) / "config.json")
     elif kind == "WanTransformer3DModel":
-        config = read_config(dit_config_from_diffusers, raw, folder)
+        config = read_config(dit_config_from_diffusers, raw, Path(folder) / "config.json")
     elif "dim" in raw and "num_heads" in raw:
-        config = read_config(dit_config_from_original, raw, folder)
+        config = read_config(dit_config_from_original, raw, Path(folder) / "config.json")
     else:
         raise CheckpointError(f"{folder}/config.json is not a VideoDiT, diffusers or Wan config")
-    keep = lambda key: any(p in key for p in _DIT_FP32)
-    state = read_safetensors(weight_files(folder), device, dtype, keep_fp32=keep)
+    state = read_safetensors(weight_files(folder), device, dtype, keep_fp32=dit_keeps_fp32)
     if is_original_layout(set(state)):
         state = original_to_kinema(state)
     return assign_state(build_empty(lambda: VideoDiT(config)), state, folder)
@@ -333,7 +333,7 @@ def load_vae(
             plain = {k: v for k, v in raw.items() if not k.startswith("_")}
             config = config_in(VAEConfig, plain, source / "config.json")
         elif kind == "AutoencoderKLWan":
-            config = read_config(config_from_diffusers, raw, source)
+            config = read_config(config_from_diffusers, raw, source / "config.json")
         else:
             raise CheckpointError(f"{source}/config.json is not a CausalVAE or AutoencoderKLWan")
         state = read_safetensors(weight_files(source), device, dtype)

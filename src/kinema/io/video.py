@@ -40,6 +40,7 @@ import av
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin
 
+from kinema import notes
 from kinema.io.paths import (
     atomic_file,
     check_frame_folder,
@@ -275,8 +276,6 @@ def write_video(
 def sidecar_path(path: str | Path) -> Path:
     """The ``.json`` file that sits beside a video or frame folder: ``clip.mp4 -> clip.json``,
     ``frames/ -> frames.json``, ``v1.5/ -> v1.5.json`` (a folder's name is all name)."""
-    from kinema.io.paths import names_folder
-
     folder = names_folder(path)
     path = Path(os.fspath(path).rstrip("/" + os.sep))
     return path.with_name(path.name + ".json") if folder else path.with_suffix(".json")
@@ -350,8 +349,6 @@ _said: set[str] = set()
 def say_once(message: str) -> None:
     """A warning about a file, said the first time only (a restyle reads its source twice: to
     count it, then as it goes), kept for the request's sidecar (:func:`kinema.notes.warn`)."""
-    from kinema import notes
-
     if message not in _said:
         _said.add(message)
         notes.warn(message)
@@ -699,9 +696,10 @@ def scan_video(
     try:
         with _open_source(path, 0.0) as source:
             for frame in _frames(source, 0.0, fps, limit):
-                if one_size:
-                    first = first or _frame_size(frame)
-                    _check_size(path, count, _frame_size(frame), first)
+                if one_size:  # a PNG frame's size is read off its file: once
+                    size = _frame_size(frame)
+                    first = first or size
+                    _check_size(path, count, size, first)
                 count += 1
                 if last:
                     kept.append(frame)
@@ -867,10 +865,9 @@ MATTE = (255, 255, 255)
 
 
 def grey8(image: Image.Image) -> Image.Image:
-    """A 16-bit or 32-bit integer ("I": a 16-bit PGM or PNG as Pillow opens some; read as
-    16-bit values) or float
-    ("F", 0-1) grey image as 8-bit "L", scaled (Pillow's conversion clips: all white); a
-    transparent grey value becomes an alpha channel ("LA")."""
+    """A 16-bit or 32-bit integer grey image ("I;16", or "I" as Pillow opens a 16-bit PGM;
+    read as 16-bit values) or a float one ("F", 0-1) as 8-bit "L", scaled (Pillow's conversion
+    clips: all white); a transparent grey value becomes an alpha channel ("LA")."""
     values = np.asarray(image)
     if image.mode == "F":
         grey = values * 255.0 if values.max(initial=0) <= 1 else values

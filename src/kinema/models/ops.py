@@ -37,31 +37,29 @@ def cpu_flags() -> frozenset[str] | None:
 
 @functools.cache
 def cpu_has_bf16() -> bool:
-    """True when this CPU computes in bf16 natively (AVX512-BF16 or AMX, through oneDNN).
-    oneDNN's own check also says yes on a plain AVX-512 CPU, where it emulates bf16 at a
-    third of fp32's speed, so an x86 CPU's flags decide."""
-    flags = cpu_flags()
-    if flags is not None:
-        return bool({"avx512_bf16", "amx_bf16"} & flags)
-    return bool(
-        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+    """True when this CPU computes in bf16 natively (AVX512-BF16 or AMX, through oneDNN)."""
+    return cpu_native(torch.bfloat16)
+
+
+# The x86 flags of native half precision. oneDNN's own checks also say yes on a plain AVX-512
+# CPU, where it emulates bf16 at a third of fp32's speed, so an x86 CPU's flags decide.
+HALF_FLAGS = {
+    torch.bfloat16: {"avx512_bf16", "amx_bf16"},
+    torch.float16: {"avx512_fp16", "amx_fp16"},
+}
 
 
 def cpu_native(dtype: torch.dtype) -> bool:
     """Whether this CPU computes in ``dtype`` natively: fp32 always, bf16 with AVX512-BF16 or
     AMX, fp16 with AVX512-FP16 or AMX-FP16; elsewhere half precision is emulated, several times
     slower than fp32."""
-    if dtype == torch.bfloat16:
-        return cpu_has_bf16()
-    if dtype == torch.float16:
-        flags = cpu_flags()
-        if flags is not None:
-            return bool({"avx512_fp16", "amx_fp16"} & flags)
-        return bool(
-            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
-        )
-    return True
+    if dtype not in HALF_FLAGS:
+        return True
+    if (flags := cpu_flags()) is not None:
+        return bool(HALF_FLAGS[dtype] & flags)
+    onednn = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+              torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}[dtype]  # fmt: skip
+    return bool(torch.backends.mkldnn.is_available() and onednn())
 
 
 def onednn_runs() -> bool:
