@@ -17,6 +17,8 @@ text encoder's tokens for two prompts and the CPU fp32 clips from fixed seeds. `
   the loss;
 * built-in: kinema-tiny on the GPU in bf16 (what ``kinema generate --device cuda`` uses) and
   fp32, against the CPU fp32 clips: PSNR, and what the eval's judge sees in each;
+* encoders: a random umT5 encoder in pinned host memory visits the GPU to encode (memory
+  allocated while it encodes and after, and its tokens against the encoder resident there);
 * memory: automatic decode tiling with a GPU's free memory (``kinema.memory.free_bytes``
   counts the allocator's unused memory) and with a budget that forces tiles: the chosen tile,
   the measured peak against the budget, and tiled-vs-untiled PSNR.
@@ -181,6 +183,51 @@ def offload_check(device: torch.device, smoke: bool = False) -> dict[str, Any]:
     return {"shape": f"{width}x{height}x{frames}, {steps} steps", **results}
 
 
+def encoders_check(device: torch.device, smoke: bool = False) -> dict[str, Any]:
+    """A text encoder visits the GPU only to encode (:class:`kinema.offload.Placement`, policy
+    "none"): a random umT5 encoder (transformers; 4 of umT5-XXL's 24 layers at its width,
+    bf16; ``smoke``: tiny) loaded in host memory and pinned, as ``kinema.load`` does beside a
+    GPU. Memory allocated while it encodes and after, the visit's time, and its tokens against
+    the same encoder resident on the GPU."""
+    import copy
+
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from kinema.memory import weight_bytes
+    from kinema.offload import Placement
+
+    width = dict(d_model=64, d_ff=128, num_heads=4) if smoke else dict(d_model=4096, d_ff=10240,
+                                                                       num_heads=64)  # fmt: skip
+    config = UMT5Config(vocab_size=32128, d_kv=64, num_layers=4, **width)
+    torch.manual_seed(0)
+    model = UMT5EncoderModel(config).eval().to(half(device))
+    placement = Placement("none", device)
+    placement.settle(model)  # pinned on CUDA
+    ids = torch.randint(0, config.vocab_size, (2, 512))
+    base = reset_peak(device)
+    start = time.perf_counter()
+    with torch.inference_mode(), placement.encoder(model):
+        inside = torch.cuda.memory_allocated(device) - base if device.type == "cuda" else 0
+        tokens = model(ids.to(device)).last_hidden_state
+    synced = tokens.sum().item()  # the visit's work done
+    seconds = time.perf_counter() - start
+    after = torch.cuda.memory_allocated(device) - base if device.type == "cuda" else 0
+    resident = copy.deepcopy(model).to(device)
+    with torch.inference_mode():
+        want = resident(ids.to(device)).last_hidden_state
+    return {
+        "weights_bytes": weight_bytes(model),
+        "allocated_while_encoding": inside,
+        "allocated_after": after - tokens.numel() * tokens.element_size(),
+        "peak_bytes": peak(device) - base,
+        "pinned": all(t.is_pinned() for t in model.parameters()) if device.type == "cuda" else None,
+        "weights_home": str(next(model.parameters()).device),
+        "visit_seconds": seconds,
+        "tokens_equal_resident": bool(torch.equal(tokens, want)),
+        "tokens_sum": synced,
+    }
+
+
 def training_check(device: torch.device, smoke: bool = False) -> dict[str, Any]:
     """bf16 autocast, with and without gradient checkpointing, as ``kinema train`` runs them:
     gradients compared, peak memory, then 30 AdamW steps on one batch (``smoke``: 3)."""
@@ -293,6 +340,15 @@ def markdown(r: dict[str, Any]) -> str:
             lines.append(f"| {p} | {gib(o[p]['peak_bytes'])} | {o[p]['seconds']:.1f} s | "
                          f"{o[p].get('max_uint8_diff_vs_none', '-')} |")  # fmt: skip
         lines.append("")
+    if "encoders" in r:
+        e = r["encoders"]
+        lines += ["### The text encoder visits the GPU to encode (random umT5, 4 layers, bf16)",
+                  "", f"- weights {gib(e['weights_bytes'])}, in host memory "
+                  f"({e['weights_home']}, pinned: {e['pinned']}); allocated on the GPU while "
+                  f"encoding {gib(e['allocated_while_encoding'])}, after "
+                  f"{gib(e['allocated_after'])}; the visit took {e['visit_seconds']:.2f} s; "
+                  f"tokens equal to the encoder resident on the GPU: "
+                  f"{e['tokens_equal_resident']}", ""]  # fmt: skip
     if "training" in r:
         t = r["training"]
         lines += ["### bf16 autocast training step (small-Wan DiT shape)", "",
@@ -337,7 +393,7 @@ def markdown(r: dict[str, Any]) -> str:
 def run(out: Path, checks: list[str], device: torch.device, smoke: bool) -> int:
     results: dict[str, Any] = {"machine": bench.machine(device)}
     funcs = {"training": training_check, "builtin": builtin_check, "offload": offload_check,
-             "memory": memory_check}  # fmt: skip
+             "memory": memory_check, "encoders": encoders_check}  # fmt: skip
     for name in checks:
         start = time.perf_counter()
         try:
@@ -357,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=("record", "run"))
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--checks", default="training,builtin,offload,memory")
+    p.add_argument("--checks", default="training,builtin,offload,memory,encoders")
     p.add_argument("--device", default="cuda")
     p.add_argument("--smoke", action="store_true", help="small shapes: that it runs, on a CPU")
     args = p.parse_args(argv)

@@ -384,11 +384,16 @@ def test_info_prints_parameters_and_memory(capsys, wan):
     peaks = info["peak_memory_bytes"]
     assert peaks["cpu_fp32"] > peaks["fp32"] > peaks["bf16"] > 0  # a CPU runtime holds more
     from kinema.loading import load
-    from kinema.memory import encoder_bytes, weight_bytes
+    from kinema.memory import encoder_bytes, weight_bytes, work_bytes
 
     pipe = load(str(wan), device="cpu")
-    umt5 = weight_bytes(pipe.text_encoder.encoder.model)  # it stays beside the DiT: counted
-    assert encoder_bytes(pipe, 4) == umt5 > 0 and peaks["fp32"] > umt5 + weight_bytes(pipe.dit)
+    umt5 = weight_bytes(pipe.text_encoder.encoder.model)
+    assert encoder_bytes(pipe, 4) == umt5 > 0
+    weights = weight_bytes(pipe.dit) + weight_bytes(pipe.vae)
+    work = {d: work_bytes(pipe, 64, 32, 9, 4, d) for d in ("cuda", "cpu")}
+    # on a GPU the text encoder visits only to encode, before the work; on a CPU it stays
+    assert peaks["fp32"] == weights + max(umt5, work["cuda"])
+    assert peaks["cpu_fp32"] == weights + umt5 + work["cpu"]
     assert info["cpu_process_bytes"] > peaks["cpu_fp32"]  # the interpreter and torch too
     assert info["vocabulary"] is None  # Wan reads any words
     decode = info["decode"]  # this machine's free memory (/proc/meminfo) holds a tiny decode

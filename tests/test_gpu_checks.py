@@ -20,7 +20,8 @@ def checks():
 
 def test_smoke_run_of_the_gpu_checks_on_a_cpu(checks, tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="VAE decode in 128 px tiles"):
-        rc = checks.run(tmp_path, ["training", "offload", "memory"], torch.device("cpu"), True)
+        rc = checks.run(tmp_path, ["training", "offload", "memory", "encoders"],
+                        torch.device("cpu"), True)  # fmt: skip
     assert rc == 0
     r = json.loads((tmp_path / "gpu-checks.json").read_text())
     assert r["offload"]["model"]["max_uint8_diff_vs_none"] == 0  # offload moves weights only
@@ -33,6 +34,7 @@ def test_smoke_run_of_the_gpu_checks_on_a_cpu(checks, tmp_path: Path) -> None:
     assert memory["tiled"]["budget"] < memory["untiled_estimate"]
     assert math.isfinite(memory["tiled_psnr_db"]) and memory["tiled_psnr_db"] > 20
     assert "### Automatic decode tiling (small-Wan VAE" in (tmp_path / "gpu-checks.md").read_text()
+    assert r["encoders"]["tokens_equal_resident"] and r["encoders"]["weights_home"] == "cpu"
 
 
 def test_smoke_run_of_the_builtin_check_on_a_cpu(checks, tmp_path: Path, monkeypatch) -> None:

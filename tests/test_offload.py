@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -93,17 +95,96 @@ def test_pipeline_offload_gives_the_same_video(tmp_path, policy):
     assert len(said) == 1 and not any("changes nothing" in w for w in plain.info["warnings"])
 
 
-def test_placement_moves_text_encoders_and_refuses_unknown_policies():
+class FakeEncoder:
+    """The shape of kinema's text encoders: ``.model``, ``.device``, ``encode``."""
+
+    dim, max_length = 2, 4
+
+    def __init__(self) -> None:
+        self.model, self.device = torch.nn.Linear(2, 2), torch.device("cpu")
+        self.seen: list[torch.device] = []  # the device it was told to use at each encode
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        self.seen.append(self.device)
+        tokens = torch.zeros(len(prompts), self.max_length, self.dim)
+        return tokens, torch.ones(len(prompts), self.max_length, dtype=torch.bool)
+
+
+def test_encoders_live_in_host_memory_beside_a_gpu():
+    """A GPU run loads the text and image encoders into host memory under every policy (they
+    visit the GPU to encode); a CPU or MPS run keeps them where it computes."""
     from kinema.offload import Placement
 
-    class Encoder:  # the shape of kinema's text encoders: .model and .device
-        def __init__(self) -> None:
-            self.model, self.device = torch.nn.Linear(2, 2), torch.device("meta")
+    cases = [("none", "cuda", "cpu"), ("none", "cuda:1", "cpu"), ("none", "cpu", "cpu"),
+             ("none", "mps", "mps"), ("model", "mps", "cpu"), ("block", "cuda", "cpu")]  # fmt: skip
+    for policy, device, encoders in cases:
+        placement = Placement(policy, device)
+        assert placement.encoder_home == torch.device(encoders), (policy, device)
+    assert Placement("none", "cuda").home == torch.device("cuda")  # the DiT and VAE stay
 
-    enc = Encoder()
-    with Placement("model", "cpu").text(enc) as inside:
-        assert inside is enc and enc.device == torch.device("cpu")
-    assert enc.device == torch.device("meta")  # back home afterwards
+
+def test_visit_points_the_module_back_at_its_own_tensors():
+    from kinema.offload import visit
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    before = {k: (v.data_ptr(), v.clone()) for k, v in model.state_dict().items()}
+    moved = {"0.weight": torch.randn(3, 3)}  # as if copied to the device during the visit
+    with visit(model, torch.device("cpu")) as inside:
+        assert inside is model  # already on the device: used as it is, no copy
+        assert all(v.data_ptr() == before[k][0] for k, v in model.state_dict().items())
+        model[0].weight.data = moved["0.weight"]
+    after = model.state_dict()
+    for key, (ptr, value) in before.items():  # the very tensors, not copies brought back
+        assert after[key].data_ptr() == ptr and torch.equal(after[key], value), key
+
+
+@pytest.fixture
+def visits(monkeypatch):
+    """The devices ``Placement`` sends encoders to (this machine has no GPU to copy them to;
+    tests/test_offload.py's visit test and benchmarks/gpu_checks.py cover the copy itself)."""
+    import contextlib
+
+    from kinema import offload
+
+    seen: list[torch.device] = []
+
+    @contextlib.contextmanager
+    def record(module: torch.nn.Module, device: torch.device):
+        seen.append(device)
+        yield module
+
+    monkeypatch.setattr(offload, "visit", record)
+    return seen
+
+
+def test_a_text_encoder_visits_the_gpu_only_for_prompts_its_cache_lacks(visits):
+    from kinema.models.text import CachedTextEncoder
+    from kinema.offload import Placement
+
+    fake = FakeEncoder()
+    cached = CachedTextEncoder(fake)
+    gpu = Placement("none", "cuda")
+    for _ in range(2):  # the second time the prompt is cached: no visit
+        with gpu.text(cached, ["a red circle"]) as inside:
+            assert inside is cached
+            cached.encode(["a red circle"])
+        assert fake.device == torch.device("cpu")  # back home
+    assert visits == [torch.device("cuda")] and fake.seen == [torch.device("cuda")]
+    with gpu.text(cached, ["a red circle", "a blue square"]):
+        assert fake.device == torch.device("cuda")  # one prompt to encode: it visits
+    with gpu.encoder(fake.model):  # an image encoder: every time
+        pass
+    wrapped = types.SimpleNamespace(encoder=cached)  # as a distributed run's rank 0 holds it
+    with gpu.text(wrapped, ["a green square"]):
+        assert fake.device == torch.device("cuda")
+    with Placement("none", "cpu").text(cached, ["a green square"]):
+        pass  # on a CPU nothing moves
+    assert visits == [torch.device("cuda")] * 4
+
+
+def test_unknown_offload_policies_are_refused():
+    from kinema.offload import Placement
+
     with pytest.raises(ValueError, match="offload 'disk'; valid: none, model, block"):
         Placement("disk", "cpu")
 

@@ -155,14 +155,14 @@ def _load(
     if placement.policy != "none" and compute.type == "cpu":
         notes.warn(f"offload {offload!r} moves weights between host memory and a GPU; on a "
                    "CPU they are in host memory already, so it changes nothing")  # fmt: skip
-    dev = placement.home  # where the weights live
+    homes = placement.home, placement.encoder_home  # where the weights live
     vae_dt = _vae_dtype(dt, compute)  # warns where a CPU emulates dt
     if (path / "kinema.json").exists():
-        parts = _kinema_parts(path, dev, dt, vae_dt)
+        parts = _kinema_parts(path, homes, dt, vae_dt)
     elif (path / "model_index.json").exists():
-        parts = _diffusers_parts(path, dev, dt, vae_dt)
+        parts = _diffusers_parts(path, homes, dt, vae_dt)
     elif (path / "Wan2.1_VAE.pth").exists():
-        parts = _original_parts(path, dev, dt, vae_dt)
+        parts = _original_parts(path, homes, dt, vae_dt)
     elif path.suffix == ".safetensors" or (path / "lora.safetensors").is_file():
         raise ValueError(
             f"{path} is a weights file, not a model folder: a LoRA goes in --lora (lora=) with "
@@ -174,8 +174,13 @@ def _load(
             f"{path} is not a model folder: expected kinema.json (kinema), model_index.json "
             "(diffusers) or Wan2.1_VAE.pth (original Wan 2.1 release)"
         )
+    from kinema.offload import text_model
     from kinema.sampling.cache import load_calibration
 
+    image = parts.get("image_encoder")
+    for encoder in (text_model(parts["text_encoder"])[1], image.model if image else None):
+        if encoder is not None:
+            placement.settle(encoder)  # pinned, to visit a GPU fast
     parts["cache_calibration"] = load_calibration(path)  # step_cache.json, if calibrated
     if pairs:
         from kinema.lora import merge_lora, read_lora
@@ -238,16 +243,19 @@ def _vae_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _kinema_parts(
-    path: Path, dev: torch.device, dt: torch.dtype, vae_dt: torch.dtype
-) -> dict[str, Any]:
+# Where a model's parts are loaded: (the DiT's and VAE's device, the encoders'), see
+# :attr:`kinema.offload.Placement.encoder_home`.
+Homes = tuple[torch.device, torch.device]
+
+
+def _kinema_parts(path: Path, homes: Homes, dt: torch.dtype, vae_dt: torch.dtype) -> dict[str, Any]:
     from kinema.models.text import CachedTextEncoder, load_text_encoder
 
-    meta = read_json_object(path / "kinema.json")
+    (dev, enc), meta = homes, read_json_object(path / "kinema.json")
     text = dict(meta.get("text_encoder", {"kind": "minilm"}))
     kind = text.pop("kind")
     sub = text.pop("path", None)
-    encoder = load_text_encoder(kind, str(path / sub) if sub else None, dev, dt, **text)
+    encoder = load_text_encoder(kind, str(path / sub) if sub else None, enc, dt, **text)
     encoder = CachedTextEncoder(encoder)
     parts = {
         "dit": load_dit(path / "transformer", dev, dt),
@@ -260,17 +268,18 @@ def _kinema_parts(
     if parts["dit"].config.image_dim is not None:  # converted Wan 2.1 image-to-video
         from kinema.i2v import CLIPImageEncoder
 
-        parts["image_encoder"] = CLIPImageEncoder.from_pretrained(path, dev)
+        parts["image_encoder"] = CLIPImageEncoder.from_pretrained(path, enc)
     return parts
 
 
 def _diffusers_parts(
-    path: Path, dev: torch.device, dt: torch.dtype, vae_dt: torch.dtype
+    path: Path, homes: Homes, dt: torch.dtype, vae_dt: torch.dtype
 ) -> dict[str, Any]:
     from kinema.i2v import CLIPImageEncoder, needs_image_encoder
     from kinema.models.text import CachedTextEncoder, UMT5TextEncoder
     from kinema.sampling import schedule_from_diffusers_config
 
+    dev, enc = homes
     check_pipeline(read_json_object(path / "model_index.json"), path / "model_index.json")
     scheduler = path / "scheduler" / "scheduler_config.json"
     if not scheduler.exists():
@@ -280,13 +289,13 @@ def _diffusers_parts(
         "dit": load_dit(path / "transformer", dev, dt),
         "vae": load_vae(path / "vae", dev, vae_dt),
         "text_encoder": CachedTextEncoder(
-            UMT5TextEncoder.from_pretrained(path, device=dev, dtype=dt)
+            UMT5TextEncoder.from_pretrained(path, device=enc, dtype=dt)
         ),
         "name": model_name(path),
         "defaults": SamplingDefaults(sampler=sampler, shift=shift),
     }
     if needs_image_encoder(path):  # Wan 2.1 image-to-video: CLIP image tokens
-        parts["image_encoder"] = CLIPImageEncoder.from_pretrained(path, dev)
+        parts["image_encoder"] = CLIPImageEncoder.from_pretrained(path, enc)
     return parts
 
 
@@ -310,10 +319,11 @@ def check_pipeline(index: dict[str, Any], where: Path) -> None:
 
 
 def _original_parts(
-    path: Path, dev: torch.device, dt: torch.dtype, vae_dt: torch.dtype
+    path: Path, homes: Homes, dt: torch.dtype, vae_dt: torch.dtype
 ) -> dict[str, Any]:
     from kinema.models.text import CachedTextEncoder, UMT5TextEncoder
 
+    dev, enc = homes
     t5 = path / "models_t5_umt5-xxl-enc-bf16.pth"
     tokenizer = path / "google" / "umt5-xxl"
     config = read_json_object(path / "config.json") if (path / "config.json").is_file() else {}
@@ -327,7 +337,7 @@ def _original_parts(
         "dit": load_dit(path, dev, dt),
         "vae": load_vae(path / "Wan2.1_VAE.pth", dev, vae_dt),
         "text_encoder": CachedTextEncoder(
-            UMT5TextEncoder.from_original(t5, tokenizer, device=dev, dtype=dt)
+            UMT5TextEncoder.from_original(t5, tokenizer, device=enc, dtype=dt)
         ),
         "name": model_name(path),
         "defaults": SamplingDefaults(),

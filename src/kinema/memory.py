@@ -171,18 +171,29 @@ def estimate_peak_bytes(
 ) -> int:
     """Estimated peak bytes for one request of ``pipe`` with weights of ``dtype_bytes`` on a
     ``device`` of this type ("cpu", "cuda"; default: where ``pipe`` computes). A clip longer
-    than the model's window is made window by window, so it peaks as one window does."""
+    than the model's window is made window by window, so it peaks as one window does.
+
+    On a GPU the text and image encoders visit it only to encode, before the sampling and the
+    decode (:func:`kinema.offload.encoders_visit`), so the peak is the DiT's and VAE's weights
+    plus the larger of the encoders' weights and the request's work; on a CPU, one memory, it
+    is the sum of all."""
+    from kinema.offload import encoders_visit
+
     params = sum(p.numel() for p in pipe.dit.parameters())
-    weights = params * dtype_bytes + weight_bytes(pipe.vae) + encoder_bytes(pipe, dtype_bytes)
-    return int(weights + work_bytes(pipe, width, height, frames, dtype_bytes, device))
+    weights = params * dtype_bytes + weight_bytes(pipe.vae)
+    encoders = encoder_bytes(pipe, dtype_bytes)
+    work = work_bytes(pipe, width, height, frames, dtype_bytes, device)
+    if encoders_visit(device or pipe.device.type):
+        return int(weights + max(encoders, work))
+    return int(weights + encoders + work)
 
 
 def encoder_bytes(pipe: Any, dtype_bytes: int) -> int:
-    """Weights of the text encoder (in the DiT's dtype) and of an image encoder (float32),
-    which stay beside the DiT unless an offload policy moves them (umT5-XXL: 11 GB in bf16,
-    several times Wan 1.3B's DiT)."""
-    text = getattr(pipe.text_encoder, "encoder", pipe.text_encoder)  # behind its cache
-    model = getattr(text, "model", None)
+    """Weights of the text encoder (in the DiT's dtype) and of an image encoder (float32)
+    (umT5-XXL: 11 GB in bf16, several times Wan 1.3B's DiT)."""
+    from kinema.offload import text_model
+
+    _, model = text_model(pipe.text_encoder)  # behind its cache
     total = sum(p.numel() for p in model.parameters()) * dtype_bytes if model is not None else 0
     image = getattr(pipe.image_encoder, "model", None)
     return total + (weight_bytes(image) if image is not None else 0)

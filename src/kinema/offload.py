@@ -13,7 +13,10 @@
 Neither changes what the model computes: outputs equal the plain model's.
 
 :class:`Placement` is how a :class:`~kinema.pipeline.Pipeline` uses them: one policy for all of
-its parts (``kinema.load(..., offload="model")``, ``kinema generate --offload model``).
+its parts (``kinema.load(..., offload="model")``, ``kinema generate --offload model``). Under
+every policy a GPU run keeps the text and image encoders in host memory and lets them
+:func:`visit` the GPU only while they encode, so umT5-XXL's 11 GB are not beside the DiT while
+it samples and the VAE decodes.
 """
 
 from __future__ import annotations
@@ -53,6 +56,57 @@ class ModelOffload:
         finally:
             module.to(self.home)
             _empty_cache(self.device)
+
+
+def encoders_visit(device: str | torch.device) -> bool:
+    """Whether encoders computing on ``device`` live in host memory between encodes: on a GPU
+    (its memory is separate), not on a CPU or Apple's MPS (one memory)."""
+    return torch.device(device).type not in ("cpu", "mps")
+
+
+def pin(module: nn.Module) -> nn.Module:
+    """Page-lock a module's host-memory weights in place, tensor by tensor, so copies to a CUDA
+    device run at the bus's full speed; where that fails (no CUDA, a limit on locked memory)
+    they stay as they were. Returns the module."""
+    if not torch.cuda.is_available():
+        return module
+    for t in (*module.parameters(), *module.buffers()):
+        if t.device.type == "cpu" and not t.is_pinned():
+            try:
+                t.data = t.data.pin_memory()
+            except RuntimeError:
+                return module
+    return module
+
+
+@contextlib.contextmanager
+def visit(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """``module`` on ``device`` for the enclosed inference, its weights kept where they are:
+    each tensor elsewhere is copied in on entry, and on exit the module points at the very
+    tensors it had and the copies are dropped. Nothing is copied back (inference leaves weights
+    unchanged); the tensors' values and identities are as before. Tensors already on
+    ``device`` are used as they are."""
+    tensors = [*module.parameters(), *module.buffers()]
+    homes = [t.data for t in tensors]
+    try:
+        for t in tensors:
+            t.data = t.data.to(device, non_blocking=True)
+        yield module
+    finally:
+        for t, home in zip(tensors, homes, strict=True):
+            t.data = home
+        _empty_cache(device)
+
+
+def text_model(encoder: Any) -> tuple[Any, nn.Module | None]:
+    """A kinema text encoder behind caches and wrappers (each holding the next as ``.encoder``:
+    :class:`~kinema.models.text.CachedTextEncoder`, a distributed run's broadcasting one) ->
+    (the innermost encoder, its ``.model``; None where it has none)."""
+    while not isinstance(getattr(encoder, "model", None), nn.Module):
+        if getattr(encoder, "encoder", None) is None:
+            return encoder, None
+        encoder = encoder.encoder
+    return encoder, encoder.model
 
 
 class _Resident:
@@ -199,11 +253,31 @@ class Placement:
         check_policy(policy)
         self.policy, self.device = policy, _device(device)
         self.models = ModelOffload(self.device)
+        # Where the text and image encoders are loaded: the CPU when offloading or computing
+        # on a GPU (:func:`encoders_visit`), else ``device``. Elsewhere, they visit ``device``.
+        self.encoder_home = self.device
+        if policy != "none" or encoders_visit(self.device):
+            self.encoder_home = torch.device("cpu")
 
     @property
     def home(self) -> torch.device:
         """Where the weights are loaded: the CPU when offloading, else ``device``."""
         return self.device if self.policy == "none" else torch.device("cpu")
+
+    def settle(self, module: nn.Module) -> nn.Module:
+        """An encoder loaded at :attr:`encoder_home`, made ready to visit a CUDA device
+        (:func:`pin`). Returns it."""
+        return pin(module) if self.device.type == "cuda" else module
+
+    @contextlib.contextmanager
+    def encoder(self, module: nn.Module) -> Iterator[nn.Module]:
+        """A text or image encoder's module on ``device`` for the block, where it lives
+        elsewhere (:func:`visit`)."""
+        if self.encoder_home == self.device:
+            yield module
+            return
+        with visit(module, self.device):
+            yield module
 
     @contextlib.contextmanager
     def part(self, module: nn.Module) -> Iterator[nn.Module]:
@@ -225,20 +299,30 @@ class Placement:
             yield dit
 
     @contextlib.contextmanager
-    def text(self, encoder: Any) -> Iterator[Any]:
+    def text(self, encoder: Any, prompts: Sequence[str] = ()) -> Iterator[Any]:
         """A kinema text encoder (``.model`` and ``.device``; maybe behind a cache) on
-        ``device`` for the block."""
-        inner = getattr(encoder, "encoder", encoder)
-        model = getattr(inner, "model", None)
-        if self.policy == "none" or not isinstance(model, nn.Module):
+        ``device`` for the block, to encode ``prompts``; it stays where it is when its cache
+        holds them all (:meth:`~kinema.models.text.CachedTextEncoder.missing`)."""
+        inner, model = text_model(encoder)
+        missing = getattr(encoder, "missing", None)
+        cached = missing is not None and bool(prompts) and not missing(prompts)
+        if cached or self.encoder_home == self.device or model is None:
             yield encoder
             return
         home, inner.device = inner.device, self.device
         try:
-            with self.models.use(model):
+            with visit(model, self.device):
                 yield encoder
         finally:
             inner.device = home
 
 
-__all__ = ["OFFLOAD_POLICIES", "BlockOffload", "ModelOffload", "Placement"]
+__all__ = [
+    "OFFLOAD_POLICIES",
+    "BlockOffload",
+    "ModelOffload",
+    "Placement",
+    "pin",
+    "text_model",
+    "visit",
+]

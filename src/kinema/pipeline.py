@@ -809,7 +809,7 @@ class Pipeline:
         the third holds each frame's neighbouring prompt (:func:`timeline.neighbour_prompts`)."""
         guided = req.guidance > 1
         prompts = [req.prompt, *(p for _, p in timed)] + ([req.negative_prompt] if guided else [])
-        with self.placement.text(self.text_encoder):
+        with self.placement.text(self.text_encoder, prompts):
             tokens, _ = self.text_encoder.encode(prompts)
         tokens = tokens.to(self.device, self.dtype)  # (P [+ 1], L, D)
         uncond = tokens[-1:] if guided else None
@@ -837,7 +837,7 @@ class Pipeline:
         tokens = None
         if self.image_encoder is not None:
             anchors = [given[0]] + ([last_image] if last_image is not None else [])
-            with self.placement.part(self.image_encoder.model):
+            with self.placement.encoder(self.image_encoder.model):
                 tokens = self.image_encoder.encode(anchors)  # (N, L, image_dim)
         with self.placement.part(self.vae):
             return build_condition(self.vae, given, frames, tokens, self.device)

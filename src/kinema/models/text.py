@@ -20,6 +20,7 @@ from __future__ import annotations
 import html
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -349,9 +350,13 @@ class CachedTextEncoder:
         self.calls = 0
         self.encoded = 0
 
+    def missing(self, prompts: Sequence[str]) -> list[str]:
+        """The prompts not in the cache, each once, in order: what ``encode`` would encode."""
+        return list(dict.fromkeys(p for p in prompts if p not in self.entries))
+
     def _encode_missing(self, prompts: list[str]) -> dict[str, tuple[Tensor, Tensor]]:
         """Encode the prompts not in the cache: {prompt: (tokens (L, D), mask (L,))}."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self.entries))
+        missing = self.missing(prompts)
         if not missing:
             return {}
         tokens, mask = self.encoder.encode(missing)
