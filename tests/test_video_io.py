@@ -215,6 +215,17 @@ def test_resize_center_crop_equals_resize_then_crop():
     assert np.abs(tall.astype(int) - full[:, 35:45]).max() <= 1
 
 
+@pytest.mark.parametrize(
+    "source, target", [((720, 1280), (832, 480)), ((1280, 720), (480, 832)), ((98, 98), (128, 128))]
+)
+def test_resize_center_crop_takes_sizes_whose_float_box_started_below_zero(source, target):
+    """A portrait phone photo for Wan's 832x480 (the box's float scale gave a left edge of
+    -6e-14, which Pillow refused: "box offset can't be negative")."""
+    (src_w, src_h), (width, height) = source, target
+    image = np.zeros((src_h, src_w, 3), np.uint8)
+    assert resize_center_crop(image, width, height).shape == (height, width, 3)
+
+
 def test_resize_center_crop_shapes_and_errors():
     video = resize_center_crop(smooth_clip(3), 32, 32)
     assert video.shape == (3, 32, 32, 3) and video.dtype == np.uint8

@@ -916,11 +916,16 @@ def too_many_pixels(what: str) -> str:
 
 
 def _cover_box(width: int, height: int, src_w: int, src_h: int) -> tuple[float, ...]:
-    """The centred source box with the target's aspect ratio that just fits the source."""
-    scale = max(width / src_w, height / src_h)
-    box_w, box_h = width / scale, height / scale
-    left, top = (src_w - box_w) / 2, (src_h - box_h) / 2
-    return (left, top, left + box_w, top + box_h)
+    """The centred source box with the target's aspect ratio that just fits the source: the
+    whole of one side (exactly: a box computed through a float scale could start at -6e-14,
+    which Pillow refuses), centred along the other."""
+    if width * src_h >= height * src_w:  # the target is wider: all of the source's width
+        box_h = min(src_h, height * src_w / width)
+        top = (src_h - box_h) / 2
+        return (0.0, top, float(src_w), top + box_h)
+    box_w = min(src_w, width * src_h / height)
+    left = (src_w - box_w) / 2
+    return (left, 0.0, left + box_w, float(src_h))
 
 
 def _resize_one(image: np.ndarray, width: int, height: int) -> np.ndarray:
