@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import io
 import json
@@ -112,11 +113,16 @@ def test_the_sdk_can_ask_for_the_step_cache(client):
 
 
 def test_odd_bodies_are_400s_not_500s(http):
-    """A size of 5000 digits (int() refuses past 4300) and JSON nested 100,000 deep
-    (RecursionError) were 500s; the favicon a browser asks for was a 404 in its console."""
+    """A size of 5000 digits (int() refuses past 4300), JSON with an integer of 5000 digits
+    (json refuses it: a plain-text 500) and JSON nested 100,000 deep (RecursionError) were
+    500s; the favicon a browser asks for was a 404 in its console."""
     error = error_of(http.post("/v1/videos", json={"prompt": "x", "size": "1" * 5000 + "x16"}),
                      400, "size")  # fmt: skip
     assert "WIDTHxHEIGHT" in error["message"]
+    digits = b'{"prompt": "x", "steps": ' + b"9" * 5000 + b"}"
+    long_int = http.post("/v1/videos", content=digits,
+                         headers={"content-type": "application/json"})  # fmt: skip
+    assert error_of(long_int, 400, None)["code"] == "invalid_json"
     nested = "[" * 100_000 + "]" * 100_000
     response = http.post("/v1/videos", content=nested,
                          headers={"content-type": "application/json"})  # fmt: skip
@@ -193,10 +199,24 @@ def test_warnings_reach_the_video_and_its_sidecar(client, server, done):
 
 def test_seconds_is_the_span_of_the_frames_made(http):
     """At 8 fps a clip is 4k+1 frames: "1.1" asked makes 9 frames, 1 s from first to last,
-    and says so (it said "1.1"); "0.1" makes the shortest clip, 5 frames, "0.5"."""
+    and says so (it said "1.1"); "0.1" makes the shortest clip, 5 frames, "0.5", and the
+    video's warnings say so (the line went to the server's log only)."""
     for asked, made in (("1.1", "1"), ("0.1", "0.5")):
         r = http.post("/v1/videos", json={"prompt": "x", "seconds": asked, "size": "32x32"})
         assert r.status_code == 200 and r.json()["seconds"] == made, r.text
+    (said,) = r.json()["warnings"]
+    assert said.startswith("0.1 s at 8 fps is less than the shortest step of 4 frames")
+
+
+def test_a_remix_says_the_seconds_it_makes(client, done, tmp_path):
+    """A remix of an extension of 11 + 8 frames restyles 17 (4k+1) of the 19: 2 s at 8 fps,
+    where it said its source's 2.25."""
+    clip = mp4_bytes(tmp_path / "eleven.mp4", frames=11)
+    ext = wait(client, client.videos.extend(prompt="on", seconds="1", video=("c.mp4", clip)).id)
+    assert ext.status == "completed" and ext.seconds == "2.25", ext.error
+    remix = wait(client, client.videos.remix(ext.id, prompt="a blue ball").id)
+    frames = decode(client.videos.download_content(remix.id).read(), tmp_path)
+    assert frames.shape[0] == 17 and remix.seconds == "2"
 
 
 def test_a_request_without_a_seed_gets_a_random_one_and_is_told(client, done):
@@ -346,6 +366,18 @@ def test_json_shape_errors_name_the_field_and_its_shape(http, fields, param, mes
     error = error_of(http.post("/v1/videos", json={"prompt": "x", **fields}), 400, param)
     assert message in error["message"], error["message"]
     assert ".str" not in error["message"] and "instance of" not in error["message"]
+
+
+def test_a_field_given_twice_over_is_refused_not_dropped(http, server):
+    """An image as a file and as image_url used the file and dropped the URL; prompt given as
+    a value and as an object dropped the object."""
+    ref = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
+    both = http.post("/v1/videos", data={"prompt": "x", "input_reference[image_url]": ref},
+                     files={"input_reference": ("a.png", png_bytes(), "image/png")})  # fmt: skip
+    assert "as a file or as {image_url" in error_of(both, 400, "input_reference")["message"]
+    twice = http.post("/v1/videos", data={"prompt": "x", "prompt[y]": "z"},
+                      files={"input_reference": ("a.png", png_bytes(), "image/png")})  # fmt: skip
+    assert "given both as a value and as an object" in error_of(twice, 400, "prompt")["message"]
 
 
 def test_an_empty_image_is_refused_not_dropped(http):

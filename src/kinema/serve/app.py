@@ -12,7 +12,6 @@ Errors have OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import math
 import os
@@ -22,7 +21,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -44,7 +43,7 @@ from pydantic_core import PydanticCustomError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kinema import memory, timeline
+from kinema import memory, notes, timeline
 from kinema.serve import media
 from kinema.serve.jobs import (
     VIDEO_FILE,
@@ -378,16 +377,17 @@ SHAPES = {  # the valid form of the fields that take an object
 
 
 def nest(fields: dict[str, Any]) -> dict[str, Any]:
-    """Multipart ``video[id]=x`` -> ``{"video": {"id": "x"}}``."""
+    """Multipart ``video[id]=x`` -> ``{"video": {"id": "x"}}``; a name given both as a value
+    and as an object (``prompt=x`` and ``prompt[y]=z``) is refused, not half dropped."""
     out: dict[str, Any] = {}
     for key, value in fields.items():
-        if "[" in key and key.endswith("]"):
-            outer, inner = key[:-1].split("[", 1)
-            out.setdefault(outer, {})
-            if isinstance(out[outer], dict):
-                out[outer][inner] = value
-        else:
+        outer, inner = key[:-1].split("[", 1) if "[" in key and key.endswith("]") else (key, None)
+        if outer in out and isinstance(out[outer], dict) != (inner is not None):
+            raise bad(outer, f"{outer} is given both as a value and as an object ({key})")
+        if inner is None:
             out[key] = value
+        else:
+            out.setdefault(outer, {})[inner] = value
     return out
 
 
@@ -401,7 +401,7 @@ async def read_body(request: Request, model: type[BaseModel]) -> tuple[Any, dict
     if ctype == "application/json":
         try:
             raw = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, 5000-digit integers
             raise bad(None, f"body is not valid JSON: {err}", "invalid_json") from err
         except RecursionError:  # [[[[...: nested past what a request needs
             raise bad(None, "body is not valid JSON: nested too deeply", "invalid_json") from None
@@ -617,6 +617,7 @@ class Draft:
     spec: JobSpec
     seconds: str | None = None
     remixed_from: str | None = None
+    warnings: list[str] = field(default_factory=list)  # said before the pipeline checks it
 
 
 class Service:
@@ -717,7 +718,7 @@ class Service:
             param = "seconds" if draft.spec.kind == "generate" else "video"  # a long upload
             raise bad(param, f"{param}: {length:g} s is over the limit "
                       f"of {self.settings.max_seconds:g} s")  # fmt: skip
-        return self.queue(draft, replace(draft.spec, warnings=said), resolved)
+        return self.queue(draft, replace(draft.spec, warnings=[*draft.warnings, *said]), resolved)
 
     def request_of(self, draft: Draft) -> Any:
         files = {k: str(self.job_dir(draft.folder) / v) for k, v in draft.spec.inputs.items()}
@@ -756,15 +757,22 @@ class Service:
     def create(self, body: CreateVideoBody, files: dict[str, bytes]) -> Job:
         self.check_model(body.model)
         settings = {**kinema_settings(body), **parse_size(body.size)}
+        said: list[str] = []
         if body.seconds is not None:  # the video object says the span made of it (1.1 -> 1)
             value = parse_seconds(body.seconds, self.settings.max_seconds)
             fps = body.fps or self.pipe.defaults.fps
-            settings["frames"] = timeline.clip_frames(value, fps, self.pipe.temporal_factor)
-        image = files.get("input_reference") or self.image_from_json(body.input_reference)
+            with notes.collecting() as said:  # e.g. made one step long: in the video object
+                settings["frames"] = timeline.clip_frames(value, fps, self.pipe.temporal_factor)
+        image = files.get("input_reference")
+        if image is not None and body.input_reference is not None:
+            raise bad("input_reference", "give input_reference as a file or as "
+                      "{image_url | file_id}, not both")  # fmt: skip
+        image = image or self.image_from_json(body.input_reference)
 
         def make(folder: str) -> Draft:
             inputs = {"image": self.save_image(folder, image)} if image else {}
-            return Draft(folder, JobSpec("generate", body.prompt, settings, inputs))
+            spec = JobSpec("generate", body.prompt, settings, inputs)
+            return Draft(folder, spec, warnings=said)
 
         return self.build(make)
 
@@ -801,11 +809,11 @@ class Service:
             source = self.source_video(folder, body.video, files.get("video"))
             path = str(self.job_dir(folder) / source)
             fps = body.fps or self.source_fps(path)
-            t = self.pipe.temporal_factor
-            frames = timeline.new_frames(seconds, fps, t)
+            with notes.collecting() as said:
+                frames = timeline.new_frames(seconds, fps, self.pipe.temporal_factor)
             extra = {"frames": frames, "fps": fps}
             spec = JobSpec("extend", body.prompt, {**settings, **extra}, {"extend": source})
-            return Draft(folder, spec)
+            return Draft(folder, spec, warnings=said)
 
         return self.build(make)
 
@@ -827,8 +835,8 @@ class Service:
 
         def make(folder: str) -> Draft:
             inputs = {"video": self.copy_output(folder, source)}
-            spec = JobSpec("remix", body.prompt, settings, inputs)
-            return Draft(folder, spec, source.seconds, remixed_from=source.id)
+            spec = JobSpec("remix", body.prompt, settings, inputs)  # its seconds: what it makes
+            return Draft(folder, spec, remixed_from=source.id)
 
         return self.build(make)
 
@@ -926,6 +934,12 @@ def install_errors(app: FastAPI) -> None:
     @app.exception_handler(BodyTooLarge)
     async def body_too_large(request: Request, err: BodyTooLarge) -> JSONResponse:
         return too_large(err.limit).response()
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, err: Exception) -> JSONResponse:
+        """A bug: OpenAI's error shape, not a plain-text 500 (the traceback goes to the log)."""
+        message = f"internal error ({type(err).__name__}: {err}); the server's log has the rest"
+        return ApiError(500, "server_error", message).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
