@@ -153,6 +153,11 @@ def test_a_method_a_path_does_not_take_is_a_405_naming_those_it_does(http):
     assert error_of(r, 405, None)["message"] == f"PUT is not allowed here; valid: {valid}"
     assert r.headers["allow"] == valid
     assert http.delete("/v1/models").headers["allow"] == "GET, HEAD"
+    # /v1/videos/edits is an action, not a video's id: GET was "no video with id 'edits'",
+    # and PUT's Allow listed the GET and DELETE of /v1/videos/{video_id}
+    for method in ("GET", "PUT", "DELETE"):
+        r = http.request(method, "/v1/videos/edits")
+        assert (r.status_code, r.headers["allow"]) == (405, "POST"), method
 
 
 def test_head_answers_as_get_without_the_body_on_every_get_route(http, done):
@@ -183,6 +188,8 @@ def test_a_download_answers_byte_ranges(http, done):
     assert error_of(past, 416, "range")["code"] == "range_not_satisfiable"
     assert past.headers["content-range"] == f"bytes */{size}"
     assert http.get(url, headers={"Range": "items=0-1"}).content == whole  # not bytes: whole
+    backwards = http.get(url, headers={"Range": "bytes=5-2"})  # no range at all: ignored
+    assert (backwards.status_code, backwards.content) == (200, whole)  # (it was a 416)
 
 
 def test_warnings_reach_the_video_and_its_sidecar(client, server, done):
@@ -263,8 +270,11 @@ def test_remix_edit_extend(client, http, done, tmp_path):
     edit = http.post("/v1/videos/edits", json={"prompt": "green", "video": {"id": done.id},
                                               "strength": 0.9, "steps": 4})  # fmt: skip
     assert edit.status_code == 200, edit.text
-    for r in (by_id, edit):
-        finished = wait(client, r.json()["id"])
+    # the SDK's way to an edit by id (its video= takes files only), as the README shows it
+    sdk = client.videos.edit(prompt="green", video=openai.omit,
+                             extra_body={"video": {"id": done.id}, "steps": 4})  # fmt: skip
+    for video_id in (by_id.json()["id"], edit.json()["id"], sdk.id):
+        finished = wait(client, video_id)
         assert finished.status == "completed", finished.error
 
 
@@ -623,6 +633,8 @@ def test_cli_binds_loopback_by_default(tmp_path):
         settings_from_args(parser.parse_args(["serve", "--max-queue", "0"]))
     with pytest.raises(ValueError, match="--max-seconds nan must be > 0"):  # it served
         settings_from_args(parser.parse_args(["serve", "--max-seconds", "nan"]))
+    with pytest.raises(ValueError, match="--retention-hours 0.0001 is under a second"):
+        settings_from_args(parser.parse_args(["serve", "--retention-hours", "0.0001"]))
     assert settings.offload == "none" and not settings.compile
     assert settings_from_args(parser.parse_args(["serve", "--compile"])).compile
     assert settings_from_args(parser.parse_args(["serve", "--offload", "block"])).offload == "block"
@@ -633,6 +645,14 @@ def test_cli_binds_loopback_by_default(tmp_path):
     )
     with pytest.raises(ValueError, match="--offload 'all'; valid: none, model, block"):
         settings_from_args(parser.parse_args(["serve", "--offload", "all"]))
+
+
+def test_port_0_is_a_free_port_and_the_one_printed():
+    """It printed "on http://127.0.0.1:0" while uvicorn listened on another."""
+    from kinema.serve.cli import check_address
+
+    port = check_address("127.0.0.1", 0)
+    assert 0 < port <= 65535 and check_address("127.0.0.1", port) == port
 
 
 def test_serve_refuses_an_address_it_cannot_listen_on_before_loading(tmp_path):

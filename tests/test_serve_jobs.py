@@ -80,6 +80,24 @@ def test_delete_queued_at_once_running_by_worker(tmp_path):
     assert store.delete("video_unknown") is None
 
 
+def test_a_job_deleted_while_it_runs_and_then_fails_leaves_nothing(tmp_path):
+    """It kept its row (deleted, in_progress) and its uploads until the next restart."""
+    from kinema.loading import load
+
+    pipe = load(build_tiny_model(tmp_path / "tiny"), device="cpu")
+    store = Store(tmp_path / "data")
+    spec = JobSpec("edit", "a red ball", {"seed": 1}, {"video": "source.mp4"})
+    job = store.add(dataclasses.replace(make_job(), spec=spec), 10)
+    store.folder(job).mkdir(parents=True)
+    (store.folder(job) / "source.mp4").write_bytes(b"not a video")  # the run fails on it
+    running = store.claim()
+    assert store.delete(job.id).status == "in_progress"
+    Worker(store, pipe, retention_s=60).run(running)
+    assert not store.folder(job).exists()
+    rows = sqlite3.connect(tmp_path / "data" / "jobs.sqlite3").execute("SELECT id FROM videos")
+    assert job.id not in {r[0] for r in rows}
+
+
 def test_recover_after_crash(tmp_path):
     store = Store(tmp_path)
     queued, crashed, deleted, poison = (store.add(make_job(), 10) for _ in range(4))

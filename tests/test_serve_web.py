@@ -35,7 +35,7 @@ def test_submit_progress_play_gallery(tmp_path, browser):
         assert "missing or wrong API key" in page.text_content("#message")
         page.fill("#api-key", "k")
         page.dispatch_event("#api-key", "change")
-        page.wait_for_function("document.getElementById('size').value === '32x32'")
+        page.wait_for_function("document.getElementById('size').placeholder === '32x32'")
         assert page.text_content("#model") == "tiny"
         assert page.text_content("#message") == ""  # the keyless error went with the key
         page.fill("#prompt", "a red ball bouncing")
@@ -96,7 +96,7 @@ def test_warnings_are_shown(tmp_path, browser):
         page.goto(server.url + "/")
         page.fill("#api-key", "k")
         page.dispatch_event("#api-key", "change")
-        page.wait_for_function("document.getElementById('size').value === '32x32'")
+        page.wait_for_function("document.getElementById('size').placeholder === '32x32'")
         for prompt, warned in (("a red ball", False), ("a red ball and " * 8, True)):
             page.fill("#prompt", prompt)
             page.click("#submit")
@@ -136,10 +136,10 @@ def test_the_gallery_shows_more_on_request(tmp_path, browser):
 
 
 def open_page(browser, server: Server):  # noqa: ANN201 (a Playwright page)
-    """The page on ``server``, its form filled with the model's defaults."""
+    """The page on ``server``, its form showing the model's defaults."""
     page = browser.new_page()
     page.goto(server.url + "/")
-    page.wait_for_function("document.getElementById('size').value === '32x32'")
+    page.wait_for_function("document.getElementById('size').placeholder === '32x32'")
     return page
 
 
@@ -221,7 +221,7 @@ def test_a_video_of_ones_own_is_restyled_or_continued(tmp_path, browser):
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(server.url + "/")
-        page.wait_for_function("document.getElementById('size').value === '32x32'")
+        page.wait_for_function("document.getElementById('size').placeholder === '32x32'")
         page.set_input_files("#video", str(clip))
         page.set_input_files("#image", str(image))
         page.fill("#prompt", "both")
@@ -230,14 +230,17 @@ def test_a_video_of_ones_own_is_restyled_or_continued(tmp_path, browser):
             "document.getElementById('message').textContent.includes('not both')"
         )
         page.set_input_files("#image", [])
-        for mode, prompt in (("restyle", "a blue ball, restyled"), ("extend", "it goes on")):
+        for mode, prompt, strength, seconds in (("restyle", "a blue ball, restyled", "0.5", ""),
+                                                ("extend", "it goes on", "", "1")):  # fmt: skip
             page.select_option("#video-mode", mode)
             page.fill("#prompt", prompt)
-            page.fill("#strength", "0.5")
-            page.fill("#seconds", "1")
+            page.fill("#strength", strength)
+            page.fill("#seconds", seconds)
             page.click("#submit")
             page.wait_for_selector(f'#gallery li[data-status="completed"] >> text="{prompt}"',
                                    timeout=120_000)  # fmt: skip
+            # the model's defaults are placeholders: no "size: not used by an extension"
+            assert page.text_content("#message") == "", mode
         restyled, extended = (
             sidecar(tmp_path, "a blue ball, restyled"),
             sidecar(tmp_path, "it goes on"),

@@ -332,6 +332,7 @@ class BodyTooLarge(Exception):
 PARAM_OF_MESSAGE = (("width", "size"), ("height", "size"), ("an extension keeps", "size"),
                     ("frames", "seconds"), ("extension frames", "seconds"),
                     ("source video", "video"), ("video to extend", "video"),
+                    ("cannot decode video", "video"),
                     ("cannot decode image", "input_reference"), ("image", "input_reference"),
                     ("strength", "strength"), ("steps", "steps"), ("guidance", "guidance"),
                     ("seed", "seed"), ("unknown sampler", "sampler"), ("shift", "shift"),
@@ -537,8 +538,10 @@ def byte_range(header: str | None, size: int) -> tuple[int, int]:
             raise ValueError(f"bytes {header} of {size}")
         return max(0, size - int(last)), size
     start = int(first)
+    if last != "" and int(last) < start:  # 5-2 is no range at all: ignored (RFC 9110 14.2)
+        return 0, size
     end = size if last == "" else min(size, int(last) + 1)
-    if start >= size or end <= start:
+    if start >= size:
         raise ValueError(f"bytes {header} of {size}")
     return start, end
 
@@ -952,15 +955,26 @@ def install_errors(app: FastAPI) -> None:
         return ApiError(err.status_code, code, message, None, headers).response()
 
 
+# Paths under /v1/videos/ that name an action, not a video: POST only.
+POST_ONLY = ("edits", "extensions", "characters")
+
+
 def allowed_methods(request: Request) -> set[str]:
-    """The HTTP methods some route takes at ``request``'s path."""
+    """The HTTP methods some route takes at ``request``'s path: those of the routes written
+    as that very path where there are any (``/v1/videos/edits``: POST, not also the GET and
+    DELETE of ``/v1/videos/{video_id}``)."""
     from starlette.routing import Match
 
+    exact: set[str] = set()
     methods: set[str] = set()
     for route in request.app.routes:
         match, _ = route.matches({**request.scope, "method": "GET"})
         if match != Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
+            route_methods = getattr(route, "methods", None) or set()
+            methods |= route_methods
+            if getattr(route, "path", None) == request.url.path:
+                exact |= route_methods
+    methods = exact or methods
     return methods | ({"HEAD"} if "GET" in methods else set())  # HeadAsGet
 
 
@@ -1065,6 +1079,8 @@ def add_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/v1/videos/{video_id}", response_model=VideoObject, responses=ERRORS)
     def retrieve_video(video_id: str, response: Response) -> dict[str, Any]:
+        if video_id in POST_ONLY:  # GET /v1/videos/edits: a 405, not "no video 'edits'"
+            raise StarletteHTTPException(405)
         job = service.store.get(video_id)
         if job is None:
             raise not_found(video_id)
@@ -1074,6 +1090,8 @@ def add_routes(app: FastAPI, service: Service) -> None:
     @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted, responses=ERRORS)
     def delete_video(video_id: str) -> dict[str, Any]:
         """Delete a video: a queued or running job is cancelled, its files removed."""
+        if video_id in POST_ONLY:
+            raise StarletteHTTPException(405)
         job = service.store.delete(video_id)
         if job is None:
             raise not_found(video_id)

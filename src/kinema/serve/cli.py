@@ -55,6 +55,9 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     for name in ("max_queue", "max_upload_mb", "max_seconds", "retention_hours"):
         if not math.isfinite(value := getattr(args, name)) or value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} {value} must be > 0 (and finite)")
+    if args.retention_hours * 3600 < 1:  # it was kept as 0 s: every video gone as it completed
+        raise ValueError(f"--retention-hours {args.retention_hours:g} is under a second; "
+                         f"valid: >= {1 / 3600:.6f} (one second)")  # fmt: skip
     from kinema.offload import check_policy
 
     check_policy(args.offload, "--offload")
@@ -74,9 +77,10 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     )  # fmt: skip
 
 
-def check_address(host: str, port: int) -> None:
+def check_address(host: str, port: int) -> int:
     """Raise ValueError unless this machine can listen on ``host``:``port`` (an unknown host,
-    or a port another server holds), before the model is loaded."""
+    or a port another server holds), before the model is loaded. Returns the port: for port
+    0, one the system has free."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as err:
@@ -91,6 +95,7 @@ def check_address(host: str, port: int) -> None:
                 "is --host an address of this machine?"
             )  # fmt: skip
             raise ValueError(f"cannot listen on {host}:{port}: {err.strerror} ({hint})") from None
+        return probe.getsockname()[1]
 
 
 def check_data_dir(data_dir: Path) -> None:
@@ -131,13 +136,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     check_data_dir(settings.data_dir)
-    check_address(args.host, args.port)
+    port = check_address(args.host, args.port)  # --port 0: the free one, printed below
     if not is_loopback(args.host) and settings.api_key is None:
         print(f"kinema: warning: serving on {args.host} without --api-key", file=sys.stderr)
     app = create_app(settings)
-    print(f"kinema: serving {settings.model_id} on http://{args.host}:{args.port} "
+    print(f"kinema: serving {settings.model_id} on http://{args.host}:{port} "
           f"(data in {settings.data_dir})", file=sys.stderr)  # fmt: skip
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(app, host=args.host, port=port, log_level=args.log_level)
     return 0
 
 

@@ -468,7 +468,8 @@ class Worker:
         except Exception as err:
             log.warning("job %s failed: %s", job.id, err)
             message = str(err).replace(f"{self.store.folder(job)}{os.sep}", "")[:1000]
-            self.store.finish(job, "failed", self.expiry(), ("generation_failed", message))
+            if not self.store.finish(job, "failed", self.expiry(), ("generation_failed", message)):
+                self.store.purge(job)  # deleted while it ran: its row and files go now
 
     def report(self, job: Job, step: int, total: int) -> None:
         """The pipeline's progress callback: record the step, stop if deleted or stopping."""

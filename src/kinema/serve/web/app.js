@@ -71,10 +71,12 @@ async function loadModel() {
     const models = await getJSON("/v1/models");
     const model = models.data[0];
     $("model").textContent = model.id;
+    // the model's defaults are shown, not filled in: a field is sent (and said to be unused
+    // by a restyle or an extension) only when the user gives it
     const d = model.defaults || {};
-    if (!$("size").value && d.size) $("size").value = d.size;
-    if (!$("seconds").value && d.seconds) $("seconds").value = d.seconds;
-    if (!$("steps").value && d.steps) $("steps").value = d.steps;
+    for (const name of ["size", "seconds", "steps"]) {
+      if (d[name]) $(name).placeholder = d[name];
+    }
   } catch (err) { say(err.message); }
 }
 
