@@ -24,8 +24,13 @@ BASE = dict(width=32, height=32, steps=2, guidance=1.0, seed=3)
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    p = kinema.load(build_wan_folder(tmp_path_factory.mktemp("wan") / "wan"), device="cpu")
+def wan_folder(tmp_path_factory):
+    return build_wan_folder(tmp_path_factory.mktemp("wan") / "wan")
+
+
+@pytest.fixture(scope="module")
+def pipe(wan_folder):
+    p = kinema.load(wan_folder, device="cpu")
     p.defaults = dataclasses.replace(p.defaults, frames=9, fps=8)  # a 9-frame model window
     return p
 
@@ -270,6 +275,31 @@ def test_video_to_video_follows_source_length_and_strength(pipe):
     strong_err = np.abs(strong.frames.astype(int) - rt.astype(int)).mean()
     assert weak_err < strong_err / 4  # a light touch keeps the source, a full one does not
     assert not np.array_equal(strong.frames, plain.frames)  # noised from the source, not text
+
+
+def test_a_restyles_seconds_are_counted_at_its_sources_rate(pipe, wan_folder, tmp_path):
+    """--seconds 1 of a 24 fps source made 9 frames (1 s at the model's 8 fps) played at 24
+    fps: 0.33 s."""
+    from kinema.cli import main
+
+    source = write_video(tmp_path / "24fps.mp4", smooth(40), fps=24)
+    video = pipe.generate("a cat", video=str(source), seconds=1, **BASE)
+    assert (len(video), video.fps) == (25, 24)  # 1 s at 24 fps, 4k+1 frames
+    again = pipe.generate("a cat", video=video, seconds=0.5, **BASE)  # a Video: its own rate
+    assert (len(again), again.fps) == (13, 24)
+    out = tmp_path / "cli.mp4"
+    argv = ["generate", "a cat", "--model", str(wan_folder), "--video", str(source), "--seconds",
+            "1", "--size", "32x32", "--steps", "1", "-o", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert (info["frames"], info["fps"]) == (25, 24)
+
+
+def test_a_video_given_another_fps_is_resampled_not_relabelled(pipe):
+    """A Video at 8 fps restyled at fps=16 was its frames played twice as fast."""
+    source = kinema.Video(smooth(9), 8.0, {})  # 1 s
+    video = pipe.generate("a cat", video=source, fps=16, **BASE)
+    assert (len(video), video.fps) == (17, 16)  # 1 s at 16 fps: each frame twice
 
 
 def test_video_to_video_switches_prompts_per_latent_frame(pipe, monkeypatch):

@@ -189,18 +189,19 @@ def run_generate(args: argparse.Namespace) -> int:
         args.model, device=args.device, dtype=args.dtype, offload=args.offload,
         compile=args.compile, lora=args.lora,
     )  # fmt: skip
-    request = request_from_args(args, pipe.defaults, pipe.temporal_factor)
+    request = request_from_args(args, pipe)
     return finish(pipe, request, args.output or default_output(args.prompt, args.seed), args)
 
 
-def request_from_args(args: argparse.Namespace, defaults: Any, temporal: int) -> Any:
-    """The :class:`~kinema.pipeline.Request` of ``kinema generate``'s arguments."""
+def request_from_args(args: argparse.Namespace, pipe: Any) -> Any:
+    """The :class:`~kinema.pipeline.Request` of ``kinema generate``'s arguments for ``pipe``
+    (its defaults; a restyle's seconds are counted at its source's rate)."""
     from kinema.pipeline import Request
 
-    fps = args.fps if args.fps is not None or args.video else defaults.fps  # 0 is refused later
+    fps = args.fps if args.fps is not None or args.video else pipe.defaults.fps  # 0: refused
     frames = args.frames
-    if args.seconds is not None:
-        frames = timeline.clip_frames(args.seconds, fps or defaults.fps, temporal)
+    if args.seconds is not None:  # (fps 0 is refused by the request, not divided by here)
+        frames, _ = pipe.frames_for(args.seconds, args.fps or None, video=args.video)
     width, height = args.size or (None, None)
     return Request(
         prompt=args.prompt, negative_prompt=args.negative, width=width, height=height,

@@ -499,22 +499,24 @@ class Pipeline:
         if seconds is not None:
             if settings.get("frames") is not None:
                 raise ValueError("give frames or seconds, not both")
-            settings["frames"], _ = self.frames_for(seconds, settings.get("fps"))
+            video = settings.get("video")
+            settings["frames"], _ = self.frames_for(seconds, settings.get("fps"), video=video)
         return self.run(Request(prompt=prompt, **settings), progress=progress)
 
     def frames_for(
-        self, seconds: float, fps: float | None = None, extend: Any = None
+        self, seconds: float, fps: float | None = None, extend: Any = None, video: Any = None
     ) -> tuple[int, float]:
-        """(frames, fps) of ``seconds``: a clip's (tk+1 frames, at ``fps`` or the model's), or
-        with ``extend`` (the video to continue) the new frames of an extension (tk, at ``fps``
-        or the source's rate)."""
+        """(frames, fps) of ``seconds``: a clip's (tk+1 frames, at ``fps``, else the rate of
+        ``video``, the source of a restyle, else the model's), or with ``extend`` (the video
+        to continue) the new frames of an extension (tk, at ``fps`` or the source's rate)."""
         if fps is not None and not is_number(fps):
             raise ValueError(f"fps must be a number, got {fps!r}")
+        source = extend if extend is not None else video
+        if fps is None and source is not None:
+            fps = source.fps if isinstance(source, Video) else self._source_fps(source)
         if extend is None:
             fps = self.defaults.fps if fps is None else fps
             return timeline.clip_frames(seconds, fps, self.temporal_factor), fps
-        if fps is None:
-            fps = extend.fps if isinstance(extend, Video) else self._source_fps(extend)
         return timeline.new_frames(seconds, fps, self.temporal_factor), fps
 
     def extend(self, video: Any, seconds: float, prompt: str, **settings: Any) -> Video:
@@ -594,7 +596,12 @@ class Pipeline:
                 _media().check_source(getattr(req, name), said)
         for name in ("video", "extend"):  # a Video that generate() returned: its frames
             if isinstance(given := getattr(req, name), Video):
-                req = dataclasses.replace(req, **{name: given.frames}, fps=req.fps or given.fps)
+                frames = given.frames
+                if name == "video" and req.fps and req.fps != given.fps:  # as a file is read
+                    from kinema.io.video import resample_frames
+
+                    frames = resample_frames(frames, given.fps, req.fps)
+                req = dataclasses.replace(req, **{name: frames}, fps=req.fps or given.fps)
         for name in ("width", "height", "frames", "fps"):  # before they size any media
             value = getattr(req, name)
             if value is not None and value > LIMITS.get(name, math.inf):  # 1e300 s: no memory

@@ -126,7 +126,7 @@ def run_parallel_generate(args: argparse.Namespace) -> int:
     pipe, mesh = load_parallel(args.model, mode=getattr(args, "parallel", "auto"),
                                cfg_parallel=getattr(args, "cfg_parallel", True)
                                and guided(args), dtype=args.dtype, decode_tile=tile)  # fmt: skip
-    request = request_from_args(args, pipe.defaults, pipe.temporal_factor)
+    request = request_from_args(args, pipe)
     out = args.output or default_output(args.prompt, args.seed)
     with progress_bar(args.quiet or mesh.rank != 0) as progress:
         saved = generate(pipe, mesh, request, out, progress)

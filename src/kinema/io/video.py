@@ -535,6 +535,14 @@ def _resample(
         n += 1
 
 
+def resample_frames(frames: np.ndarray, fps: float, to: float) -> np.ndarray:
+    """Frames (T, ...) at ``fps`` as a clip at ``to`` fps over the same time, each the nearest
+    (as a file is read at another rate): 9 frames at 8 fps -> 17 at 16."""
+    timeline = ((i / fps, i) for i in range(len(frames)))
+    picks = list(_resample(timeline, 0.0, to, None, 1 / fps))
+    return frames[picks]
+
+
 def upright(pixels: np.ndarray, rotation: float) -> np.ndarray:
     """A decoded (H, W, 3) frame turned as its display matrix says (``rotation``: degrees
     counter-clockwise, PyAV's ``VideoFrame.rotation``), as players and ffmpeg's autorotate
