@@ -305,7 +305,7 @@ def test_timed_prompts(client, server):
         extra_body={"at": ["0.5:a blue ball"], "switch": "cut"},
     )  # fmt: skip
     as_form = client.videos.create(
-        prompt="a red ball, timed upload", seconds="1", size="32x32",
+        prompt="a red ball, timed upload", seconds="2", size="32x32",
         input_reference=("start.png", png_bytes()),
         extra_body={"at": ["0.25:a blue ball", "0.75:a green ball"]},
     )  # fmt: skip

@@ -220,6 +220,18 @@ def test_blend_contrast_acts_only_on_windows_that_switch(pipe):
             pipe.prepare(Request("first", contrast=bad, **timed))
 
 
+def test_a_switch_too_late_to_change_the_clip_is_refused_naming_the_latest(pipe):
+    """A time that snapped past the last latent step's first frame changed nothing, silently
+    (the frames equal those without it), while the sidecar listed it."""
+    plain = pipe.generate("a cat", frames=17, **BASE)
+    latest = pipe.generate("a cat", frames=17, prompts=[(1.5, "a dog")], **BASE)
+    assert not np.array_equal(latest.frames, plain.frames)  # 1.5 s: frame 12, the last step
+    with pytest.raises(ValueError, match="the latest time that changes the clip is 1.5 s"):
+        pipe.generate("a cat", frames=17, prompts=[(1.9, "a dog")], **BASE)
+    with pytest.raises(ValueError, match="the latest time that changes the clip is 0.5 s"):
+        pipe.extend(plain, seconds=1, prompt="a cat", prompts=[(0.9, "a dog")], **BASE)
+
+
 def test_timed_prompts_cut_ends_a_whole_window_at_the_switch(pipe, monkeypatch):
     from kinema import pipeline as kp
 

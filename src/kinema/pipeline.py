@@ -247,9 +247,11 @@ def _timed_pair(item: Any) -> tuple[float, str]:
 
 def switches(req: Request, temporal: int, extension: bool = False) -> list[tuple[int, str]]:
     """The request's timed prompts as (first new frame, prompt) (:func:`timeline.switch_frames`);
-    an extension's ``frames`` are all new, any other clip's start with its first frame."""
-    duration = (req.frames - (0 if extension else 1)) / req.fps
-    return timeline.switch_frames(req.prompts, req.fps, duration, temporal)
+    an extension's ``frames`` are all new, any other clip's start with its first frame. A
+    switch must leave a latent step after it (frame ``frames - temporal``, or one less)."""
+    length = req.frames - (0 if extension else 1)
+    return timeline.switch_frames(req.prompts, req.fps, length / req.fps, temporal,
+                                  latest=length - temporal)  # fmt: skip
 
 
 @dataclass

@@ -66,10 +66,13 @@ def parse_timed(text: str, name: str = "at") -> tuple[float, str]:
 
 
 def switch_frames(
-    timed: Sequence[tuple[float, str]], fps: float, duration: float, temporal: int
-) -> list[tuple[int, str]]:
+    timed: Sequence[tuple[float, str]], fps: float, duration: float, temporal: int,
+    latest: int | None = None,
+) -> list[tuple[int, str]]:  # fmt: skip
     """Timed prompts (start second, prompt) -> (start frame, prompt), frames multiples of
-    ``temporal``; raises ValueError for times outside (0, duration) or out of order."""
+    ``temporal``; raises ValueError for times outside (0, duration) or out of order, or that
+    snap past ``latest``, the last frame a switch reaches (the last latent step's; a later
+    one would change nothing)."""
     out: list[tuple[int, str]] = []
     last = 0.0
     for t, prompt in timed:
@@ -78,6 +81,11 @@ def switch_frames(
         if t <= last:
             raise ValueError(f"prompt times must increase: {t:g} s comes after {last:g} s")
         frame = max(temporal, round(t * fps / temporal) * temporal)
+        if latest is not None and frame > latest:
+            raise ValueError(
+                f"prompt time {t:g} s switches at frame {frame}, after the clip's last step "
+                f"starts: the latest time that changes the clip is {latest / fps:g} s"
+            )
         if out and frame == out[-1][0]:
             raise ValueError(
                 f"prompt times {last:g} s and {t:g} s both switch at frame {frame}: switches "
