@@ -423,6 +423,9 @@ def test_wide_and_float_grey_images_are_scaled_not_clipped(tmp_path):
     assert (got == 255).all()  # the left half transparent (over white), the right white
     grey16.save(tmp_path / "plain.png")
     assert (read_image(tmp_path / "plain.png")[0, :4] == 30000 >> 8).all()
+    ramp = (np.arange(256 * 4).reshape(4, 256) % 256 * 2**23).astype(np.int32)  # 32-bit TIFF
+    Image.fromarray(ramp, "I").save(tmp_path / "i32.tif")  # was 99.99 % white
+    assert (read_image(tmp_path / "i32.tif")[..., 0] == np.arange(256)[None]).all()
 
 
 def test_an_image_over_pillows_pixel_limit_is_one_line(tmp_path, monkeypatch):

@@ -873,14 +873,16 @@ MATTE = (255, 255, 255)
 
 
 def grey8(image: Image.Image) -> Image.Image:
-    """A 16-bit or 32-bit integer grey image ("I;16", or "I" as Pillow opens a 16-bit PGM;
-    read as 16-bit values) or a float one ("F", 0-1) as 8-bit "L", scaled (Pillow's conversion
-    clips: all white); a transparent grey value becomes an alpha channel ("LA")."""
+    """A 16-bit or 32-bit integer grey image ("I;16", or "I": 16-bit values as Pillow opens a
+    16-bit PGM, else 32-bit ones, 0 to 2^31 - 1) or a float one ("F", 0-1) as 8-bit "L",
+    scaled (Pillow's conversion clips: all white); a transparent grey value becomes an alpha
+    channel ("LA")."""
     values = np.asarray(image)
     if image.mode == "F":
         grey = values * 255.0 if values.max(initial=0) <= 1 else values
     else:
-        grey = np.clip(values.astype(np.int64), 0, 65535) >> 8
+        wide = np.clip(values.astype(np.int64), 0, None)
+        grey = wide >> (8 if wide.max(initial=0) <= 65535 else 23)
     out = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
     key = image.info.get("transparency")
     if isinstance(key, int) and image.mode != "F":
