@@ -130,6 +130,10 @@ def test_first_last_frame_matches_diffusers(tmp_path):
     assert np.abs(got - want).max() <= 2 / 255
     with pytest.raises(ValueError, match="needs --last-image"):
         pipe.generate(prompt, image=first, **SETTINGS)
+    clip = np.stack([first] * 9)  # it asked for --last-image, then refused one beside a video
+    for task in ({"video": clip}, {"extend": clip}):
+        with pytest.raises(ValueError, match="makes a clip between two images"):
+            pipe.run(kinema.Request(prompt, **task, frames=8 if "extend" in task else None))
 
 
 def test_frame_mask_layout_is_diffusers():

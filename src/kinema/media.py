@@ -213,6 +213,10 @@ def extension_source(req: Any, context: int, spatial: int) -> tuple[Any, Any]:
         )
     if (req.width or w, req.height or h) != (w, h):
         raise ValueError(f"an extension keeps the source size {w}x{h}; do not pass another size")
+    if req.fps and fps and abs(req.fps - source_rate(fps)) > 0.01:
+        from kinema.pipeline import warn_relabelled
+
+        warn_relabelled(source_rate(fps), req.fps)
     fps = req.fps or source_rate(fps)
     return dataclasses.replace(req, width=w, height=h, fps=fps), source
 

@@ -245,6 +245,15 @@ def _timed_pair(item: Any) -> tuple[float, str]:
     return float(item[0]), item[1]
 
 
+def warn_relabelled(source: float, fps: float) -> None:
+    """Say that an extension written at ``fps`` plays its source (made at ``source`` fps)
+    faster or slower: its frames are kept as they are, one rate for the whole file."""
+    pace = "faster" if fps > source else "slower"
+    notes.warn(f"the extension is written at {fps:g} fps: its source part, made at {source:g} "
+               f"fps, plays {fps / source:.3g}x {pace} (leave fps out to keep its timing)",
+               stacklevel=3)  # fmt: skip
+
+
 def switches(req: Request, temporal: int, extension: bool = False) -> list[tuple[int, str]]:
     """The request's timed prompts as (first new frame, prompt) (:func:`timeline.switch_frames`);
     an extension's ``frames`` are all new, any other clip's start with its first frame. A
@@ -596,8 +605,14 @@ class Pipeline:
         for name, said in MEDIA_NAMES.items():
             if getattr(req, name) is not None:
                 _media().check_source(getattr(req, name), said)
+        if req.extend is not None and req.frames is None:  # the model's 33 is no extension's
+            t = self.temporal_factor
+            raise ValueError(f"an extension needs frames: the new frames, a multiple of {t} "
+                             "(or pipe.extend(video, seconds=...))")  # fmt: skip
         for name in ("video", "extend"):  # a Video that generate() returned: its frames
             if isinstance(given := getattr(req, name), Video):
+                if name == "extend" and req.fps and req.fps != given.fps:
+                    warn_relabelled(given.fps, req.fps)
                 frames = given.frames
                 if name == "video" and req.fps and req.fps != given.fps:  # as a file is read
                     from kinema.io.video import resample_frames
@@ -675,6 +690,11 @@ class Pipeline:
                 f"last_image needs a first-last-frame image-to-video checkpoint; {self.name} "
                 "is not one"
             )
+        if first_last and (req.extend is not None or req.video is not None):
+            task = "extension" if req.extend is not None else "video-to-video"
+            raise ValueError(f"{self.name} is a first-last-frame checkpoint: it makes a clip "
+                             f"between two images (--image and --last-image), not an {task}; "
+                             "use its image-to-video or text-to-video sibling")  # fmt: skip
         if first_last and req.last_image is None:
             raise ValueError(f"this model needs --last-image: {self.name} is first-last-frame")
 
