@@ -278,6 +278,18 @@ def test_image_condition_is_kept_in_the_first_latent_frame(pipe, monkeypatch):
     assert torch.allclose(cond.latents[:, :, :1], given)
 
 
+def test_sources_under_the_home_folder_are_found_by_tilde(pipe, tmp_path, monkeypatch):
+    """~/clip.mp4 was "No such file" for sources, while outputs expanded it."""
+    from PIL import Image
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_video(tmp_path / "clip.mp4", smooth(9), fps=8)
+    Image.fromarray(smooth(1)[0]).save(tmp_path / "start.png")
+    assert len(pipe.generate("a cat", video="~/clip.mp4", seconds=1, **BASE)) == 9
+    assert len(pipe.extend("~/clip.mp4", seconds=0.5, prompt="a cat", **BASE)) == 13
+    assert len(pipe.generate("a cat", image="~/start.png", frames=5, **BASE)) == 5
+
+
 def test_a_pil_image_in_any_mode_is_the_same_condition_as_its_pixels(pipe):
     from PIL import Image
 

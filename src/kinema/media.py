@@ -112,7 +112,7 @@ def fit_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
 def source_fps(video: Any, default: float) -> float:
     """The frame rate of a source clip (:func:`source_rate`; ``default`` for arrays)."""
     if isinstance(video, str | Path):
-        return source_rate(probe(video).fps)
+        return source_rate(probe(Path(video).expanduser()).fps)
     return default
 
 

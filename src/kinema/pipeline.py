@@ -100,6 +100,9 @@ class Request:
                              f"[(1.0, 'a dog')]; got {type(self.prompts).__name__}")  # fmt: skip
         timed = tuple(_timed_pair(item) for item in self.prompts)
         object.__setattr__(self, "prompts", timed)
+        for name in MEDIA_NAMES:  # "~/clip.mp4" is in the home folder, as an output's is
+            if isinstance(v := getattr(self, name), str | Path) and str(v).startswith("~"):
+                object.__setattr__(self, name, type(v)(Path(v).expanduser()))
 
     def resolved(self, defaults: SamplingDefaults) -> Request:
         """This request with every ``None`` replaced by the model's default."""
