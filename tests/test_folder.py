@@ -98,6 +98,21 @@ def test_sidecar_captions_shapes_and_skips(sidecar_root):
         assert item["caption"] == captions[Path(item["path"]).name]
 
 
+def test_an_upper_case_txt_sidecar_is_the_videos_caption(tmp_path):
+    """A.MP4 + A.TXT (as cameras and Windows tools name them) trained with an empty caption,
+    and a warning that said it had none."""
+    from kinema.data.folder import find_videos
+
+    write_video(tmp_path / "A.MP4", brightness(5, 32, 32), 10)
+    (tmp_path / "A.TXT").write_text("from a camera\n")
+    write_video(tmp_path / "b.mp4", brightness(5, 32, 32), 10)
+    (tmp_path / "b.txt").write_text("a plain one")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "have no .txt caption"
+        found = {p.name: c for p, c in find_videos(tmp_path)}
+    assert found == {"A.MP4": "from a camera", "b.mp4": "a plain one"}
+
+
 def test_clips_are_sampled_at_the_target_fps(sidecar_root):
     ds = load(sidecar_root, frames=5, fps=10)
     for i in range(len(ds)):

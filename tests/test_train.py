@@ -209,6 +209,11 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         "vae: v\nmodel: {}\ndata: {width: 40}\n": "data.width 40 must be a multiple of 16",
         "vae: v\nmodel: {}\nsampling: {width: 30}\n": "sampling.width / height 30x128",
         "vae: v\nmodel: {}\nsampling: {frames: 10}\n": "sampling.frames 10 must be 4k",
+        # these were exported, and the model refused its own defaults at generate
+        "vae: v\nmodel: {}\nsampling: {sampler: dpm}\n": "sampling.sampler 'dpm'; valid: euler",
+        "vae: v\nmodel: {}\nsampling: {guidance: .inf}\n": "sampling.guidance inf must be",
+        "vae: v\nmodel: {}\nsampling: {shift: .nan}\n": "sampling.shift nan must be > 0",
+        "vae: v\nmodel: {}\nsampling: {contrast: -1}\n": "sampling.contrast -1.0 must be >= 0",
         "vae: v\nmodel: {}\nlr: 1e-4x\n": "TrainConfig.lr",
         "vae: v\nmodel: {}\nmax_steps: 1e-3\n": "max_steps: expected int, got 0.001, not a",
         "vae: v\nmodel: {}\nmax_steps: 1e400\n": "got inf, not a finite whole number",

@@ -156,12 +156,13 @@ def is_video_name(path: Path) -> bool:
 def _sidecar_items(root: Path, files: list[Path]) -> list[tuple[Path, str]]:
     """Every video of ``files`` (those under ``root``) with its ``.txt`` caption or ``""``."""
     videos = [p for p in files if is_video_name(p)]
+    texts = [p for p in files if p.suffix.lower() == ".txt"]  # A.TXT too (cameras, Windows)
     if not videos:
-        texts = [p for p in files if p.suffix == ".txt"]
         what = f"{len(texts)} caption file(s) but no videos" if texts else "no videos"
         raise ValueError(f"video folder {root} has {what}; video extensions: {VIDEO_SUFFIXES}")
-    items = [(p, _read_caption(p.with_suffix(".txt"))) for p in videos]
-    uncaptioned = [p for p in videos if not p.with_suffix(".txt").is_file()]
+    sidecars = {p.with_suffix(""): p for p in sorted(texts, key=lambda p: p.suffix == ".txt")}
+    items = [(p, _read_caption(sidecars.get(p.with_suffix("")))) for p in videos]
+    uncaptioned = [p for p in videos if p.with_suffix("") not in sidecars]
     if uncaptioned:
         names = [str(p.relative_to(root)) for p in uncaptioned[:3]]
         more = f" and {len(uncaptioned) - 3} more" if len(uncaptioned) > 3 else ""
@@ -170,9 +171,9 @@ def _sidecar_items(root: Path, files: list[Path]) -> list[tuple[Path, str]]:
     return items
 
 
-def _read_caption(path: Path) -> str:
+def _read_caption(path: Path | None) -> str:
     """A sidecar caption, stripped, or ``""`` when there is no sidecar."""
-    return read_text(path).strip() if path.is_file() else ""
+    return read_text(path).strip() if path is not None and path.is_file() else ""
 
 
 def check_root(root: str | Path) -> Path:

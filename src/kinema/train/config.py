@@ -257,8 +257,19 @@ def check_sampling(s: SamplingDefaults, side: int) -> None:
                          f"{side}")  # fmt: skip
     if s.frames < 1 or (s.frames - 1) % 4:
         raise ValueError(f"sampling.frames {s.frames} must be 4k+1 (1, 5, 9, ...)")
-    if s.steps < 1 or s.fps < 1 or s.guidance < 0 or s.shift <= 0:
-        raise ValueError(f"sampling {s}: steps and fps must be >= 1, guidance >= 0, shift > 0")
+    from kinema.sampling import SAMPLERS
+
+    if s.steps < 1 or s.fps < 1:
+        raise ValueError(f"sampling.steps {s.steps} and fps {s.fps} must be >= 1")
+    for name, value, low, valid in (("guidance", s.guidance, 0.0, ">= 0"),
+                                    ("shift", s.shift, None, "> 0"),
+                                    ("cache", s.cache, 0.0, ">= 0"),
+                                    ("contrast", s.contrast, 0.0, ">= 0")):  # fmt: skip
+        finite = math.isfinite(value)  # inf and nan were taken, and refused by generate
+        if not finite or (value < low if low is not None else value <= 0):
+            raise ValueError(f"sampling.{name} {value} must be {valid} (and finite)")
+    if s.sampler not in SAMPLERS:
+        raise ValueError(f"sampling.sampler {s.sampler!r}; valid: {', '.join(sorted(SAMPLERS))}")
 
 
 def base_sampling(config: TrainConfig) -> SamplingDefaults:
