@@ -74,6 +74,28 @@ def test_a_vae_export_keeps_what_is_not_a_vae(tmp_path: Path) -> None:
     assert note.read_text() == "important" and latest_checkpoint(config.out_dir) is None
 
 
+def test_a_vae_run_refused_its_data_records_no_config(tmp_path: Path, capsys) -> None:
+    """A resume pointed at a folder of broken videos was refused, but its config was recorded
+    first, so the next resume "changed" a data.root the run never trained on."""
+    from kinema.train import DataConfig
+
+    good = make_video_folder(tmp_path / "videos")
+    bad = tmp_path / "broken"
+    bad.mkdir()
+    (bad / "a.mp4").write_bytes(b"not a video")
+    data = DataConfig(kind="folder", root=str(good), width=32, height=32, frames=9, fps=8)
+    config = VAETrainConfig(out_dir=str(tmp_path / "run"), model=TINY_VAE, max_steps=1,
+                            crop_size=16, crop_frames=5, batch_size=2, data=data,
+                            export_dir=str(tmp_path / "vae"), progress=False)  # fmt: skip
+    train_vae(config)
+    broken = dataclasses.replace(config, max_steps=2, data=dataclasses.replace(data, root=str(bad)))
+    with pytest.raises(ValueError), pytest.warns(UserWarning):
+        train_vae(broken)
+    capsys.readouterr()
+    train_vae(dataclasses.replace(config, max_steps=2))
+    assert "data.root" not in capsys.readouterr().out
+
+
 def test_convert_refuses_a_destination_with_other_files(tmp_path: Path, capsys) -> None:
     from kinema.cli import main
 
@@ -237,6 +259,41 @@ def test_out_dir_or_export_inside_the_video_folder_is_refused_first(
         with pytest.raises(ValueError, match=f"{name} .* is inside data.root {root}"):
             train_dit(config, text_encoder=text_encoder)
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == []
+
+
+def test_kinema_train_export_inside_the_video_folder_is_refused_first(
+    tmp_path: Path, vae_folder: Path, capsys
+) -> None:
+    """--export into data.root passed (export_dir there was refused) and wrote the model
+    among the videos."""
+    import json
+
+    from kinema.cli import main
+    from kinema.train import DataConfig
+    from kinema.train.config import config_to_dict
+
+    root = make_video_folder(tmp_path / "videos")
+    videos = DataConfig(kind="folder", root=str(root), width=32, height=32, frames=9, fps=8)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(config_to_dict(dit_config(tmp_path / "run", vae_folder,
+                                                         data=videos))))  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(path), "--export", str(root / "exported")])
+    assert exit_.value.code == 2 and "is inside data.root" in capsys.readouterr().err
+    assert not (root / "exported").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_log_resaved_with_a_byte_order_mark_still_resumes(
+    tmp_path: Path, vae_folder: Path, text_encoder
+) -> None:
+    """A log.csv re-saved by a spreadsheet (UTF-8 with a BOM) was "not a kinema training
+    log", and the advice (another out_dir) threw the checkpoints away."""
+    config = dit_config(tmp_path / "run", vae_folder, max_steps=1, precompute=False)
+    train_dit(config, text_encoder=text_encoder)
+    log = tmp_path / "run" / "log.csv"
+    log.write_bytes(b"\xef\xbb\xbf" + log.read_bytes())
+    train_dit(dataclasses.replace(config, max_steps=2), text_encoder=text_encoder)
+    assert [line.split(",")[0] for line in log.read_text().splitlines()] == ["step", "1", "2"]
 
 
 def test_a_run_that_failed_before_encoding_anything_starts_again_once_fixed(

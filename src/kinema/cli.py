@@ -590,7 +590,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = load_train_config(args.config)
     if args.export:  # refused now, not after the training
-        check_run_folders(config.out_dir, args.export, None if config.lora else MODEL_ENTRIES)
+        check_run_folders(config.out_dir, args.export, None if config.lora else MODEL_ENTRIES,
+                          config.data)  # fmt: skip
     train_dit(config)  # exports to export_dir (or out_dir/model) as it ends
     if args.export and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 only
         print(f"wrote {export(config.out_dir, args.export)}", file=sys.stderr)

@@ -279,7 +279,8 @@ def check_run_folders(
                                  "gets (samples, exports) would be read as training data; "
                                  "give a folder outside it")  # fmt: skip
     log = out / "log.csv"
-    if log.is_file() and not log.read_text(errors="replace").startswith("step,"):
+    text = log.read_text(encoding="utf-8-sig", errors="replace") if log.is_file() else "step,"
+    if not text.startswith("step,"):  # (a spreadsheet's byte order mark is no reason to refuse)
         raise ValueError(f"out_dir {out} holds a log.csv that is not a kinema training log; "
                          "give another out_dir")  # fmt: skip
     if kept is None:
@@ -413,7 +414,7 @@ class TrainLog:
         self.path = out_dir / "log.csv"
         rows = []
         if self.path.exists():
-            with self.path.open() as f:
+            with self.path.open(encoding="utf-8-sig") as f:  # re-saved by a spreadsheet too
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
         tmp = self.path.with_name(".log.csv.tmp")  # rewrite atomically, then append
         with tmp.open("w", newline="") as f:

@@ -211,8 +211,8 @@ def train_vae(config: VAETrainConfig, *, stop_after: int | None = None) -> Path:
     check_run_folders(out, vae_export_folder(config), COMPONENT_ENTRIES, config.data)
     out.mkdir(parents=True, exist_ok=True)
     run = start_run(config, lambda ckpt: build_vae(config, ckpt), frozen=frozen(config))
+    ds = ClipDataset(config.data)  # a folder of only broken videos stops it here, unrecorded
     record_config(out, config, run.progress.step)
-    ds = ClipDataset(config.data)
     seed = config.data.seed + config.seed
     stream = clip_stream(ds, run.progress.samples_seen, config.batch_size, seed, config.num_workers)
     stopped = train_loop(run, stream, vae_loss_fn(config, run.model, run.device), None, stop_after)
