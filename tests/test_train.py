@@ -491,6 +491,10 @@ def test_extra_caches_mix_earlier_runs_clips_in(
     with pytest.raises(ValueError, match="is not a finished latent cache"):
         check_extra_caches(dataclasses.replace(config, extra_caches=(str(tmp_path / "nowhere"),)))
     meta = json.loads((old / "meta.json").read_text())
+    bucketed = {**meta, "data": {**meta["data"], "buckets": [[32, 32], [48, 32]]}}
+    (old / "meta.json").write_text(json.dumps(bucketed))  # an AttributeError after encoding
+    with pytest.raises(ValueError, match="holds bucketed clips"):
+        check_extra_caches(config)
     meta["text_max_length"] = 16
     (old / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="built with another text_max_length"):

@@ -898,6 +898,9 @@ def check_extra_caches(config: TrainConfig) -> list[tuple[Path, DataConfig]]:
                 f"extra cache {extra} was built with another {', '.join(differs)} than this "
                 "run's; only caches of the same VAE and text encoder mix"
             )
+        if theirs["data"].get("buckets"):  # its latents are lists of sizes, not one tensor
+            raise ValueError(f"extra cache {extra} holds bucketed clips (data.buckets); "
+                             "extra_caches mix caches of one clip size")  # fmt: skip
         out.append((extra, DataConfig(**theirs["data"])))
     return out
 
