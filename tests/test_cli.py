@@ -384,6 +384,15 @@ def test_generate_with_a_timed_prompt_records_it(tmp_path, wan):
     assert info["prompts"] == [[0.25, "a dog"]] and info["frames"] == 9
 
 
+def test_info_into_a_pipe_closed_early_ends_quietly(wan):
+    """`kinema info | head -1` ended in a BrokenPipeError traceback."""
+    reader_gone = subprocess.run(  # `true` reads nothing and is gone before kinema writes
+        f"{sys.executable} -m kinema info {wan} --json | true", shell=True,
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert reader_gone.stderr == "", reader_gone.stderr
+
+
 def test_info_prints_parameters_and_memory(capsys, wan):
     assert main(["info", str(wan), "--size", "64x32", "--frames", "9", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -677,6 +677,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) > 0:  # --devices N: rank 0 says it, once
             raise SystemExit(EXIT_BAD_INPUT) from None
         fail(first_line(err))
+    except BrokenPipeError:  # `kinema info | head -1`: the reader has gone, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (nor at exit's flush)
+        return 141  # as a process killed by SIGPIPE, which a shell's pipefail reports
     except OSError as err:  # the disk, not the input: one line, exit 1
         named = (getattr(args, name, None) for name in ("output", "out", "dest"))
         output = next((path for path in named if path), None)  # -o, batch's --out, DEST
