@@ -8,11 +8,14 @@ must make the same video from the same image, prompt and seed.
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import kinema
 from kinema.i2v import frame_mask
@@ -109,6 +112,20 @@ def test_image_to_video_matches_diffusers(folder):
     # the image really steers the video (through both the channels and the CLIP tokens)
     other = pipe.generate(prompt, image=picture(2), **SETTINGS)
     assert np.abs(other.frames.astype(int) - video.frames.astype(int)).max() > 2
+
+
+def test_image_to_video_from_the_cli_says_nothing_it_was_not_asked(folder, tmp_path):
+    """-q still showed transformers' "Loading weights" bars and torch's warning about a
+    read-only NumPy array (an image read from a file)."""
+    Image.fromarray(picture(1)).save(tmp_path / "start.png")
+    out = tmp_path / "out.mp4"
+    done = subprocess.run(
+        [sys.executable, "-m", "kinema", "generate", "a cat", "--model", str(folder), "--image",
+         str(tmp_path / "start.png"), "--size", "32x32", "--frames", "9", "--steps", "1", "-q",
+         "-o", str(out)], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith("wrote ") and done.stderr.count("\n") == 1, done.stderr
 
 
 def test_text_only_request_on_an_i2v_model_fails_clearly(folder):

@@ -63,7 +63,15 @@ class CLIPImageEncoder:
         for part in ("image_encoder", "image_processor"):
             if not (path / part).is_dir():
                 raise CheckpointError(f"missing {path / part} (the DiT reads CLIP image tokens)")
-        model = CLIPVisionModel.from_pretrained(path / "image_encoder", dtype=torch.float32)
+        from transformers.utils import logging as hf_logging
+
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # its "Loading weights" bar ignored kinema's -q
+        try:
+            model = CLIPVisionModel.from_pretrained(path / "image_encoder", dtype=torch.float32)
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
         processor = AutoImageProcessor.from_pretrained(path / "image_processor")
         return cls(model.to(device).eval(), processor)
 
@@ -100,7 +108,7 @@ def condition_video(frames: dict[int, np.ndarray], count: int) -> tuple[Tensor, 
     video = torch.zeros(1, 3, count, h, w)
     known = torch.zeros(count, dtype=torch.bool)
     for i, frame in frames.items():
-        pixels = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)  # (3, H, W)
+        pixels = torch.tensor(frame).permute(2, 0, 1)  # (3, H, W), a copy: read-only is fine
         video[0, :, i] = pixels.float() / 127.5 - 1
         known[i] = True
     return video, known
