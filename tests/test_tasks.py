@@ -453,6 +453,23 @@ def test_bad_conditioning_input(pipe, settings, message):
             pipe.generate("x", **{"frames": 9, **BASE, **settings})
 
 
+def test_messages_name_what_to_do_instead(pipe, tmp_path):
+    """A strength on an extension said "give a video to restyle too" (then refused one beside
+    it); a closed PIL image said "Operation on closed image"; an mp4 as the image said only
+    that Pillow cannot identify it, with FFmpeg's error number."""
+    from PIL import Image
+
+    with pytest.raises(ValueError, match="an extension keeps its source and takes none"):
+        pipe.extend(clip(9), seconds=0.5, prompt="a cat", strength=0.5, **BASE)
+    closed = Image.new("RGB", (32, 32))
+    closed.close()
+    with pytest.raises(ValueError, match="cannot read the PIL image given"):
+        pipe.generate("a cat", image=closed, frames=5, **BASE)
+    video = write_video(tmp_path / "clip.mp4", clip(5), fps=8)
+    with pytest.raises(ValueError, match=r"\(a video: give it as the video to restyle or"):
+        pipe.generate("a cat", image=str(video), frames=5, **BASE)
+
+
 def test_extend_refuses_frames_and_urls_by_name(pipe):
     with pytest.raises(ValueError, match="extend\\(\\) takes no frames=: the video comes first"):
         pipe.extend(clip(9), seconds=0.5, prompt="x", frames=9, **BASE)
@@ -528,7 +545,10 @@ def test_a_far_smaller_image_is_warned_about_and_noted(pipe):
         warnings.simplefilter("always")
         video = pipe.generate("a cat", frames=5, image=small, **BASE)
     (said,) = video.info["warnings"]
-    assert said == "input 12x8 is far smaller than the request 32x32; upscaling it"
+    assert said == (
+        "input 12x8 is far smaller than the request 32x32 (width 12 < 32 / 2, "
+        "height 8 < 32 / 2); upscaling it"
+    )  # which side, for a 2000x10 one
     assert [str(w.message) for w in shown] == [said]  # and nothing else (e.g. from torch)
     fits = pipe.generate("a cat", frames=5, image=np.full((20, 20, 3), 200, np.uint8), **BASE)
     assert fits.info["warnings"] == []

@@ -165,10 +165,10 @@ def parse_timed(text: str) -> tuple[float, str]:
     """``--at`` 'SECONDS:PROMPT' -> (seconds, prompt) (:func:`kinema.timeline.parse_timed`)."""
     from kinema.timeline import parse_timed as parse
 
-    try:
-        return parse(text, "--at")
+    try:  # argparse says "argument --at:" before it
+        return parse(text, "")
     except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
+        raise argparse.ArgumentTypeError(str(err).lstrip()) from err
 
 
 def default_output(prompt: str, seed: int) -> Path:

@@ -53,7 +53,10 @@ def read_image_any(image: Any) -> np.ndarray:
     if isinstance(image, str | Path):
         return read_image(image)
     if isinstance(image, Image.Image):
-        return np.asarray(rgb_image(ImageOps.exif_transpose(image)))
+        try:
+            return np.asarray(rgb_image(ImageOps.exif_transpose(image)))
+        except ValueError as err:  # "Operation on closed image": whose?
+            raise ValueError(f"cannot read the PIL image given: {err}") from err
     if isinstance(image, bytes | bytearray | memoryview):
         raise ValueError("image must be a path, a PIL image or a uint8 (H, W, 3) array; got "
                          "bytes (open them with PIL.Image.open(io.BytesIO(data)))")  # fmt: skip
@@ -96,8 +99,11 @@ def check_upscale(size: tuple[int, int], width: int, height: int, stacklevel: in
     request: it will be upscaled."""
     w, h = size
     if w * 2 < width or h * 2 < height:
+        short = [f"{n} {got} < {want} / 2" for n, got, want in (("width", w, width),
+                 ("height", h, height)) if got * 2 < want]  # fmt: skip
         notes.warn(
-            f"input {w}x{h} is far smaller than the request {width}x{height}; upscaling it",
+            f"input {w}x{h} is far smaller than the request {width}x{height} "
+            f"({', '.join(short)}); upscaling it",
             stacklevel=stacklevel + 1,
         )
 

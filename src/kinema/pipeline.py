@@ -641,10 +641,9 @@ class Pipeline:
         idle_contrast = bool(req.prompts) and req.switch == "cut" and req.contrast is not None
         given_negative = req.negative_prompt is not None
         if req.strength is not None and req.video is None:
-            raise ValueError(
-                f"strength {req.strength} is video-to-video's noise level: give a video to "
-                "restyle too"
-            )
+            what = ("an extension keeps its source and takes none" if req.extend is not None
+                    else "give a video to restyle too")  # fmt: skip
+            raise ValueError(f"strength {req.strength} is video-to-video's noise level: {what}")
         if req.video is not None:
             size = (self.defaults.width, self.defaults.height)
             req, media["video"] = _media().source_video(req, self.temporal_factor, size)

@@ -61,7 +61,10 @@ def parse_timed(text: str, name: str = "at") -> tuple[float, str]:
     except ValueError:
         seconds = None
     if not sep or seconds is None or not prompt.strip():
-        raise ValueError(f"{name} {text!r} must be SECONDS:PROMPT, e.g. 1.5:a cat")
+        raise ValueError(f"{name} {text!r} must be SECONDS:PROMPT, e.g. 1.5:a cat".lstrip())
+    if re.match(r"\s*\d+(\.\d*)?\s*:", prompt):  # 1:30:a cat was 1 s, "30:a cat"
+        raise ValueError(f"{name} {text!r}: give the time in seconds (1:30 is 90), as "
+                         "SECONDS:PROMPT".lstrip())  # fmt: skip
     return seconds, prompt.strip()
 
 

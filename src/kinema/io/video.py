@@ -27,6 +27,7 @@ import collections
 import json
 import math
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -916,7 +917,10 @@ def read_image(path: str | Path) -> np.ndarray:
     except Image.DecompressionBombError:
         raise ValueError(too_many_pixels(f"image {path}")) from None
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot decode image {path}: {e}") from e
+        why = re.sub(r"^\[Errno -?\d+\] ", "", str(e))  # FFmpeg's and the OS's numbers
+        if Path(path).suffix.lower() in (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v"):
+            why += " (a video: give it as the video to restyle or to extend)"
+        raise ValueError(f"cannot decode image {path}: {why}") from e
 
 
 def too_many_pixels(what: str) -> str:
