@@ -89,6 +89,21 @@ def test_animated_image_round_trip(tmp_path, suffix, min_psnr):
         assert image.info["loop"] == 0
 
 
+@pytest.mark.parametrize("fps", [16, 30])
+def test_a_gif_plays_at_its_rate_on_average(tmp_path, fps):
+    """GIF delays are whole centiseconds: one delay of 6 cs (16 fps) or 3 cs (30 fps) played
+    16.67 or 33.3 fps while the sidecar said 16 or 30; now each frame is shown at its time to
+    the nearest centisecond, and kinema reads the rate back."""
+    out = write_video(tmp_path / "a.gif", smooth_clip(17), fps)
+    with Image.open(out) as image:
+        delays = []
+        for k in range(image.n_frames):
+            image.seek(k)
+            delays.append(image.info["duration"])
+    assert abs(sum(delays[:16]) / 1000 - 16 / fps) <= 0.005  # 16 / fps s, to the nearest cs
+    assert read_video(out)[1] == fps
+
+
 def test_png_folder_round_trip_is_exact(tmp_path):
     clip = smooth_clip(5)
     out = write_video(str(tmp_path / "frames") + "/", clip, 12.5, metadata={"title": "x"})

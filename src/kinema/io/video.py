@@ -24,6 +24,7 @@ timestamp is nearest (ties go to the earlier frame).
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import math
 import os
@@ -198,13 +199,17 @@ def _pillow_frames(frames: Iterator[np.ndarray]) -> tuple[Image.Image, Iterator[
 
 
 def _write_gif(tmp: Path, frames: Iterator[np.ndarray], fps: float, metadata: dict) -> None:
-    """Looping GIF; the delay is rounded to whole centiseconds as the format stores it."""
+    """Looping GIF. The format stores delays in whole centiseconds, so 16 fps (6.25 cs) is
+    written as 6 and 7 in turn, each frame shown at its time to the nearest centisecond: the
+    clip plays at ``fps`` on average (one 6 cs delay throughout had played 16.67 fps). Pillow
+    holds a GIF's frames until it writes them anyway, so they are gathered first."""
     first, rest = _pillow_frames(frames)
-    delay_ms = max(1, round(100 / fps)) * 10
+    images = [first, *rest]
+    ends = [max(k, round(100 * k / fps)) for k in range(len(images) + 1)]  # cs, >= 1 apart
+    delays = [10 * (b - a) for a, b in itertools.pairwise(ends)]
     options: dict[str, Any] = {"comment": json.dumps(metadata)} if metadata else {}
-    first.save(
-        tmp, format="GIF", save_all=True, append_images=rest, duration=delay_ms, loop=0, **options
-    )
+    first.save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=delays,
+               loop=0, **options)  # fmt: skip
 
 
 def _write_webp(tmp: Path, frames: Iterator[np.ndarray], fps: float, metadata: dict) -> None:
@@ -455,10 +460,11 @@ def _pillow_step(durations: list[float]) -> tuple[float, bool]:
 
 
 def _snap_fps(duration: float) -> float:
-    """The rate of a frame delay, snapped to whole fps when that fps rounds to the same ms."""
-    delay_ms = round(duration * 1000)
-    whole = round(1000 / delay_ms) if delay_ms else 0
-    return float(whole) if whole and round(1000 / whole) == delay_ms else 1 / duration
+    """The rate of a frame delay, snapped to whole fps when that fps's delay is within half a
+    millisecond of it (30 fps written as 3 and 4 cs has a mean of 33.5 ms over 17 frames:
+    rounded to 34 ms first, it had snapped to 29)."""
+    whole = round(1 / duration) if duration > 0 else 0
+    return float(whole) if whole and abs(1 / whole - duration) <= 0.0005 else 1 / duration
 
 
 def _pillow_timeline(image: Image.Image, durations: list[float]) -> Timeline:
