@@ -217,9 +217,14 @@ def test_a_missing_video_folder_or_a_dit_alone_is_named_before_out_dir_is_made(
     assert not (tmp_path / "run").exists()  # no stray train_config.json or cache/meta.json
     base = train_dit(dit_config(tmp_path / "base", vae_folder, max_steps=1, precompute=False),
                      text_encoder=text_encoder)  # fmt: skip
+    checkpoint = latest_checkpoint(tmp_path / "base")  # these two said "missing config.json"
+    lora = tmp_path / "lora.safetensors"
+    lora.write_bytes(b"")
     for init_from, message in ((base / "transformer", "is a DiT alone .*give vae: too"),
                                (tmp_path / "base", "is a training run's out_dir: give its "
-                                "exported model")):  # fmt: skip
+                                "exported model"),
+                               (checkpoint, "is a training checkpoint: give the run's exported"),
+                               (lora, "is a LoRA, not a model")):  # fmt: skip
         ft = dit_config(tmp_path / "ft", vae_folder, model=None, vae=None, init_from=str(init_from))
         with pytest.raises(ValueError, match=message):
             train_dit(ft, text_encoder=text_encoder)

@@ -564,6 +564,14 @@ def component_folder(path: str | Path, component: str) -> Path:
     if not (path / component).is_dir() and (path / "train_config.json").is_file():
         raise ValueError(f"{path} is a training run's out_dir: give its exported model, "
                          f"{path / 'model'}")  # fmt: skip
+    if (path / "state.json").is_file() and (path / "ema.safetensors").is_file():
+        run = path.parent.parent
+        raise ValueError(f"{path} is a training checkpoint: give the run's exported model "
+                         f"(kinema train --export DIR, or {run / 'model'})")  # fmt: skip
+    lora = path if path.name == "lora.safetensors" else path / "lora.safetensors"
+    if lora.is_file() and not (path / component).is_dir():
+        raise ValueError(f"{path} is a LoRA, not a model: train it further as lora: (with "
+                         "init_from its base), or merge it with --lora at generate")  # fmt: skip
     if (path / component).is_dir():
         return path / component
     if component == "vae" and (path / "Wan2.1_VAE.pth").exists():
