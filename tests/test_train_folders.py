@@ -228,6 +228,7 @@ def test_a_missing_video_folder_or_a_dit_alone_is_named_before_out_dir_is_made(
         ft = dit_config(tmp_path / "ft", vae_folder, model=None, vae=None, init_from=str(init_from))
         with pytest.raises(ValueError, match=message):
             train_dit(ft, text_encoder=text_encoder)
+        assert not (tmp_path / "ft").exists()  # an empty out_dir was left behind
 
 
 def test_convert_to_bf16_warns_of_no_slow_sampling(tmp_path: Path, capsys) -> None:

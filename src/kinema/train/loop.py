@@ -1169,12 +1169,18 @@ def _train_dit(config: TrainConfig, text_encoder: Any, stop_after: int | None, s
     out, main = Path(config.out_dir), dt.world()[0] == 0
     check_run_folders(out, export_folder(config), None if config.lora else MODEL_ENTRIES,
                       config.data)  # fmt: skip
+    fresh = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    run = start_run(config, lambda ckpt: build_dit(config, ckpt), strategy, device)
-    run.model.gradient_checkpointing = config.gradient_checkpointing
-    vae = load_frozen_vae(vae_source(config), run.device)
-    text_encoder = text_encoder or load_text(config, run.device)
-    stream, text = dit_data(config, run, text_encoder, vae)
+    try:
+        run = start_run(config, lambda ckpt: build_dit(config, ckpt), strategy, device)
+        run.model.gradient_checkpointing = config.gradient_checkpointing
+        vae = load_frozen_vae(vae_source(config), run.device)
+        text_encoder = text_encoder or load_text(config, run.device)
+        stream, text = dit_data(config, run, text_encoder, vae)
+    except BaseException:
+        if fresh and main and not any(out.iterdir()):  # a bad init_from or lora: no empty
+            out.rmdir()  # out_dir left behind
+        raise
     if main:  # once the run and its data are known to work with this config
         record_config(out, config, run.progress.step)
     loss_fn = dit_loss_fn(config, run.net or run.model, run.device, text, vae)
