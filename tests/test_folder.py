@@ -231,6 +231,9 @@ def test_caption_files_that_are_not_utf8_or_short_rows_are_named(tmp_path):
             'line 1: caption is \\["a", "b"\\], not text',
         ),
         ("metadata.jsonl", '{"file_name": "tall.mp4", "caption": true}', "caption is true, not"),
+        # outside the folder: trained on, but not in the cache's fingerprint (stale latents)
+        ("metadata.jsonl", '{"file_name": "../o.mp4", "caption": "x"}', "'../o.mp4', outside"),
+        ("metadata.csv", "file_name,caption\n/tmp/o.mp4,x\n", "'/tmp/o.mp4', outside"),
         (
             "metadata.jsonl",
             '{"file_name": "tall.mp4", "caption": "party \\ud83c"}',
