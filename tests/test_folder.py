@@ -81,8 +81,11 @@ def sidecar_root(tmp_path_factory) -> Path:
 
 
 def test_sidecar_captions_shapes_and_skips(sidecar_root):
-    with pytest.warns(UserWarning, match="skipping unreadable video: cannot decode video"):
+    with pytest.warns(UserWarning) as said:
         ds = VideoFolder(sidecar_root, frames=5, fps=10, size=(32, 24))
+    lines = [str(w.message) for w in said]
+    assert any(line.startswith("skipping unreadable video: cannot decode video") for line in lines)
+    assert f"1 of 4 video(s) in {sidecar_root} are unreadable and skipped" in lines[-1]  # counted
     assert len(ds) == 3 and len(ds.skipped) == 1
     assert ds.skipped[0][0].endswith("broken.mp4")
     captions = {Path(p).name: c for p, c in ds.items}

@@ -342,6 +342,10 @@ class VideoFolder(Dataset):
             first, why = self.skipped[0]
             raise ValueError(f"all {len(found)} video(s) in {self.root} are unreadable; the "
                              f"first, {first}: {why}")  # fmt: skip
+        if self.skipped:  # the count, after a line per file
+            self._say_once("skipped", f"{len(self.skipped)} of {len(found)} video(s) in "
+                           f"{self.root} are unreadable and skipped; training on the "
+                           f"other {len(items)}")  # fmt: skip
         return items, infos
 
     def _record_skip(self, path: Path, error: Exception) -> None:
