@@ -116,6 +116,22 @@ def test_an_upper_case_txt_sidecar_is_the_videos_caption(tmp_path):
     assert found == {"A.MP4": "from a camera", "b.mp4": "a plain one"}
 
 
+def test_data_seed_picks_which_cut_of_each_video_a_run_trains_on(sidecar_root):
+    """ClipDataset built its VideoFolder with seed 0, whatever data.seed said."""
+    from kinema.train import DataConfig
+    from kinema.train.loop import ClipDataset
+
+    def cuts(seed: int) -> list[list[int]]:
+        data = DataConfig(kind="folder", root=str(sidecar_root), width=32, height=32, frames=5,
+                          fps=10, seed=seed)  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the broken file
+            ds = ClipDataset(data)
+            return [frame_indices(ds[i][0]) for i in range(3)]
+
+    assert cuts(0) == cuts(0) and cuts(0) != cuts(1)
+
+
 def test_clips_are_sampled_at_the_target_fps(sidecar_root):
     ds = load(sidecar_root, frames=5, fps=10)
     for i in range(len(ds)):

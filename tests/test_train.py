@@ -227,6 +227,9 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         "vae: v\nmodel: {}\ntext_max_length: 0\n": "text_max_length 0 must be >= 1",
         "vae: v\nmodel: {}\nsample_every: 1\nsample_steps: 0\n": "sample_steps 0 must be",
         "vae: v\nmodel: {}\ndata: {fps: 0}\n": "data.fps 0 must be >= 1",
+        "vae: v\nmodel: {}\ndata: {kind: folder, root: v, motion_weights: {left: 2}}\n": (
+            "data.motion_weights and object_scale shape the synthetic world"
+        ),
         "vae: v\nmodel: {}\ndata: {width: -32}\n": "data.width / height -32x128 must be >= 1",
         "vae: v\nmodel: {}\nbatch_size: 1\nbatch_size: 2\n": "key 'batch_size' is given twice",
     }

@@ -37,7 +37,8 @@ class DataConfig:
 
     kind: str = "synthetic"  # "synthetic" (kinema.data.synthetic) or "folder" (VideoFolder)
     root: str | None = None  # folder of videos + captions (kind "folder")
-    seed: int = 0  # seed of the synthetic world (clip i is a function of (seed, i))
+    seed: int = 0  # seed of the synthetic world (clip i is a function of (seed, i)), or of
+    #   which cut of each video a folder gives
     num_clips: int = 4096  # clips used (synthetic); a folder uses min(this, its size)
     width: int = 128  # clip width in pixels
     height: int = 128  # clip height in pixels
@@ -71,6 +72,9 @@ class DataConfig:
 
         if self.balance not in BALANCES:
             raise ValueError(f"data.balance {self.balance!r}; valid: {', '.join(BALANCES)}")
+        if self.kind == "folder" and (self.motion_weights is not None or self.object_scale != 1):
+            raise ValueError("data.motion_weights and object_scale shape the synthetic world; "
+                             "a folder's clips are what its videos show")  # fmt: skip
         if self.motion_weights is not None:
             try:
                 check_motion_weights(self.motion_weights)

@@ -118,9 +118,10 @@ class ClipDataset(torch.utils.data.Dataset):
             from kinema.data.folder import VideoFolder
 
             bucketed = {"resize": "bucket", "buckets": data.sizes} if data.buckets else {}
-            self.source = VideoFolder(
-                data.root, frames=data.frames, fps=data.fps, size=size, **bucketed
-            )
+            self.source = VideoFolder(  # data.seed: which cut of each video (it was 0)
+                data.root, frames=data.frames, fps=data.fps, size=size, seed=data.seed,
+                **bucketed,
+            )  # fmt: skip
             self.length = min(data.num_clips, len(self.source))
             if self.length == 0:
                 raise ValueError(f"data.root {data.root} holds no videos")
