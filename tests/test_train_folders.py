@@ -130,6 +130,9 @@ def test_a_run_of_another_kind_in_out_dir_is_one_line(
     with pytest.raises(ValueError, match="holds a LoRA run's checkpoints; this config trains "
                        "the whole DiT"):  # fmt: skip
         train_dit(dataclasses.replace(whole, out_dir=run.out_dir), text_encoder=text_encoder)
+    train_dit(run, text_encoder=text_encoder)  # finished: its export folder holds the LoRA,
+    with pytest.raises(ValueError, match="holds a LoRA run's checkpoints"):  # which was named
+        train_dit(dataclasses.replace(whole, out_dir=run.out_dir), text_encoder=text_encoder)
 
 
 def test_resuming_under_changed_settings_says_so_and_a_refused_run_keeps_the_record(

@@ -1078,16 +1078,21 @@ def write_samples(config: TrainConfig, run: Run, vae: nn.Module, text_encoder: A
     run.model.train()
 
 
-def build_dit(config: TrainConfig, ckpt: Path | None) -> nn.Module:
-    """The DiT to train: from a checkpoint, from ``init_from``, or fresh from ``model``."""
-    from kinema.io.checkpoint import load_dit
-    from kinema.models.dit import VideoDiT
-
+def check_kind(config: TrainConfig, ckpt: Path | None) -> None:
+    """Refuse resuming a LoRA run's checkpoint ``ckpt`` as a whole-DiT run, or the reverse."""
     holds_lora = ckpt is not None and (ckpt / "lora.safetensors").is_file()
     if ckpt is not None and holds_lora != (config.lora is not None):
         kinds = ("a LoRA run's", "the whole DiT") if holds_lora else ("a whole-DiT run's", "a LoRA")
         raise ValueError(f"out_dir {config.out_dir} holds {kinds[0]} checkpoints; this config "
                          f"trains {kinds[1]}: give another out_dir")  # fmt: skip
+
+
+def build_dit(config: TrainConfig, ckpt: Path | None) -> nn.Module:
+    """The DiT to train: from a checkpoint, from ``init_from``, or fresh from ``model``."""
+    from kinema.io.checkpoint import load_dit
+    from kinema.models.dit import VideoDiT
+
+    check_kind(config, ckpt)
     if config.lora is not None:  # init_from's DiT, frozen, with the LoRA's factors to train
         from kinema.lora import add_lora, lora_state
 
@@ -1168,6 +1173,7 @@ def _train_dit(config: TrainConfig, text_encoder: Any, stop_after: int | None, s
         raise ValueError(f"batch_size {config.batch_size} must divide by the {dt.world()[1]} "
                          "processes (each takes an equal share of every micro-batch)")  # fmt: skip
     out, main = Path(config.out_dir), dt.world()[0] == 0
+    check_kind(config, latest_checkpoint(out))  # by name, before its export folder's files
     check_run_folders(out, export_folder(config), None if config.lora else MODEL_ENTRIES,
                       config.data)  # fmt: skip
     fresh = not out.exists()
