@@ -66,8 +66,8 @@ def _pick(row: dict[str, Any], keys: Sequence[str], where: str) -> str:
         except UnicodeEncodeError:  # a lone surrogate: half an emoji cut by some tool
             raise ValueError(f"{where}: {key} is not valid Unicode text ({value!r})") from None
         return value
-    if any(key in row for key in keys):  # csv: fewer cells than the header; json: null
-        raise ValueError(f"{where} has no {keys[0]} (an empty cell or null)")
+    if any(key in row for key in keys):  # json: null
+        raise ValueError(f"{where} has no {keys[0]} (null)")
     found = sorted(str(k) for k in row if k is not None)
     raise ValueError(f"{where} has none of the columns {list(keys)}; found {found}")
 
@@ -111,6 +111,9 @@ def _csv_rows(path: Path) -> list[tuple[str, str]]:
         if None in row:  # cells past the header's: an unquoted comma in a caption
             raise ValueError(f"{path} row {n} has more cells than the header; quote a caption "
                              'that holds commas ("a cat, running")')  # fmt: skip
+        if None in row.values():  # "a.mp4" alone (an empty caption is "a.mp4,")
+            raise ValueError(f"{path} row {n} has fewer cells than the header "
+                             f"({','.join(k for k in row if k is not None)})")  # fmt: skip
     return [
         (_pick(row, FILE_KEYS, f"{path} row {n}"), _pick(row, CAPTION_KEYS, f"{path} row {n}"))
         for n, row in enumerate(rows, start=2)
