@@ -125,7 +125,11 @@ def test_a_run_of_another_kind_in_out_dir_is_one_line(
         train_dit(lora(2), text_encoder=text_encoder)
     run = dataclasses.replace(lora(2), out_dir=str(tmp_path / "lora"))
     train_dit(run, text_encoder=text_encoder, stop_after=2)
-    with pytest.raises(ValueError, match=r"holds another LoRA \(other layers or rank\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"holds another LoRA \(other layers or rank: rank 2 "
+        r"on \d+ layers\) than lora: \(rank 4 on",
+    ):  # (it printed a repr)
         train_dit(dataclasses.replace(lora(4), out_dir=run.out_dir), text_encoder=text_encoder)
     with pytest.raises(ValueError, match="holds a LoRA run's checkpoints; this config trains "
                        "the whole DiT"):  # fmt: skip

@@ -1101,8 +1101,11 @@ def build_dit(config: TrainConfig, ckpt: Path | None) -> nn.Module:
         if ckpt is not None:
             state, want = load_file(str(ckpt / "lora.safetensors")), lora_state(dit)
             if set(state) != set(want) or any(state[k].shape != want[k].shape for k in want):
-                raise ValueError(f"{ckpt} holds another LoRA (other layers or rank) than lora: "
-                                 f"{config.lora}; give another out_dir")  # fmt: skip
+                ranks = sorted({min(v.shape) for k, v in state.items() if "lora_A" in k})
+                raise ValueError(f"{ckpt} holds another LoRA (other layers or rank: rank "
+                                 f"{'/'.join(map(str, ranks))} on {len(state) // 2} layers) than "
+                                 f"lora: (rank {config.lora.rank} on {len(want) // 2}); give "
+                                 "another out_dir")  # fmt: skip
             dit.load_state_dict(state, strict=False)
         return dit
     if ckpt is not None:
