@@ -504,6 +504,17 @@ def test_characters_are_refused_by_name(client, http, tmp_path):
     assert got["code"] == "unsupported" and "input_reference" in got["message"]
 
 
+def test_an_upload_cut_short_is_refused(http, tmp_path):
+    """The first 5000 bytes of a 33-frame mp4 were accepted and restyled into 1 frame."""
+    whole = mp4_bytes(tmp_path / "whole.mp4", frames=33)
+    files = {"video": ("cut.mp4", whole[:5000], "video/mp4")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the damaged last packet, said by the server
+        cut = http.post("/v1/videos/edits", data={"prompt": "x"}, files=files)
+    message = error_of(cut, 400, "video")["message"]
+    assert "3 of the 33 frames the file declares decode: is it cut short?" in message
+
+
 def test_bad_uploads(http):
     not_image = http.post(
         "/v1/videos",

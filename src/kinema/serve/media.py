@@ -110,6 +110,10 @@ def check_video(path: Path, max_frames: int, max_pixels: int) -> VideoProbe:
                 if frames > max_frames:
                     raise Rejected(f"video has more than {max_frames} frames")
             rate = float(stream.average_rate or stream.guessed_rate or 0)
+            declared = stream.frames  # 0 where the container does not say (WebM, Matroska)
+            if frames and declared > 1 and frames * 2 < declared:  # an upload cut short
+                raise Rejected(f"only {frames} of the {declared} frames the file declares "
+                               "decode: is it cut short? upload it whole")  # fmt: skip
     except Rejected:
         raise
     except Exception as err:  # av.error.* (some are ValueErrors naming the path), OSError
