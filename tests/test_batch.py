@@ -340,3 +340,5 @@ def test_an_extension_line_counts_seconds_of_new_frames_at_the_sources_rate(
     req = build_request({"prompt": "a ball", "extend": str(source), "seconds": 0.5}, pipe)
     assert req.frames == 8  # 0.5 s at the source's 16 fps: new frames only, a multiple of 4
     assert build_request({"prompt": "a ball", "seconds": 1}, pipe).frames == 9  # 8 fps + 1
+    restyle = build_request({"prompt": "a ball", "video": str(source), "seconds": 0.5}, pipe)
+    assert restyle.frames == 9  # 0.5 s at the source's 16 fps (it was 5: at the model's 8)

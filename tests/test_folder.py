@@ -160,6 +160,16 @@ def test_short_videos_are_padded_with_their_last_frame(sidecar_root):
     assert frame_indices(item["video"]) == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 27, 27, 27]
 
 
+def test_metadata_paths_that_stay_inside_the_folder_are_taken(tmp_path):
+    """The check for files outside the folder refused sub/../a.mp4 and an absolute path in it."""
+    make_folder(tmp_path)
+    rows = [{"file_name": "sub/../wide.mp4", "caption": "a"},
+            {"file_name": str(tmp_path / "tall.mp4"), "caption": "b"}]  # fmt: skip
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ds = load(tmp_path)
+    assert sorted(c for _, c in ds.items) == ["a", "b"]
+
+
 def test_jsonl_takes_precedence_and_missing_files_are_skipped(tmp_path):
     make_folder(tmp_path)
     rows = [
@@ -253,6 +263,7 @@ def test_caption_files_that_are_not_utf8_or_short_rows_are_named(tmp_path):
         # outside the folder: trained on, but not in the cache's fingerprint (stale latents)
         ("metadata.jsonl", '{"file_name": "../o.mp4", "caption": "x"}', "'../o.mp4', outside"),
         ("metadata.csv", "file_name,caption\n/tmp/o.mp4,x\n", "'/tmp/o.mp4', outside"),
+        ("metadata.jsonl", '{"file_name": "x/../../o.mp4", "caption": "x"}', "outside"),
         (
             "metadata.jsonl",
             '{"file_name": "tall.mp4", "caption": "party \\ud83c"}',

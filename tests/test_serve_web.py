@@ -231,7 +231,7 @@ def test_a_video_of_ones_own_is_restyled_or_continued(tmp_path, browser):
         )
         page.set_input_files("#image", [])
         for mode, prompt, strength, seconds in (("restyle", "a blue ball, restyled", "0.5", ""),
-                                                ("extend", "it goes on", "", "1")):  # fmt: skip
+                                                ("extend", "it goes on", "", "")):  # fmt: skip
             page.select_option("#video-mode", mode)
             page.fill("#prompt", prompt)
             page.fill("#strength", strength)
@@ -246,7 +246,8 @@ def test_a_video_of_ones_own_is_restyled_or_continued(tmp_path, browser):
             sidecar(tmp_path, "it goes on"),
         )
         assert restyled["strength"] == 0.5 and restyled["frames"] == 9 and restyled["video"]
-        assert extended["extend"] and extended["frames"] == 8  # 1 s of new frames at 8 fps
+        # the duration left empty: the model's, 0.5 s, the placeholder (was a 400: no seconds)
+        assert extended["extend"] and extended["frames"] == 4
         assert "both" not in [
             json.loads(p.read_text())["prompt"]
             for p in (tmp_path / "data" / "jobs").glob("*/video.json")

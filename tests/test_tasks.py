@@ -77,10 +77,10 @@ def test_extension_keeps_source_frames_and_adds_seconds(pipe, tmp_path):
 def test_an_extension_at_another_rate_says_its_source_plays_faster(pipe, tmp_path):
     """--fps 16 on an 8 fps source wrote the whole file at 16 fps without a word."""
     path = write_video(tmp_path / "src.mp4", clip(9), fps=8)
-    with pytest.warns(UserWarning, match="made at 8 fps, plays 2x faster"):
+    with pytest.warns(UserWarning, match="made at 8 fps, plays at 2x its speed"):
         video = pipe.extend(path, seconds=1.0, prompt="a cat", fps=16, **BASE)
-    assert video.fps == 16 and any("plays 2x faster" in w for w in video.info["warnings"])
-    with pytest.warns(UserWarning, match="made at 8 fps, plays 0.5x slower"):
+    assert video.fps == 16 and any("at 2x its speed" in w for w in video.info["warnings"])
+    with pytest.warns(UserWarning, match="made at 8 fps, plays at 0.5x its speed"):
         pipe.extend(kinema.Video(clip(9), 8.0), seconds=1.0, prompt="a cat", fps=4, **BASE)
     with pytest.raises(ValueError, match="an extension needs frames: the new frames"):
         pipe.run(Request("a cat", extend=path, **BASE))  # it said "frames 9 must be ..."

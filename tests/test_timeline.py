@@ -102,6 +102,17 @@ def test_bad_times_are_refused(timed, message):
         switch_frames(timed, fps=16, duration=2.0, temporal=4)
 
 
+def test_a_clip_too_short_to_switch_says_so_and_minutes_are_warned_about():
+    """A 5-frame clip named "0 s" the latest time, itself refused; "1:30:a dog" was refused,
+    and "2:16:9 widescreen" with it."""
+    from kinema.timeline import parse_timed
+
+    with pytest.raises(ValueError, match="the clip is too short for a prompt change"):
+        switch_frames([(0.1, "b")], fps=16, duration=0.25, temporal=4, latest=0)
+    with pytest.warns(UserWarning, match=r"read as 1 s .*give the seconds \(90\)"):
+        assert parse_timed("1:30:a dog") == (1.0, "30:a dog")
+
+
 @pytest.mark.parametrize(
     "which, neighbours",
     [([0, 0, 0], None), ([0, 0, 1, 1], [1, 1, 0, 0]), ([0, 1, 2], [1, 2, 1]),

@@ -104,6 +104,17 @@ def test_a_gif_plays_at_its_rate_on_average(tmp_path, fps):
     assert read_video(out)[1] == fps
 
 
+def test_a_gif_over_50_fps_keeps_2_cs_delays(tmp_path):
+    """60 fps wrote delays of 1 and 2 cs; a 1 cs delay plays (and was read back) as 10."""
+    out = write_video(tmp_path / "a.gif", smooth_clip(17), 60)
+    with Image.open(out) as image:
+        delays = []
+        for k in range(image.n_frames):
+            image.seek(k)
+            delays.append(image.info["duration"])
+    assert set(delays) == {20} and len(read_video(out)[0]) == 17
+
+
 def test_png_folder_round_trip_is_exact(tmp_path):
     clip = smooth_clip(5)
     out = write_video(str(tmp_path / "frames") + "/", clip, 12.5, metadata={"title": "x"})

@@ -194,7 +194,9 @@ def build_request(fields: dict[str, Any], pipe: Any) -> Request:
         if "frames" in fields:
             raise ValueError("give frames or seconds, not both")
         seconds = seconds_of(fields["seconds"])  # an extension's: new, at the source's rate
-        kw["frames"], _ = pipe.frames_for(seconds, kw.get("fps"), kw.get("extend"))
+        kw["frames"], _ = pipe.frames_for(
+            seconds, kw.get("fps"), kw.get("extend"), video=kw.get("video")
+        )  # a restyle: its rate
     if "at" in fields:
         if "prompts" in fields:
             raise ValueError("give at or prompts, not both")

@@ -732,8 +732,10 @@ def cache_models(s: BenchShape, st: Settings) -> dict[str, Any]:
         pipe = load(folder, device=st.device, dtype=st.dtype)
         ref = WanTransformer3DModel(**diffusers_dit_kwargs(pipe.dit.config)).eval()
         ref.load_state_dict(pipe.dit.state_dict())
-        tokens, _ = pipe.text_encoder.encode(["a red circle moving right on a navy background", ""])
-        cond, uncond = tokens[:1].to(st.dtype), tokens[1:].to(st.dtype)
+        prompts = ["a red circle moving right on a navy background", ""]
+        with pipe.placement.text(pipe.text_encoder, prompts):  # on a GPU it visits it
+            tokens, _ = pipe.text_encoder.encode(prompts)
+        cond, uncond = (t.to(st.device, st.dtype) for t in (tokens[:1], tokens[1:]))
         return dict(dit=pipe.dit, ref=ref.to(st.device, st.dtype), vae=pipe.vae, cond=cond,
                     uncond=uncond, trained=True)  # fmt: skip
     dit, ref = twin_dits(s.dit, st.device, st.dtype)

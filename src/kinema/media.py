@@ -8,6 +8,7 @@ an extension keeps the source frames exactly as they are, so its size is the sou
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import re
@@ -118,7 +119,9 @@ def fit_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
 def source_fps(video: Any, default: float) -> float:
     """The frame rate of a source clip (:func:`source_rate`; ``default`` for arrays)."""
     if isinstance(video, str | Path):
-        return source_rate(probe(Path(video).expanduser()).fps)
+        with contextlib.suppress(RuntimeError):  # ~nosuchuser: "no such file" from probe
+            video = Path(video).expanduser()
+        return source_rate(probe(video).fps)
     return default
 
 

@@ -13,6 +13,7 @@ happens once in :func:`kinema.loading.load`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -102,7 +103,8 @@ class Request:
         object.__setattr__(self, "prompts", timed)
         for name in MEDIA_NAMES:  # "~/clip.mp4" is in the home folder, as an output's is
             if isinstance(v := getattr(self, name), str | Path) and str(v).startswith("~"):
-                object.__setattr__(self, name, type(v)(Path(v).expanduser()))
+                with contextlib.suppress(RuntimeError):  # ~nosuchuser: "no such file" later
+                    object.__setattr__(self, name, type(v)(Path(v).expanduser()))
 
     def resolved(self, defaults: SamplingDefaults) -> Request:
         """This request with every ``None`` replaced by the model's default."""
@@ -251,9 +253,8 @@ def _timed_pair(item: Any) -> tuple[float, str]:
 def warn_relabelled(source: float, fps: float) -> None:
     """Say that an extension written at ``fps`` plays its source (made at ``source`` fps)
     faster or slower: its frames are kept as they are, one rate for the whole file."""
-    pace = "faster" if fps > source else "slower"
     notes.warn(f"the extension is written at {fps:g} fps: its source part, made at {source:g} "
-               f"fps, plays {fps / source:.3g}x {pace} (leave fps out to keep its timing)",
+               f"fps, plays at {fps / source:.3g}x its speed (leave fps out to keep its timing)",
                stacklevel=3)  # fmt: skip
 
 
@@ -693,9 +694,9 @@ class Pipeline:
                 "is not one"
             )
         if first_last and (req.extend is not None or req.video is not None):
-            task = "extension" if req.extend is not None else "video-to-video"
+            task = "an extension" if req.extend is not None else "a video-to-video restyle"
             raise ValueError(f"{self.name} is a first-last-frame checkpoint: it makes a clip "
-                             f"between two images (--image and --last-image), not an {task}; "
+                             f"between two images (--image and --last-image), not {task}; "
                              "use its image-to-video or text-to-video sibling")  # fmt: skip
         if first_last and req.last_image is None:
             raise ValueError(f"this model needs --last-image: {self.name} is first-last-frame")

@@ -62,9 +62,12 @@ def parse_timed(text: str, name: str = "at") -> tuple[float, str]:
         seconds = None
     if not sep or seconds is None or not prompt.strip():
         raise ValueError(f"{name} {text!r} must be SECONDS:PROMPT, e.g. 1.5:a cat".lstrip())
-    if re.match(r"\s*\d+(\.\d*)?\s*:", prompt):  # 1:30:a cat was 1 s, "30:a cat"
-        raise ValueError(f"{name} {text!r}: give the time in seconds (1:30 is 90), as "
-                         "SECONDS:PROMPT".lstrip())  # fmt: skip
+    if m := re.match(r"\s*(\d{1,2})\s*:", prompt):  # 1:30:a cat is 1 s, "30:a cat"
+        from kinema import notes
+
+        notes.warn(f"{name} {text!r} is read as {seconds:g} s and the prompt "
+                   f"{prompt.strip()!r}; for minutes:seconds give the seconds "
+                   f"({seconds * 60 + int(m.group(1)):g})".lstrip())  # fmt: skip
     return seconds, prompt.strip()
 
 
@@ -84,6 +87,11 @@ def switch_frames(
         if t <= last:
             raise ValueError(f"prompt times must increase: {t:g} s comes after {last:g} s")
         frame = max(temporal, round(t * fps / temporal) * temporal)
+        if latest is not None and latest < temporal:
+            raise ValueError(
+                f"prompt time {t:g} s: the clip is too short for a prompt change "
+                f"(it needs {2 * temporal + 1} frames, a latent step after one)"
+            )
         if latest is not None and frame > latest:
             raise ValueError(
                 f"prompt time {t:g} s switches at frame {frame}, after the clip's last step "

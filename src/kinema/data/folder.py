@@ -122,12 +122,18 @@ def _csv_rows(path: Path) -> list[tuple[str, str]]:
 
 def _existing(root: Path, rows: list[tuple[str, str]], source: Path) -> list[tuple[Path, str]]:
     """Rows whose file exists under ``root``; warn about the rest, fail if none is left, or
-    if a row names a file outside ``root`` (an absolute path, or ``..``): what a run trains on,
-    and what its latent cache is checked against, is what lies in the folder."""
-    for name, _ in rows:
-        if Path(name).is_absolute() or ".." in Path(name).parts:
+    if a row names a file outside ``root`` (an absolute path elsewhere, or ``..`` out of it):
+    what a run trains on, and what its latent cache is checked against, is what lies in the
+    folder. Names are taken as written (``sub/../a.mp4`` is ``a.mp4``; a linked subfolder is
+    inside)."""
+    inside = os.path.normpath(os.path.abspath(root))
+    written, rows = rows, []
+    for name, caption in written:
+        where = os.path.normpath(os.path.join(inside, name))
+        if os.path.commonpath([inside, where]) != inside:
             raise ValueError(f"{source} names {name!r}, outside {root}: file names are "
                              "relative to the folder, within it")  # fmt: skip
+        rows.append((os.path.relpath(where, inside), caption))
     found = [(root / name, caption) for name, caption in rows if (root / name).is_file()]
     missing = [name for name, _ in rows if not (root / name).is_file()]
     if missing:

@@ -201,11 +201,14 @@ def _pillow_frames(frames: Iterator[np.ndarray]) -> tuple[Image.Image, Iterator[
 def _write_gif(tmp: Path, frames: Iterator[np.ndarray], fps: float, metadata: dict) -> None:
     """Looping GIF. The format stores delays in whole centiseconds, so 16 fps (6.25 cs) is
     written as 6 and 7 in turn, each frame shown at its time to the nearest centisecond: the
-    clip plays at ``fps`` on average (one 6 cs delay throughout had played 16.67 fps). Pillow
+    clip plays at ``fps`` on average (one 6 cs delay throughout had played 16.67 fps); over
+    50 fps every delay is 2 cs, the shortest players keep. Pillow
     holds a GIF's frames until it writes them anyway, so they are gathered first."""
     first, rest = _pillow_frames(frames)
     images = [first, *rest]
-    ends = [max(k, round(100 * k / fps)) for k in range(len(images) + 1)]  # cs, >= 1 apart
+    ends = [0]  # centiseconds; 2 apart at least (a 1 cs delay plays as 10, as in browsers)
+    for k in range(1, len(images) + 1):
+        ends.append(max(ends[-1] + 2, round(100 * k / fps)))
     delays = [10 * (b - a) for a, b in itertools.pairwise(ends)]
     options: dict[str, Any] = {"comment": json.dumps(metadata)} if metadata else {}
     first.save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=delays,
@@ -544,7 +547,8 @@ def _resample(
 
 def resample_frames(frames: np.ndarray, fps: float, to: float) -> np.ndarray:
     """Frames (T, ...) at ``fps`` as a clip at ``to`` fps over the same time, each the nearest
-    (as a file is read at another rate): 9 frames at 8 fps -> 17 at 16."""
+    (as a file is read at another rate: the last frame held for its own duration, so 9
+    frames at 8 fps, 1.125 s, are 18 at 16)."""
     timeline = ((i / fps, i) for i in range(len(frames)))
     picks = list(_resample(timeline, 0.0, to, None, 1 / fps))
     return frames[picks]
@@ -889,7 +893,8 @@ def grey8(image: Image.Image) -> Image.Image:
         grey = values * 255.0 if values.max(initial=0) <= 1 else values
     else:
         wide = np.clip(values.astype(np.int64), 0, None)
-        grey = wide >> (8 if wide.max(initial=0) <= 65535 else 23)
+        top = int(wide.max(initial=0))  # 16-bit values; wider ones by their own bit length
+        grey = wide >> (8 if top <= 65535 else top.bit_length() - 8)
     out = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
     key = image.info.get("transparency")
     if isinstance(key, int) and image.mode != "F":

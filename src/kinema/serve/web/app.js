@@ -106,7 +106,7 @@ function target() {
   }
   if ($("video-mode").value === "extend") {
     return { path: "/v1/videos/extensions", file: ["video", video], what: "an extension",
-             fields: ["negative_prompt", "seconds", "seed", "steps"] };
+             fields: ["negative_prompt", "seconds", "seed", "steps"], required: ["seconds"] };
   }
   return { path: "/v1/videos/edits", file: ["video", video], what: "a restyle",
            fields: ["negative_prompt", "size", "seed", "steps", "strength"] };
@@ -118,11 +118,13 @@ function unusedFields(to) {
   return unused.length ? `${unused.join(", ")}: not used by ${to.what}` : "";
 }
 
-// the form's values of these API fields, those filled in
-function formFields(names) {
+// the form's values of these API fields, those filled in; a ``required`` one left empty
+// sends the default its field shows (an extension needs its seconds)
+function formFields(names, required = []) {
   const fields = {};
   for (const name of names) {
-    const value = $(FIELDS[name]).value.trim();
+    const input = $(FIELDS[name]);
+    const value = input.value.trim() || (required.includes(name) ? input.placeholder : "");
     if (value) fields[name] = value;
   }
   return fields;
@@ -131,7 +133,9 @@ function formFields(names) {
 function formBody(to) {
   const body = new FormData();
   body.append("prompt", $("prompt").value);
-  for (const [name, value] of Object.entries(formFields(to.fields))) body.append(name, value);
+  for (const [name, value] of Object.entries(formFields(to.fields, to.required))) {
+    body.append(name, value);
+  }
   for (const line of timedPrompts()) body.append("at[]", line);
   const [name, file] = to.file;
   if (file) body.append(name, file, file.name);
