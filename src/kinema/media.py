@@ -8,9 +8,9 @@ an extension keeps the source frames exactly as they are, so its size is the sou
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -119,9 +119,7 @@ def fit_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
 def source_fps(video: Any, default: float) -> float:
     """The frame rate of a source clip (:func:`source_rate`; ``default`` for arrays)."""
     if isinstance(video, str | Path):
-        with contextlib.suppress(RuntimeError):  # ~nosuchuser: "no such file" from probe
-            video = Path(video).expanduser()
-        return source_rate(probe(video).fps)
+        return source_rate(probe(os.path.expanduser(video)).fps)  # (~nosuchuser: as it is)
     return default
 
 
@@ -223,11 +221,17 @@ def extension_source(req: Any, context: int, spatial: int) -> tuple[Any, Any]:
     if (req.width or w, req.height or h) != (w, h):
         raise ValueError(f"an extension keeps the source size {w}x{h}; do not pass another size")
     if req.fps and fps and abs(req.fps - source_rate(fps)) > 0.01:
-        from kinema.pipeline import warn_relabelled
-
         warn_relabelled(source_rate(fps), req.fps)
     fps = req.fps or source_rate(fps)
     return dataclasses.replace(req, width=w, height=h, fps=fps), source
+
+
+def warn_relabelled(source: float, fps: float) -> None:
+    """Say that an extension written at ``fps`` plays its source (made at ``source`` fps)
+    faster or slower: its frames are kept as they are, one rate for the whole file."""
+    notes.warn(f"the extension is written at {fps:g} fps: its source part, made at {source:g} "
+               f"fps, plays at {fps / source:.3g}x its speed (leave fps out to keep its timing)",
+               stacklevel=3)  # fmt: skip
 
 
 def source_rate(fps: float | None) -> float:

@@ -306,12 +306,12 @@ class Placement:
         inner, model = text_model(encoder)
         missing = getattr(encoder, "missing", None)
         cached = missing is not None and bool(prompts) and not missing(prompts)
-        if cached or self.encoder_home == self.device or model is None:
+        if cached or model is None:
             yield encoder
             return
         home, inner.device = inner.device, self.device
         try:
-            with visit(model, self.device):
+            with self.encoder(model):  # a visit where it lives elsewhere
                 yield encoder
         finally:
             inner.device = home

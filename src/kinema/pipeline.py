@@ -13,10 +13,10 @@ happens once in :func:`kinema.loading.load`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import math
+import os
 import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -102,9 +102,8 @@ class Request:
         timed = tuple(_timed_pair(item) for item in self.prompts)
         object.__setattr__(self, "prompts", timed)
         for name in MEDIA_NAMES:  # "~/clip.mp4" is in the home folder, as an output's is
-            if isinstance(v := getattr(self, name), str | Path) and str(v).startswith("~"):
-                with contextlib.suppress(RuntimeError):  # ~nosuchuser: "no such file" later
-                    object.__setattr__(self, name, type(v)(Path(v).expanduser()))
+            if isinstance(v := getattr(self, name), str | Path):  # (~nosuchuser: as it is)
+                object.__setattr__(self, name, type(v)(os.path.expanduser(v)))
 
     def resolved(self, defaults: SamplingDefaults) -> Request:
         """This request with every ``None`` replaced by the model's default."""
@@ -248,14 +247,6 @@ def _timed_pair(item: Any) -> tuple[float, str]:
     if not item[1].strip():
         raise ValueError(f"the prompt at {item[0]} s is empty; describe the video from then on")
     return float(item[0]), item[1]
-
-
-def warn_relabelled(source: float, fps: float) -> None:
-    """Say that an extension written at ``fps`` plays its source (made at ``source`` fps)
-    faster or slower: its frames are kept as they are, one rate for the whole file."""
-    notes.warn(f"the extension is written at {fps:g} fps: its source part, made at {source:g} "
-               f"fps, plays at {fps / source:.3g}x its speed (leave fps out to keep its timing)",
-               stacklevel=3)  # fmt: skip
 
 
 def switches(req: Request, temporal: int, extension: bool = False) -> list[tuple[int, str]]:
@@ -615,13 +606,13 @@ class Pipeline:
                              "(or pipe.extend(video, seconds=...))")  # fmt: skip
         for name in ("video", "extend"):  # a Video that generate() returned: its frames
             if isinstance(given := getattr(req, name), Video):
-                if name == "extend" and req.fps and req.fps != given.fps:
-                    warn_relabelled(given.fps, req.fps)
                 frames = given.frames
-                if name == "video" and req.fps and req.fps != given.fps:  # as a file is read
+                if req.fps and req.fps != given.fps and name == "video":  # as a file is read
                     from kinema.io.video import resample_frames
 
                     frames = resample_frames(frames, given.fps, req.fps)
+                elif req.fps and req.fps != given.fps:  # an extension keeps its frames
+                    _media().warn_relabelled(given.fps, req.fps)
                 req = dataclasses.replace(req, **{name: frames}, fps=req.fps or given.fps)
         for name in ("width", "height", "frames", "fps"):  # before they size any media
             value = getattr(req, name)
